@@ -1,0 +1,1 @@
+"""Mappings between jaxlora variable trees and other formats (lit-llama; later HF/PEFT)."""

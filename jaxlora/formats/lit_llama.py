@@ -1,0 +1,265 @@
+"""Pure mapping between lit-llama state dicts and jaxlora variable trees, both ways.
+
+Values are numpy arrays (bfloat16 as `ml_dtypes.bfloat16`); nothing here imports torch.
+Every tensor is described once by a `TensorMap`: its lit-llama key (with `{i}` for the
+layer), its lit-llama shape, its place in our tree, and the two exact (bit-preserving)
+reshapes between them. Whole-dict conversion, validation and the streaming converter are
+all built on the same table, so they cannot disagree.
+
+Layouts (C = n_embd, H = n_hidden, V = padded vocab, L = n_layer, r = LoRA rank, n = enabled q/k/v):
+
+| lit-llama key                              | lit shape   | ours                                  | our shape    |
+|--------------------------------------------|-------------|---------------------------------------|--------------|
+| transformer.wte.weight                     | (V, C)      | params/wte/embedding                  | (V, C)       |
+| transformer.h.{i}.attn.c_attn.weight       | (3C, C)     | params/h/attn/c_attn/kernel[i]        | (L, C, 3C)   |
+| transformer.h.{i}.attn.c_attn.lora_A       | (r*n, C)    | lora/h/attn/c_attn/lora_A[i]          | (L, n, C, r) |
+| transformer.h.{i}.attn.c_attn.lora_B       | (C*n, r)    | lora/h/attn/c_attn/lora_B[i]          | (L, n, r, C) |
+| lm_head.weight                             | (V, C)      | params/lm_head/kernel                 | (C, V)       |
+
+and likewise for the other Linear weights (transposed) and norm scales (as is). Adapters on
+o / gate / up / down (not expressible in lit-llama's own LoRA file) use the keys
+`...attn.c_proj.lora_A` (r, in) / `lora_B` (out, r), as a plain lit-llama LoRALinear would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from jaxlora.config import PRESETS, LLaMAConfig, LoRAConfig
+
+
+class StateDictError(ValueError):
+    """A state dict does not match the expected keys or shapes."""
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    lit_key: str  # contains "{i}" when there is one tensor per layer
+    lit_shape: tuple[int, ...]
+    path: tuple[str, ...]  # (collection, module, ..., leaf) in our variables
+    to_ours: Callable[[np.ndarray], np.ndarray]  # one lit tensor -> one (per-layer) slice of ours
+    to_lit: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def layered(self) -> bool:
+        return "{i}" in self.lit_key
+
+    def keys(self, n_layer: int) -> list[str]:
+        return [self.lit_key.format(i=i) for i in range(n_layer)] if self.layered else [self.lit_key]
+
+
+def _identity(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def _transpose(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.T)
+
+
+def _grouped(n: int, rows_first: bool) -> tuple[Callable, Callable]:
+    """lit (n*X, Y) <-> ours (n, Y, X): split the row blocks, swap the two last axes."""
+    def to_ours(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a.reshape(n, a.shape[0] // n, a.shape[1]).transpose(0, 2, 1))
+
+    def to_lit(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a.transpose(0, 2, 1).reshape(-1, a.shape[1]))
+    return to_ours, to_lit
+
+
+_LINEARS = {  # our module path under h -> (lit name, (out, in) as a function of C, H)
+    ("attn", "c_attn"): ("attn.c_attn", lambda C, H: (3 * C, C)),
+    ("attn", "c_proj"): ("attn.c_proj", lambda C, H: (C, C)),
+    ("mlp", "c_fc1"): ("mlp.c_fc1", lambda C, H: (H, C)),
+    ("mlp", "c_fc2"): ("mlp.c_fc2", lambda C, H: (H, C)),
+    ("mlp", "c_proj"): ("mlp.c_proj", lambda C, H: (C, H)),
+}
+_TARGET_MODULE = {"o": ("attn", "c_proj"), "gate": ("mlp", "c_fc1"), "up": ("mlp", "c_fc2"), "down": ("mlp", "c_proj")}
+
+
+def base_maps(config: LLaMAConfig) -> list[TensorMap]:
+    """The frozen weights: lit-llama base checkpoint <-> our `params`."""
+    C, H, V = config.n_embd, config.n_hidden, config.padded_vocab_size
+    maps = [
+        TensorMap("transformer.wte.weight", (V, C), ("params", "wte", "embedding"), _identity, _identity),
+        TensorMap("lm_head.weight", (V, C), ("params", "lm_head", "kernel"), _transpose, _transpose),
+        TensorMap("transformer.ln_f.scale", (C,), ("params", "ln_f", "scale"), _identity, _identity),
+    ]
+    for norm in ("rms_1", "rms_2"):
+        maps.append(TensorMap(f"transformer.h.{{i}}.{norm}.scale", (C,), ("params", "h", norm, "scale"),
+                              _identity, _identity))
+    for module, (lit_name, shape) in _LINEARS.items():
+        maps.append(TensorMap(f"transformer.h.{{i}}.{lit_name}.weight", shape(C, H), ("params", "h", *module, "kernel"),
+                              _transpose, _transpose))
+    return maps
+
+
+def lora_maps(config: LLaMAConfig, lora: LoRAConfig) -> list[TensorMap]:
+    """The adapters: lit-llama LoRA file <-> our `lora` collection."""
+    C, H, r = config.n_embd, config.n_hidden, lora.r
+    maps: list[TensorMap] = []
+    n = sum(lora.qkv_enabled)
+    if n and r:
+        a_ours, a_lit = _grouped(n, rows_first=True)
+        maps += [
+            TensorMap("transformer.h.{i}.attn.c_attn.lora_A", (r * n, C), ("lora", "h", "attn", "c_attn", "lora_A"),
+                      a_ours, a_lit),
+            TensorMap("transformer.h.{i}.attn.c_attn.lora_B", (C * n, r), ("lora", "h", "attn", "c_attn", "lora_B"),
+                      a_ours, a_lit),
+        ]
+    for target, module in _TARGET_MODULE.items():
+        if target not in lora.targets or not r:
+            continue
+        lit_name, shape = _LINEARS[module]
+        out_f, in_f = shape(C, H)
+        one_ours, one_lit = _grouped(1, rows_first=True)
+        maps += [
+            TensorMap(f"transformer.h.{{i}}.{lit_name}.lora_A", (r, in_f), ("lora", "h", *module, "lora_A"),
+                      one_ours, one_lit),
+            TensorMap(f"transformer.h.{{i}}.{lit_name}.lora_B", (out_f, r), ("lora", "h", *module, "lora_B"),
+                      one_ours, one_lit),
+        ]
+    return maps
+
+
+def lit_lora_compatible(lora: LoRAConfig) -> None:
+    """lit-llama's LoRA file holds q/k/v adapters only; raise for anything else."""
+    extra = [t for t in lora.targets if t not in ("q", "k", "v")]
+    if extra:
+        raise StateDictError(f"lit-llama's LoRA format holds adapters on q, k, v only; targets {extra} "
+                             "cannot be written to it (export a merged checkpoint instead)")
+
+
+def check_state_dict(shapes: Mapping[str, tuple[int, ...]], maps: Iterable[TensorMap], n_layer: int,
+                     source: str = "state dict", allow_extra: bool = False) -> None:
+    """Raise StateDictError naming every missing key, unexpected key and shape mismatch."""
+    expected = {key: m.lit_shape for m in maps for key in m.keys(n_layer)}
+    problems = [f"missing key {k!r} (expected shape {expected[k]})" for k in expected if k not in shapes]
+    if not allow_extra:
+        problems += [f"unexpected key {k!r} (shape {tuple(shapes[k])})" for k in shapes if k not in expected]
+    problems += [f"key {k!r} has shape {tuple(shapes[k])}, expected {expected[k]}"
+                 for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise StateDictError(f"{source}: " + "; ".join(problems[:10]) + more)
+
+
+def lit_to_tree(state_dict: Mapping[str, np.ndarray], maps: Iterable[TensorMap], n_layer: int,
+                source: str = "state dict", allow_extra: bool = False) -> dict[str, Any]:
+    """A lit-llama state dict -> our nested variables (layers stacked), after validation."""
+    maps = list(maps)
+    check_state_dict({k: tuple(v.shape) for k, v in state_dict.items()}, maps, n_layer, source, allow_extra)
+    tree: dict[str, Any] = {}
+    for m in maps:
+        slices = [m.to_ours(np.asarray(state_dict[k])) for k in m.keys(n_layer)]
+        _set(tree, m.path, np.stack(slices) if m.layered else slices[0])
+    return tree
+
+
+def tree_to_lit(tree: Mapping[str, Any], maps: Iterable[TensorMap], n_layer: int) -> dict[str, np.ndarray]:
+    """Our nested variables -> a flat lit-llama state dict, in lit-llama's key order."""
+    out: dict[str, np.ndarray] = {}
+    for m in _lit_order(list(maps)):
+        value = np.asarray(_get(tree, m.path))
+        if m.layered:
+            if value.shape[0] != n_layer:
+                raise StateDictError(f"{'/'.join(m.path)} has {value.shape[0]} layers, expected {n_layer}")
+            for i, key in enumerate(m.keys(n_layer)):
+                out[key] = m.to_lit(value[i])
+        else:
+            out[m.lit_key] = m.to_lit(value)
+    return _sorted_like_lit(out)
+
+
+def lit_to_params(state_dict: Mapping[str, np.ndarray], config: LLaMAConfig, source: str = "state dict") -> dict:
+    """A lit-llama base checkpoint -> our `params` collection."""
+    return lit_to_tree(state_dict, base_maps(config), config.n_layer, source)["params"]
+
+
+def params_to_lit(params: Mapping[str, Any], config: LLaMAConfig) -> dict[str, np.ndarray]:
+    return tree_to_lit({"params": params}, base_maps(config), config.n_layer)
+
+
+def lit_to_lora(state_dict: Mapping[str, np.ndarray], config: LLaMAConfig, lora: LoRAConfig,
+                source: str = "LoRA state dict") -> dict:
+    """A lit-llama LoRA file (only lora_A/lora_B keys) -> our `lora` collection."""
+    return lit_to_tree(state_dict, lora_maps(config, lora), config.n_layer, source).get("lora", {})
+
+
+def lora_to_lit(lora_tree: Mapping[str, Any], config: LLaMAConfig, lora: LoRAConfig,
+                lit_only: bool = True) -> dict[str, np.ndarray]:
+    """Our `lora` collection -> a lit-llama LoRA state dict. lit_only: refuse non-q/k/v targets."""
+    if lit_only:
+        lit_lora_compatible(lora)
+    return tree_to_lit({"lora": lora_tree}, lora_maps(config, lora), config.n_layer)
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> LLaMAConfig:
+    """The lit-llama preset whose shapes these are (by n_embd, as lit-llama), checked in full."""
+    if "transformer.wte.weight" not in shapes:
+        raise StateDictError(f"{source}: no 'transformer.wte.weight'; not a lit-llama checkpoint "
+                             f"(first keys: {list(shapes)[:5]})")
+    vocab, n_embd = shapes["transformer.wte.weight"]
+    n_layer = len({k.split(".")[2] for k in shapes if k.startswith("transformer.h.")})
+    for name, preset in PRESETS.items():
+        cfg = LLaMAConfig.from_name(name)
+        if cfg.n_embd == n_embd and cfg.n_layer == n_layer and cfg.padded_vocab_size == vocab:
+            return cfg
+    seen = {k: tuple(shapes[k]) for k in list(shapes)[:4]}
+    raise StateDictError(f"{source}: no preset has n_embd={n_embd}, n_layer={n_layer}, vocab={vocab} "
+                         f"(shapes seen: {seen}); known presets: {', '.join(PRESETS)}")
+
+
+def infer_lora(shapes: Mapping[str, tuple[int, ...]], n_embd: int, alpha: float = 16.0,
+               dropout: float = 0.05, source: str = "LoRA file") -> LoRAConfig:
+    """r and the q/k/v targets of a lit-llama LoRA file (alpha is not stored: pass it)."""
+    a_key, b_key = "transformer.h.0.attn.c_attn.lora_A", "transformer.h.0.attn.c_attn.lora_B"
+    if b_key not in shapes or a_key not in shapes:
+        raise StateDictError(f"{source}: no {b_key!r}; not a lit-llama LoRA file (first keys: {list(shapes)[:5]})")
+    r = shapes[b_key][1]
+    n = shapes[b_key][0] // n_embd
+    # lit-llama's file does not say which thirds are enabled; q,v is its only configuration
+    # with two, q,k,v with three.
+    targets = {1: ("q",), 2: ("q", "v"), 3: ("q", "k", "v")}.get(n)
+    if targets is None or shapes[b_key][0] != n * n_embd:
+        raise StateDictError(f"{source}: {b_key} has shape {tuple(shapes[b_key])}, which fits no q/k/v layout "
+                             f"for n_embd={n_embd}")
+    return LoRAConfig(r=r, alpha=alpha, dropout=dropout, targets=targets)
+
+
+def _lit_order(maps: list[TensorMap]) -> list[TensorMap]:
+    return maps
+
+
+def _sorted_like_lit(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """lit-llama's module order: lm_head, wte, then each layer's tensors, then ln_f."""
+    def rank(key: str) -> tuple:
+        if key.startswith("lm_head"):
+            return (0,)
+        if key.startswith("transformer.wte"):
+            return (1,)
+        if key.startswith("transformer.h."):
+            parts = key.split(".")
+            order = ["rms_1", "attn", "rms_2", "mlp"]
+            sub = ["c_attn", "c_proj", "c_fc1", "c_fc2"]
+            leaf = ["weight", "scale", "lora_A", "lora_B"]
+            return (2, int(parts[2]), order.index(parts[3]), sub.index(parts[4]) if parts[4] in sub else -1,
+                    leaf.index(parts[-1]))
+        return (3,)
+    return {k: sd[k] for k in sorted(sd, key=rank)}
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
+    node: Any = tree
+    for i, key in enumerate(path):
+        if not isinstance(node, Mapping) or key not in node:
+            raise StateDictError(f"variables have no {'/'.join(path[:i + 1])}")
+        node = node[key]
+    return node

@@ -1,0 +1,90 @@
+"""Reading and writing PyTorch `.pth` state dicts as numpy, bit-exactly (bf16 included).
+
+torch is imported lazily: only code paths that touch PyTorch files need it.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import ml_dtypes
+import numpy as np
+
+
+def require_torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("reading or writing PyTorch files needs torch: pip install 'jaxlora[torch]'") from e
+    return torch
+
+
+def tensor_to_numpy(t: Any) -> np.ndarray:
+    """A torch tensor -> numpy with the same bits; bfloat16 becomes ml_dtypes.bfloat16."""
+    torch = require_torch()
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def numpy_to_tensor(a: np.ndarray) -> Any:
+    """numpy (ml_dtypes.bfloat16 included) -> a torch tensor with the same bits."""
+    torch = require_torch()
+    a = np.ascontiguousarray(a)
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
+
+
+def open_state_dict(path: str | os.PathLike) -> Mapping[str, Any]:
+    """A `torch.save`d flat state dict, memory-mapped (tensors are read when touched).
+
+    Raises a ValueError naming the file when it is missing, not a torch zip file,
+    truncated, or not a flat dict of tensors.
+    """
+    torch = require_torch()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a PyTorch zip checkpoint (truncated, or saved with the legacy format)")
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt archives
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint: {e}") from e
+    if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
+        sd = sd["model"]  # lit-llama's training checkpoints nest the weights
+    if not isinstance(sd, Mapping) or not all(hasattr(v, "shape") for v in sd.values()):
+        raise ValueError(f"{path}: expected a flat dict of tensors, got {type(sd).__name__}")
+    return sd
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The whole state dict as numpy arrays (fine for LoRA files and small models)."""
+    return {k: tensor_to_numpy(v) for k, v in open_state_dict(path).items()}
+
+
+def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    """torch.save a flat dict of numpy arrays, atomically (temp file in the same folder, then rename)."""
+    torch = require_torch()
+    tensors = {k: numpy_to_tensor(v) for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> None:
+    """Call write(tmp_path), then rename tmp_path to path; no half file under `path`, ever."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,157 @@
+"""LoRA: the `MergedLoRADense` layer, functional merging, and the trainable/frozen split.
+
+A dense layer's frozen kernel lives in the `params` collection; its adapters live in the
+separate `lora` collection, so gradients and optimizer state are taken over `lora` alone.
+
+The output of a layer may be split into `groups` equal segments (3 for the fused q/k/v
+projection); adapters exist only for the enabled segments. Adapter shapes, Flax
+(in, out) order, one slice per enabled segment:
+
+    lora_A: (n_enabled, in_features, r)      lora_B: (n_enabled, r, out_features / groups)
+
+which is lit-llama's MergedLinear (`lora_A` (r*n_enabled, in), `lora_B` (out/groups*n_enabled, r))
+reshaped and transposed; see `jaxlora.formats.lit_llama`. The update of segment g is
+`scaling * dropout(x) @ A_g @ B_g`, scaling = alpha / r; disabled segments get none.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.config import LoRAConfig
+
+Array = jax.Array
+LORA_COLLECTION = "lora"
+LORA_LEAVES = ("lora_A", "lora_B")
+
+
+def lora_a_init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+    """lit-llama's init of A: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1.0 / np.sqrt(shape[-2])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class MergedLoRADense(nn.Module):
+    """y = x @ W (+ per-segment LoRA updates); W frozen in `params`, A/B in `lora`.
+
+    Attributes:
+      features: output width.
+      groups: number of equal output segments (3 for fused q/k/v, else 1).
+      enabled: per segment, whether it carries an adapter (len == groups).
+      r, alpha, dropout: adapter rank, scale numerator, dropout on the adapter input.
+      kernel_axes: logical axis names of the kernel (in, out), for sharding rules.
+      dtype: compute dtype; param_dtype: frozen kernel storage; lora_dtype: adapter storage.
+      out_dtype: output dtype of the frozen matmul (default: dtype); f32 for logits.
+    """
+
+    features: int
+    groups: int = 1
+    enabled: tuple[bool, ...] = (False,)
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    kernel_axes: tuple[str | None, str | None] = (None, None)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    lora_dtype: Any = jnp.float32
+    out_dtype: Any = None
+    kernel_init: Callable[..., Array] = nn.initializers.normal(0.02)
+
+    @property
+    def n_enabled(self) -> int:
+        return sum(self.enabled) if self.r > 0 else 0
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        if len(self.enabled) != self.groups or self.features % self.groups:
+            raise ValueError(f"{self.name}: {self.groups} groups, enabled={self.enabled}, features={self.features}")
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                            (in_features, self.features), self.param_dtype)
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
+        if self.n_enabled == 0:
+            return y
+
+        out_g = self.features // self.groups
+        in_axis, out_axis = self.kernel_axes
+        lora_a = self._adapter("lora_A", lora_a_init, ("lora_group", in_axis, "lora_rank"),
+                               (self.n_enabled, in_features, self.r))
+        lora_b = self._adapter("lora_B", nn.initializers.zeros, ("lora_group", "lora_rank", out_axis),
+                               (self.n_enabled, self.r, out_g))
+
+        h = nn.Dropout(self.dropout)(x, deterministic=deterministic or self.dropout == 0.0)
+        # All enabled segments in one batched matmul pair (q and v together).
+        xa = jnp.einsum("...i,gir->...gr", h, lora_a.astype(self.dtype))
+        delta = jnp.einsum("...gr,gro->...go", xa, lora_b.astype(self.dtype)) * jnp.asarray(self.alpha / self.r, self.dtype)
+        return add_to_segments(y, delta.astype(y.dtype), self.enabled)
+
+    def _adapter(self, name: str, init: Callable[..., Array], axes: tuple, shape: tuple) -> Array:
+        # The rng is drawn lazily: only at init, never in apply.
+        boxed_init = nn.with_logical_partitioning(init, axes)
+        return self.variable(LORA_COLLECTION, name,
+                             lambda: boxed_init(self.make_rng("params"), shape, self.lora_dtype)).value
+
+
+def add_to_segments(y: Array, delta: Array, enabled: Sequence[bool]) -> Array:
+    """Add delta (..., n_enabled, out_g) into the enabled segments of y (..., groups * out_g)."""
+    groups = len(enabled)
+    if all(enabled):
+        return y + delta.reshape(y.shape)
+    out_g = y.shape[-1] // groups
+    pieces, k = [], 0
+    for g, on in enumerate(enabled):
+        seg = y[..., g * out_g:(g + 1) * out_g]
+        if on:
+            seg = seg + delta[..., k, :]
+            k += 1
+        pieces.append(seg)
+    return jnp.concatenate(pieces, axis=-1)
+
+
+def lora_delta(lora_a: Array, lora_b: Array, enabled: Sequence[bool], scaling: float) -> Array:
+    """The dense update ΔW (..., in, groups * out_g) of one layer (leading layer axes allowed)."""
+    per_group = jnp.einsum("...gir,...gro->...gio", lora_a.astype(jnp.float32), lora_b.astype(jnp.float32)) * scaling
+    zeros = jnp.zeros(per_group.shape[:-3] + per_group.shape[-2:], per_group.dtype)
+    pieces, k = [], 0
+    for on in enabled:
+        pieces.append(per_group[..., k, :, :] if on else zeros)
+        k += int(on)
+    return jnp.concatenate(pieces, axis=-1)
+
+
+def merge_lora(params: Any, lora: Any, lora_config: LoRAConfig) -> Any:
+    """New params with every adapter folded into its kernel: W + scaling * ΔW.
+
+    The inputs are not modified (lit-llama merges in place on eval(); we never do). The sum
+    is formed in float32 and cast back to the kernel's dtype.
+    """
+    def merge(node_params: Any, node_lora: Any) -> Any:
+        if not isinstance(node_lora, dict):
+            return node_params
+        if "lora_A" in node_lora:
+            kernel = node_params["kernel"]
+            groups = kernel.shape[-1] // node_lora["lora_B"].shape[-1]
+            enabled = lora_config.qkv_enabled if groups == 3 else (True,) * groups
+            delta = lora_delta(node_lora["lora_A"], node_lora["lora_B"], enabled, lora_config.scaling)
+            return {**node_params, "kernel": (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)}
+        return {k: merge(v, node_lora.get(k)) if k in node_lora else v for k, v in node_params.items()}
+
+    return merge(_as_dict(params), _as_dict(lora))
+
+
+def trainable_labels(lora: Any) -> Any:
+    """'train' for every adapter leaf, 'freeze' for anything else, as optax.multi_transform labels."""
+    def label(path: tuple, _: Any) -> str:
+        name = getattr(path[-1], "key", None)
+        return "train" if name in LORA_LEAVES else "freeze"
+    return jax.tree_util.tree_map_with_path(label, lora)
+
+
+def _as_dict(tree: Any) -> Any:
+    from flax.core import unfreeze
+    return unfreeze(tree) if hasattr(tree, "unfreeze") else tree

@@ -1,0 +1,125 @@
+"""The jitted training and evaluation steps.
+
+Gradients are taken with respect to the `lora` collection only; the frozen `params` are a
+plain argument (never closed over: a closure would embed them as constants). One step
+consumes a batch of shape (n_micro, micro_batch, T) and accumulates gradients over the
+micro-batches with `lax.scan`; the loss is the mean over every non-ignored token of the
+whole batch (not an average of micro-batch means).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlora.model import LLaMA
+
+Array = jax.Array
+IGNORE_INDEX = -1
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Array
+    lora: Any
+    opt_state: Any
+    rng: Array
+
+
+def init_train_state(lora: Any, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), lora=lora, opt_state=optimizer.init(lora),
+                      rng=jax.random.key(seed))
+
+
+def shift_targets(labels: Array) -> Array:
+    """Next-token targets aligned with positions: targets[:, t] = labels[:, t+1], last = ignore."""
+    pad = jnp.full(labels.shape[:-1] + (1,), IGNORE_INDEX, labels.dtype)
+    return jnp.concatenate([labels[..., 1:], pad], axis=-1)
+
+
+def token_nll_sum(hidden: Array, head_kernel: Array, targets: Array, chunk_tokens: int = 0) -> tuple[Array, Array]:
+    """Sum of next-token cross-entropy over non-ignored targets, and their count.
+
+    hidden (B, T, C) final normed states; head_kernel (C, V); targets (B, T), -1 = ignore.
+    With chunk_tokens > 0 the logits are formed (and, in the backward pass, re-formed)
+    one chunk of tokens at a time, so float32 logits for the whole batch never exist.
+    """
+    C = hidden.shape[-1]
+    h = hidden.reshape(-1, C)
+    t = targets.reshape(-1)
+    kernel = head_kernel.astype(hidden.dtype)
+
+    def chunk_loss(h_c: Array, t_c: Array) -> Array:
+        logits = jnp.dot(h_c, kernel, preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, jnp.maximum(t_c, 0)[:, None], axis=-1)[:, 0]
+        return jnp.sum(jnp.where(t_c != IGNORE_INDEX, lse - picked, 0.0))
+
+    count = jnp.sum(t != IGNORE_INDEX)
+    n = h.shape[0]
+    if chunk_tokens <= 0 or chunk_tokens >= n:
+        return chunk_loss(h, t), count
+    n_chunks = -(-n // chunk_tokens)
+    pad = n_chunks * chunk_tokens - n
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk_tokens, C)
+    t = jnp.pad(t, (0, pad), constant_values=IGNORE_INDEX).reshape(n_chunks, chunk_tokens)
+
+    def body(total: Array, xs: tuple[Array, Array]) -> tuple[Array, None]:
+        return total + jax.checkpoint(chunk_loss)(*xs), None
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, t))
+    return total, count
+
+
+def make_loss_fn(model: LLaMA, chunk_tokens: int = 0) -> Callable[..., tuple[Array, Array]]:
+    """loss_sum(lora, params, input_ids, labels, rng) -> (summed token NLL, token count)."""
+    use_dropout = model.lora is not None and model.lora.dropout > 0
+
+    def loss_sum(lora: Any, params: Any, input_ids: Array, labels: Array, rng: Array | None) -> tuple[Array, Array]:
+        rngs = {"dropout": rng} if use_dropout and rng is not None else {}
+        hidden = model.apply({"params": params, "lora": lora}, input_ids, deterministic=not rngs,
+                             return_hidden=True, rngs=rngs)
+        return token_nll_sum(hidden, params["lm_head"]["kernel"], shift_targets(labels), chunk_tokens)
+    return loss_sum
+
+
+def make_train_step(model: LLaMA, optimizer: optax.GradientTransformation, chunk_tokens: int = 0,
+                    donate: bool = True) -> Callable[[TrainState, Any, dict[str, Array]], tuple[TrainState, dict]]:
+    """A jitted train_step(state, params, batch) -> (state, metrics).
+
+    batch: {"input_ids", "labels"} of shape (n_micro, micro_batch, T). metrics: loss (mean
+    token NLL over the whole batch), tokens (non-ignored count), grad_norm.
+    """
+    loss_sum = make_loss_fn(model, chunk_tokens)
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def train_step(state: TrainState, params: Any, batch: dict[str, Array]) -> tuple[TrainState, dict]:
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        n_micro = batch["input_ids"].shape[0]
+
+        def micro(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+            grads, total, count = carry
+            ids, labels, i = xs
+            (nll, cnt), g = grad_fn(state.lora, params, ids, labels, jax.random.fold_in(step_rng, i))
+            return (jax.tree.map(jnp.add, grads, g), total + nll, count + cnt), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.lora)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (grads, total, count), _ = jax.lax.scan(micro, init, (batch["input_ids"], batch["labels"],
+                                                              jnp.arange(n_micro)))
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+        lora = optax.apply_updates(state.lora, updates)
+        metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        return state.replace(step=state.step + 1, lora=lora, opt_state=opt_state), metrics
+
+    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(model: LLaMA, chunk_tokens: int = 0) -> Callable[[Any, Any, dict[str, Array]], tuple[Array, Array]]:
+    """A jitted eval_step(lora, params, batch (B, T)) -> (summed NLL, token count), no dropout."""
+    loss_sum = make_loss_fn(model, chunk_tokens)
+    return jax.jit(lambda lora, params, batch: loss_sum(lora, params, batch["input_ids"], batch["labels"], None))

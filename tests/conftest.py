@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random lit-llama state dicts and our models built from them."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests import the PyTorch reference by name
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from jaxlora.config import LLaMAConfig, LoRAConfig  # noqa: E402
+
+
+def random_lit_state_dict(torch_model, seed: int = 0, nonzero_lora: bool = True) -> dict[str, np.ndarray]:
+    """Fill every tensor of a reference model with random values (B too), return as numpy f32."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in torch_model.named_parameters():
+            if name.endswith("scale"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "lora_B" in name and not nonzero_lora:
+                p.zero_()
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return {k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
+
+
+@pytest.fixture
+def tiny_config() -> LLaMAConfig:
+    return LLaMAConfig.from_name("tiny")
+
+
+@pytest.fixture
+def tiny_lora() -> LoRAConfig:
+    return LoRAConfig(r=4, alpha=16, dropout=0.0, targets=("q", "v"))
