@@ -79,7 +79,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "65B": dict(n_layer=80, n_head=64, n_embd=8192),
     # Small shapes: not lit-llama presets; vocab sized for the shipped demo tokenizer.
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, vocab_size=128, block_size=256),
-    "demo": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=512, block_size=256),
+    "demo": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=1024, block_size=256),
 }
 
 # Adapter targets: q/k/v live inside the fused c_attn projection (lit-llama's enable_lora);
