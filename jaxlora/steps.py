@@ -113,7 +113,7 @@ def make_train_step(model: LLaMA, optimizer: optax.GradientTransformation, chunk
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
         lora = optax.apply_updates(state.lora, updates)
-        metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.tree_utils.tree_l2_norm(grads)}
         return state.replace(step=state.step + 1, lora=lora, opt_state=opt_state), metrics
 
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
