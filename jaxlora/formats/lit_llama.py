@@ -242,7 +242,7 @@ def _sorted_like_lit(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if key.startswith("transformer.h."):
             parts = key.split(".")
             order = ["rms_1", "attn", "rms_2", "mlp"]
-            sub = ["c_attn", "c_proj", "c_fc1", "c_fc2"]
+            sub = ["c_attn", "c_fc1", "c_fc2", "c_proj"]  # attn: c_attn, c_proj; mlp: c_fc1, c_fc2, c_proj
             leaf = ["weight", "scale", "lora_A", "lora_B"]
             return (2, int(parts[2]), order.index(parts[3]), sub.index(parts[4]) if parts[4] in sub else -1,
                     leaf.index(parts[-1]))

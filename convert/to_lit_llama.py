@@ -1,0 +1,55 @@
+"""jaxlora checkpoint directory -> lit-llama .pth (LoRA file, base weights, or merged), streaming.
+
+    python convert/to_lit_llama.py --checkpoint_dir D --out lit-llama-lora-finetuned.pth
+    python convert/to_lit_llama.py --checkpoint_dir D --out lit-llama-lora-merged-weights.pth --merged
+    python convert/to_lit_llama.py --checkpoint_dir D --out lit-llama.pth --base
+
+The LoRA file loads into lit-llama's generate/lora.py (with the base checkpoint, under
+`with lora(r=..., alpha=..., dropout=...)`); it can only hold q/k/v adapters: for o-proj or
+MLP adapters export --merged, a plain lit-llama checkpoint with the adapters folded in.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint_dir", required=True, help="jaxlora checkpoint directory (config.json, params/, lora/)")
+    p.add_argument("--out", required=True, help="the .pth file to write")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--merged", action="store_true",
+                      help="write a full lit-llama checkpoint with the adapters folded into the weights "
+                           "(like lit-llama's convert_lora_weights.py); any LoRA targets")
+    what.add_argument("--base", action="store_true", help="write the frozen base weights as a lit-llama checkpoint")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the written tensors (default: keep the stored dtype; lit-llama's bf16 runs "
+                        "write bfloat16)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    args = p.parse_args(argv)
+
+    from jaxlora.checkpoint_io import CheckpointError
+    from jaxlora.convert_stream import checkpoint_to_lit
+    from jaxlora.formats.lit_llama import StateDictError
+    kind = "merged" if args.merged else "base" if args.base else "lora"
+    try:
+        stats = checkpoint_to_lit(args.checkpoint_dir, args.out, kind=kind, dtype=args.dtype,
+                                  overwrite=args.overwrite, progress=not args.quiet)
+    except (StateDictError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"to_lit_llama: error: {e}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"to_lit_llama: wrote {args.out} ({kind}, {stats['tensors']} tensors) in {stats['seconds']:.1f} s, "
+              f"{stats['gb_per_s']:.2f} GB/s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
