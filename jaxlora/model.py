@@ -147,7 +147,9 @@ class LLaMA(nn.Module):
       dtype: compute dtype (activations, matmul inputs). param_dtype: frozen weight storage.
       lora_dtype: adapter storage (keep float32).
       attention: 'auto' | 'xla' | 'cudnn'. remat: a key of REMAT_POLICIES.
-      scan_unroll: layers per scan iteration (n_layer unrolls fully; weights stay stacked).
+      scan_unroll: layers per scan iteration; 0 or n_layer unrolls fully (weights stay stacked:
+        the layout never changes, only the compiled program). Full unrolling removes the
+        loop (faster on GPU: 7B 8x512 +12% on an H100) at the cost of a ~40x longer compile.
     """
 
     config: LLaMAConfig
@@ -177,7 +179,7 @@ class LLaMA(nn.Module):
         if self.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         layers = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layer, unroll=self.scan_unroll,
+                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layer, unroll=self.scan_unroll or cfg.n_layer,
                          metadata_params={nn.PARTITION_NAME: "layers"})
         opts = Settings(cfg, self.lora, self.dtype, self.param_dtype, self.lora_dtype, self.attention)
         x, _ = layers(opts, deterministic, name="h")(x, cos, sin)
