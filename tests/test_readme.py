@@ -22,4 +22,4 @@ def test_readme_first_two_commands():
     assert commands[0].endswith("python train.py")
     assert "pytest" in commands[1]
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "python3 -m pytest -q" in ci
+    assert "python -m pytest -q" in ci
