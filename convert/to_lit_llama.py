@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"to_lit_llama: error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:
-        print(f"to_lit_llama: wrote {args.out} ({kind}, {stats['tensors']} tensors) in {stats['seconds']:.1f} s, "
+        print(f"to_lit_llama: wrote {args.out} ({kind}) in {stats['seconds']:.1f} s, "
               f"{stats['gb_per_s']:.2f} GB/s", file=sys.stderr)
     return 0
 

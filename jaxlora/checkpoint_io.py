@@ -35,7 +35,7 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 LORA_DIR = "lora"
 ITEMS = (PARAMS_DIR, LORA_DIR)
-MAX_CHUNK_BYTES = 256 << 20  # non-layered leaves are chunked along axis 0 below this size
+MAX_CHUNK_BYTES = 64 << 20  # unlayered 2-D leaves (wte, lm_head) are chunked below this size
 # No compression: weights barely compress and zstd would halve conversion throughput.
 ZARR_COMPRESSOR = None
 
@@ -145,41 +145,70 @@ def staged_directory(directory: str | os.PathLike, overwrite: bool = False) -> I
 # Writing orbax trees slice by slice
 
 
-def _chunks(shape: tuple[int, ...], itemsize: int, layered: bool) -> list[int]:
-    if not shape:
-        return []
-    if layered:
-        return [1, *shape[1:]]
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
-    rows = max(1, min(shape[0], MAX_CHUNK_BYTES // max(row_bytes, 1)))
-    return [rows, *shape[1:]]
+def default_chunks(shape: tuple[int, ...], itemsize: int, layered: bool) -> tuple[int, ...]:
+    """One layer per chunk for layered leaves; a 2-D leaf is cut along its longer axis into
+    blocks of <= MAX_CHUNK_BYTES (wte by rows, lm_head's (C, V) kernel by columns)."""
+    if layered and shape:
+        return (1, *shape[1:])
+    if len(shape) != 2:
+        return tuple(shape)
+    axis = 0 if shape[0] >= shape[1] else 1
+    line_bytes = shape[1 - axis] * itemsize
+    step = max(1, min(shape[axis], MAX_CHUNK_BYTES // max(line_bytes, 1)))
+    return (step, shape[1]) if axis == 0 else (shape[0], step)
 
 
-def _ts_context() -> Any:
+def _ts_context(sync: bool = True) -> Any:
     # No cache: every slice is written (or read) once; keep memory at the slice itself.
-    return _ts().Context({"cache_pool": {"total_bytes_limit": 0}})
+    # Writers skip the per-chunk fsync and sync every file once at the end (fsync_tree).
+    return _ts().Context({"cache_pool": {"total_bytes_limit": 0}, "file_io_sync": sync})
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file and folder under directory (durable before the final rename)."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class ArrayTreeWriter:
-    """Creates an orbax PyTree checkpoint at `item_dir` whose arrays are filled in slice by slice.
+    """Creates an orbax PyTree checkpoint at `item_dir` whose arrays are filled in piece by piece.
 
-    leaves: {path: (shape, dtype)}. Orbax itself writes the tree metadata (from 1-element
-    placeholders); each leaf's zarr array is then created full size with tensorstore and filled
-    by `write(path, value, index)`: `index` is the layer for layered leaves (chunks of one layer),
-    None for a whole leaf. Call `close()` (or use as a context manager) to wait for the writes.
+    leaves: {path: (shape, dtype)} or {path: (shape, dtype, chunks)}. Orbax itself writes the
+    tree metadata (from 1-element placeholders); each leaf's zarr array is then created full size
+    with tensorstore and filled by `write(path, value, where)`: `where` is None (the whole leaf),
+    an int (one layer of a layered leaf) or a tuple of slices. Writes should cover whole chunks
+    (default chunks: one layer, or row blocks). Writes run in the background, holding a
+    reference to `value`; at most `max_pending_bytes` of them are in flight. Call `close()` (or
+    leave the `with` block) to wait for them and fsync the files.
     """
 
-    def __init__(self, item_dir: str | os.PathLike, leaves: Mapping[Path_, tuple[tuple[int, ...], Any]],
-                 max_pending: int = 2) -> None:
+    def __init__(self, item_dir: str | os.PathLike, leaves: Mapping[Path_, tuple], *,
+                 max_pending_bytes: int = 512 << 20) -> None:
         ocp, ts = _ocp(), _ts()
         self.item_dir = Path(item_dir).absolute()
-        self.leaves = {p: (tuple(shape), np.dtype(dtype)) for p, (shape, dtype) in leaves.items()}
-        self.max_pending = max_pending
-        self._pending: list[Any] = []
+        self.leaves: dict[Path_, tuple[tuple[int, ...], np.dtype]] = {}
+        chunks: dict[Path_, tuple[int, ...]] = {}
+        for path, (shape, dtype, *rest) in leaves.items():
+            shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+            self.leaves[path] = (shape, dtype)
+            chunks[path] = tuple(rest[0]) if rest and rest[0] else default_chunks(shape, dtype.itemsize,
+                                                                                   is_layered(path))
+        self.max_pending_bytes = max_pending_bytes
+        self._pending: list[tuple[Any, int]] = []
         placeholder = unflatten({p: np.zeros((1,) * len(shape), dtype) for p, (shape, dtype) in self.leaves.items()})
         checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
         checkpointer.save(self.item_dir, args=ocp.args.PyTreeSave(placeholder))
-        context = _ts_context()
+        context = _ts_context(sync=False)
         self.arrays: dict[Path_, Any] = {}
         for path, (shape, dtype) in self.leaves.items():
             leaf_dir = self.item_dir / ".".join(path)
@@ -190,39 +219,44 @@ class ArrayTreeWriter:
                 "driver": "zarr",
                 "kvstore": {"driver": "file", "path": str(leaf_dir)},
                 "dtype": jnp.dtype(dtype).name,
-                "metadata": {"shape": list(shape), "chunks": _chunks(shape, dtype.itemsize, is_layered(path)),
-                             "compressor": ZARR_COMPRESSOR, "order": "C",
-                             "dimension_separator": "."},
+                "metadata": {"shape": list(shape), "chunks": list(chunks[path]), "compressor": ZARR_COMPRESSOR,
+                             "order": "C", "dimension_separator": "."},
                 "create": True, "delete_existing": True,
             }
             self.arrays[path] = ts.open(spec, context=context).result()
 
-    def write(self, path: Path_, value: np.ndarray, index: int | None = None) -> None:
-        """Write `value` as leaf `path` (index None) or as its layer `index`; returns before the I/O ends."""
+    def write(self, path: Path_, value: np.ndarray, where: int | tuple[slice, ...] | None = None) -> None:
+        """Write `value` into leaf `path` (see the class doc for `where`); returns before the I/O ends."""
         shape, dtype = self.leaves[path]
-        target = self.arrays[path] if index is None else self.arrays[path][index]
-        want = shape if index is None else shape[1:]
-        if tuple(value.shape) != want:
-            raise CheckpointError(f"{self.item_dir}: {_name(path)}{'' if index is None else f'[{index}]'} "
-                                  f"got shape {tuple(value.shape)}, expected {want}")
+        target = self.arrays[path] if where is None else self.arrays[path][where]
+        if tuple(value.shape) != tuple(target.shape):
+            raise CheckpointError(f"{self.item_dir}: {_name(path)}{'' if where is None else f'[{where}]'} "
+                                  f"got shape {tuple(value.shape)}, expected {tuple(target.shape)}")
         value = np.asarray(value, dtype=dtype, order="C")
         try:
             future = target.write(value, can_reference_source_data_indefinitely=True)
         except TypeError:  # older tensorstore
             future = target.write(value)
-        self._pending.append(future)
-        while len(self._pending) > self.max_pending:
-            self._pending.pop(0).result()
+        self._pending.append((future, value.nbytes))
+        while len(self._pending) > 1 and sum(n for _, n in self._pending) > self.max_pending_bytes:
+            self._pending.pop(0)[0].result()
 
     def close(self) -> None:
         while self._pending:
-            self._pending.pop(0).result()
+            self._pending.pop(0)[0].result()
+        fsync_tree(self.item_dir)
 
     def __enter__(self) -> "ArrayTreeWriter":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # let pending writes finish (their buffers are borrowed), then propagate
+            for future, _ in self._pending:
+                with contextlib.suppress(Exception):
+                    future.result()
+            self._pending.clear()
 
 
 def write_tree(item_dir: str | os.PathLike, tree: Mapping[str, Any]) -> None:
@@ -295,14 +329,21 @@ class ArrayTreeReader:
                 raise CheckpointError(f"{self.item_dir}: cannot open leaf {_name(path)}: {e}") from e
         return self._arrays[path]
 
-    def read(self, path: Path_, index: int | None = None) -> np.ndarray:
+    def chunks(self, path: Path_) -> tuple[int, ...] | None:
+        """The stored chunk shape of a leaf (None for layouts read whole)."""
+        if not self.per_leaf:
+            return None
+        return tuple(int(n) for n in self._open(path).chunk_layout.read_chunk.shape)
+
+    def read(self, path: Path_, where: int | tuple[slice, ...] | None = None) -> np.ndarray:
+        """Leaf `path`, or its layer `where` (int), or a region (tuple of slices), as numpy."""
         if self.per_leaf:
             array = self._open(path)
-            return np.asarray((array if index is None else array[index]).read().result())
+            return np.asarray((array if where is None else array[where]).read().result())
         if self._restored is None:
             self._restored = flatten(_ocp().PyTreeCheckpointer().restore(self.item_dir))
         value = np.asarray(self._restored[path])
-        return value if index is None else value[index]
+        return value if where is None else np.ascontiguousarray(value[where])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ first byte is written, and outputs appear under their final name only when compl
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import sys
@@ -28,7 +29,7 @@ from jaxlora import checkpoint_io as cio
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.formats import lit_llama
 from jaxlora.formats.lit_llama import StateDictError, TensorMap
-from jaxlora.formats.torch_stream import TorchZipReader, write_torch_zip
+from jaxlora.formats.torch_stream import RowBlocks, TorchZipReader, write_torch_zip
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -67,44 +68,93 @@ class Progress:
 
     def stats(self) -> dict[str, float]:
         seconds = time.perf_counter() - self.start
-        return {"tensors": self.items, "bytes": self.bytes, "seconds": round(seconds, 3),
+        return {"pieces": self.items, "bytes": self.bytes, "seconds": round(seconds, 3),
                 "gb_per_s": round(self.bytes / 1e9 / max(seconds, 1e-9), 4)}
 
 
-def _prefetched(tasks: Sequence[Callable[[], Any]], depth: int = 2) -> Iterator[Any]:
-    """Results of tasks in order, computing up to `depth` ahead on a thread pool (I/O and numpy
-    copies release the GIL). At most depth + 1 results exist at a time."""
-    if depth <= 0:
+def _prefetched(tasks: Sequence[Callable[[], Any]], sizes: Sequence[int], max_bytes: int,
+                workers: int = 2) -> Iterator[Any]:
+    """Results of `tasks` in order, computed ahead on a thread pool (preads and numpy copies
+    release the GIL) while the sizes of the results not yet consumed stay within max_bytes
+    (at least one task always runs)."""
+    if workers <= 0:
         for task in tasks:
             yield task()
         return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=depth) as pool:
-        futures: list[concurrent.futures.Future] = []
-        it = iter(tasks)
-        for task in it:
-            futures.append(pool.submit(task))
-            if len(futures) > depth:
-                break
-        while futures:
-            result = futures.pop(0).result()
-            nxt = next(it, None)
-            if nxt is not None:
-                futures.append(pool.submit(nxt))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: collections.deque = collections.deque()
+        ahead = 0
+        todo = iter(zip(tasks, sizes))
+        nxt = next(todo, None)
+        while pending or nxt is not None:
+            while nxt is not None and (not pending or (ahead + nxt[1] <= max_bytes and len(pending) <= workers)):
+                pending.append((pool.submit(nxt[0]), nxt[1]))
+                ahead += nxt[1]
+                nxt = next(todo, None)
+            future, size = pending.popleft()
+            try:
+                result = future.result()
+            except BaseException:
+                for f, _ in pending:
+                    f.cancel()
+                raise
+            ahead -= size
             yield result
 
 
 @dataclass(frozen=True)
 class _Item:
-    """One lit-llama tensor: its key, its map, its layer (None for unlayered maps)."""
+    """One lit-llama tensor, or a block of its rows: key, map, and where it lives in our leaf."""
 
     key: str
     map: TensorMap
-    layer: int | None
+    where: Any = None  # None (whole leaf), int (a layer), or a tuple of slices (a block)
+    rows: tuple[int, int] | None = None  # the block's rows of the lit tensor
+    first_block: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.key if self.rows is None else f"{self.key}[{self.rows[0]}:{self.rows[1]}]"
 
 
 def _items(maps: Sequence[TensorMap], n_layer: int) -> list[_Item]:
     items = {key: _Item(key, m, i if m.layered else None) for m in maps for i, key in enumerate(m.keys(n_layer))}
     return list(lit_llama._sorted_like_lit(items).values())  # lit-llama's own key order
+
+
+def _row_layout(m: TensorMap) -> str | None:
+    """Where the rows of a 2-D lit tensor land in ours: 'rows' (as is), 'cols' (transposed), or None."""
+    if m.layered or len(m.lit_shape) != 2:
+        return None
+    probe = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = m.to_ours(probe)
+    if out.shape == probe.shape and np.array_equal(out, probe):
+        return "rows"
+    if out.shape == probe.T.shape and np.array_equal(out, probe.T):
+        return "cols"
+    return None
+
+
+def _blocked(items: list[_Item], chunks_of: Callable[[TensorMap], tuple[int, ...] | None]) -> list[_Item]:
+    """Split unlayered 2-D tensors (wte, lm_head) into row blocks that match our leaf's chunks."""
+    out: list[_Item] = []
+    for it in items:
+        layout, chunks = _row_layout(it.map), chunks_of(it.map)
+        rows = it.map.lit_shape[0] if layout else 0
+        step = (chunks[0] if layout == "rows" else chunks[1]) if layout and chunks else rows
+        if not layout or step >= rows:
+            out.append(it)
+            continue
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            where = (slice(r0, r1), slice(None)) if layout == "rows" else (slice(None), slice(r0, r1))
+            out.append(_Item(it.key, it.map, where, (r0, r1), first_block=r0 == 0))
+    return out
+
+
+def _item_bytes(it: _Item, itemsize: int) -> int:
+    rows = it.map.lit_shape[0] if it.rows is None or not it.map.lit_shape else it.rows[1] - it.rows[0]
+    return int(np.prod(it.map.lit_shape[1:], dtype=np.int64)) * rows * itemsize if it.map.lit_shape else itemsize
 
 
 def _layer_count(keys: Sequence[str]) -> int:
@@ -128,13 +178,16 @@ def _check_lora_file(shapes: Mapping[str, tuple[int, ...]], config: LLaMAConfig,
 def lit_to_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike,
                       lora_path: str | os.PathLike | None = None, lora_alpha: float = 16.0,
                       lora_dropout: float = 0.05, dtype: Any = None, config: LLaMAConfig | None = None,
-                      overwrite: bool = False, progress: bool = True,
-                      prefetch: int = 2) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, float]]:
+                      overwrite: bool = False, progress: bool = True, workers: int = 2,
+                      max_bytes_ahead: int = 128 << 20) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, float]]:
     """lit-llama `lit-llama.pth` (+ `lit-llama-lora-finetuned.pth`) -> jaxlora checkpoint directory.
 
     The preset is recognised from the weights unless `config` is given. r and the q/k/v layout
     come from the LoRA file; alpha (not stored by lit-llama) from `lora_alpha`.
     dtype: storage dtype of the frozen weights (None: keep the file's); adapters keep theirs.
+    Memory: tensors are read, transformed and written by `workers` threads with at most
+    `max_bytes_ahead` of results waiting and as much again being written; wte and lm_head are
+    moved in blocks of our chunks (<= 64 MB). So the peak stays near a few single-layer tensors.
     Returns (config, lora_config, stats) with stats = tensors, bytes read, seconds, GB/s.
     """
     out_dir = Path(out_dir).absolute()
@@ -159,28 +212,36 @@ def lit_to_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
             lora_config = _check_lora_file(lora_reader.shapes(), config, lora_alpha, lora_dropout, str(lora_path))
         expected = cio.expected_variables(config, lora_config)
 
-        jobs: list[tuple[TorchZipReader, str, str, list[_Item], np.dtype | None]] = [
-            (base, cio.PARAMS_DIR, source, _items(lit_llama.base_maps(config), config.n_layer), dtype)]
+        sources = [(base, cio.PARAMS_DIR, lit_llama.base_maps(config), dtype)]
         if lora_reader is not None:
-            jobs.append((lora_reader, cio.LORA_DIR, str(lora_path),
-                         _items(lit_llama.lora_maps(config, lora_config), config.n_layer), None))
-        total = sum(r.tensors[i.key].nbytes for r, _, _, items, _ in jobs for i in items)
-        meter = Progress("from_lit_llama", sum(len(j[3]) for j in jobs), total, progress)
+            sources.append((lora_reader, cio.LORA_DIR, lit_llama.lora_maps(config, lora_config), None))
+        jobs = []  # (reader, item, work items, leaves spec)
+        for reader, item, maps, cast in sources:
+            leaves = {}
+            for m in maps:
+                shape = tuple(expected[item][m.path[1:]].shape)
+                leaf_dtype = np.dtype(cast or reader.tensors[m.keys(config.n_layer)[0]].dtype)
+                leaves[m.path[1:]] = (shape, leaf_dtype, cio.default_chunks(shape, leaf_dtype.itemsize, m.layered))
+            items = _blocked(_items(maps, config.n_layer), lambda m, leaves=leaves: leaves[m.path[1:]][2])
+            jobs.append((reader, item, items, leaves))
+        total = sum(reader.nbytes() for reader, *_ in sources)
+        meter = Progress("from_lit_llama", sum(len(j[2]) for j in jobs), total, progress)
         with cio.staged_directory(out_dir, overwrite) as tmp:
             cio.write_config(tmp, config, lora_config)
-            for reader, item, src, items, cast in jobs:
-                leaves = {}
-                for m in {i.map.path: i.map for i in items}.values():
-                    leaf_dtype = cast or reader.tensors[m.keys(config.n_layer)[0]].dtype
-                    leaves[m.path[1:]] = (tuple(expected[item][m.path[1:]].shape), leaf_dtype)
-                with cio.ArrayTreeWriter(tmp / item, leaves) as writer:
-                    def task(it: _Item, reader: TorchZipReader = reader, leaves: dict = leaves) -> tuple:
-                        raw = reader.read(it.key)
-                        value = it.map.to_ours(raw).astype(leaves[it.map.path[1:]][1], copy=False)
-                        return it, value, raw.nbytes
-                    for it, value, nbytes in _prefetched([lambda it=it: task(it) for it in items], prefetch):
-                        writer.write(it.map.path[1:], value, it.layer)
-                        meter.update(it.key, nbytes)
+            for reader, item, items, leaves in jobs:
+                def task(it: _Item, reader: TorchZipReader = reader, leaves: dict = leaves) -> tuple:
+                    if it.first_block:
+                        reader.verify(it.key)  # blocks skip the per-read CRC: check the record once
+                    raw = reader.read(it.key, it.rows)
+                    value = it.map.to_ours(raw).astype(leaves[it.map.path[1:]][1], copy=False)
+                    return it, value, raw.nbytes
+
+                sizes = [_item_bytes(i, reader.tensors[i.key].dtype.itemsize) for i in items]
+                with cio.ArrayTreeWriter(tmp / item, leaves, max_pending_bytes=max_bytes_ahead) as writer:
+                    for it, value, nbytes in _prefetched([lambda it=it: task(it) for it in items], sizes,
+                                                         max_bytes_ahead, workers):
+                        writer.write(it.map.path[1:], value, it.where)
+                        meter.update(it.label, nbytes)
                         del value
     finally:
         base.close()
@@ -213,7 +274,7 @@ def _merge_layer(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, mod
 
 def checkpoint_to_lit(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, kind: str = "lora",
                       dtype: Any = None, overwrite: bool = False, progress: bool = True,
-                      prefetch: int = 2) -> dict[str, float]:
+                      workers: int = 2, max_bytes_ahead: int = 128 << 20) -> dict[str, float]:
     """A jaxlora checkpoint -> one lit-llama .pth file, tensor by tensor, atomically.
 
     kind: "lora" (lit-llama's LoRA file; q/k/v adapters only, else StateDictError),
@@ -248,29 +309,44 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike, out: str | os.PathLike,
         cio.check_shapes({p: s for p, (s, _) in stored.items()}, expected[item], str(directory / item))
 
     maps = lit_llama.lora_maps(config, lora_config) if kind == "lora" else lit_llama.base_maps(config)
-    items = _items(maps, config.n_layer)
     lora_paths = set(expected.get(cio.LORA_DIR, {})) if kind == "merged" else set()
+    stored_dtype = {(item, p): d for item, r in readers.items() for p, (_, d) in r.shapes().items()}
+    out_dtype = {m.path: dtype or stored_dtype[(m.path[0], m.path[1:])] for m in maps}
+    items = _blocked(_items(maps, config.n_layer), lambda m: readers[m.path[0]].chunks(m.path[1:]))
 
-    def task(it: _Item) -> tuple[str, np.ndarray]:
+    def task(it: _Item) -> tuple[_Item, np.ndarray]:
         path = it.map.path[1:]
-        value = readers[it.map.path[0]].read(path, it.layer)
-        if dtype is not None:
-            value = value.astype(dtype)  # before merging: the merged sum is rounded once, to dtype
+        value = readers[it.map.path[0]].read(path, it.where).astype(out_dtype[it.map.path], copy=False)
         if path[-1] == "kernel" and path[:-1] + ("lora_A",) in lora_paths:
+            # merged into the output dtype: the float32 sum is rounded once
             lora = readers[cio.LORA_DIR]
-            value = _merge_layer(value, lora.read(path[:-1] + ("lora_A",), it.layer),
-                                 lora.read(path[:-1] + ("lora_B",), it.layer), path[1:-1], lora_config)
-        return it.key, it.map.to_lit(value)
+            value = _merge_layer(value, lora.read(path[:-1] + ("lora_A",), it.where),
+                                 lora.read(path[:-1] + ("lora_B",), it.where), path[1:-1], lora_config)
+        return it, it.map.to_lit(value)
 
-    stored_dtypes = {(item, p): d for item, r in readers.items() for p, (_, d) in r.shapes().items()}
-    total = sum(int(np.prod(it.map.lit_shape)) * (dtype or stored_dtypes[(it.map.path[0], it.map.path[1:])]).itemsize
-                for it in items)
-    meter = Progress("to_lit_llama", len(items), total, progress)
+    sizes = [_item_bytes(it, out_dtype[it.map.path].itemsize) for it in items]
+    meter = Progress("to_lit_llama", len(items), sum(sizes), progress)
 
-    def stream() -> Iterator[tuple[str, np.ndarray]]:
-        for key, value in _prefetched([lambda it=it: task(it) for it in items], prefetch):
-            meter.update(key, value.nbytes)
-            yield key, value
+    def stream() -> Iterator[tuple[str, np.ndarray | RowBlocks]]:
+        results = _prefetched([lambda it=it: task(it) for it in items], sizes, max_bytes_ahead, workers)
+        n = 0
+        while n < len(items):
+            it = items[n]
+            count = 1
+            while n + count < len(items) and items[n + count].key == it.key:
+                count += 1
+            n += count
+            if it.rows is None:
+                _, value = next(results)
+                meter.update(it.label, value.nbytes)
+                yield it.key, value
+            else:
+                def blocks(count: int = count) -> Iterator[np.ndarray]:
+                    for _ in range(count):
+                        part, value = next(results)
+                        meter.update(part.label, value.nbytes)
+                        yield value
+                yield it.key, RowBlocks(it.map.lit_shape, out_dtype[it.map.path], blocks())
 
     write_torch_zip(out, stream())
     return meter.stats()

@@ -204,12 +204,24 @@ class TorchZipReader:
                              f"{nbytes} needed)")
         return offset, info
 
-    def read(self, key: str) -> np.ndarray:
-        """Tensor `key` as a new numpy array (same bits; bfloat16 as ml_dtypes.bfloat16)."""
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor `key` as a new numpy array (same bits; bfloat16 as ml_dtypes.bfloat16).
+
+        rows=(start, stop): only those rows (along axis 0) of a contiguous tensor, for reading
+        a large tensor in pieces; the record's CRC is then checked by `verify(key)` instead.
+        """
         t = self.tensors[key]
         storage_bytes = t.storage_numel * t.dtype.itemsize
         offset, info = self._data_offset(t.storage_key, storage_bytes)
-        if t.contiguous:
+        shape = t.shape
+        if rows is not None:
+            if not t.contiguous or not shape:
+                raise ValueError(f"{self.path}: tensor {key!r} cannot be read by rows (not contiguous)")
+            r0, r1 = max(0, rows[0]), min(shape[0], rows[1])
+            row = int(np.prod(shape[1:], dtype=np.int64))
+            shape = (r1 - r0, *shape[1:])
+            start, count = t.offset + r0 * row, (r1 - r0) * row
+        elif t.contiguous:
             start, count = t.offset, t.numel
         else:  # read the span the view covers, then gather it
             start = t.offset
@@ -226,11 +238,27 @@ class TorchZipReader:
             raise ValueError(f"{self.path}: tensor {key!r} is damaged (CRC mismatch)")
         if self._big_endian:
             out = out.byteswap()
-        if t.contiguous:
-            return out.reshape(t.shape)
+        if rows is not None or t.contiguous:
+            return out.reshape(shape)
         strided = np.lib.stride_tricks.as_strided(
             out, t.shape, tuple(s * t.dtype.itemsize for s in t.stride), writeable=False)
         return np.ascontiguousarray(strided)
+
+    def verify(self, key: str, block: int = 64 << 20) -> None:
+        """Check the CRC of tensor `key`'s whole storage record, streaming (no large buffer)."""
+        t = self.tensors[key]
+        nbytes = t.storage_numel * t.dtype.itemsize
+        offset, info = self._data_offset(t.storage_key, nbytes)
+        crc, done, buf = 0, 0, bytearray(min(block, max(info.file_size, 1)))
+        view = memoryview(buf)
+        while done < info.file_size:
+            n = _pread_into(self._file.fileno(), view[:min(block, info.file_size - done)], offset + done)
+            if n == 0:
+                raise ValueError(f"{self.path}: tensor {key!r} is truncated")
+            crc = zlib.crc32(view[:n], crc)
+            done += n
+        if crc != info.CRC:
+            raise ValueError(f"{self.path}: tensor {key!r} is damaged (CRC mismatch)")
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
@@ -292,27 +320,46 @@ def _aligned_entry(zf: zipfile.ZipFile, name: str, nbytes: int) -> tuple[zipfile
     return info, zip64
 
 
-def _write_entry(zf: zipfile.ZipFile, name: str, data: bytes | memoryview, align: bool = False) -> None:
-    data = memoryview(data).cast("B")
+@dataclass(frozen=True)
+class RowBlocks:
+    """A tensor given as consecutive blocks of rows (axis 0), for writing without holding it whole."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    blocks: Iterable[np.ndarray]
+
+
+def _write_entry(zf: zipfile.ZipFile, name: str, pieces: Iterable[Any], nbytes: int, align: bool = False) -> None:
+    """One uncompressed entry of exactly nbytes, written from buffer-like pieces in order."""
     if align:
-        info, zip64 = _aligned_entry(zf, name, len(data))
+        info, zip64 = _aligned_entry(zf, name, nbytes)
     else:
-        info, zip64 = zipfile.ZipInfo(name), len(data) * 1.05 > zipfile.ZIP64_LIMIT
+        info, zip64 = zipfile.ZipInfo(name), nbytes * 1.05 > zipfile.ZIP64_LIMIT
         info.compress_type = zipfile.ZIP_STORED
-        info.file_size = len(data)
+        info.file_size = nbytes
+    written, step = 0, 1 << 26
     with zf.open(info, "w", force_zip64=zip64) as f:
-        step = 1 << 26
-        for i in range(0, len(data), step):
-            f.write(data[i:i + step])
+        for piece in pieces:
+            data = memoryview(piece).cast("B")
+            for i in range(0, len(data), step):
+                f.write(data[i:i + step])
+            written += len(data)
+    if written != nbytes:
+        raise ValueError(f"{name}: wrote {written} bytes, expected {nbytes}")
 
 
-def write_torch_zip(path: str | os.PathLike, items: Iterable[tuple[str, np.ndarray]],
+def _as_bytes(array: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+def write_torch_zip(path: str | os.PathLike, items: Iterable[tuple[str, "np.ndarray | RowBlocks"]],
                     archive: str = "archive") -> None:
     """torch.save-compatible file from (key, array) pairs, consumed one at a time, atomically.
 
-    Only one array is held at a time (the caller's generator decides how it is produced).
-    Arrays keep their dtype (ml_dtypes.bfloat16 -> torch.bfloat16) and bits exactly.
-    The state dict is a plain dict in `items` order, as `torch.save(dict)` writes it.
+    Only one array (or one block of a RowBlocks) is held at a time: the caller's generator
+    decides how they are produced. Arrays keep their dtype (ml_dtypes.bfloat16 ->
+    torch.bfloat16) and bits. The state dict is a plain dict in `items` order, as
+    `torch.save(dict)` writes it; entries are 64-byte aligned like torch's own.
     """
     from jaxlora.formats.torch_io import require_torch
     torch = require_torch()  # only for the pickled globals, so torch.load finds the real ones
@@ -321,24 +368,36 @@ def write_torch_zip(path: str | os.PathLike, items: Iterable[tuple[str, np.ndarr
     def write(tmp: str) -> None:
         refs: dict[str, _TensorRef] = {}
         with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for n, (key, array) in enumerate(items):
+            for n, (key, value) in enumerate(items):
                 if key in refs:
                     raise ValueError(f"duplicate key {key!r}")
-                array = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
-                storage_name = _DTYPE_STORAGE.get(array.dtype)
+                if isinstance(value, RowBlocks):
+                    shape, dtype = tuple(value.shape), np.dtype(value.dtype)
+
+                    def pieces(value: RowBlocks = value, key: str = key, dtype: np.dtype = dtype) -> Iterator:
+                        for block in value.blocks:
+                            if block.dtype != dtype or block.shape[1:] != tuple(value.shape[1:]):
+                                raise ValueError(f"{key}: block {block.dtype}{block.shape} does not fit "
+                                                 f"{dtype}{tuple(value.shape)}")
+                            yield _as_bytes(block)
+                    data: Iterable[Any] = pieces()
+                else:
+                    value = np.asarray(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+                    shape, dtype = tuple(value.shape), value.dtype
+                    data = [_as_bytes(value)]
+                storage_name = _DTYPE_STORAGE.get(dtype)
                 if storage_name is None:
-                    raise TypeError(f"{key}: dtype {array.dtype} has no torch storage type")
-                storage = _StorageRef(str(n), getattr(torch, storage_name), int(array.size))
-                refs[key] = _TensorRef(storage, tuple(array.shape), rebuild)
-                _write_entry(zf, f"{archive}/data/{n}", array.reshape(-1).view(np.uint8), align=True)
-                del array
+                    raise TypeError(f"{key}: dtype {dtype} has no torch storage type")
+                numel = int(np.prod(shape, dtype=np.int64))
+                refs[key] = _TensorRef(_StorageRef(str(n), getattr(torch, storage_name), numel), shape, rebuild)
+                _write_entry(zf, f"{archive}/data/{n}", data, numel * dtype.itemsize, align=True)
+                del value, data
             buf = io.BytesIO()
             _Pickler(buf, protocol=2).dump(refs)
-            _write_entry(zf, f"{archive}/data.pkl", buf.getvalue())
-            _write_entry(zf, f"{archive}/.format_version", b"1")
-            _write_entry(zf, f"{archive}/.storage_alignment", str(ALIGNMENT).encode())
-            _write_entry(zf, f"{archive}/byteorder", b"little")
-            _write_entry(zf, f"{archive}/version", b"3\n")
+            for name, payload in [("data.pkl", buf.getvalue()), (".format_version", b"1"),
+                                  (".storage_alignment", str(ALIGNMENT).encode()), ("byteorder", b"little"),
+                                  ("version", b"3\n")]:
+                _write_entry(zf, f"{archive}/{name}", [payload], len(payload))
             zf.close()
             raw.flush()
             os.fsync(raw.fileno())

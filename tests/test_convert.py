@@ -1,0 +1,380 @@
+"""Converters: lit-llama .pth <-> jaxlora checkpoint directory, LoRA files, merged export.
+
+lit-llama files are made by the PyTorch reference (tests/lit_reference.py) and `torch.save`.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import torch
+
+from conftest import random_lit_state_dict
+from jaxlora import checkpoint_io as cio
+from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.convert_stream import checkpoint_to_lit, lit_to_checkpoint
+from jaxlora.formats import lit_llama
+from jaxlora.formats.lit_llama import StateDictError
+from jaxlora.formats.torch_io import tensor_to_numpy
+from jaxlora.formats.torch_stream import RowBlocks, TorchZipReader, write_torch_zip
+from jaxlora.lora import merge_lora
+from jaxlora.model import LLaMA
+from lit_reference import RefConfig, RefLLaMA
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL = ("q", "k", "v", "o", "gate", "up", "down")
+TINY = LLaMAConfig.from_name("tiny")
+
+
+def make_ref(lora: LoRAConfig, config: LLaMAConfig = TINY, seed: int = 0):
+    ref = RefLLaMA(RefConfig(config.n_layer, config.n_head, config.n_embd, config.vocab_size), lora_r=lora.r,
+                   lora_alpha=lora.alpha, lora_dropout=0.0, lora_targets=lora.targets).eval()
+    sd = random_lit_state_dict(ref, seed)
+    return ref, sd
+
+
+def save_lit(tmp: Path, lora: LoRAConfig, dtype=torch.float32, config: LLaMAConfig = TINY, seed: int = 0):
+    """lit-llama.pth and the LoRA file (torch.save, as lit-llama writes them); returns paths and tensors."""
+    ref, sd = make_ref(lora, config, seed)
+    base = {k: torch.from_numpy(v).to(dtype) for k, v in sd.items() if "lora_" not in k}
+    adapters = {k: torch.from_numpy(v).to(dtype) for k, v in sd.items() if "lora_" in k}
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(base, tmp / "lit-llama.pth")
+    torch.save(adapters, tmp / "lit-llama-lora-finetuned.pth")
+    return tmp / "lit-llama.pth", tmp / "lit-llama-lora-finetuned.pth", base, adapters, ref
+
+
+def tiny_variables(lora: LoRAConfig, seed: int = 0) -> dict:
+    """Random {"params", "lora"} (B non-zero) through the mapping: no model init to compile."""
+    _, sd = make_ref(lora, seed=seed)
+    variables = {"params": lit_llama.lit_to_params({k: v for k, v in sd.items() if "lora_" not in k}, TINY)}
+    if lora.r:
+        variables["lora"] = lit_llama.lit_to_lora({k: v for k, v in sd.items() if "lora_" in k}, TINY, lora)
+    return variables
+
+
+def assert_same_file(path: Path, want: dict) -> None:
+    got = torch.load(path, weights_only=True)
+    assert list(got) == list(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        assert torch.equal(got[k].view(torch.uint8) if v.dim() else got[k], v.view(torch.uint8) if v.dim() else v), k
+
+
+def no_leftovers(parent: Path, name: str) -> None:
+    """Nothing under the final name, and no temporary file or folder beside it."""
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], list(parent.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trips
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_round_trip_base_and_lora_bit_exact(tmp_path, dtype, monkeypatch):
+    # Small chunks, so wte and lm_head also go through the row-block path.
+    monkeypatch.setattr(cio, "MAX_CHUNK_BYTES", 4096)
+    lora = LoRAConfig(r=4, alpha=16, targets=("q", "v"))
+    base_path, lora_path, base, adapters, _ = save_lit(tmp_path / "lit", lora, dtype)
+    config, lora_config, stats = lit_to_checkpoint(base_path, tmp_path / "ck", lora_path=lora_path, lora_alpha=32,
+                                                   progress=False)
+    assert config == TINY and lora_config == LoRAConfig(r=4, alpha=32, dropout=0.05, targets=("q", "v"))
+    assert stats["bytes"] == sum(v.numel() * v.element_size() for v in {**base, **adapters}.values())
+    assert cio.is_jaxlora_checkpoint(tmp_path / "ck")
+    assert (tmp_path / "ck" / "params" / "lm_head.kernel" / ".zarray").is_file()
+    checkpoint_to_lit(tmp_path / "ck", tmp_path / "base.pth", kind="base", progress=False)
+    checkpoint_to_lit(tmp_path / "ck", tmp_path / "lora.pth", kind="lora", progress=False)
+    assert_same_file(tmp_path / "base.pth", base)
+    assert_same_file(tmp_path / "lora.pth", adapters)
+    # torch's mmap loader (which needs aligned records) reads our files too.
+    assert torch.equal(torch.load(tmp_path / "base.pth", mmap=True, weights_only=True)["lm_head.weight"],
+                       base["lm_head.weight"])
+
+
+def test_checkpoint_is_plain_orbax_and_load_checkpoint_casts(tmp_path):
+    lora = LoRAConfig(r=4, targets=("q", "v"))
+    base_path, lora_path, base, adapters, _ = save_lit(tmp_path / "lit", lora, torch.bfloat16)
+    lit_to_checkpoint(base_path, tmp_path / "ck", lora_path=lora_path, progress=False)
+    # Plain orbax, no jaxlora code: the trees restore as they are.
+    plain = ocp.PyTreeCheckpointer().restore(tmp_path / "ck" / "params")
+    want = lit_llama.lit_to_params({k: tensor_to_numpy(v) for k, v in base.items()}, TINY)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), plain, want)
+    assert plain["h"]["mlp"]["c_fc1"]["kernel"].dtype == ml_dtypes.bfloat16
+    # load_checkpoint: device arrays; params keep bf16 unless cast; adapters float32 by default.
+    config, lora_config, variables = cio.load_checkpoint(tmp_path / "ck")
+    assert config == TINY and lora_config.r == 4
+    assert isinstance(variables["params"]["wte"]["embedding"], jax.Array)
+    assert variables["params"]["wte"]["embedding"].dtype == jnp.bfloat16
+    assert variables["lora"]["h"]["attn"]["c_attn"]["lora_A"].dtype == jnp.float32
+    _, _, cast = cio.load_checkpoint(tmp_path / "ck", param_dtype=jnp.float32, lora_dtype=None)
+    assert cast["params"]["h"]["attn"]["c_attn"]["kernel"].dtype == jnp.float32
+    assert cast["lora"]["h"]["attn"]["c_attn"]["lora_A"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(cast["params"]["lm_head"]["kernel"]),
+                                  want["lm_head"]["kernel"].astype(np.float32))
+    # --dtype converts the frozen weights while converting.
+    lit_to_checkpoint(base_path, tmp_path / "ck32", dtype="float32", progress=False)
+    assert cio.load_checkpoint(tmp_path / "ck32")[2]["params"]["ln_f"]["scale"].dtype == jnp.float32
+
+
+def test_save_and_load_checkpoint_round_trip(tmp_path):
+    lora = LoRAConfig(r=4, targets=("q", "v", "o"))
+    variables = tiny_variables(lora)
+    cio.save_checkpoint(tmp_path / "ck", TINY, lora, variables["params"], variables["lora"])
+    config, lora_config, got = cio.load_checkpoint(tmp_path / "ck")
+    assert (config, lora_config) == (TINY, lora)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, variables)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    _, _, got = cio.load_checkpoint(tmp_path / "ck", shardings={"params": sharding})
+    assert got["params"]["wte"]["embedding"].sharding == sharding
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+        cio.save_checkpoint(tmp_path / "ck", TINY, None, variables["params"])
+    cio.save_checkpoint(tmp_path / "ck", TINY, None, variables["params"], overwrite=True)
+    config, lora_config, got = cio.load_checkpoint(tmp_path / "ck")
+    assert lora_config is None and set(got) == {"params"} and not (tmp_path / "ck" / "lora").exists()
+
+
+def test_load_checkpoint_errors_name_the_directory_and_key(tmp_path):
+    variables = tiny_variables(LoRAConfig(r=0, targets=()))
+    with pytest.raises(cio.CheckpointError, match=r"ck/params: h/attn/c_proj/kernel has shape \(2, 64, 32\), "
+                                                  r"expected \(2, 64, 64\)"):
+        bad = jax.tree.map(lambda a: a, variables["params"])
+        bad["h"]["attn"]["c_proj"]["kernel"] = bad["h"]["attn"]["c_proj"]["kernel"][..., :32]
+        cio.save_checkpoint(tmp_path / "ck", TINY, None, bad)
+    no_leftovers(tmp_path, "ck")
+    cio.save_checkpoint(tmp_path / "ck", TINY, None, variables["params"])
+    # config.json that does not match the arrays
+    (tmp_path / "ck" / "config.json").write_text(cio.dump_json(LLaMAConfig.from_name("tiny", n_layer=3), None))
+    with pytest.raises(cio.CheckpointError, match=r"ck/params: .*h/attn/c_attn/kernel has shape \(2, 64, 192\), "
+                                                  r"expected \(3, 64, 192\)"):
+        cio.load_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "config.json").unlink()
+    with pytest.raises(cio.CheckpointError, match=r"ck: no config\.json; not a jaxlora checkpoint"):
+        cio.load_checkpoint(tmp_path / "ck")
+    assert not cio.is_jaxlora_checkpoint(tmp_path / "ck")
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the PyTorch reference
+
+
+def test_exported_lora_file_loads_into_reference_and_logits_match(tmp_path):
+    lora = LoRAConfig(r=4, alpha=16, dropout=0.0, targets=("q", "v"))
+    base_path, lora_path, base, _, _ = save_lit(tmp_path / "lit", lora, seed=3)
+    lit_to_checkpoint(base_path, tmp_path / "ck", lora_path=lora_path, lora_dropout=0.0, progress=False)
+    checkpoint_to_lit(tmp_path / "ck", tmp_path / "exported-lora.pth", kind="lora", progress=False)
+    # As lit-llama's generate/lora.py: model built under lora(...), base then LoRA, both strict=False.
+    fresh = RefLLaMA(RefConfig(TINY.n_layer, TINY.n_head, TINY.n_embd, TINY.vocab_size), lora_r=4, lora_alpha=16,
+                     lora_targets=("q", "v")).eval()
+    r1 = fresh.load_state_dict(torch.load(base_path, weights_only=True), strict=False)
+    assert not r1.unexpected_keys and all("lora_" in k for k in r1.missing_keys)
+    r2 = fresh.load_state_dict(torch.load(tmp_path / "exported-lora.pth", weights_only=True), strict=False)
+    assert not r2.unexpected_keys
+    assert not [k for k in r2.missing_keys if "lora_" in k]
+    idx = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 16))
+    with torch.no_grad():
+        expected = fresh(torch.from_numpy(idx)).numpy()
+    config, lora_config, variables = cio.load_checkpoint(tmp_path / "ck")
+    got = np.asarray(LLaMA(config, lora_config).apply(variables, jnp.asarray(idx)))
+    err = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    assert err <= 1e-5, err
+
+
+def test_merged_export_equals_base_plus_adapters(tmp_path):
+    # q and v (k zero-padded in the fused projection), o-proj and the MLP: all merge.
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v", "o", "gate", "up", "down"))
+    variables = tiny_variables(lora, seed=1)
+    cio.save_checkpoint(tmp_path / "ck", TINY, lora, variables["params"], variables["lora"])
+    with pytest.raises(StateDictError, match=r"q, k, v only; targets \['o', 'gate', 'up', 'down'\]"):
+        checkpoint_to_lit(tmp_path / "ck", tmp_path / "lora.pth", kind="lora", progress=False)
+    no_leftovers(tmp_path, "lora.pth")
+    checkpoint_to_lit(tmp_path / "ck", tmp_path / "merged.pth", kind="merged", progress=False)
+    merged_sd = {k: tensor_to_numpy(v) for k, v in torch.load(tmp_path / "merged.pth", weights_only=True).items()}
+    assert not [k for k in merged_sd if "lora_" in k]
+    merged = lit_llama.lit_to_params(merged_sd, TINY)  # a plain lit-llama checkpoint
+    with jax.default_matmul_precision("highest"):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), merged,
+                     merge_lora(variables["params"], variables["lora"], lora))
+    idx = jnp.asarray(np.random.default_rng(2).integers(0, TINY.vocab_size, (2, 16)))
+    want = np.asarray(LLaMA(TINY, lora).apply(variables, idx))
+    got = np.asarray(LLaMA(TINY).apply({"params": merged}, idx))
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch zip reader / writer
+
+
+def test_torch_zip_reader_matches_torch_load(tmp_path):
+    sd = {"a": torch.randn(5, 7), "b": torch.randn(3, 4).to(torch.bfloat16), "t": torch.arange(6.).reshape(2, 3).t(),
+          "view": torch.randn(10)[2:5], "scalar": torch.tensor(3.0), "empty": torch.zeros(0, 4),
+          "half": torch.randn(4, 4).half(), "int": torch.arange(5)}
+    torch.save(sd, tmp_path / "x.pth")
+    with TorchZipReader(tmp_path / "x.pth") as reader:
+        assert reader.keys() == list(sd)
+        for k, v in sd.items():
+            got, want = reader.read(k), tensor_to_numpy(v.contiguous())
+            assert got.dtype == want.dtype and got.shape == want.shape, k
+            assert np.array_equal(got.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8)), k
+        np.testing.assert_array_equal(reader.read("a", rows=(1, 3)), sd["a"][1:3].numpy())
+        items = [(k, reader.read(k)) for k in reader.keys()]
+    items[0] = ("a", RowBlocks((5, 7), np.dtype(np.float32), (sd["a"][i:i + 2].numpy() for i in range(0, 5, 2))))
+    write_torch_zip(tmp_path / "y.pth", items)
+    for mmap in (False, True):
+        back = torch.load(tmp_path / "y.pth", mmap=mmap, weights_only=True)
+        assert list(back) == list(sd)
+        for k, v in sd.items():
+            assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error and no output
+
+
+@pytest.fixture
+def lit_files(tmp_path):
+    return save_lit(tmp_path / "lit", LoRAConfig(r=4, targets=("q", "v")))
+
+
+def test_truncated_non_zip_and_damaged_files(tmp_path, lit_files):
+    base_path = lit_files[0]
+    data = base_path.read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    damaged = bytearray(data)
+    with TorchZipReader(base_path) as reader:  # flip a byte inside lm_head.weight's data
+        offset, _ = reader._data_offset(reader.tensors["lm_head.weight"].storage_key, 0)
+    damaged[offset + 100] ^= 0xFF
+    (tmp_path / "damaged.pth").write_bytes(bytes(damaged))
+    for name, message in [("truncated.pth", r"truncated\.pth: not a PyTorch zip checkpoint \(truncated"),
+                          ("text.pth", r"text\.pth: not a PyTorch zip checkpoint"),
+                          ("damaged.pth", r"damaged\.pth: tensor 'lm_head\.weight' is damaged \(CRC mismatch\)"),
+                          ("missing.pth", r"missing\.pth: no such file")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            lit_to_checkpoint(tmp_path / name, tmp_path / "out", progress=False)
+        no_leftovers(tmp_path, "out")
+
+
+def test_lora_file_that_disagrees_with_the_base(tmp_path, lit_files):
+    base_path, lora_path = lit_files[0], lit_files[1]
+    # A LoRA file for a 4-layer model.
+    other = save_lit(tmp_path / "deeper", LoRAConfig(r=4, targets=("q", "v")), config=TINY.__class__.from_name(
+        "tiny", n_layer=4))[1]
+    with pytest.raises(StateDictError, match=r"adapters for 4 layers, the base checkpoint has 2 layers"):
+        lit_to_checkpoint(base_path, tmp_path / "out", lora_path=other, progress=False)
+    no_leftovers(tmp_path, "out")
+    # r disagreeing between layers / between A and B.
+    adapters = torch.load(lora_path, weights_only=True)
+    adapters["transformer.h.1.attn.c_attn.lora_B"] = torch.zeros(128, 8)
+    torch.save(adapters, tmp_path / "mixed_r.pth")
+    with pytest.raises(StateDictError, match=r"lora_B tensors disagree on r \(ranks \[4, 8\]\)"):
+        lit_to_checkpoint(base_path, tmp_path / "out", lora_path=tmp_path / "mixed_r.pth", progress=False)
+    adapters = torch.load(lora_path, weights_only=True)
+    adapters["transformer.h.0.attn.c_attn.lora_A"] = torch.zeros(16, 64)
+    torch.save(adapters, tmp_path / "bad_a.pth")
+    with pytest.raises(StateDictError, match=r"'transformer\.h\.0\.attn\.c_attn\.lora_A' has shape \(16, 64\), "
+                                             r"expected \(8, 64\)"):
+        lit_to_checkpoint(base_path, tmp_path / "out", lora_path=tmp_path / "bad_a.pth", progress=False)
+    # A LoRA file of another width.
+    wide = save_lit(tmp_path / "wide", LoRAConfig(r=4, targets=("q", "v")), config=LLaMAConfig.from_name("demo"))[1]
+    with pytest.raises(StateDictError, match=r"lora"):
+        lit_to_checkpoint(base_path, tmp_path / "out", lora_path=wide, progress=False)
+    no_leftovers(tmp_path, "out")
+
+
+def test_unknown_shape_is_refused_unless_described(tmp_path):
+    odd = LLaMAConfig(n_layer=2, n_head=4, n_embd=96, vocab_size=128)
+    base_path = save_lit(tmp_path / "odd", LoRAConfig(r=0, targets=()), config=odd)[0]
+    with pytest.raises(StateDictError, match=r"no preset has n_embd=96, n_layer=2, vocab=128 \(shapes seen: .*"
+                                             r"\(128, 96\)"):
+        lit_to_checkpoint(base_path, tmp_path / "out", progress=False)
+    no_leftovers(tmp_path, "out")
+    config, _, _ = lit_to_checkpoint(base_path, tmp_path / "out", config=odd, progress=False)
+    assert cio.load_checkpoint(tmp_path / "out")[0] == odd
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path, lit_files):
+    base_path = lit_files[0]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match=r"out already exists; pass --overwrite"):
+        lit_to_checkpoint(base_path, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "keep.txt").exists()
+    lit_to_checkpoint(base_path, tmp_path / "out", overwrite=True, progress=False)
+    assert cio.is_jaxlora_checkpoint(tmp_path / "out") and not (tmp_path / "out" / "keep.txt").exists()
+    (tmp_path / "x.pth").write_text("old")
+    with pytest.raises(FileExistsError, match=r"x\.pth already exists"):
+        checkpoint_to_lit(tmp_path / "out", tmp_path / "x.pth", kind="base", progress=False)
+    assert (tmp_path / "x.pth").read_text() == "old"
+
+
+def test_interrupted_conversions_leave_nothing(tmp_path, lit_files, monkeypatch):
+    base_path = lit_files[0]
+    calls = {"n": 0}
+    real_write = cio.ArrayTreeWriter.write
+
+    def failing_write(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(cio.ArrayTreeWriter, "write", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        lit_to_checkpoint(base_path, tmp_path / "out", progress=False)
+    no_leftovers(tmp_path, "out")
+    monkeypatch.setattr(cio.ArrayTreeWriter, "write", real_write)
+    lit_to_checkpoint(base_path, tmp_path / "out", progress=False)
+
+    real_read = cio.ArrayTreeReader.read
+    calls["n"] = 0
+
+    def failing_read(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(cio.ArrayTreeReader, "read", failing_read)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_to_lit(tmp_path / "out", tmp_path / "back.pth", kind="base", progress=False, workers=0)
+    no_leftovers(tmp_path, "back.pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command lines
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_cli_round_trip_and_errors(tmp_path):
+    lora = LoRAConfig(r=4, targets=("q", "v"))
+    base_path, lora_path, base, adapters, _ = save_lit(tmp_path / "lit", lora, torch.bfloat16)
+    ck = tmp_path / "ck"
+    p = run_cli("convert/from_lit_llama.py", "--checkpoint_path", str(base_path), "--lora_path", str(lora_path),
+                "--lora_alpha", "32", "--out_dir", str(ck))
+    assert p.returncode == 0, p.stderr
+    assert "from_lit_llama: [" in p.stderr and "GB/s" in p.stderr
+    assert cio.read_config(ck)[1].alpha == 32
+    p = run_cli("convert/from_lit_llama.py", "--checkpoint_path", str(base_path), "--out_dir", str(ck))
+    assert p.returncode == 1 and "already exists; pass --overwrite" in p.stderr
+    p = run_cli("convert/to_lit_llama.py", "--checkpoint_dir", str(ck), "--out", str(tmp_path / "lora.pth"),
+                "--quiet")
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert_same_file(tmp_path / "lora.pth", adapters)
+    p = run_cli("convert/to_lit_llama.py", "--checkpoint_dir", str(tmp_path / "nope"), "--out",
+                str(tmp_path / "x.pth"))
+    assert p.returncode == 1 and "no such checkpoint directory" in p.stderr
+    help_text = run_cli("convert/to_lit_llama.py", "--help").stdout
+    assert "--merged" in help_text and "--base" in help_text and "--dtype" in help_text
