@@ -10,6 +10,7 @@ The output (config.json, params/, lora/) is what `train.py --pretrained_path` an
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# Conversion runs on the host: keep jax off the accelerators (and their memory preallocation).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def parse_model_config(spec: str | None):
@@ -53,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from jaxlora.checkpoint_io import CheckpointError
-    from jaxlora.convert_stream import lit_to_checkpoint
+    from jaxlora.convert_stream import lit_to_checkpoint, release_freed_memory
     from jaxlora.formats.lit_llama import StateDictError
+    release_freed_memory()
     try:
         config, lora, stats = lit_to_checkpoint(
             args.checkpoint_path, args.out_dir, lora_path=args.lora_path, lora_alpha=args.lora_alpha,

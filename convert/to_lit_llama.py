@@ -11,12 +11,15 @@ MLP adapters export --merged, a plain lit-llama checkpoint with the adapters fol
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# Conversion runs on the host: keep jax off the accelerators (and their memory preallocation).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from jaxlora.checkpoint_io import CheckpointError
-    from jaxlora.convert_stream import checkpoint_to_lit
+    from jaxlora.convert_stream import checkpoint_to_lit, release_freed_memory
     from jaxlora.formats.lit_llama import StateDictError
+    release_freed_memory()
     kind = "merged" if args.merged else "base" if args.base else "lora"
     try:
         stats = checkpoint_to_lit(args.checkpoint_dir, args.out, kind=kind, dtype=args.dtype,

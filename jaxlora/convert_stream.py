@@ -34,6 +34,25 @@ from jaxlora.formats.torch_stream import RowBlocks, TorchZipReader, write_torch_
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def release_freed_memory() -> None:
+    """Make glibc hand buffers of >= 1 MiB back to the OS when freed (fixed mmap threshold).
+
+    By default glibc raises its mmap threshold up to 32 MiB as buffers are freed and keeps
+    smaller freed buffers in per-thread arenas, so a converter streaming many 1-32 MiB tensors
+    through several threads (ours and tensorstore's) would see its RSS creep up with the core
+    count. The converters' command lines call this once; a no-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold, m_arena_max = -3, -8
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+        libc.mallopt(m_arena_max, 4)
+    except (OSError, AttributeError):
+        pass
+
+
 def parse_dtype(name: str | None) -> np.dtype | None:
     """'float32' | 'bfloat16' | 'float16' | None/'keep' -> numpy dtype (None keeps the source's)."""
     if name is None or name == "keep":
@@ -188,7 +207,7 @@ def lit_to_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
     Memory: tensors are read, transformed and written by `workers` threads with at most
     `max_bytes_ahead` of results waiting and as much again being written; wte and lm_head are
     moved in blocks of our chunks (<= 64 MB). So the peak stays near a few single-layer tensors.
-    Returns (config, lora_config, stats) with stats = tensors, bytes read, seconds, GB/s.
+    Returns (config, lora_config, stats) with stats = pieces, bytes read, seconds, GB/s.
     """
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
@@ -280,7 +299,7 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike, out: str | os.PathLike,
     kind: "lora" (lit-llama's LoRA file; q/k/v adapters only, else StateDictError),
     "base" (the frozen weights as `lit-llama.pth`), "merged" (base with every adapter folded in,
     as lit-llama's convert_lora_weights.py; any targets). dtype: output dtype (None keeps the
-    stored one). Returns stats (tensors, bytes written, seconds, GB/s).
+    stored one). Returns stats (pieces, bytes written, seconds, GB/s).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

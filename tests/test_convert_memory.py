@@ -21,7 +21,7 @@ from jaxlora.formats import lit_llama
 from jaxlora.formats.torch_stream import TorchZipReader, write_torch_zip
 
 ROOT = Path(__file__).resolve().parent.parent
-MARGIN = 448 << 20  # allowed above the import baseline; the file is about twice that
+MARGIN = 768 << 20  # allowed above the import baseline; the file is about twice that
 
 # Runs `python <args>` and prints the peak RSS (VmHWM) at exit. getrusage's ru_maxrss would not
 # do: Linux keeps it across fork+exec, so the child would report pytest's own peak.
@@ -58,8 +58,8 @@ def synthetic_items(config: LLaMAConfig):
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for the peak RSS")
 def test_conversion_of_a_file_larger_than_the_budget(tmp_path):
-    # Small but wide: 7B's vocabulary, n_embd 1024, 14 layers: ~0.98 GB of float32.
-    config = LLaMAConfig(n_layer=14, n_head=8, n_embd=1024, vocab_size=32000)
+    # Small but wide: 7B's vocabulary, n_embd 1024, 24 layers: ~1.5 GB of float32.
+    config = LLaMAConfig(n_layer=24, n_head=8, n_embd=1024, vocab_size=32000)
     src = tmp_path / "lit-llama.pth"
     write_torch_zip(src, synthetic_items(config))
     size = src.stat().st_size
