@@ -1,0 +1,305 @@
+"""The training loop: gradient accumulation, resume, bad input, non-finite loss, the demo, the CLI.
+
+Most runs use the 'tiny' preset (random frozen weights), a 128-piece tokenizer trained by the
+test and a few dozen records written by the test, so each run takes seconds on a CPU.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxlora import trainer
+from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.data import DataError, generate_prompt
+from jaxlora.model import LLaMA, init_variables
+from jaxlora.optim import make_optimizer
+from jaxlora.steps import init_train_state, make_train_step
+from jaxlora.trainer import TrainArgs
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ("apple table river planet garden window yellow purple orange silver forest winter summer castle dragon "
+         "pencil rocket bottle candle basket").split()
+
+
+# ----------------------------------------------------------------------------- shared small setup
+
+def small_records() -> list[dict]:
+    recs = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in WORDS[:12]]
+    recs += [{"instruction": f"Write {w} in uppercase.", "input": "", "output": w.upper()} for w in WORDS[8:]]
+    return recs  # 24 records: 16 train + 8 validation below
+
+
+@functools.lru_cache(maxsize=None)
+def small_assets() -> dict[str, str]:
+    """A 128-piece tokenizer and a JSON data file, in a directory shared by the test session."""
+    import tempfile
+    from jaxlora.tokenizer import Tokenizer
+    d = Path(tempfile.mkdtemp(prefix="jaxlora-train-test-"))
+    recs = small_records()
+    (d / "data.json").write_text(json.dumps(recs))
+    (d / "text.txt").write_text("\n".join(generate_prompt(r) + r["output"] for r in recs))
+    tok = Tokenizer.train(d / "text.txt", d, vocab_size=128, byte_fallback=False, model_type="bpe",
+                          normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    return {"dir": str(d), "tokenizer": str(tok), "data": str(d / "data.json")}
+
+
+def tiny_args(out_dir: str | os.PathLike, **overrides) -> TrainArgs:
+    """A fast run: tiny preset, random base, 2 x 2 accumulation, dropout on, crosses an epoch at step 4."""
+    assets = small_assets()
+    values = dict(preset="tiny", pretrained_path="none", tokenizer_path=assets["tokenizer"], data_path=assets["data"],
+                  out_dir=str(out_dir), lora_r=4, lora_alpha=8.0, lora_dropout=0.1, lora_targets="q,v",
+                  learning_rate=1e-2, warmup_steps=2, batch_size=4, micro_batch_size=2, max_steps=6,
+                  max_seq_length=96, eval_interval=3, eval_iters=2, save_interval=3, val_size=8,
+                  precision="32-true", exact_match_samples=0, num_samples=0, max_new_tokens=4,
+                  sample_instruction="", scan_unroll=1, progress=False, verbose=False, plot=False, export_lit=False)
+    values.update(overrides)
+    return TrainArgs(**values)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_run() -> trainer.TrainResult:
+    """6 uninterrupted steps of tiny_args (checkpoints at 3 and 6)."""
+    import tempfile
+    return trainer.run(tiny_args(Path(tempfile.mkdtemp(prefix="jaxlora-ref-")) / "out"))
+
+
+def assert_trees_equal(a, b) -> None:
+    """Bit-identical leaves."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """4 micro-batches of 2 accumulate to the same update as one batch of 8, with unequal token counts.
+
+    Tolerance: float32; only the order of the sums differs, so the losses agree to 1e-6
+    relative and the updated adapters to rtol 1e-5 / atol 1e-7 (SGD, whose update is the
+    gradient itself) and atol 1e-6 (AdamW, lr 1e-2: its first update is ~lr * sign(g)).
+    """
+    config = LLaMAConfig.from_name("tiny")
+    model = LLaMA(config, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v")))
+    variables = init_variables(model, jax.random.key(0))
+    # Non-zero B, so every adapter leaf (A too) gets a gradient.
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), variables["lora"])
+    params = variables["params"]
+
+    T = 24
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, config.vocab_size, (8, T)).astype(np.int32)
+    valid = [24, 3, 17, 9, 24, 5, 12, 20]  # micro-batches of 2 hold 27, 26, 29, 32 label tokens
+    labels = ids.copy()
+    for row, n in enumerate(valid):
+        labels[row, n:] = -1
+        ids[row, n:] = 0
+    labels[0, :6] = -1  # a masked prompt
+    full = {"input_ids": jnp.asarray(ids[None]), "labels": jnp.asarray(labels[None])}
+    micro = {"input_ids": jnp.asarray(ids.reshape(4, 2, T)), "labels": jnp.asarray(labels.reshape(4, 2, T))}
+
+    for optimizer, atol in ((optax.sgd(0.5), 1e-7), (make_optimizer(1e-2), 1e-6)):
+        step = make_train_step(model, optimizer, donate=False)
+        state = init_train_state(lora, optimizer, seed=0)
+        s_full, m_full = step(state, params, full)
+        s_micro, m_micro = step(state, params, micro)
+        assert int(m_full["tokens"]) == int(m_micro["tokens"]) == sum(valid) - 1 * 8 - 5
+        np.testing.assert_allclose(float(m_micro["loss"]), float(m_full["loss"]), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(s_micro.lora), jax.tree.leaves(s_full.lora)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol)
+        moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(s_full.lora), jax.tree.leaves(lora)))
+        assert moved > 100 * atol  # the update is far larger than the tolerance
+
+    # The test has teeth: averaging the four micro-batch means would give another loss.
+    step = make_train_step(model, optax.sgd(0.5), donate=False)
+    state = init_train_state(lora, optax.sgd(0.5), seed=0)
+    means = [float(step(state, params, {k: v[i:i + 1] for k, v in micro.items()})[1]["loss"]) for i in range(4)]
+    assert abs(np.mean(means) - float(m_full["loss"])) > 1e-3
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_resume_is_bit_identical(tmp_path):
+    """6 steps in one run == 3 steps, then --resume for 3 more (dropout on, accumulation, an epoch boundary)."""
+    ref = reference_run()
+    first = trainer.run(tiny_args(tmp_path / "out", max_steps=3))
+    assert first.step == 3
+    resumed = trainer.run(tiny_args(tmp_path / "out", max_steps=6, resume=True))
+    assert resumed.step == 6
+    assert_trees_equal(resumed.lora, ref.lora)
+    assert resumed.val_loss_after == ref.val_loss_after
+    assert resumed.val_loss_before == ref.val_loss_before  # carried in the checkpoint
+    # metrics.jsonl of the resumed run has one train line per step, as the uninterrupted one.
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (Path(ref.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "train"] == list(range(1, 7))
+    assert [r["loss"] for r in rows if r["type"] == "train"] == [r["loss"] for r in ref_rows if r["type"] == "train"]
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
+    trainer.run(tiny_args(tmp_path / "out", max_steps=1, save_interval=1))
+    with pytest.raises(trainer.TrainingError, match="--resume"):
+        trainer.run(tiny_args(tmp_path / "out", max_steps=2))
+
+
+def test_resume_with_other_settings_names_the_key(tmp_path):
+    trainer.run(tiny_args(tmp_path / "out", max_steps=1, save_interval=1))
+    with pytest.raises(Exception, match=r"lora_r=4.*lora_r=2"):
+        trainer.run(tiny_args(tmp_path / "out", max_steps=2, lora_r=2, resume=True))
+
+
+# ----------------------------------------------------------------------------- non-finite loss
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real = trainer.make_train_step
+
+    def poisoned(model, optimizer, **kw):
+        step = real(model, optimizer, **kw)
+
+        def wrapped(state, params, batch):
+            new, metrics = step(state, params, batch)
+            if int(new.step) == 3:  # step 3 "diverges"
+                metrics = {**metrics, "loss": jnp.float32(jnp.nan)}
+            return new, metrics
+        return wrapped
+
+    monkeypatch.setattr(trainer, "make_train_step", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(trainer.NonFiniteLossError, match=r"step 3.*Last good checkpoint: step 2"):
+        trainer.run(tiny_args(out, save_interval=2))
+    from jaxlora.checkpoint import Checkpointer
+    assert Checkpointer(out / "checkpoints").all_steps() == [2]
+    monkeypatch.setattr(trainer, "make_train_step", real)
+    resumed = trainer.run(tiny_args(out, save_interval=2, resume=True))  # continues from step 2
+    assert resumed.step == 6
+    assert_trees_equal(resumed.lora, reference_run().lora)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("content, pattern", [
+    ('[{"instruction": "a", "output": "b"},\n{"instruction": "c"', r"bad\.json: malformed JSON at line 2"),
+    ('[{"instruction": "a", "output": "b"}, {"instruction": "c", "input": ""}]', r"bad\.json: record 1 has no 'output'"),
+    ("[]", r"bad\.json: the data set is empty"),
+])
+def test_bad_data_is_a_clear_error(tmp_path, content, pattern):
+    (tmp_path / "bad.json").write_text(content)
+    with pytest.raises(DataError, match=pattern):
+        trainer.run(tiny_args(tmp_path / "out", data_path=str(tmp_path / "bad.json")))
+
+
+def test_tokenizer_that_is_not_sentencepiece(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"this is not a sentencepiece model")
+    with pytest.raises(ValueError, match=r"not a SentencePiece model: .*tokenizer\.model"):
+        trainer.run(tiny_args(tmp_path / "out", tokenizer_path=str(tmp_path / "tokenizer.model")))
+
+
+def test_base_checkpoint_that_does_not_match_the_preset(tmp_path):
+    pytest.importorskip("torch")
+    from jaxlora.formats.lit_files import save_lit_base
+    config = LLaMAConfig.from_name("tiny")
+    params = init_variables(LLaMA(config), jax.random.key(0))["params"]
+    save_lit_base(params, config, tmp_path / "tiny.pth")
+    with pytest.raises(ValueError, match=r"tiny\.pth: missing key 'transformer\.h\.2\.rms_1\.scale'.* do not fit "
+                                         r"preset 'demo' \(n_layer=4, n_embd=128"):
+        trainer.run(tiny_args(tmp_path / "out", preset="demo", pretrained_path=str(tmp_path / "tiny.pth")))
+
+
+def test_jaxlora_checkpoint_that_does_not_match_the_preset(tmp_path):
+    from jaxlora import checkpoint_io
+    config = LLaMAConfig.from_name("tiny")
+    params = init_variables(LLaMA(config), jax.random.key(0))["params"]
+    checkpoint_io.save_checkpoint(tmp_path / "base", config, None, params)
+    with pytest.raises(ValueError, match=r"base/config\.json: does not match preset 'demo' \(.*n_embd: checkpoint "
+                                         r"has 64, preset demo has 128"):
+        trainer.run(tiny_args(tmp_path / "out", preset="demo", pretrained_path=str(tmp_path / "base")))
+    # ... and the matching preset trains from it.
+    result = trainer.run(tiny_args(tmp_path / "out2", pretrained_path=str(tmp_path / "base"), max_steps=1))
+    assert result.step == 1
+
+
+def test_cli_reports_bad_data_and_exits_nonzero(tmp_path):
+    assets = small_assets()
+    (tmp_path / "bad.json").write_text('[{"instruction": "a"}]')
+    proc = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--pretrained_path", "none",
+                           "--tokenizer_path", assets["tokenizer"], "--data_path", str(tmp_path / "bad.json"),
+                           "--out_dir", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error:" in proc.stderr and "bad.json: record 0 has no 'output' field" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_help_documents_every_flag():
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--preset", "--lora_r", "--lora_alpha", "--lora_dropout", "--lora_targets", "--learning_rate",
+                 "--weight_decay", "--warmup_steps", "--batch_size", "--micro_batch_size", "--max_steps", "--epochs",
+                 "--max_seq_length", "--eval_interval", "--eval_iters", "--save_interval", "--data_path",
+                 "--pretrained_path", "--tokenizer_path", "--out_dir", "--resume", "--seed", "--precision",
+                 "--mask_inputs", "--grad_clip", "--schedule"):
+        assert flag in proc.stdout, flag
+    assert "lit-llama" in proc.stdout and "3e-4" in proc.stdout.replace("0.0003", "3e-4")
+
+
+def test_profiles_follow_the_preset():
+    lit = trainer.resolve_args(TrainArgs(preset="7b"))
+    assert (lit.learning_rate, lit.batch_size, lit.micro_batch_size, lit.warmup_steps, lit.max_seq_length,
+            lit.lora_r, lit.lora_alpha, lit.lora_dropout, lit.weight_decay, lit.eval_interval, lit.save_interval,
+            lit.precision) == (3e-4, 128, 4, 100, 256, 8, 16.0, 0.05, 0.01, 100, 100, "bf16-true")
+    assert lit.pretrained_path == "checkpoints/lit-llama/7B/lit-llama.pth"
+    demo = trainer.resolve_args(TrainArgs())
+    assert demo.preset == "demo" and Path(demo.data_path).is_file() and Path(demo.tokenizer_path).is_file()
+    assert trainer.resolve_args(TrainArgs(preset="13B", learning_rate=1e-4)).learning_rate == 1e-4
+    with pytest.raises(ValueError, match="multiple"):
+        trainer.resolve_args(TrainArgs(batch_size=10, micro_batch_size=4))
+
+
+def test_run_writes_metrics_plot_and_lit_lora(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    result = trainer.run(tiny_args(out, max_steps=2, plot=True, export_lit=True, exact_match_samples=4,
+                                   num_samples=2, sample_instruction="Reverse the word apple."))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2]
+    assert {"loss", "lr", "tokens", "grad_norm"} <= set(rows[1])
+    assert [r["step"] for r in rows if r["type"] == "eval"] == [0, 2]
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "summary.json").read_text())["step"] == 2
+    assert len(result.samples_before) == len(result.samples_after) == 2
+    from jaxlora.formats.lit_files import load_lit_llama  # noqa: F401  (torch present)
+    from jaxlora.formats.torch_io import load_state_dict
+    sd = load_state_dict(out / trainer.LORA_FILE)
+    assert sorted(sd)[0] == "transformer.h.0.attn.c_attn.lora_A" and sd["transformer.h.0.attn.c_attn.lora_B"].shape == (128, 4)
+
+
+# ----------------------------------------------------------------------------- the built-in demo
+
+def test_demo_training_lowers_val_loss_and_improves_exact_match(tmp_path):
+    """A shortened built-in demo (shipped base, tokenizer and data; fewer steps and prompts)."""
+    pytest.importorskip("torch")
+    if not trainer.DEMO_BASE.is_file():
+        pytest.fail(f"{trainer.DEMO_BASE} is missing: run scripts/pretrain_demo_base.py")
+    result = trainer.run(TrainArgs(out_dir=str(tmp_path / "demo"), max_steps=120, exact_match_samples=32,
+                                   eval_interval=1000, save_interval=1000, progress=False, verbose=False, plot=False))
+    assert result.val_loss_after < result.val_loss_before - 0.2, (result.val_loss_before, result.val_loss_after)
+    assert result.exact_match_after >= result.exact_match_before + 0.2, (result.exact_match_before,
+                                                                         result.exact_match_after)
