@@ -115,7 +115,9 @@ def add_to_segments(y: Array, delta: Array, enabled: Sequence[bool]) -> Array:
 
 def lora_delta(lora_a: Array, lora_b: Array, enabled: Sequence[bool], scaling: float) -> Array:
     """The dense update ΔW (..., in, groups * out_g) of one layer (leading layer axes allowed)."""
-    per_group = jnp.einsum("...gir,...gro->...gio", lora_a.astype(jnp.float32), lora_b.astype(jnp.float32)) * scaling
+    # HIGHEST: on GPU/TPU the default float32 matmul may run in tf32/bf16 passes.
+    per_group = jnp.einsum("...gir,...gro->...gio", lora_a.astype(jnp.float32), lora_b.astype(jnp.float32),
+                           precision=jax.lax.Precision.HIGHEST) * scaling
     zeros = jnp.zeros(per_group.shape[:-3] + per_group.shape[-2:], per_group.dtype)
     pieces, k = [], 0
     for on in enabled:
