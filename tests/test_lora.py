@@ -20,6 +20,11 @@ def randomize_lora(lora, seed=0):
     return jax.tree.unflatten(treedef, [0.1 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
+def jit_apply(model):
+    """model.apply compiled once per signature (eager apply re-traces the layer scan every call)."""
+    return jax.jit(model.apply, static_argnames=("deterministic",))
+
+
 def tokens(seed, shape=(2, 16), vocab=128):
     return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape))
 
@@ -70,18 +75,19 @@ def test_dropout_only_when_not_deterministic(tiny_config):
     variables = init_variables(model, jax.random.key(0))
     variables = {"params": variables["params"], "lora": randomize_lora(variables["lora"])}
     idx = tokens(3)
-    eval_a = model.apply(variables, idx, deterministic=True)
-    eval_b = model.apply(variables, idx, deterministic=True, rngs={"dropout": jax.random.key(7)})
+    apply = jit_apply(model)
+    eval_a = apply(variables, idx, deterministic=True)
+    eval_b = apply(variables, idx, deterministic=True, rngs={"dropout": jax.random.key(7)})
     np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b))
-    train_a = model.apply(variables, idx, deterministic=False, rngs={"dropout": jax.random.key(1)})
-    train_b = model.apply(variables, idx, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    train_a = apply(variables, idx, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    train_b = apply(variables, idx, deterministic=False, rngs={"dropout": jax.random.key(2)})
     assert not np.allclose(np.asarray(train_a), np.asarray(eval_a))
     assert not np.allclose(np.asarray(train_a), np.asarray(train_b))
     # Dropout is on the adapter input only: with B = 0 training-mode output equals eval output.
     fresh = init_variables(model, jax.random.key(0))
     np.testing.assert_array_equal(
-        np.asarray(model.apply(fresh, idx, deterministic=False, rngs={"dropout": jax.random.key(1)})),
-        np.asarray(model.apply(fresh, idx)))
+        np.asarray(apply(fresh, idx, deterministic=False, rngs={"dropout": jax.random.key(1)})),
+        np.asarray(apply(fresh, idx, deterministic=True)))
 
 
 def test_optimizer_step_updates_adapters_only(tiny_config):
