@@ -83,12 +83,12 @@ LIT_LLAMA_RECIPE: dict[str, Any] = dict(
 DEMO_PROFILE: dict[str, Any] = dict(
     preset="demo", data_path=str(DEMO_DIR / "instructions.json"), tokenizer_path=str(DEMO_DIR / "tokenizer.model"),
     pretrained_path=str(DEMO_BASE), out_dir="out/demo",
-    lora_r=8, lora_alpha=16.0, lora_dropout=0.05, lora_targets="q,v",
+    lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="q,v",
     learning_rate=3e-3, weight_decay=0.01, warmup_steps=20, schedule="constant", grad_clip=0.0,
-    batch_size=16, micro_batch_size=16, max_steps=200, max_seq_length=80,
-    eval_interval=50, eval_iters=8, save_interval=100, val_size=200,
-    precision="32-true", mask_inputs=True, exact_match_samples=50, max_new_tokens=16, sample_instruction="Reverse the word rocket.",
-    scan_unroll=4,
+    batch_size=16, micro_batch_size=16, max_steps=500, max_seq_length=64,
+    eval_interval=100, eval_iters=8, save_interval=250, val_size=200,
+    precision="32-true", mask_inputs=True, exact_match_samples=50, max_new_tokens=16,
+    sample_instruction="Reverse the word rocket.", scan_unroll=4,
 )
 
 
@@ -412,7 +412,7 @@ def run(args: TrainArgs) -> TrainResult:
     eval_step = make_eval_step(model)
     val_eval = val_samples[:a.eval_iters * a.micro_batch_size]
     em_samples = val_samples[:a.exact_match_samples] if a.exact_match_samples else []
-    shown = em_samples[:a.num_samples] if em_samples else val_samples[:a.num_samples]
+    shown = _diverse(em_samples if em_samples else val_samples, a.num_samples)
     sample_prompt = generate_prompt({"instruction": a.sample_instruction, "input": ""})
     sample_ids = tokenizer.encode(sample_prompt, bos=True, eos=False)[-(config.block_size - a.max_new_tokens):]
 
@@ -434,11 +434,12 @@ def run(args: TrainArgs) -> TrainResult:
 
     def task_eval(lora: Any) -> tuple[float | None, list[dict[str, str]]]:
         """Exact match on held-out prompts, and the shown samples (from the same generations)."""
-        pool = em_samples if em_samples else shown
+        pool = em_samples + [s for s in shown if not any(s is e for e in em_samples)]
         got = responses(lora, pool)
         em = (float(np.mean([g == s["output"].strip() for g, s in zip(got, em_samples)])) if em_samples else None)
+        by_id = {id(s): g for s, g in zip(pool, got)}
         samples = [{"instruction": s["instruction"], "input": s.get("input", ""), "expected": s.get("output", ""),
-                    "response": g} for s, g in zip(pool[:len(shown)], got[:len(shown)])]
+                    "response": by_id[id(s)]} for s in shown]
         return em, samples
 
     def fixed_sample(lora: Any) -> str | None:
@@ -474,7 +475,8 @@ def run(args: TrainArgs) -> TrainResult:
     try:
         if a.progress and max_steps > start_step:
             from tqdm.auto import tqdm
-            bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                       mininterval=0.5)
         log(f"training steps {start_step + 1}..{max_steps}: batch {a.batch_size} = {batcher.n_micro} x "
             f"{a.micro_batch_size}, buckets {list(buckets)}, lr {a.learning_rate:g} ({a.schedule}, "
             f"{a.warmup_steps} warmup)")
@@ -571,6 +573,20 @@ def _export_lit(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path: P
         log(f"{path.name} not written: {e}")
         return None
     return path
+
+
+def _diverse(samples: Sequence[dict], n: int) -> list[dict]:
+    """Up to n samples, preferring different instructions (by first word), in data order."""
+    picked, seen = [], set()
+    for s in samples:
+        key = s.get("instruction", "").split(" ")[0]
+        if key not in seen:
+            picked.append(s)
+            seen.add(key)
+        if len(picked) == n:
+            return picked
+    rest = [s for s in samples if not any(s is p for p in picked)]
+    return picked + rest[:n - len(picked)]
 
 
 def _last(checkpointer: Checkpointer) -> str:

@@ -1,17 +1,28 @@
 """Pretrain the tiny base model shipped for the built-in demo (full-parameter, CPU-friendly).
 
 Trains a LLaMA of the 'demo' preset (4 layers, 4 heads, n_embd 128, vocab 1024; ~1.3 M
-parameters) from scratch on ``jaxlora/demo/corpus.txt`` with plain AdamW over every weight,
-and saves it as a lit-llama base checkpoint ``jaxlora/demo/lit-llama-demo.pth`` (float32,
-~5 MB). The corpus states the demo's facts and skills (reversed words, sums, capitals, ...)
-as plain sentences without the Alpaca template; LoRA fine-tuning (``python train.py``) then
-teaches the instruction format on top of that knowledge.
+parameters) from scratch with plain AdamW over every weight, and saves it as a lit-llama
+base checkpoint ``jaxlora/demo/lit-llama-demo.pth`` (float32, ~5 MB).
 
-Corpus lines are tokenized with BOS/EOS, concatenated and cut into ``--seq_len`` windows;
-each step draws a random batch of windows (seeded, so a rerun on the same machine gives
-the same weights). About 7 minutes on a 2-core CPU with the defaults.
+What the base reads:
 
-Usage: ``python scripts/pretrain_demo_base.py [--steps 2400] [--out jaxlora/demo/lit-llama-demo.pth]``
+- ``jaxlora/demo/corpus.txt``: the demo's facts and skills (reversed words, sums, capitals,
+  sorted letters, ...) as plain sentences;
+- the *training* records of ``jaxlora/demo/instructions.json`` (the split ``train.py`` makes
+  for the demo: seed 42, 200 held out; the held-out records are never seen) in a plain
+  question/answer layout, ``Q: <instruction> (<input>)\nA:<output>``.
+
+It never sees the Alpaca template. A real base model has read plenty of Q&A-like text; this
+one has too, in miniature. LoRA fine-tuning (``python train.py``) then has something real to
+do: teach the model lit-llama's template (the answer follows "### Response:" directly and
+ends with EOS) and carry what the base knows over to it; before fine-tuning the base rambles
+on after the template (0% exact match), after it answers held-out prompts.
+
+Texts are tokenized with BOS/EOS, shuffled, concatenated and cut into ``--seq_len`` windows;
+each step draws a random batch of windows. Seeded: a rerun on the same machine gives the
+same weights. About 10 minutes on a 2-core CPU with the defaults.
+
+Usage: ``python scripts/pretrain_demo_base.py [--steps 1250] [--out jaxlora/demo/lit-llama-demo.pth]``
 """
 from __future__ import annotations
 
@@ -30,27 +41,47 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from jaxlora.config import LLaMAConfig  # noqa: E402
-from jaxlora.data import DEMO_DIR  # noqa: E402
+from jaxlora.data import DEMO_DIR, load_records, split_records  # noqa: E402
 from jaxlora.formats.lit_files import save_lit_base  # noqa: E402
 from jaxlora.model import LLaMA, init_variables  # noqa: E402
 from jaxlora.steps import shift_targets, token_nll_sum  # noqa: E402
 from jaxlora.tokenizer import Tokenizer  # noqa: E402
+from jaxlora.trainer import DEMO_PROFILE  # noqa: E402
 
 DEFAULT_OUT = DEMO_DIR / "lit-llama-demo.pth"
 
 
-def token_stream(corpus: Path, tokenizer: Tokenizer) -> np.ndarray:
-    lines = [line for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return np.concatenate([tokenizer.encode(line, bos=True, eos=True) for line in lines]).astype(np.int32)
+def qa_text(record: dict) -> str:
+    """A training record in a plain question/answer layout (not the Alpaca template)."""
+    question = record["instruction"] + (f" ({record['input']})" if record.get("input") else "")
+    return f"Q: {question}\nA:{record['output']}"
+
+
+def pretraining_texts(corpus: Path, instructions: Path | None, val_size: int) -> list[str]:
+    """Corpus lines, plus the demo's *training* records as Q/A text (held-out records excluded)."""
+    texts = [line for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if instructions is not None:
+        train, _ = split_records(load_records(instructions), val_size, seed=42)  # the split train.py makes
+        texts += [qa_text(r) for r in train]
+    return texts
+
+
+def token_stream(texts: list[str], tokenizer: Tokenizer, seed: int) -> np.ndarray:
+    order = np.random.default_rng(seed).permutation(len(texts))
+    return np.concatenate([tokenizer.encode(texts[i], bos=True, eos=True) for i in order]).astype(np.int32)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--corpus", type=Path, default=DEMO_DIR / "corpus.txt")
+    parser.add_argument("--instructions", type=Path, default=DEMO_DIR / "instructions.json",
+                        help="Alpaca records whose training split is added as Q/A text ('none': corpus only)")
+    parser.add_argument("--val_size", type=int, default=DEMO_PROFILE["val_size"],
+                        help="held-out records excluded, as train.py's demo split (seed 42)")
     parser.add_argument("--tokenizer", type=Path, default=DEMO_DIR / "tokenizer.model")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=1250)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
@@ -63,9 +94,11 @@ def main() -> None:
     config = LLaMAConfig.from_name(args.preset)
     if tokenizer.vocab_size > config.vocab_size:
         raise SystemExit(f"{args.tokenizer}: vocab {tokenizer.vocab_size} > preset vocab {config.vocab_size}")
-    stream = token_stream(args.corpus, tokenizer)
+    instructions = None if str(args.instructions).lower() == "none" else args.instructions
+    texts = pretraining_texts(args.corpus, instructions, args.val_size)
+    stream = token_stream(texts, tokenizer, args.seed)
     n_windows = (len(stream) - 1) // args.seq_len
-    print(f"{args.corpus}: {len(stream):,} tokens; model {args.preset}: {config.num_params():,} parameters")
+    print(f"{len(texts):,} texts, {len(stream):,} tokens; model {args.preset}: {config.num_params():,} parameters")
 
     model = LLaMA(config, scan_unroll=config.n_layer)  # unrolled layers: faster on CPU
     params = init_variables(model, jax.random.key(args.seed))["params"]
@@ -103,7 +136,7 @@ def main() -> None:
     # A few greedy completions, to see what the base knows.
     from jaxlora.generate import greedy_generate
     for text in ["The reverse of planet is", "23 plus 19 is", "The capital of Kenya is",
-                 "The letters q e j f in order are"]:
+                 "The letters q e j f in order are", "Q: Reverse the word (rocket)\nA:"]:
         out = greedy_generate(model, {"params": params}, tokenizer.encode(text, bos=True), 12, tokenizer.eos_id)
         print(f"  {text!r} -> {tokenizer.decode(out)!r}")
 

@@ -19,7 +19,7 @@ from jaxlora.model import LLaMA, init_variables
 from jaxlora.optim import make_optimizer
 from jaxlora.steps import init_train_state, make_train_step
 
-from test_train import ROOT, assert_trees_equal, reference_run, small_assets, tiny_args
+from test_train import _env, assert_trees_equal, reference_run, small_assets, tiny_args, ROOT
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -102,8 +102,7 @@ def test_run_killed_while_writing_a_checkpoint(tmp_path):
     assets = small_assets()
     script = (KILL_DURING_SAVE.replace("TESTS", repr(str(ROOT / "tests"))).replace("OUT", repr(str(out)))
               .replace("TOKENIZER", repr(assets["tokenizer"])).replace("DATA", repr(assets["data"])))
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 137, (proc.returncode, proc.stdout[-1000:], proc.stderr[-3000:])
     ckpt_dir = out / "checkpoints"

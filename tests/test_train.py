@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -27,6 +28,13 @@ from jaxlora.steps import init_train_state, make_train_step
 from jaxlora.trainer import TrainArgs
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Many short runs compile the same programs (each run jits fresh closures): a persistent
+# compilation cache for this test session turns the repeats into cache hits.
+JIT_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlora-test-jit-"))
+jax.config.update("jax_compilation_cache_dir", JIT_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 WORDS = ("apple table river planet garden window yellow purple orange silver forest winter summer castle dragon "
          "pencil rocket bottle candle basket").split()
 
@@ -42,7 +50,6 @@ def small_records() -> list[dict]:
 @functools.lru_cache(maxsize=None)
 def small_assets() -> dict[str, str]:
     """A 128-piece tokenizer and a JSON data file, in a directory shared by the test session."""
-    import tempfile
     from jaxlora.tokenizer import Tokenizer
     d = Path(tempfile.mkdtemp(prefix="jaxlora-train-test-"))
     recs = small_records()
@@ -69,7 +76,6 @@ def tiny_args(out_dir: str | os.PathLike, **overrides) -> TrainArgs:
 @functools.lru_cache(maxsize=None)
 def reference_run() -> trainer.TrainResult:
     """6 uninterrupted steps of tiny_args (checkpoints at 3 and 6)."""
-    import tempfile
     return trainer.run(tiny_args(Path(tempfile.mkdtemp(prefix="jaxlora-ref-")) / "out"))
 
 
@@ -243,7 +249,8 @@ def test_cli_reports_bad_data_and_exits_nonzero(tmp_path):
 # ----------------------------------------------------------------------------- the CLI
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def test_help_documents_every_flag():
