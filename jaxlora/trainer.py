@@ -544,7 +544,8 @@ def run(args: TrainArgs) -> TrainResult:
     png = None
     if a.plot:
         from jaxlora.plot import plot_loss
-        png = plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"LoRA fine-tuning ({base_desc})")
+        png = plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"LoRA fine-tuning of {Path(str(a.pretrained_path)).name}, "
+                        f"r={a.lora_r} on {','.join(lora_config.targets)}")
         if png is None:
             log("loss.png not written (matplotlib not installed: pip install 'jaxlora[plot]')")
 

@@ -292,7 +292,6 @@ def test_run_writes_metrics_plot_and_lit_lora(tmp_path):
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "summary.json").read_text())["step"] == 2
     assert len(result.samples_before) == len(result.samples_after) == 2
-    from jaxlora.formats.lit_files import load_lit_llama  # noqa: F401  (torch present)
     from jaxlora.formats.torch_io import load_state_dict
     sd = load_state_dict(out / trainer.LORA_FILE)
     assert sorted(sd)[0] == "transformer.h.0.attn.c_attn.lora_A" and sd["transformer.h.0.attn.c_attn.lora_B"].shape == (128, 4)
