@@ -65,7 +65,7 @@ def _transpose(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _grouped(n: int, rows_first: bool) -> tuple[Callable, Callable]:
+def _grouped(n: int) -> tuple[Callable, Callable]:
     """lit (n*X, Y) <-> ours (n, Y, X): split the row blocks, swap the two last axes."""
     def to_ours(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.reshape(n, a.shape[0] // n, a.shape[1]).transpose(0, 2, 1))
@@ -108,7 +108,7 @@ def lora_maps(config: LLaMAConfig, lora: LoRAConfig) -> list[TensorMap]:
     maps: list[TensorMap] = []
     n = sum(lora.qkv_enabled)
     if n and r:
-        a_ours, a_lit = _grouped(n, rows_first=True)
+        a_ours, a_lit = _grouped(n)
         maps += [
             TensorMap("transformer.h.{i}.attn.c_attn.lora_A", (r * n, C), ("lora", "h", "attn", "c_attn", "lora_A"),
                       a_ours, a_lit),
@@ -120,7 +120,7 @@ def lora_maps(config: LLaMAConfig, lora: LoRAConfig) -> list[TensorMap]:
             continue
         lit_name, shape = _LINEARS[module]
         out_f, in_f = shape(C, H)
-        one_ours, one_lit = _grouped(1, rows_first=True)
+        one_ours, one_lit = _grouped(1)
         maps += [
             TensorMap(f"transformer.h.{{i}}.{lit_name}.lora_A", (r, in_f), ("lora", "h", *module, "lora_A"),
                       one_ours, one_lit),
@@ -167,7 +167,7 @@ def lit_to_tree(state_dict: Mapping[str, np.ndarray], maps: Iterable[TensorMap],
 def tree_to_lit(tree: Mapping[str, Any], maps: Iterable[TensorMap], n_layer: int) -> dict[str, np.ndarray]:
     """Our nested variables -> a flat lit-llama state dict, in lit-llama's key order."""
     out: dict[str, np.ndarray] = {}
-    for m in _lit_order(list(maps)):
+    for m in maps:
         value = np.asarray(_get(tree, m.path))
         if m.layered:
             if value.shape[0] != n_layer:
@@ -233,10 +233,6 @@ def infer_lora(shapes: Mapping[str, tuple[int, ...]], n_embd: int, alpha: float 
         raise StateDictError(f"{source}: {b_key} has shape {tuple(shapes[b_key])}, which fits no q/k/v layout "
                              f"for n_embd={n_embd}")
     return LoRAConfig(r=r, alpha=alpha, dropout=dropout, targets=targets)
-
-
-def _lit_order(maps: list[TensorMap]) -> list[TensorMap]:
-    return maps
 
 
 def _sorted_like_lit(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
