@@ -11,6 +11,7 @@ This file only parses flags; the loop is jaxlora.trainer.run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jaxlora import trainer
@@ -131,8 +132,19 @@ def args_from_cli(argv: list[str] | None = None) -> trainer.TrainArgs:
     return trainer.TrainArgs(**values, val_size=val_size, progress=progress, plot=plot)
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled programs on disk (JAXLORA_COMPILE_CACHE, default ~/.cache/jaxlora/xla), so a
+    rerun or --resume skips compilation: ~2 minutes per batch length for a fully unrolled 7B."""
+    import jax
+    path = os.environ.get("JAXLORA_COMPILE_CACHE", os.path.expanduser("~/.cache/jaxlora/xla"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = args_from_cli(argv)
+    enable_compilation_cache()
     try:
         trainer.run(args)
     except trainer.NonFiniteLossError as e:
