@@ -61,6 +61,24 @@ def device_peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
+def profile_steps(args: argparse.Namespace, compiled, state, params, batches, tag: str) -> None:
+    """Trace a few more steps into args.profile/tag, save the optimized HLO, print the summary."""
+    import gzip
+
+    from profile_summary import summarise
+
+    out = os.path.join(args.profile, tag)
+    os.makedirs(out, exist_ok=True)
+    with gzip.open(os.path.join(out, "hlo.txt.gz"), "wt") as f:
+        f.write(compiled.as_text())
+    with jax.profiler.trace(out):
+        for i in range(args.profile_steps):
+            ids = batches[i % len(batches)]
+            state, metrics = compiled(state, params, {"input_ids": ids, "labels": ids})
+        jax.block_until_ready(metrics["loss"])
+    summarise(out, steps=args.profile_steps)
+
+
 def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, params) -> dict:
     knobs = {"attention": args.attention, "remat": args.remat, "scan_unroll": args.scan_unroll,
              "loss_chunk": args.loss_chunk, "rng_impl": args.rng_impl, "dropout": args.lora_dropout, **variant}
@@ -96,6 +114,9 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, par
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
+    if args.profile:
+        tag = "_".join([f"{batch}x{seq}"] + [f"{k}-{v}" for k, v in variant.items()])
+        profile_steps(args, compiled, state, params, batches, tag)
     tok_s = batch * seq / step_s
     peak = device_peak_bytes()
     return {
@@ -125,6 +146,9 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="';'-separated knob overrides, e.g. 'remat=dots;loss_chunk=2048'")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile", default="", help="directory: trace extra steps of each run there and "
+                    "print where the device time goes (bench/profile_summary.py)")
+    ap.add_argument("--profile_steps", type=int, default=3)
     ap.add_argument("--peak_tflops", type=float, default=989.0)
     args = ap.parse_args()
 
