@@ -5,6 +5,11 @@ jit, no host copy), random tokens, then times warm-up and measured steps of
 `jaxlora.steps.make_train_step` (forward + backward + AdamW on the adapters). Prints one
 JSON line per (shape, variant), then a short table.
 
+Two timings: `tokens_per_s` runs the measured steps back to back and blocks once at the end
+(steady state: what train.py sees, since it reads a step's metrics only after queueing the
+next); `tokens_per_s_synced` is the median of steps timed one by one, blocking on each,
+which adds the host's dispatch time to every step.
+
   python bench/train_throughput.py --preset 7B --shapes 4x256,8x512,2x2048
   python bench/train_throughput.py --preset tiny --shapes 2x64 --steps 2   # CPU smoke test
 
@@ -82,7 +87,7 @@ def profile_steps(args: argparse.Namespace, compiled, state, params, batches, ta
 def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, params) -> dict:
     knobs = {"attention": args.attention, "remat": args.remat, "scan_unroll": args.scan_unroll,
              "loss_chunk": args.loss_chunk, "rng_impl": args.rng_impl, "dropout": args.lora_dropout, **variant}
-    config = LLaMAConfig.from_name(args.preset)
+    config = LLaMAConfig.from_name(args.preset, **({"n_layer": args.n_layer} if args.n_layer else {}))
     lora = LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=float(knobs["dropout"]), targets=parse_targets(args.targets))
     model = LLaMA(config, lora, dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.dtype],
                   attention=knobs["attention"], remat=knobs["remat"], scan_unroll=knobs["scan_unroll"])
@@ -105,6 +110,7 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, par
     if mem is not None:
         compiled_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                           - mem.alias_size_in_bytes)
+    # Synced: one step at a time, blocking on each (host dispatch time is exposed).
     times = []
     for i in range(args.warmup + args.steps):
         ids = batches[i % len(batches)]
@@ -113,15 +119,21 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, par
         jax.block_until_ready(metrics["loss"])
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
-    if args.profile:
-        tag = "_".join([f"{batch}x{seq}"] + [f"{k}-{v}" for k, v in variant.items()])
-        profile_steps(args, compiled, state, params, batches, tag)
+    synced_s = statistics.median(times)
+    # Pipelined: steps dispatched back to back, as train.py runs them (it reads a step's
+    # metrics only after the next step is queued); the steady-state figure we report.
+    t = time.perf_counter()
+    for i in range(args.steps):
+        ids = batches[i % len(batches)]
+        state, metrics = compiled(state, params, {"input_ids": ids, "labels": ids})
+    jax.block_until_ready(metrics["loss"])
+    step_s = (time.perf_counter() - t) / args.steps
     tok_s = batch * seq / step_s
     peak = device_peak_bytes()
     return {
         "bench": "jaxlora", "preset": args.preset, "batch": batch, "seq": seq, "r": args.lora_r,
-        **knobs, "step_s": round(step_s, 4), "tokens_per_s": round(tok_s, 1),
+        "n_layer": config.n_layer, **knobs, "step_s": round(step_s, 4), "tokens_per_s": round(tok_s, 1),
+        "tokens_per_s_synced": round(batch * seq / synced_s, 1),
         "mfu": round(tok_s * flops_per_token(config, seq) / (args.peak_tflops * 1e12), 4),
         "peak_gib": round(peak / 2**30, 2) if peak else None,
         "compiled_gib": round(compiled_bytes / 2**30, 2) if compiled_bytes else None,
@@ -134,6 +146,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="7B")
     ap.add_argument("--shapes", default="4x256,8x512,2x2048", help="BATCHxSEQ,... (one optimizer step each)")
+    ap.add_argument("--n_layer", type=int, default=0, help="override the preset's depth (0: keep); for quick "
+                    "experiments at real widths")
     ap.add_argument("--lora_r", type=int, default=8)
     ap.add_argument("--targets", default="q,v")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="frozen weights and compute")
@@ -163,10 +177,10 @@ def main() -> None:
                 row = {"bench": "jaxlora", "batch": batch, "seq": seq, **variant, "error": repr(e)[:300]}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print(f"\n{'shape':>8} {'variant':<40} {'tok/s':>9} {'MFU':>6} {'peak GiB':>8} {'compiled':>8} {'compile s':>9}")
+    print(f"\n{'shape':>8} {'variant':<40} {'tok/s':>9} {'synced':>9} {'MFU':>6} {'peak GiB':>8} {'compiled':>8} {'compile s':>9}")
     for r, v in zip(rows, variants * len(args.shapes.split(","))):
         name = ",".join(f"{k}={x}" for k, x in v.items()) or "default"
-        print(f"{r['batch']}x{r['seq']:<6} {name:<40} {r.get('tokens_per_s', 'ERR'):>9} {r.get('mfu', ''):>6} "
+        print(f"{r['batch']}x{r['seq']:<6} {name:<40} {r.get('tokens_per_s', 'ERR'):>9} {r.get('tokens_per_s_synced', ''):>9} {r.get('mfu', ''):>6} "
               f"{str(r.get('peak_gib')):>8} {str(r.get('compiled_gib')):>8} {r.get('compile_s', ''):>9}")
 
 

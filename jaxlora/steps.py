@@ -44,6 +44,33 @@ def shift_targets(labels: Array) -> Array:
     return jnp.concatenate([labels[..., 1:], pad], axis=-1)
 
 
+@jax.custom_vjp
+def head_logits(h: Array, kernel: Array) -> Array:
+    """float32 logits h @ kernel, whose backward pass runs its matmuls in h's dtype.
+
+    Plain autodiff of a dot with a float32 output feeds the float32 cotangent into the
+    backward matmul, which then runs as a float32 (tf32) GEMM: at 7B, 4096 tokens, 2.7 ms
+    instead of ~1.4 ms on an H100. The cotangent is cast to h's dtype first, as a bf16
+    framework (lit-llama under bf16-true) would hold it anyway.
+    """
+    return jnp.dot(h, kernel, preferred_element_type=jnp.float32)
+
+
+def _head_logits_fwd(h: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
+    return head_logits(h, kernel), (h, kernel)
+
+
+def _head_logits_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    h, kernel = res
+    g = g.astype(h.dtype)
+    d_h = jnp.dot(g, kernel.T, preferred_element_type=h.dtype)
+    d_kernel = jnp.dot(h.T, g, preferred_element_type=kernel.dtype)  # dropped by XLA when frozen
+    return d_h, d_kernel
+
+
+head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
+
+
 def token_nll_sum(hidden: Array, head_kernel: Array, targets: Array, chunk_tokens: int = 0) -> tuple[Array, Array]:
     """Sum of next-token cross-entropy over non-ignored targets, and their count.
 
@@ -57,7 +84,7 @@ def token_nll_sum(hidden: Array, head_kernel: Array, targets: Array, chunk_token
     kernel = head_kernel.astype(hidden.dtype)
 
     def chunk_loss(h_c: Array, t_c: Array) -> Array:
-        logits = jnp.dot(h_c, kernel, preferred_element_type=jnp.float32)
+        logits = head_logits(h_c, kernel)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, jnp.maximum(t_c, 0)[:, None], axis=-1)[:, 0]
         return jnp.sum(jnp.where(t_c != IGNORE_INDEX, lse - picked, 0.0))
