@@ -63,7 +63,10 @@ def device_events(path: str):
             for ev in line.events:
                 stats = dict(ev.stats or {})
                 found = True
-                yield ev.name, str(stats.get("hlo_op", ev.name)), ev.start_ns, ev.duration_ns
+                op = str(stats.get("hlo_op", ev.name))
+                if op.startswith("command_buffer"):  # inside a CUDA graph: the kernel is all we know
+                    op = re.sub(r"[_.]\d+$", "", ev.name)
+                yield ev.name, op, ev.start_ns, ev.duration_ns
     if not found:  # CPU backend: XLA thunks carry an hlo_op stat on the client threads
         for plane in data.planes:
             for line in plane.lines:

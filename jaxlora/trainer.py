@@ -483,14 +483,17 @@ def run(args: TrainArgs) -> TrainResult:
             f"{a.micro_batch_size}, buckets {list(buckets)}, lr {a.learning_rate:g} ({a.schedule}, "
             f"{a.warmup_steps} warmup)")
         last_saved = start_step if start_step else None
-        for step in range(start_step + 1, max_steps + 1):
-            batch = next(batcher)
-            n_tokens = int(sum(min(len(train_samples[i]["input_ids"]), a.max_seq_length)
-                               for i in batch["index"].reshape(-1)))
-            t0 = time.perf_counter()
-            state, m = train_step(state, params, {"input_ids": batch["input_ids"], "labels": batch["labels"]})
+        # A step's metrics are read only after the next step is queued, so the device never
+        # waits for the host (dispatching a step costs milliseconds of host time); they are
+        # read at once before anything that must see a finished step (eval, save, the end).
+        pending = None  # (step, metrics still on the device, tokens in the batch, epoch)
+        done_at = time.perf_counter()
+
+        def finish(step: int, m: dict, n_tokens: int, epoch: int) -> None:
+            nonlocal tokens_seen, train_time, rate, done_at
             m = jax.device_get(m)
-            dt = time.perf_counter() - t0
+            now = time.perf_counter()
+            dt, done_at = now - done_at, now
             loss, gnorm = float(m["loss"]), float(m["grad_norm"])
             lr = float(schedule(step - 1))
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
@@ -504,20 +507,35 @@ def run(args: TrainArgs) -> TrainResult:
                 rate = n_tokens / dt if rate is None else 0.8 * rate + 0.2 * n_tokens / dt
             metrics.write(type="train", step=step, loss=loss, lr=lr, grad_norm=gnorm,
                           loss_tokens=int(m["tokens"]), tokens=n_tokens, seconds=round(dt, 4),
-                          epoch=batcher.epoch)
+                          epoch=epoch)
             if bar is not None:
                 bar.set_postfix_str(f"loss {loss:.4f}  lr {lr:.2e}  {rate or 0:,.0f} tok/s", refresh=False)
                 bar.update(1)
-            if step % a.eval_interval == 0 and step != max_steps:
+
+        for step in range(start_step + 1, max_steps + 1):
+            batch = next(batcher)
+            n_tokens = int(sum(min(len(train_samples[i]["input_ids"]), a.max_seq_length)
+                               for i in batch["index"].reshape(-1)))
+            state, m = train_step(state, params, {"input_ids": batch["input_ids"], "labels": batch["labels"]})
+            if pending is not None:
+                finish(*pending)
+            pending = (step, m, n_tokens, batcher.epoch)
+            evaluate, checkpoint = step % a.eval_interval == 0 and step != max_steps, step % a.save_interval == 0
+            if evaluate or checkpoint or step == max_steps:
+                finish(*pending)
+                pending = None
+            if evaluate:
                 vl = val_loss(state.lora)
                 sample = fixed_sample(state.lora)
                 metrics.write(type="eval", step=step, val_loss=vl, sample=sample)
                 msg = f"step {step}: val loss {_fmt(vl)}" + (f" | {a.sample_instruction!r} -> {sample!r}"
                                                               if sample is not None else "")
                 bar.write(msg) if bar is not None else log(msg)
-            if step % a.save_interval == 0:
+                done_at = time.perf_counter()  # evaluation time is not training time
+            if checkpoint:
                 save(state, step)
                 last_saved = step
+                done_at = time.perf_counter()
         if bar is not None:
             bar.close()
             bar = None
