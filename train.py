@@ -100,8 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation rematerialization per layer: none keeps everything; dots/dots_no_batch keep "
                    "matmul outputs and recompute the rest (less memory, and faster on an H100); full recomputes "
                    "each layer" + _d("remat"))
-    g.add_argument("--scan_unroll", type=int, help="layers per scan iteration; 0 unrolls all layers (fastest "
-                   "on GPU, ~2 min compile per batch length at 7B)" + _d("scan_unroll"))
+    g.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, help="run the layers as one scan "
+                   "over stacked weights (compiles in seconds); --no-scan_layers loops over per-layer weights "
+                   "(fastest on GPU, ~2 min compile per batch length at 7B)" + _d("scan_layers"))
+    g.add_argument("--scan_unroll", type=int, help="layers per scan iteration with --scan_layers; 0 unrolls "
+                   "the scan" + _d("scan_unroll"))
 
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--val_size", type=float, help="validation records split off the data (a count, or a "

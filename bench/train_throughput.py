@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jaxlora.config import LLaMAConfig, LoRAConfig, parse_targets  # noqa: E402
-from jaxlora.model import LLaMA, init_variables  # noqa: E402
+from jaxlora.model import LLaMA, canonical, init_variables, split_layers_on_device  # noqa: E402
 from jaxlora.optim import make_optimizer  # noqa: E402
 from jaxlora.steps import init_train_state, make_train_step  # noqa: E402
 
@@ -85,17 +85,19 @@ def profile_steps(args: argparse.Namespace, compiled, state, params, batches, ta
 
 
 def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, params) -> dict:
-    knobs = {"attention": args.attention, "remat": args.remat, "scan_unroll": args.scan_unroll,
+    knobs = {"attention": args.attention, "remat": args.remat, "scan_layers": args.scan_layers,
+             "scan_unroll": args.scan_unroll,
              "loss_chunk": args.loss_chunk, "rng_impl": args.rng_impl, "dropout": args.lora_dropout, **variant}
     config = LLaMAConfig.from_name(args.preset, **({"n_layer": args.n_layer} if args.n_layer else {}))
     lora = LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=float(knobs["dropout"]), targets=parse_targets(args.targets))
     model = LLaMA(config, lora, dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.dtype],
-                  attention=knobs["attention"], remat=knobs["remat"], scan_unroll=knobs["scan_unroll"])
+                  attention=knobs["attention"], remat=knobs["remat"], scan_layers=bool(args.scan_layers),
+                  scan_unroll=knobs["scan_unroll"])
     optimizer = make_optimizer(3e-4)
     if params is None:  # frozen weights are built once per process and shared by the variants
-        params = init_variables(model, jax.random.key(0))["params"]
+        params = split_layers_on_device(model, init_variables(model, jax.random.key(0))["params"])
     # Adapters only: XLA drops the unused frozen-weight initialisers from this program.
-    lora_vars = jax.jit(lambda k: nn.unbox(model.init({"params": k}, jnp.zeros((1, 8), jnp.int32)))["lora"])(
+    lora_vars = jax.jit(lambda k: nn.unbox(canonical(model).init({"params": k}, jnp.zeros((1, 8), jnp.int32)))["lora"])(
         jax.random.key(1))
     state = init_train_state(lora_vars, optimizer, rng_impl=knobs["rng_impl"])
     step = make_train_step(model, optimizer, chunk_tokens=knobs["loss_chunk"])
@@ -128,6 +130,9 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, par
         state, metrics = compiled(state, params, {"input_ids": ids, "labels": ids})
     jax.block_until_ready(metrics["loss"])
     step_s = (time.perf_counter() - t) / args.steps
+    if args.profile:
+        tag = "_".join([f"{batch}x{seq}"] + [f"{k}-{v}" for k, v in variant.items()])
+        profile_steps(args, compiled, state, params, batches, tag)
     tok_s = batch * seq / step_s
     peak = device_peak_bytes()
     return {
@@ -153,7 +158,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="frozen weights and compute")
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     ap.add_argument("--remat", default="dots_no_batch", help="see jaxlora.model.REMAT_POLICIES")
-    ap.add_argument("--scan_unroll", type=int, default=1, help="layers per scan step; 0 = fully unrolled")
+    ap.add_argument("--scan_layers", type=int, default=0, choices=[0, 1],
+                    help="1: layers as one scan over stacked weights; 0: per-layer weights, unrolled loop (fastest)")
+    ap.add_argument("--scan_unroll", type=int, default=1, help="with --scan_layers 1: layers per scan step; 0 = "
+                    "the scan fully unrolled")
     ap.add_argument("--loss_chunk", type=int, default=4096, help="tokens per cross-entropy chunk (0: whole batch)")
     ap.add_argument("--rng_impl", default="rbg", help="PRNG for dropout: threefry2x32 | rbg")
     ap.add_argument("--lora_dropout", type=float, default=0.05)
@@ -167,6 +175,8 @@ def main() -> None:
     args = ap.parse_args()
 
     variants = [parse_variant(v) for v in args.variants.split(";")] if args.variants else [{}]
+    if any("scan_layers" in v for v in variants):
+        ap.error("scan_layers is per process (the frozen weights are built once in one layout); not a variant")
     rows, params = [], None
     for shape in args.shapes.split(","):
         batch, seq = map(int, shape.split("x"))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.model import LLaMA
+from jaxlora.model import LLaMA, layered
 
 Array = jax.Array
 _LENGTH_MULTIPLE = 32  # buffer lengths are rounded up to this, so few programs are compiled
@@ -31,6 +31,7 @@ def _decoder(model: LLaMA, max_new_tokens: int, eos_id: int) -> Any:
         return _cache[key]
 
     def decode(variables: Any, buf: Array, last: Array) -> Array:
+        variables = {name: layered(model, tree) for name, tree in variables.items()}
         B = buf.shape[0]
         rows = jnp.arange(B)
         head = variables["params"]["lm_head"]["kernel"]

@@ -13,8 +13,10 @@ Differences from lit-llama, on purpose:
 """
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -147,9 +149,14 @@ class LLaMA(nn.Module):
       dtype: compute dtype (activations, matmul inputs). param_dtype: frozen weight storage.
       lora_dtype: adapter storage (keep float32).
       attention: 'auto' | 'xla' | 'cudnn'. remat: a key of REMAT_POLICIES.
-      scan_unroll: layers per scan iteration; 0 or n_layer unrolls fully (weights stay stacked:
-        the layout never changes, only the compiled program). Full unrolling removes the
-        loop (faster on GPU: 7B 8x512 +12% on an H100) at the cost of a ~40x longer compile.
+      scan_layers: True: the layers are one `nn.scan` over weights stacked on a leading axis
+        (variables under "h"; quick to compile). False: a Python loop of per-layer blocks
+        h_0 ... h_{n-1}, each with its own weights: no loop and no per-layer slicing of
+        stacked weights (fastest on GPU; compiles ~40x longer). Either way checkpoints,
+        converters and the train state keep the stacked layout; `layered` and
+        `split_layers_on_device` convert (see "Variable layouts" below).
+      scan_unroll: layers per scan iteration when scanning; 0 or n_layer unrolls the scan
+        fully (stacked weights sliced per layer inside the program).
     """
 
     config: LLaMAConfig
@@ -159,6 +166,7 @@ class LLaMA(nn.Module):
     lora_dtype: Any = jnp.float32
     attention: str = "auto"
     remat: str = "none"
+    scan_layers: bool = True
     scan_unroll: int = 1
 
     @nn.compact
@@ -178,11 +186,16 @@ class LLaMA(nn.Module):
             raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
         if self.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        layers = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layer, unroll=self.scan_unroll or cfg.n_layer,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
         opts = Settings(cfg, self.lora, self.dtype, self.param_dtype, self.lora_dtype, self.attention)
-        x, _ = layers(opts, deterministic, name="h")(x, cos, sin)
+        if self.scan_layers:
+            layers = nn.scan(block, variable_axes={"params": 0, "lora": 0},
+                             split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),
+                             length=cfg.n_layer, unroll=self.scan_unroll or cfg.n_layer,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = layers(opts, deterministic, name=STACKED)(x, cos, sin)
+        else:
+            for i in range(cfg.n_layer):
+                x, _ = block(opts, deterministic, name=f"{STACKED}_{i}")(x, cos, sin)
         x = RMSNorm(param_dtype=self.param_dtype, name="ln_f")(x)
         if return_hidden:
             return x
@@ -191,18 +204,89 @@ class LLaMA(nn.Module):
         return head(x)
 
 
+# ----------------------------------------------------------------------------- variable layouts
+#
+# Stacked (canonical): {"h": {...leaves of shape (n_layer, ...)}, "wte": ..., ...}; what
+# checkpoints, converters, the lit-llama mapping and the train state hold. Per-layer:
+# {"h_0": {...}, ..., "h_{n-1}": {...}, "wte": ..., ...}; what a scan_layers=False model reads.
+# init_variables, abstract_variables and logical_axes always describe the stacked layout, so
+# a seed gives the same weights whichever way the model runs.
+
+STACKED = "h"
+_PER_LAYER = re.compile(rf"{STACKED}_(\d+)")
+
+
+def canonical(model: LLaMA) -> LLaMA:
+    """The same model with stacked (scanned) layers: the layout variables are stored in."""
+    return model if model.scan_layers else model.clone(scan_layers=True)
+
+
+def unstack_layers(tree: Mapping[str, Any], n_layer: int) -> dict[str, Any]:
+    """Stacked -> per-layer (slices of each stacked leaf). Trees without "h" come back unchanged."""
+    if STACKED not in tree:
+        return dict(tree)
+    out = {k: v for k, v in tree.items() if k != STACKED}
+    for i in range(n_layer):
+        out[f"{STACKED}_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree[STACKED])
+    return out
+
+
+def stack_layers(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-layer -> stacked. Trees without h_0, h_1, ... come back unchanged."""
+    names = sorted((k for k in tree if _PER_LAYER.fullmatch(k)), key=lambda k: int(k.split("_")[-1]))
+    if not names:
+        return dict(tree)
+    if [int(k.split("_")[-1]) for k in names] != list(range(len(names))):
+        raise ValueError(f"per-layer variables must be {STACKED}_0..{STACKED}_{len(names) - 1}, got {names}")
+    out = {k: v for k, v in tree.items() if k not in names}
+    out[STACKED] = jax.tree.map(lambda *xs: jnp.stack(xs), *(tree[k] for k in names))
+    return out
+
+
+def layered(model: LLaMA, tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A variable collection in the layout `model` reads, from either layout. Inside jit
+    this slices stacked frozen weights on every call; convert them once beforehand with
+    `split_layers_on_device` (adapters are small: converting them per step costs nothing)."""
+    return stack_layers(tree) if model.scan_layers else unstack_layers(tree, model.config.n_layer)
+
+
+def split_layers_on_device(model: LLaMA, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Frozen weights in `model`'s layout, converted on the device one stacked leaf at a time.
+
+    Consumes `params`: each stacked leaf is donated to the program that slices it, so the
+    peak is the weights plus their largest stacked leaf, not twice the weights. Do not use
+    the argument afterwards.
+    """
+    if model.scan_layers or STACKED not in params:
+        return layered(model, params)
+    n = model.config.n_layer
+    split = jax.jit(lambda x: tuple(x[i] for i in range(n)), donate_argnums=0)
+    with warnings.catch_warnings():  # CPU cannot donate; the copy is then transient, as documented
+        warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+        leaves, treedef = jax.tree.flatten(params[STACKED])
+        pieces = []
+        for k, leaf in enumerate(leaves):
+            pieces.append(split(leaf))
+            leaves[k] = None  # drop our reference so the donated buffer can go
+    per_layer = [jax.tree.unflatten(treedef, [p[i] for p in pieces]) for i in range(n)]
+    out = {k: v for k, v in params.items() if k != STACKED}
+    out.update({f"{STACKED}_{i}": layer for i, layer in enumerate(per_layer)})
+    return out
+
+
 def init_variables(model: LLaMA, rng: Array, seq_len: int = 8) -> dict[str, Any]:
-    """Random {"params", "lora"} for `model`, unboxed (plain arrays), built inside jit."""
+    """Random {"params", "lora"} in the stacked layout, unboxed (plain arrays), built inside jit."""
     dummy = jnp.zeros((1, seq_len), jnp.int32)
-    return jax.jit(lambda key: nn.unbox(model.init({"params": key}, dummy)))(rng)
+    return jax.jit(lambda key: nn.unbox(canonical(model).init({"params": key}, dummy)))(rng)
 
 
 def abstract_variables(model: LLaMA) -> dict[str, Any]:
-    """Shapes and dtypes of every variable (jax.ShapeDtypeStruct), allocating nothing."""
-    return nn.unbox(jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 8), jnp.int32))))
+    """Shapes and dtypes of every variable, stacked layout (jax.ShapeDtypeStruct), allocating nothing."""
+    return nn.unbox(jax.eval_shape(lambda: canonical(model).init({"params": jax.random.key(0)},
+                                                                 jnp.zeros((1, 8), jnp.int32))))
 
 
 def logical_axes(model: LLaMA) -> dict[str, Any]:
-    """PartitionSpecs of logical axis names for every variable (for sharding rules)."""
-    boxed = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 8), jnp.int32)))
+    """PartitionSpecs of logical axis names for every variable, stacked layout (for sharding rules)."""
+    boxed = jax.eval_shape(lambda: canonical(model).init({"params": jax.random.key(0)}, jnp.zeros((1, 8), jnp.int32)))
     return nn.get_partition_spec(boxed)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlora.model import LLaMA
+from jaxlora.model import LLaMA, layered
 
 Array = jax.Array
 IGNORE_INDEX = -1
@@ -105,12 +105,17 @@ def token_nll_sum(hidden: Array, head_kernel: Array, targets: Array, chunk_token
 
 
 def make_loss_fn(model: LLaMA, chunk_tokens: int = 0) -> Callable[..., tuple[Array, Array]]:
-    """loss_sum(lora, params, input_ids, labels, rng) -> (summed token NLL, token count)."""
+    """loss_sum(lora, params, input_ids, labels, rng) -> (summed token NLL, token count).
+
+    lora and params may come in either layout (jaxlora.model.layered); for a model with
+    scan_layers=False pass params already split (split_layers_on_device), else every step
+    re-slices the stacked weights."""
     use_dropout = model.lora is not None and model.lora.dropout > 0
 
     def loss_sum(lora: Any, params: Any, input_ids: Array, labels: Array, rng: Array | None) -> tuple[Array, Array]:
         rngs = {"dropout": rng} if use_dropout and rng is not None else {}
-        hidden = model.apply({"params": params, "lora": lora}, input_ids, deterministic=not rngs,
+        variables = {"params": layered(model, params), "lora": layered(model, lora)}
+        hidden = model.apply(variables, input_ids, deterministic=not rngs,
                              return_hidden=True, rngs=rngs)
         return token_nll_sum(hidden, params["lm_head"]["kernel"], shift_targets(labels), chunk_tokens)
     return loss_sum

@@ -48,7 +48,7 @@ from jaxlora.config import LLaMAConfig, LoRAConfig, parse_targets
 from jaxlora.data import (DEMO_DIR, Batcher, DataError, eval_batches, generate_prompt, load_prepared, load_records,
                           prepare_records, split_records)
 from jaxlora.generate import greedy_generate
-from jaxlora.model import LLaMA, init_variables
+from jaxlora.model import LLaMA, canonical, init_variables, split_layers_on_device
 from jaxlora.optim import SCHEDULES, learning_rate_schedule, make_optimizer
 from jaxlora.steps import TrainState, init_train_state, make_eval_step, make_train_step
 from jaxlora.tokenizer import Tokenizer
@@ -76,9 +76,10 @@ LIT_LLAMA_RECIPE: dict[str, Any] = dict(
     batch_size=128, micro_batch_size=4, max_steps=1171, max_seq_length=256,
     eval_interval=100, eval_iters=100, save_interval=100, val_size=2000,
     precision="bf16-true", mask_inputs=False, exact_match_samples=0, max_new_tokens=100, sample_instruction=LIT_SAMPLE_INSTRUCTION,
-    # Fastest measured on an H100 (docs/benchmarks.md): layers fully unrolled (+12%, ~2 min
-    # compile per bucket length) and matmul-output remat (+4%, 30% less activation memory).
-    scan_unroll=0, remat="dots_no_batch",
+    # Fastest measured on an H100 (docs/benchmarks.md): per-layer weights in an unrolled layer
+    # loop (~2 min compile per bucket length) and matmul-output remat (+4%, 30% less
+    # activation memory).
+    scan_layers=False, scan_unroll=1, remat="dots_no_batch",
 )
 
 # The built-in demo: `python train.py` with no flags (about two minutes on a 2-core CPU).
@@ -90,7 +91,7 @@ DEMO_PROFILE: dict[str, Any] = dict(
     batch_size=16, micro_batch_size=16, max_steps=500, max_seq_length=64,
     eval_interval=100, eval_iters=8, save_interval=250, val_size=200,
     precision="32-true", mask_inputs=True, exact_match_samples=50, max_new_tokens=16,
-    sample_instruction="Reverse the word rocket.", scan_unroll=4, remat="none",
+    sample_instruction="Reverse the word rocket.", scan_layers=True, scan_unroll=4, remat="none",
 )
 
 
@@ -133,6 +134,7 @@ class TrainArgs:
     exact_match_samples: int | None = None
     max_new_tokens: int | None = None
     sample_instruction: str | None = None
+    scan_layers: bool | None = None
     scan_unroll: int | None = None
     resume: bool = False
     seed: int = 1337
@@ -307,10 +309,11 @@ def load_data(a: TrainArgs, tokenizer: Tokenizer, log: Callable[[str], None]) ->
 
 
 def init_lora(model: LLaMA, seed: int) -> Any:
-    """Fresh adapters (A random, B zero) without materialising the frozen weights (XLA drops them)."""
+    """Fresh adapters (A random, B zero), stacked layout, without materialising the frozen
+    weights (XLA drops them)."""
     key = jax.random.fold_in(jax.random.key(seed), 0x10A)
     dummy = jnp.zeros((1, 8), jnp.int32)
-    return jax.jit(lambda k: nn.unbox(model.init({"params": k}, dummy)).get("lora", {}))(key)
+    return jax.jit(lambda k: nn.unbox(canonical(model).init({"params": k}, dummy)).get("lora", {}))(key)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -366,7 +369,9 @@ def run(args: TrainArgs) -> TrainResult:
     params = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, storage_dtype), params))
     lora_config = LoRAConfig(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=a.lora_targets)
     model = LLaMA(config, lora_config, dtype=compute_dtype, param_dtype=storage_dtype, lora_dtype=jnp.float32,
-                  attention=a.attention, remat=a.remat, scan_unroll=min(a.scan_unroll, config.n_layer))
+                  attention=a.attention, remat=a.remat, scan_layers=a.scan_layers,
+                  scan_unroll=min(a.scan_unroll, config.n_layer))
+    params = split_layers_on_device(model, params)  # once, not per step (a no-op for scanned layers)
     log(f"model: {base_desc}: {config.num_params():,} frozen parameters ({a.precision}), "
         f"{lora_config.num_params(config):,} trainable (LoRA r={a.lora_r}, alpha={a.lora_alpha:g}, "
         f"targets {','.join(lora_config.targets)})")

@@ -81,3 +81,18 @@ def test_remat_and_unroll_do_not_change_the_function(tiny_config, tiny_lora, rem
     base = np.asarray(model.apply(variables, idx))
     other = LLaMA(tiny_config, tiny_lora, remat=remat, scan_unroll=2)
     np.testing.assert_allclose(np.asarray(other.apply(variables, idx)), base, rtol=1e-6, atol=1e-6)
+
+
+def test_per_layer_model_matches_reference(tiny_config):
+    """scan_layers=False (per-layer weights, unrolled loop) computes the same function."""
+    from jaxlora.model import layered
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v", "down"))
+    ref, _, variables = build_pair(tiny_config, lora)
+    model = LLaMA(tiny_config, lora, scan_layers=False, remat="dots")
+    idx = np.random.default_rng(5).integers(0, tiny_config.vocab_size, (2, 24))
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(idx)).numpy()
+    per_layer = {name: layered(model, tree) for name, tree in variables.items()}
+    assert sorted(k for k in per_layer["params"] if k.startswith("h")) == [f"h_{i}" for i in range(tiny_config.n_layer)]
+    got = np.asarray(model.apply(per_layer, jnp.asarray(idx)))
+    assert rel_err(got, expected) <= TOL
