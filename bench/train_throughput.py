@@ -5,10 +5,11 @@ jit, no host copy), random tokens, then times warm-up and measured steps of
 `jaxlora.steps.make_train_step` (forward + backward + AdamW on the adapters). Prints one
 JSON line per (shape, variant), then a short table.
 
-Two timings: `tokens_per_s` runs the measured steps back to back and blocks once at the end
-(steady state: what train.py sees, since it reads a step's metrics only after queueing the
-next); `tokens_per_s_synced` is the median of steps timed one by one, blocking on each,
-which adds the host's dispatch time to every step.
+Three timings: `tokens_per_s` queues step i, then reads step i-1's loss, as train.py runs
+(wall time over the measured steps); `tokens_per_s_synced` is the median of steps timed one by
+one, blocking on each (the peers' method: the host's dispatch time adds to every step);
+`tokens_per_s_queued` queues every step and blocks once (the device's own pace).
+`dispatch_ms` is the median host time spent inside one call of the compiled step.
 
   python bench/train_throughput.py --preset 7B --shapes 4x256,8x512,2x2048
   python bench/train_throughput.py --preset tiny --shapes 2x64 --steps 2   # CPU smoke test
@@ -122,14 +123,28 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, par
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     synced_s = statistics.median(times)
-    # Pipelined: steps dispatched back to back, as train.py runs them (it reads a step's
-    # metrics only after the next step is queued); the steady-state figure we report.
+    # Pipelined as train.py runs: queue step i, then read step i-1's metrics. dispatch_ms is
+    # the host time inside each call (if it approaches the step time, the host is the limit).
+    dispatch = []
+    t = time.perf_counter()
+    previous = None
+    for i in range(args.steps):
+        ids = batches[i % len(batches)]
+        d = time.perf_counter()
+        state, metrics = compiled(state, params, {"input_ids": ids, "labels": ids})
+        dispatch.append(time.perf_counter() - d)
+        if previous is not None:
+            jax.device_get(previous["loss"])
+        previous = metrics
+    jax.block_until_ready(metrics["loss"])
+    step_s = (time.perf_counter() - t) / args.steps
+    # Queued without any read-back: the device's own pace.
     t = time.perf_counter()
     for i in range(args.steps):
         ids = batches[i % len(batches)]
         state, metrics = compiled(state, params, {"input_ids": ids, "labels": ids})
     jax.block_until_ready(metrics["loss"])
-    step_s = (time.perf_counter() - t) / args.steps
+    queued_s = (time.perf_counter() - t) / args.steps
     if args.profile:
         tag = "_".join([f"{batch}x{seq}"] + [f"{k}-{v}" for k, v in variant.items()])
         profile_steps(args, compiled, state, params, batches, tag)
@@ -139,6 +154,8 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, par
         "bench": "jaxlora", "preset": args.preset, "batch": batch, "seq": seq, "r": args.lora_r,
         "n_layer": config.n_layer, **knobs, "step_s": round(step_s, 4), "tokens_per_s": round(tok_s, 1),
         "tokens_per_s_synced": round(batch * seq / synced_s, 1),
+        "tokens_per_s_queued": round(batch * seq / queued_s, 1),
+        "dispatch_ms": round(1e3 * statistics.median(dispatch), 2),
         "mfu": round(tok_s * flops_per_token(config, seq) / (args.peak_tflops * 1e12), 4),
         "peak_gib": round(peak / 2**30, 2) if peak else None,
         "compiled_gib": round(compiled_bytes / 2**30, 2) if compiled_bytes else None,
