@@ -88,7 +88,7 @@ def profile_steps(args: argparse.Namespace, compiled, state, params, batches, ta
 def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, params) -> dict:
     knobs = {"attention": args.attention, "remat": args.remat, "scan_layers": args.scan_layers,
              "scan_unroll": args.scan_unroll,
-             "loss_chunk": args.loss_chunk, "rng_impl": args.rng_impl, "dropout": args.lora_dropout, **variant}
+             "loss_chunk": args.loss_chunk, "rng_impl": args.rng_impl, "donate": args.donate, "dropout": args.lora_dropout, **variant}
     config = LLaMAConfig.from_name(args.preset, **({"n_layer": args.n_layer} if args.n_layer else {}))
     lora = LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=float(knobs["dropout"]), targets=parse_targets(args.targets))
     model = LLaMA(config, lora, dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.dtype],
@@ -101,7 +101,7 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, par
     lora_vars = jax.jit(lambda k: nn.unbox(canonical(model).init({"params": k}, jnp.zeros((1, 8), jnp.int32)))["lora"])(
         jax.random.key(1))
     state = init_train_state(lora_vars, optimizer, rng_impl=knobs["rng_impl"])
-    step = make_train_step(model, optimizer, chunk_tokens=knobs["loss_chunk"])
+    step = make_train_step(model, optimizer, chunk_tokens=knobs["loss_chunk"], donate=bool(knobs["donate"]))
     keys = jax.random.split(jax.random.key(2), 4)
     batches = [jax.random.randint(k, (1, batch, seq), 0, config.vocab_size) for k in keys]
 
@@ -181,6 +181,7 @@ def main() -> None:
                     "the scan fully unrolled")
     ap.add_argument("--loss_chunk", type=int, default=4096, help="tokens per cross-entropy chunk (0: whole batch)")
     ap.add_argument("--rng_impl", default="rbg", help="PRNG for dropout: threefry2x32 | rbg")
+    ap.add_argument("--donate", type=int, default=1, choices=[0, 1], help="donate the train state to the step")
     ap.add_argument("--lora_dropout", type=float, default=0.05)
     ap.add_argument("--variants", default="", help="';'-separated knob overrides, e.g. 'remat=dots;loss_chunk=2048'")
     ap.add_argument("--steps", type=int, default=10)
