@@ -25,8 +25,8 @@ _LENGTH_MULTIPLE = 32  # buffer lengths are rounded up to this, so few programs 
 _cache: dict[Any, Any] = {}
 
 
-def _decoder(model: LLaMA, max_new_tokens: int, eos_id: int) -> Any:
-    key = (model, max_new_tokens, eos_id)
+def _decoder(model: LLaMA, max_new_tokens: int, eos_id: int, vocab_size: int) -> Any:
+    key = (model, max_new_tokens, eos_id, vocab_size)
     if key in _cache:
         return _cache[key]
 
@@ -44,7 +44,7 @@ def _decoder(model: LLaMA, max_new_tokens: int, eos_id: int) -> Any:
             i, buf, last, done = carry
             hidden = model.apply(variables, buf, return_hidden=True)
             h = hidden[rows, last]  # (B, C): each row's newest position
-            logits = jnp.dot(h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+            logits = jnp.dot(h, head.astype(h.dtype), preferred_element_type=jnp.float32)[:, :vocab_size]
             tok = jnp.argmax(logits, axis=-1).astype(buf.dtype)
             nxt = jnp.minimum(last + 1, buf.shape[1] - 1)
             buf = buf.at[rows, nxt].set(jnp.where(done, buf[rows, nxt], tok))
@@ -63,7 +63,7 @@ def _decoder(model: LLaMA, max_new_tokens: int, eos_id: int) -> Any:
 
 
 def greedy_generate(model: LLaMA, variables: Any, prompt_ids: Any, max_new_tokens: int,
-                    eos_id: int | None) -> Any:
+                    eos_id: int | None, vocab_size: int | None = None) -> Any:
     """Greedy continuation of one prompt or a batch of prompts.
 
     Args:
@@ -73,6 +73,8 @@ def greedy_generate(model: LLaMA, variables: Any, prompt_ids: Any, max_new_token
         sequence of prompts of any lengths.
       max_new_tokens: how many tokens to generate at most.
       eos_id: generation of a row stops at this id (not included in the output); None: never.
+      vocab_size: only ids below this are generated (pass the tokenizer's size: the model's
+        padded vocabulary may hold ids the tokenizer cannot decode); None: the model's vocab_size.
 
     Returns the new token ids (without the prompt, without EOS) as a 1-D int32 numpy array
     for one prompt, or a list of them for a batch.
@@ -95,7 +97,8 @@ def greedy_generate(model: LLaMA, variables: Any, prompt_ids: Any, max_new_token
     for b, p in enumerate(prompts):
         buf[b, :len(p)] = p
     eos = -1 if eos_id is None else int(eos_id)
-    out = np.asarray(_decoder(model, int(max_new_tokens), eos)(variables, jnp.asarray(buf),
+    limit = model.config.vocab_size if vocab_size is None else min(int(vocab_size), model.config.padded_vocab_size)
+    out = np.asarray(_decoder(model, int(max_new_tokens), eos, limit)(variables, jnp.asarray(buf),
                                                               jnp.asarray(lengths - 1, jnp.int32)))
     results = []
     for b, n in enumerate(lengths):

@@ -436,7 +436,8 @@ def run(args: TrainArgs) -> TrainResult:
         if not samples:
             return []
         outs = greedy_generate(model, {"params": params, "lora": lora},
-                               [s["input_ids_no_response"] for s in samples], a.max_new_tokens, tokenizer.eos_id)
+                               [s["input_ids_no_response"] for s in samples], a.max_new_tokens, tokenizer.eos_id,
+                               vocab_size=tokenizer.vocab_size)
         return [tokenizer.decode(o).strip() for o in outs]
 
     def task_eval(lora: Any) -> tuple[float | None, list[dict[str, str]]]:
@@ -453,7 +454,7 @@ def run(args: TrainArgs) -> TrainResult:
         if not a.sample_instruction:
             return None
         out_ids = greedy_generate(model, {"params": params, "lora": lora}, sample_ids, a.max_new_tokens,
-                                  tokenizer.eos_id)
+                                  tokenizer.eos_id, vocab_size=tokenizer.vocab_size)
         return tokenizer.decode(out_ids).strip()
 
     metrics = _Metrics(out / "metrics.jsonl", keep_until=start_step if start_step else None)
