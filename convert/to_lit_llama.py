@@ -3,10 +3,14 @@
     python convert/to_lit_llama.py --checkpoint_dir D --out lit-llama-lora-finetuned.pth
     python convert/to_lit_llama.py --checkpoint_dir D --out lit-llama-lora-merged-weights.pth --merged
     python convert/to_lit_llama.py --checkpoint_dir D --out lit-llama.pth --base
+    python convert/to_lit_llama.py --checkpoint_dir BASE --adapters OUT_DIR/adapters --merged --out merged.pth
+    python convert/to_lit_llama.py --adapters OUT_DIR/adapters --out lit-llama-lora-finetuned.pth
 
 The LoRA file loads into lit-llama's generate/lora.py (with the base checkpoint, under
 `with lora(r=..., alpha=..., dropout=...)`); it can only hold q/k/v adapters: for o-proj or
 MLP adapters export --merged, a plain lit-llama checkpoint with the adapters folded in.
+--adapters takes the adapters from an adapters-only directory (train.py's OUT_DIR/adapters)
+instead of the checkpoint's own lora/.
 """
 from __future__ import annotations
 
@@ -24,7 +28,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint_dir", required=True, help="jaxlora checkpoint directory (config.json, params/, lora/)")
+    p.add_argument("--checkpoint_dir", help="jaxlora checkpoint directory (config.json, params/, lora/); "
+                   "not needed for a LoRA file from --adapters")
+    p.add_argument("--adapters", help="adapters-only directory (config.json, lora/), e.g. train.py's "
+                   "OUT_DIR/adapters; used instead of the checkpoint's lora/")
     p.add_argument("--out", required=True, help="the .pth file to write")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--merged", action="store_true",
@@ -37,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     args = p.parse_args(argv)
+    if args.checkpoint_dir is None and (args.adapters is None or args.merged or args.base):
+        p.error("--checkpoint_dir is required (only a LoRA file can be written from --adapters alone)")
 
     from jaxlora.checkpoint_io import CheckpointError
     from jaxlora.convert_stream import checkpoint_to_lit, release_freed_memory
@@ -45,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     kind = "merged" if args.merged else "base" if args.base else "lora"
     try:
         stats = checkpoint_to_lit(args.checkpoint_dir, args.out, kind=kind, dtype=args.dtype,
-                                  overwrite=args.overwrite, progress=not args.quiet)
+                                  overwrite=args.overwrite, progress=not args.quiet, adapters_dir=args.adapters)
     except (StateDictError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"to_lit_llama: error: {e}", file=sys.stderr)
         return 1

@@ -2,9 +2,14 @@
 
 Layout::
 
-    DIR/config.json   {"model": LLaMAConfig fields, "lora": LoRAConfig fields or null}
+    DIR/config.json   {"model": LLaMAConfig fields, "lora": LoRAConfig fields or null,
+                       "base": where the frozen weights came from (adapters-only directories)}
     DIR/params/       the frozen weights: an orbax PyTree checkpoint of our `params` tree
     DIR/lora/         the adapters (only when "lora" is not null): same format, `lora` tree
+
+An adapters-only directory (what `train.py` leaves in OUT_DIR/adapters, like a PEFT adapter
+folder) has config.json and lora/ but no params/; `convert/to_lit_llama.py --adapters` pairs it
+with a base checkpoint directory for a merged export.
 
 Both trees are ordinary orbax checkpoints (non-OCDBT, zarr v2 per leaf), so plain orbax reads
 them: `ocp.PyTreeCheckpointer().restore(DIR / "params")`. Only the array data is written by
@@ -356,6 +361,21 @@ def is_jaxlora_checkpoint(path: str | os.PathLike) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
+def is_adapters_dir(path: str | os.PathLike) -> bool:
+    """True for an adapters-only directory: config.json and lora/, no params/."""
+    path = Path(path)
+    return (path.is_dir() and (path / CONFIG_FILE).is_file() and (path / LORA_DIR).is_dir()
+            and not (path / PARAMS_DIR).exists())
+
+
+def read_base(directory: str | os.PathLike) -> str | None:
+    """The "base" recorded in config.json (adapters-only directories), if any."""
+    try:
+        return json.loads((Path(directory) / CONFIG_FILE).read_text()).get("base")
+    except (OSError, ValueError):
+        return None
+
+
 def read_config(directory: str | os.PathLike) -> tuple[LLaMAConfig, LoRAConfig | None]:
     directory = Path(directory)
     if not directory.is_dir():
@@ -377,23 +397,28 @@ def _has_adapters(lora_config: LoRAConfig | None) -> bool:
     return lora_config is not None and lora_config.r > 0 and bool(lora_config.targets)
 
 
-def write_config(directory: Path, config: LLaMAConfig, lora_config: LoRAConfig | None) -> None:
-    (directory / CONFIG_FILE).write_text(dump_json(config, lora_config) + "\n")
+def write_config(directory: Path, config: LLaMAConfig, lora_config: LoRAConfig | None,
+                 base: str | None = None) -> None:
+    (directory / CONFIG_FILE).write_text(dump_json(config, lora_config, base) + "\n")
 
 
 def save_checkpoint(directory: str | os.PathLike, config: LLaMAConfig, lora_config: LoRAConfig | None,
-                    params: Mapping[str, Any], lora: Mapping[str, Any] | None = None,
-                    overwrite: bool = False) -> Path:
+                    params: Mapping[str, Any] | None, lora: Mapping[str, Any] | None = None,
+                    overwrite: bool = False, base: str | None = None) -> Path:
     """Write config.json, params/ and (when given) lora/ atomically; returns the directory.
 
-    Arrays are written in their own dtype, one layer at a time (numpy or addressable jax arrays).
-    Shapes are checked against the config first; nothing is written when they disagree.
+    params=None with adapters writes an adapters-only directory; `base` records where its
+    frozen weights are (a path or a description). Arrays are written in their own dtype, one
+    layer at a time (numpy or addressable jax arrays), in the stacked layout. Shapes are
+    checked against the config first; nothing is written when they disagree.
     """
     directory = Path(directory).absolute()
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} already exists; pass overwrite=True (--overwrite) to replace it")
     if lora is not None and not _has_adapters(lora_config):
         raise CheckpointError(f"{directory}: adapters given but lora_config is {lora_config}")
+    if params is None and lora is None:
+        raise CheckpointError(f"{directory}: nothing to save (no params, no adapters)")
     expected = expected_variables(config, lora_config if lora is not None else None)
     trees = {PARAMS_DIR: params, LORA_DIR: lora}
     for item in ITEMS:
@@ -401,7 +426,7 @@ def save_checkpoint(directory: str | os.PathLike, config: LLaMAConfig, lora_conf
             flat = flatten(trees[item])
             check_shapes({p: tuple(v.shape) for p, v in flat.items()}, expected.get(item, {}), f"{directory}/{item}")
     with staged_directory(directory, overwrite) as tmp:
-        write_config(tmp, config, lora_config if lora is not None else None)
+        write_config(tmp, config, lora_config if lora is not None else None, base)
         for item in ITEMS:
             if trees[item] is not None:
                 write_tree(tmp / item, trees[item])

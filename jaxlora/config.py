@@ -146,6 +146,10 @@ def parse_targets(spec: str) -> tuple[str, ...]:
     return tuple(aliases.get(t.strip(), t.strip()) for t in spec.split(",") if t.strip())
 
 
-def dump_json(config: LLaMAConfig, lora: LoRAConfig | None) -> str:
-    """The config.json stored beside jaxlora checkpoints."""
-    return json.dumps({"model": config.to_dict(), "lora": lora.to_dict() if lora else None}, indent=2)
+def dump_json(config: LLaMAConfig, lora: LoRAConfig | None, base: str | None = None) -> str:
+    """The config.json stored beside jaxlora checkpoints (`base`: for adapters saved without
+    their frozen weights, where those came from)."""
+    data = {"model": config.to_dict(), "lora": lora.to_dict() if lora else None}
+    if base is not None:
+        data["base"] = base
+    return json.dumps(data, indent=2)

@@ -291,15 +291,18 @@ def _merge_layer(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, mod
     return np.asarray(merged["kernel"])
 
 
-def checkpoint_to_lit(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, kind: str = "lora",
+def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.PathLike, kind: str = "lora",
                       dtype: Any = None, overwrite: bool = False, progress: bool = True,
-                      workers: int = 2, max_bytes_ahead: int = 128 << 20) -> dict[str, float]:
+                      workers: int = 2, max_bytes_ahead: int = 128 << 20,
+                      adapters_dir: str | os.PathLike | None = None) -> dict[str, float]:
     """A jaxlora checkpoint -> one lit-llama .pth file, tensor by tensor, atomically.
 
     kind: "lora" (lit-llama's LoRA file; q/k/v adapters only, else StateDictError),
     "base" (the frozen weights as `lit-llama.pth`), "merged" (base with every adapter folded in,
     as lit-llama's convert_lora_weights.py; any targets). dtype: output dtype (None keeps the
-    stored one). Returns stats (pieces, bytes written, seconds, GB/s).
+    stored one). adapters_dir: take the adapters from this adapters-only directory (what
+    train.py writes) instead of checkpoint_dir's lora/; checkpoint_dir may then be None for
+    kind "lora". Returns stats (pieces, bytes written, seconds, GB/s).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -307,25 +310,38 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike, out: str | os.PathLike,
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else np.dtype(dtype)
-    directory = Path(checkpoint_dir).absolute()
+    if checkpoint_dir is None and (adapters_dir is None or kind != "lora"):
+        raise ValueError(f"kind {kind!r} needs the base checkpoint directory")
+    directory = Path(checkpoint_dir if checkpoint_dir is not None else adapters_dir).absolute()
     config, lora_config = cio.read_config(directory)
+    sources = {cio.PARAMS_DIR: directory, cio.LORA_DIR: directory}
+    if adapters_dir is not None:
+        adapters = Path(adapters_dir).absolute()
+        adapter_config, lora_config = cio.read_config(adapters)
+        if adapter_config != config:
+            diffs = "; ".join(f"{k}: adapters {v}, base {getattr(config, k)}"
+                              for k, v in adapter_config.to_dict().items() if getattr(config, k) != v)
+            raise cio.CheckpointError(f"{adapters}: adapters for another model than {directory} ({diffs})")
+        sources[cio.LORA_DIR] = adapters
     has_lora = cio._has_adapters(lora_config)
+    lora_home = sources[cio.LORA_DIR]
     if kind == "lora":
         if not has_lora:
-            raise cio.CheckpointError(f"{directory}: has no adapters (config.json 'lora' is null); nothing to export "
+            raise cio.CheckpointError(f"{lora_home}: has no adapters (config.json 'lora' is null); nothing to export "
                                       "as a LoRA file (use --base for the weights)")
         lit_llama.lit_lora_compatible(lora_config)
     if kind == "merged" and not has_lora:
-        raise cio.CheckpointError(f"{directory}: has no adapters to merge; use --base")
+        raise cio.CheckpointError(f"{lora_home}: has no adapters to merge; use --base")
     expected = cio.expected_variables(config, lora_config if has_lora else None)
     readers: dict[str, cio.ArrayTreeReader] = {}
     for item in (cio.PARAMS_DIR, cio.LORA_DIR) if kind == "merged" else \
             ((cio.LORA_DIR,) if kind == "lora" else (cio.PARAMS_DIR,)):
-        if not (directory / item).is_dir():
-            raise cio.CheckpointError(f"{directory}: no {item}/ directory (incomplete checkpoint)")
-        readers[item] = cio.ArrayTreeReader(directory / item)
+        where = sources[item] / item
+        if not where.is_dir():
+            raise cio.CheckpointError(f"{sources[item]}: no {item}/ directory (incomplete checkpoint)")
+        readers[item] = cio.ArrayTreeReader(where)
         stored = readers[item].shapes()
-        cio.check_shapes({p: s for p, (s, _) in stored.items()}, expected[item], str(directory / item))
+        cio.check_shapes({p: s for p, (s, _) in stored.items()}, expected[item], str(where))
 
     maps = lit_llama.lora_maps(config, lora_config) if kind == "lora" else lit_llama.base_maps(config)
     lora_paths = set(expected.get(cio.LORA_DIR, {})) if kind == "merged" else set()

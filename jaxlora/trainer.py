@@ -65,6 +65,7 @@ PRECISIONS: dict[str, tuple[Any, Any]] = {  # name -> (compute dtype, frozen-wei
 DEMO_BASE = DEMO_DIR / "lit-llama-demo.pth"
 LIT_SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
 LORA_FILE = "lit-llama-lora-finetuned.pth"
+ADAPTERS_DIR = "adapters"  # the final adapters as an adapters-only jaxlora directory
 RANDOM_BASE = ("none", "random")
 
 # lit-llama's finetune/lora.py, used whenever the preset is one of LIT_PRESETS.
@@ -165,6 +166,7 @@ class TrainResult:
     total_seconds: float = 0.0
     tokens_per_second: float | None = None
     lit_lora_path: str | None = None
+    adapters_dir: str | None = None
     loss_png: str | None = None
     lora: Any = None
 
@@ -564,6 +566,9 @@ def run(args: TrainArgs) -> TrainResult:
     checkpointer.close()
 
     lora_host = jax.device_get(state.lora)
+    from jaxlora.checkpoint_io import save_checkpoint
+    adapters_dir = save_checkpoint(out / ADAPTERS_DIR, config, lora_config, None, lora_host, overwrite=True,
+                                   base=str(a.pretrained_path))
     lit_path = None
     if a.export_lit:
         lit_path = _export_lit(lora_host, config, lora_config, out / LORA_FILE, log)
@@ -581,7 +586,7 @@ def run(args: TrainArgs) -> TrainResult:
         samples_before=baseline.get("samples", []), samples_after=samples,
         train_seconds=round(train_seconds, 2), total_seconds=round(time.time() - t_start, 2),
         tokens_per_second=round(tokens_seen / train_time, 1) if train_time > 0 else None,
-        lit_lora_path=str(lit_path) if lit_path else None, loss_png=str(png) if png else None, lora=lora_host)
+        lit_lora_path=str(lit_path) if lit_path else None, adapters_dir=str(adapters_dir), loss_png=str(png) if png else None, lora=lora_host)
     (out / "summary.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
     if a.verbose:
         print(report(result))
@@ -638,6 +643,10 @@ def report(r: TrainResult) -> str:
             for s in samples:
                 prompt = s["instruction"] + (f" [{s['input']}]" if s.get("input") else "")
                 lines.append(f"  {prompt!r} -> {s['response']!r}   (expected {s['expected']!r})")
-    lines.append(f"outputs in {r.out_dir}: checkpoints/, metrics.jsonl, summary.json"
+    lines.append(f"outputs in {r.out_dir}: {ADAPTERS_DIR}/, checkpoints/, metrics.jsonl, summary.json"
                  + (", loss.png" if r.loss_png else "") + (f", {LORA_FILE}" if r.lit_lora_path else ""))
+    if r.adapters_dir and not r.lit_lora_path:
+        lines.append(f"merged lit-llama checkpoint: python convert/to_lit_llama.py --checkpoint_dir BASE_DIR "
+                     f"--adapters {r.adapters_dir} --merged --out merged.pth  (BASE_DIR: the base as a jaxlora "
+                     "checkpoint, from convert/from_lit_llama.py)")
     return "\n".join(lines)

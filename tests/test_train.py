@@ -297,6 +297,43 @@ def test_run_writes_metrics_plot_and_lit_lora(tmp_path):
     assert sorted(sd)[0] == "transformer.h.0.attn.c_attn.lora_A" and sd["transformer.h.0.attn.c_attn.lora_B"].shape == (128, 4)
 
 
+def test_adapters_dir_gives_a_merged_export_for_any_targets(tmp_path):
+    """o/MLP adapters have no lit-llama LoRA file; the run's adapters/ + the base -> merged .pth."""
+    pytest.importorskip("torch")
+    from jaxlora import checkpoint_io as cio
+    from jaxlora.formats import lit_llama
+    from jaxlora.formats.torch_io import load_state_dict
+    from jaxlora.lora import merge_lora
+    config = LLaMAConfig.from_name("tiny")
+    base = init_variables(LLaMA(config), jax.random.key(5))["params"]
+    cio.save_checkpoint(tmp_path / "base", config, None, base)
+    out = tmp_path / "out"
+    result = trainer.run(tiny_args(out, max_steps=2, pretrained_path=str(tmp_path / "base"),
+                                   lora_targets="q,o,down", export_lit=True, scan_layers=False))
+    assert result.lit_lora_path is None and result.adapters_dir == str(out / trainer.ADAPTERS_DIR)
+    assert cio.is_adapters_dir(out / "adapters") and cio.read_base(out / "adapters") == str(tmp_path / "base")
+    merged_pth = tmp_path / "merged.pth"
+    rc = subprocess.run([sys.executable, str(ROOT / "convert" / "to_lit_llama.py"), "--checkpoint_dir",
+                         str(tmp_path / "base"), "--adapters", str(out / "adapters"), "--merged", "--out",
+                         str(merged_pth), "--quiet"], capture_output=True, text=True)
+    assert rc.returncode == 0, rc.stderr
+    lora_config = LoRAConfig(r=4, alpha=8.0, targets=("q", "o", "down"))
+    want = merge_lora(base, result.lora, lora_config)
+    got = lit_llama.lit_to_params(load_state_dict(merged_pth), config)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(got["h"]["mlp"]["c_proj"]["kernel"], base["h"]["mlp"]["c_proj"]["kernel"])  # merged
+    # Adapters for another model are refused, naming both directories.
+    other = init_variables(LLaMA(LLaMAConfig.from_name("tiny", n_layer=3)), jax.random.key(0))["params"]
+    cio.save_checkpoint(tmp_path / "base3", LLaMAConfig.from_name("tiny", n_layer=3), None, other)
+    rc = subprocess.run([sys.executable, str(ROOT / "convert" / "to_lit_llama.py"), "--checkpoint_dir",
+                         str(tmp_path / "base3"), "--adapters", str(out / "adapters"), "--merged", "--out",
+                         str(tmp_path / "x.pth"), "--quiet"], capture_output=True, text=True)
+    assert rc.returncode == 1 and "adapters for another model than" in rc.stderr and "n_layer: adapters 2, base 3" \
+        in rc.stderr, rc.stderr
+    assert not (tmp_path / "x.pth").exists()
+
+
 # ----------------------------------------------------------------------------- the built-in demo
 
 def test_demo_training_lowers_val_loss_and_improves_exact_match(tmp_path):
