@@ -265,7 +265,7 @@ def load_base_model(pretrained_path: str | os.PathLike | None, preset: str | Non
     from jaxlora.formats.lit_files import load_lit_llama
     from jaxlora.formats.lit_llama import StateDictError
     try:
-        config, _, variables = load_lit_llama(path, param_dtype=param_dtype, config=preset_cfg)
+        config, _, variables = load_lit_llama(path, param_dtype=param_dtype, config=preset_cfg, place=jax.device_put)
     except StateDictError as e:
         if preset_cfg is None:
             raise

@@ -241,6 +241,32 @@ def test_torch_zip_reader_matches_torch_load(tmp_path):
 # Bad input: a clear error and no output
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_lit_llama_reads_tensor_by_tensor_and_matches_the_mapping(tmp_path, dtype):
+    from jaxlora.formats.lit_files import load_lit_llama
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v"))
+    base_path, lora_path, base, adapters, _ = save_lit(tmp_path / "lit", lora, dtype=dtype, seed=7)
+    np_base = {k: tensor_to_numpy(v) for k, v in base.items()}
+    np_lora = {k: tensor_to_numpy(v) for k, v in adapters.items()}
+    placed = []
+    config, lora_config, got = load_lit_llama(base_path, lora_path, lora_alpha=8, lora_dropout=0.0,
+                                              place=lambda a: placed.append(a.shape) or jax.device_put(a))
+    assert config == TINY and lora_config == lora
+    assert len(placed) == len(jax.tree.leaves(got))  # every leaf went through `place`, one at a time
+    want_params = lit_llama.lit_to_params(np_base, TINY)
+    want_lora = lit_llama.lit_to_lora(np_lora, TINY, lora)
+    for x, y in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(want_params)):
+        assert isinstance(x, jax.Array) and x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), y)  # bit-exact, bf16 too
+    for x, y in zip(jax.tree.leaves(got["lora"]), jax.tree.leaves(want_lora)):
+        assert x.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(x), y.astype(np.float32))
+    _, _, cast = load_lit_llama(base_path, param_dtype=jnp.float32)
+    assert all(a.dtype == np.float32 for a in jax.tree.leaves(cast["params"]))
+    with pytest.raises(StateDictError, match=r"lit-llama\.pth: .*shape"):
+        load_lit_llama(base_path, config=LLaMAConfig.from_name("tiny", n_embd=32, n_head=2))
+
+
 @pytest.fixture
 def lit_files(tmp_path):
     return save_lit(tmp_path / "lit", LoRAConfig(r=4, targets=("q", "v")))

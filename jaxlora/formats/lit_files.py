@@ -2,40 +2,51 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.formats import lit_llama
-from jaxlora.formats.torch_io import load_state_dict, save_state_dict
+from jaxlora.formats.torch_io import save_state_dict
+from jaxlora.formats.torch_stream import TorchZipReader
 
 
 def load_lit_llama(checkpoint_path: str | os.PathLike, lora_path: str | os.PathLike | None = None,
                    lora_alpha: float = 16.0, lora_dropout: float = 0.05, param_dtype: Any = None,
-                   config: LLaMAConfig | None = None) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, Any]]:
+                   config: LLaMAConfig | None = None, place: Callable[[np.ndarray], Any] | None = None,
+                   ) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, Any]]:
     """Read a lit-llama base checkpoint (and optionally a LoRA file) into {"params", "lora"}.
 
     The preset is recognised from the weights unless `config` is given. r and the q/k/v
     layout are read from the LoRA file; alpha is not stored by lit-llama, so pass it.
     Frozen weights keep the file's dtype unless `param_dtype` is given; adapters are float32.
-    Loads the whole file into host memory: for large checkpoints use convert/from_lit_llama.py.
+    The files are read tensor by tensor (no torch needed); each stacked leaf is passed to
+    `place` when complete (e.g. `jax.device_put`: the host then holds one leaf at a time,
+    not the checkpoint), else the variables are numpy arrays.
     """
-    sd = load_state_dict(checkpoint_path)
+    def finish(dtype: Any) -> Callable[[np.ndarray], Any]:
+        def put(leaf: np.ndarray) -> Any:
+            leaf = leaf if dtype is None else leaf.astype(dtype, copy=False)
+            return place(leaf) if place else leaf
+        return put
+
     source = str(checkpoint_path)
-    config = config or lit_llama.infer_config({k: v.shape for k, v in sd.items()}, source)
-    params = lit_llama.lit_to_params(sd, config, source)
-    if param_dtype is not None:
-        params = jax.tree.map(lambda a: a.astype(param_dtype), params)
+    with TorchZipReader(checkpoint_path) as reader:
+        shapes = reader.shapes()
+        config = config or lit_llama.infer_config(shapes, source)
+        params = lit_llama.read_tree(reader.read, shapes, lit_llama.base_maps(config), config.n_layer, source,
+                                     place=finish(param_dtype)).get("params", {})
     variables: dict[str, Any] = {"params": params}
     lora_config = None
     if lora_path is not None:
-        lsd = load_state_dict(lora_path)
-        lora_config = lit_llama.infer_lora({k: v.shape for k, v in lsd.items()}, config.n_embd, lora_alpha,
-                                           lora_dropout, str(lora_path))
-        lora = lit_llama.lit_to_lora(lsd, config, lora_config, str(lora_path))
-        variables["lora"] = jax.tree.map(lambda a: a.astype(np.float32), lora)
+        with TorchZipReader(lora_path) as reader:
+            shapes = reader.shapes()
+            lora_config = lit_llama.infer_lora(shapes, config.n_embd, lora_alpha, lora_dropout, str(lora_path))
+            variables["lora"] = lit_llama.read_tree(reader.read, shapes, lit_llama.lora_maps(config, lora_config),
+                                                    config.n_layer, str(lora_path),
+                                                    place=finish(np.float32)).get("lora", {})
     return config, lora_config, variables
 
 

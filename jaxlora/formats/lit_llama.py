@@ -155,12 +155,32 @@ def check_state_dict(shapes: Mapping[str, tuple[int, ...]], maps: Iterable[Tenso
 def lit_to_tree(state_dict: Mapping[str, np.ndarray], maps: Iterable[TensorMap], n_layer: int,
                 source: str = "state dict", allow_extra: bool = False) -> dict[str, Any]:
     """A lit-llama state dict -> our nested variables (layers stacked), after validation."""
+    return read_tree(lambda key: np.asarray(state_dict[key]), {k: tuple(v.shape) for k, v in state_dict.items()},
+                     maps, n_layer, source, allow_extra)
+
+
+def read_tree(read: Callable[[str], np.ndarray], shapes: Mapping[str, tuple[int, ...]], maps: Iterable[TensorMap],
+              n_layer: int, source: str = "state dict", allow_extra: bool = False,
+              place: Callable[[np.ndarray], Any] | None = None) -> dict[str, Any]:
+    """Our nested variables from lit-llama tensors fetched one at a time by `read(key)`.
+
+    `shapes` (every key of the source) is validated first. Each finished leaf goes through
+    `place` (e.g. a cast and `jax.device_put`), so with a lazy `read` the host holds at most
+    one stacked leaf, never the whole checkpoint.
+    """
     maps = list(maps)
-    check_state_dict({k: tuple(v.shape) for k, v in state_dict.items()}, maps, n_layer, source, allow_extra)
+    check_state_dict(shapes, maps, n_layer, source, allow_extra)
     tree: dict[str, Any] = {}
     for m in maps:
-        slices = [m.to_ours(np.asarray(state_dict[k])) for k in m.keys(n_layer)]
-        _set(tree, m.path, np.stack(slices) if m.layered else slices[0])
+        keys = m.keys(n_layer)
+        first = m.to_ours(read(keys[0]))
+        leaf = first
+        if m.layered:
+            leaf = np.empty((len(keys),) + first.shape, first.dtype)
+            leaf[0] = first
+            for i, key in enumerate(keys[1:], 1):
+                leaf[i] = m.to_ours(read(key))
+        _set(tree, m.path, place(leaf) if place else leaf)
     return tree
 
 
