@@ -250,27 +250,31 @@ def layered(model: LLaMA, tree: Mapping[str, Any]) -> dict[str, Any]:
     return stack_layers(tree) if model.scan_layers else unstack_layers(tree, model.config.n_layer)
 
 
-def split_layers_on_device(model: LLaMA, params: Mapping[str, Any]) -> dict[str, Any]:
+def split_layers_on_device(model: LLaMA, params: Mapping[str, Any], shardings: Mapping[str, Any] | None = None,
+                           ) -> dict[str, Any]:
     """Frozen weights in `model`'s layout, converted on the device one stacked leaf at a time.
 
     Consumes `params`: each stacked leaf is donated to the program that slices it, so the
     peak is the weights plus their largest stacked leaf, not twice the weights. Do not use
-    the argument afterwards.
+    the argument afterwards. shardings: the per-layer params' shardings (from
+    `jaxlora.sharding.variable_shardings(model, mesh, as_run=True)["params"]`); None lets
+    the compiler choose (a single device: that device).
     """
     if model.scan_layers or STACKED not in params:
         return layered(model, params)
     n = model.config.n_layer
-    split = jax.jit(lambda x: tuple(x[i] for i in range(n)), donate_argnums=0)
+    leaves, treedef = jax.tree.flatten(params[STACKED])
+    targets = jax.tree.leaves(shardings[f"{STACKED}_0"]) if shardings is not None else [None] * len(leaves)
+    pieces = []
     with warnings.catch_warnings():  # CPU cannot donate; the copy is then transient, as documented
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-        leaves, treedef = jax.tree.flatten(params[STACKED])
-        pieces = []
-        for k, leaf in enumerate(leaves):
+        for k, (leaf, target) in enumerate(zip(leaves, targets)):
+            split = jax.jit(lambda x: tuple(x[i] for i in range(n)), donate_argnums=0,
+                            out_shardings=None if target is None else (target,) * n)
             pieces.append(split(leaf))
             leaves[k] = None  # drop our reference so the donated buffer can go
-    per_layer = [jax.tree.unflatten(treedef, [p[i] for p in pieces]) for i in range(n)]
     out = {k: v for k, v in params.items() if k != STACKED}
-    out.update({f"{STACKED}_{i}": layer for i, layer in enumerate(per_layer)})
+    out.update({f"{STACKED}_{i}": jax.tree.unflatten(treedef, [p[i] for p in pieces]) for i in range(n)})
     return out
 
 
@@ -286,7 +290,9 @@ def abstract_variables(model: LLaMA) -> dict[str, Any]:
                                                                  jnp.zeros((1, 8), jnp.int32))))
 
 
-def logical_axes(model: LLaMA) -> dict[str, Any]:
-    """PartitionSpecs of logical axis names for every variable, stacked layout (for sharding rules)."""
-    boxed = jax.eval_shape(lambda: canonical(model).init({"params": jax.random.key(0)}, jnp.zeros((1, 8), jnp.int32)))
+def logical_axes(model: LLaMA, as_run: bool = False) -> dict[str, Any]:
+    """PartitionSpecs of logical axis names for every variable (for sharding rules): stacked
+    layout, or with as_run the layout the model reads (per-layer for scan_layers=False)."""
+    source = model if as_run else canonical(model)
+    boxed = jax.eval_shape(lambda: source.init({"params": jax.random.key(0)}, jnp.zeros((1, 8), jnp.int32)))
     return nn.get_partition_spec(boxed)

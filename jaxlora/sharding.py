@@ -43,9 +43,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     return Mesh(np.array(devices).reshape(data, fsdp, tensor), MESH_AXES)
 
 
-def variable_shardings(model: LLaMA, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
-    """NamedShardings for {"params", "lora"}, from the model's logical axis names."""
-    return nn.logical_to_mesh_sharding(logical_axes(model), mesh, rules)
+def variable_shardings(model: LLaMA, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+                       as_run: bool = False) -> Any:
+    """NamedShardings for {"params", "lora"}, from the model's logical axis names: in the
+    stacked (stored) layout, or with as_run in the layout the model reads (per-layer weights
+    for scan_layers=False; pass those to `jaxlora.model.split_layers_on_device`)."""
+    return nn.logical_to_mesh_sharding(logical_axes(model, as_run), mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:

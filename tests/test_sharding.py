@@ -43,6 +43,19 @@ SCRIPT = textwrap.dedent("""
     np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(state.lora), jax.tree.leaves(ref_state.lora)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+    # Per-layer weights (scan_layers=False): split on the mesh, same result; adapters stay stacked.
+    from jaxlora.model import split_layers_on_device
+    per_layer = model.clone(scan_layers=False)
+    step = make_train_step(per_layer, optimizer, donate=False)
+    run_sh = variable_shardings(per_layer, mesh, as_run=True)
+    split = split_layers_on_device(per_layer, jax.device_put(variables["params"], sh["params"]), run_sh["params"])
+    fc1 = split["h_1"]["mlp"]["c_fc1"]["kernel"]
+    assert fc1.sharding == run_sh["params"]["h_1"]["mlp"]["c_fc1"]["kernel"] and fc1.addressable_shards[0].data.shape == (32, 128)
+    state, m = run(split, lora, jax.device_put(batch, batch_sharding(mesh)))
+    np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state.lora), jax.tree.leaves(ref_state.lora)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     print("OK")
 """)
 
