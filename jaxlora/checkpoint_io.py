@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -58,6 +59,17 @@ class CheckpointError(ValueError):
 def _ocp() -> Any:
     import orbax.checkpoint as ocp
     return ocp
+
+
+@contextlib.contextmanager
+def _absl_errors_only() -> Iterator[None]:
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _ts() -> Any:
@@ -212,7 +224,8 @@ class ArrayTreeWriter:
         self._pending: list[tuple[Any, int]] = []
         placeholder = unflatten({p: np.zeros((1,) * len(shape), dtype) for p, (shape, dtype) in self.leaves.items()})
         checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
-        checkpointer.save(self.item_dir, args=ocp.args.PyTreeSave(placeholder))
+        with _absl_errors_only():  # orbax warns that it found no OCDBT data to merge: none was asked for
+            checkpointer.save(self.item_dir, args=ocp.args.PyTreeSave(placeholder))
         context = _ts_context(sync=False)
         self.arrays: dict[Path_, Any] = {}
         for path, (shape, dtype) in self.leaves.items():
