@@ -14,6 +14,9 @@ def test_readme_api_example_runs():
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (2, 16, namespace["config"].padded_vocab_size)
     assert set(namespace["merged"]) == set(namespace["variables"]["params"])
+    import numpy as np
+    np.testing.assert_allclose(np.asarray(namespace["logits_fast"]), np.asarray(namespace["logits"]), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_readme_first_two_commands():
