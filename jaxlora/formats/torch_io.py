@@ -1,12 +1,12 @@
-"""Reading and writing PyTorch `.pth` state dicts as numpy, bit-exactly (bf16 included).
+"""Writing PyTorch `.pth` state dicts from numpy, bit-exactly (bf16 included), atomically.
 
-torch is imported lazily: only code paths that touch PyTorch files need it.
+torch is imported lazily: only code paths that write PyTorch files need it. Reading needs no
+torch: `jaxlora.formats.torch_stream.TorchZipReader`.
 """
 from __future__ import annotations
 
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,34 +38,6 @@ def numpy_to_tensor(a: np.ndarray) -> Any:
     if a.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
     return torch.from_numpy(a.copy())
-
-
-def open_state_dict(path: str | os.PathLike) -> Mapping[str, Any]:
-    """A `torch.save`d flat state dict, memory-mapped (tensors are read when touched).
-
-    Raises a ValueError naming the file when it is missing, not a torch zip file,
-    truncated, or not a flat dict of tensors.
-    """
-    torch = require_torch()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a PyTorch zip checkpoint (truncated, or saved with the legacy format)")
-    try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt archives
-        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint: {e}") from e
-    if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
-        sd = sd["model"]  # lit-llama's training checkpoints nest the weights
-    if not isinstance(sd, Mapping) or not all(hasattr(v, "shape") for v in sd.values()):
-        raise ValueError(f"{path}: expected a flat dict of tensors, got {type(sd).__name__}")
-    return sd
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The whole state dict as numpy arrays (fine for LoRA files and small models)."""
-    return {k: tensor_to_numpy(v) for k, v in open_state_dict(path).items()}
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
