@@ -224,8 +224,9 @@ def test_base_checkpoint_that_does_not_match_the_preset(tmp_path):
     config = LLaMAConfig.from_name("tiny")
     params = init_variables(LLaMA(config), jax.random.key(0))["params"]
     save_lit_base(params, config, tmp_path / "tiny.pth")
-    with pytest.raises(ValueError, match=r"tiny\.pth: missing key 'transformer\.h\.2\.rms_1\.scale'.* do not fit "
-                                         r"preset 'demo' \(n_layer=4, n_embd=128"):
+    with pytest.raises(ValueError, match=r"tiny\.pth: key 'transformer\.wte\.weight' has shape \(128, 64\), expected "
+                                         r"\(1024, 128\).*in all 17 wrong shapes, 14 missing and 0 unexpected keys.* do not fit preset 'demo' "
+                                         r"\(n_layer=4, n_embd=128"):
         trainer.run(tiny_args(tmp_path / "out", preset="demo", pretrained_path=str(tmp_path / "tiny.pth")))
 
 

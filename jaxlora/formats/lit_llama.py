@@ -140,15 +140,20 @@ def lit_lora_compatible(lora: LoRAConfig) -> None:
 
 def check_state_dict(shapes: Mapping[str, tuple[int, ...]], maps: Iterable[TensorMap], n_layer: int,
                      source: str = "state dict", allow_extra: bool = False) -> None:
-    """Raise StateDictError naming every missing key, unexpected key and shape mismatch."""
+    """Raise StateDictError naming every shape mismatch, missing key and unexpected key, in
+    that order (a wrong model size shows first as wte/layer shapes, not as a list of keys)."""
     expected = {key: m.lit_shape for m in maps for key in m.keys(n_layer)}
-    problems = [f"missing key {k!r} (expected shape {expected[k]})" for k in expected if k not in shapes]
-    if not allow_extra:
-        problems += [f"unexpected key {k!r} (shape {tuple(shapes[k])})" for k in shapes if k not in expected]
-    problems += [f"key {k!r} has shape {tuple(shapes[k])}, expected {expected[k]}"
-                 for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
+    mismatched = [f"key {k!r} has shape {tuple(shapes[k])}, expected {expected[k]}"
+                  for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
+    missing = [f"missing key {k!r} (expected shape {expected[k]})" for k in expected if k not in shapes]
+    unexpected = [] if allow_extra else [f"unexpected key {k!r} (shape {tuple(shapes[k])})"
+                                         for k in shapes if k not in expected]
+    problems = mismatched + missing + unexpected
     if problems:
-        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        more = ""
+        if len(problems) > 10:
+            more = (f" (and {len(problems) - 10} more; in all {len(mismatched)} wrong shapes, {len(missing)} missing "
+                    f"and {len(unexpected)} unexpected keys)")
         raise StateDictError(f"{source}: " + "; ".join(problems[:10]) + more)
 
 
