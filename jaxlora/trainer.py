@@ -78,7 +78,7 @@ LIT_LLAMA_RECIPE: dict[str, Any] = dict(
     eval_interval=100, eval_iters=100, save_interval=100, val_size=2000,
     precision="bf16-true", mask_inputs=False, exact_match_samples=0, max_new_tokens=100, sample_instruction=LIT_SAMPLE_INSTRUCTION,
     # Fastest measured on an H100 (docs/benchmarks.md): per-layer weights in an unrolled layer
-    # loop (~2 min compile per bucket length) and matmul-output remat (+4%, 30% less
+    # loop (~30 s compile per bucket length) and matmul-output remat (+4%, 30% less
     # activation memory).
     scan_layers=False, scan_unroll=1, remat="dots_no_batch",
 )
