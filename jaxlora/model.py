@@ -152,9 +152,9 @@ class LLaMA(nn.Module):
       scan_layers: True: the layers are one `nn.scan` over weights stacked on a leading axis
         (variables under "h"; quick to compile). False: a Python loop of per-layer blocks
         h_0 ... h_{n-1}, each with its own weights: no loop and no per-layer slicing of
-        stacked weights (fastest on GPU; 7B compiles in ~30 s instead of ~5 s on an H100). Either way checkpoints,
-        converters and the train state keep the stacked layout; `layered` and
-        `split_layers_on_device` convert (see "Variable layouts" below).
+        stacked weights (fastest on GPU; 7B compiles in ~30 s instead of ~5 s on an H100).
+        Either way checkpoints, converters and the train state keep the stacked layout;
+        `layered` and `split_layers_on_device` convert (see "Variable layouts" below).
       scan_unroll: layers per scan iteration when scanning; 0 or n_layer unrolls the scan
         fully (stacked weights sliced per layer inside the program).
     """
