@@ -21,3 +21,18 @@ def test_train_throughput_smoke(tmp_path):
     assert row["loss"] > 0 and row["batch"] == 2 and row["seq"] == 64
     assert row["tokens_per_s_synced"] > 0
     assert "device busy per step" in out and (tmp_path / "2x64" / "hlo.txt.gz").exists()  # the profile ran
+
+
+def test_throughput_plot_from_logs(tmp_path):
+    import pytest
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "runs.log"
+    log.write_text("\n".join([
+        "not json",
+        json.dumps({"bench": "jaxlora", "batch": 2, "seq": 64, "scan_layers": 0, "tokens_per_s": 100.5, "mfu": 0.5}),
+        json.dumps({"peer": "peft", "batch": 2, "seq": 64, "tokens_per_s": 60.0}),
+    ]))
+    out = tmp_path / "t.png"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "plot_throughput.py"), str(log), "--out", str(out)],
+                   check=True, capture_output=True, timeout=120)
+    assert out.read_bytes()[:4] == b"\x89PNG"
