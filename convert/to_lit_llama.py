@@ -4,6 +4,7 @@
     python convert/to_lit_llama.py --checkpoint_dir D --out lit-llama-lora-merged-weights.pth --merged
     python convert/to_lit_llama.py --checkpoint_dir D --out lit-llama.pth --base
     python convert/to_lit_llama.py --checkpoint_dir BASE --adapters OUT_DIR/adapters --merged --out merged.pth
+    python convert/to_lit_llama.py --checkpoint_dir lit-llama.pth --adapters OUT_DIR/adapters --merged --out merged.pth
     python convert/to_lit_llama.py --adapters OUT_DIR/adapters --out lit-llama-lora-finetuned.pth
 
 The LoRA file loads into lit-llama's generate/lora.py (with the base checkpoint, under
@@ -29,7 +30,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_dir", help="jaxlora checkpoint directory (config.json, params/, lora/); "
-                   "not needed for a LoRA file from --adapters")
+                   "for --merged with --adapters also lit-llama's base .pth itself; not needed for a LoRA "
+                   "file from --adapters")
     p.add_argument("--adapters", help="adapters-only directory (config.json, lora/), e.g. train.py's "
                    "OUT_DIR/adapters; used instead of the checkpoint's lora/")
     p.add_argument("--out", required=True, help="the .pth file to write")

@@ -8,6 +8,7 @@ of ours, one lit tensor per layer) and hold at most a few single-layer tensors a
   with the file) and written layer by layer into the checkpoint's zarr arrays.
 - `checkpoint_to_lit`: DIR -> lit-llama LoRA file, base checkpoint, or merged checkpoint
   (adapters folded into the weights with `jaxlora.lora.merge_lora`, one layer at a time).
+  For a merged export the base may also be lit-llama's own `.pth` (`LitBaseReader`).
 
 Everything is validated (keys, shapes, preset, r, layer count, existing output) before the
 first byte is written, and outputs appear under their final name only when complete.
@@ -291,6 +292,36 @@ def _merge_layer(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, mod
     return np.asarray(merged["kernel"])
 
 
+class LitBaseReader:
+    """A lit-llama base `.pth` seen as our `params` tree, read per layer: the reading side of
+    `cio.ArrayTreeReader` that `checkpoint_to_lit` uses (shapes, chunks, read)."""
+
+    def __init__(self, path: str | os.PathLike, config: LLaMAConfig) -> None:
+        self.path = Path(path)
+        self.reader = TorchZipReader(path)
+        self.n_layer = config.n_layer
+        self.maps = {m.path[1:]: m for m in lit_llama.base_maps(config)}
+        lit_llama.check_state_dict(self.reader.shapes(), self.maps.values(), self.n_layer, str(self.path))
+        ours = cio.expected_variables(config, None)[cio.PARAMS_DIR]
+        dtypes = self.reader.dtypes()
+        self._shapes = {p: (tuple(ours[p].shape), np.dtype(dtypes[m.keys(self.n_layer)[0]]))
+                        for p, m in self.maps.items()}
+
+    def shapes(self) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+        return dict(self._shapes)
+
+    def chunks(self, path: tuple[str, ...]) -> None:
+        return None  # whole tensors: a lit file has no chunk layout to follow
+
+    def read(self, path: tuple[str, ...], where: Any = None) -> np.ndarray:
+        m = self.maps[path]
+        key = m.keys(self.n_layer)[where] if m.layered else m.lit_key
+        return m.to_ours(self.reader.read(key))
+
+    def close(self) -> None:
+        self.reader.close()
+
+
 def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.PathLike, kind: str = "lora",
                       dtype: Any = None, overwrite: bool = False, progress: bool = True,
                       workers: int = 2, max_bytes_ahead: int = 128 << 20,
@@ -312,8 +343,19 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
     dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else np.dtype(dtype)
     if checkpoint_dir is None and (adapters_dir is None or kind != "lora"):
         raise ValueError(f"kind {kind!r} needs the base checkpoint directory")
-    directory = Path(checkpoint_dir if checkpoint_dir is not None else adapters_dir).absolute()
-    config, lora_config = cio.read_config(directory)
+    lit_base = None
+    if checkpoint_dir is not None and Path(checkpoint_dir).is_file():  # lit-llama's own base .pth
+        if kind != "merged" or adapters_dir is None:
+            raise ValueError(f"{checkpoint_dir}: a lit-llama .pth serves as the base only for a merged export "
+                             "with --adapters; convert it first for anything else (convert/from_lit_llama.py)")
+        with TorchZipReader(checkpoint_dir) as reader:
+            config = lit_llama.infer_config(reader.shapes(), str(checkpoint_dir))
+        lit_base = Path(checkpoint_dir)
+        directory = Path(checkpoint_dir).absolute()
+        lora_config = None
+    else:
+        directory = Path(checkpoint_dir if checkpoint_dir is not None else adapters_dir).absolute()
+        config, lora_config = cio.read_config(directory)
     sources = {cio.PARAMS_DIR: directory, cio.LORA_DIR: directory}
     if adapters_dir is not None:
         adapters = Path(adapters_dir).absolute()
@@ -336,6 +378,9 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
     readers: dict[str, cio.ArrayTreeReader] = {}
     for item in (cio.PARAMS_DIR, cio.LORA_DIR) if kind == "merged" else \
             ((cio.LORA_DIR,) if kind == "lora" else (cio.PARAMS_DIR,)):
+        if item == cio.PARAMS_DIR and lit_base is not None:
+            readers[item] = LitBaseReader(lit_base, config)  # validates keys and shapes
+            continue
         where = sources[item] / item
         if not where.is_dir():
             raise cio.CheckpointError(f"{sources[item]}: no {item}/ directory (incomplete checkpoint)")
@@ -383,5 +428,10 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
                         yield value
                 yield it.key, RowBlocks(it.map.lit_shape, out_dtype[it.map.path], blocks())
 
-    write_torch_zip(out, stream())
+    try:
+        write_torch_zip(out, stream())
+    finally:
+        for reader in readers.values():
+            if isinstance(reader, LitBaseReader):
+                reader.close()
     return meter.stats()

@@ -646,7 +646,7 @@ def report(r: TrainResult) -> str:
     lines.append(f"outputs in {r.out_dir}: {ADAPTERS_DIR}/, checkpoints/, metrics.jsonl, summary.json"
                  + (", loss.png" if r.loss_png else "") + (f", {LORA_FILE}" if r.lit_lora_path else ""))
     if r.adapters_dir and not r.lit_lora_path:
-        lines.append(f"merged lit-llama checkpoint: python convert/to_lit_llama.py --checkpoint_dir BASE_DIR "
-                     f"--adapters {r.adapters_dir} --merged --out merged.pth  (BASE_DIR: the base as a jaxlora "
-                     "checkpoint, from convert/from_lit_llama.py)")
+        lines.append(f"merged lit-llama checkpoint: python convert/to_lit_llama.py --checkpoint_dir BASE "
+                     f"--adapters {r.adapters_dir} --merged --out merged.pth  (BASE: the base's lit-llama .pth "
+                     "or jaxlora checkpoint directory)")
     return "\n".join(lines)

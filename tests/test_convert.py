@@ -209,6 +209,26 @@ def test_merged_export_equals_base_plus_adapters(tmp_path):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_export_from_lit_base_pth_equals_from_directory(tmp_path, dtype):
+    """Adapters-only dir + lit-llama's own base .pth -> the same merged file as via a converted base."""
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v", "o", "down"))
+    base_path, _, _, _, _ = save_lit(tmp_path / "lit", LoRAConfig(r=0, targets=()), dtype=dtype, seed=4)
+    lit_to_checkpoint(base_path, tmp_path / "base", progress=False)
+    adapters = tiny_variables(lora, seed=5)["lora"]
+    cio.save_checkpoint(tmp_path / "adapters", TINY, lora, None, adapters, base=str(base_path))
+    checkpoint_to_lit(tmp_path / "base", tmp_path / "from_dir.pth", kind="merged", adapters_dir=tmp_path / "adapters",
+                      progress=False)
+    checkpoint_to_lit(base_path, tmp_path / "from_pth.pth", kind="merged", adapters_dir=tmp_path / "adapters",
+                      progress=False)
+    want = torch.load(tmp_path / "from_dir.pth", weights_only=True)
+    assert_same_file(tmp_path / "from_pth.pth", want)  # bit-identical, keys in lit-llama's order
+    assert want["transformer.h.0.attn.c_proj.weight"].dtype == dtype
+    with pytest.raises(ValueError, match=r"lit-llama\.pth: a lit-llama \.pth serves as the base only for a merged"):
+        checkpoint_to_lit(base_path, tmp_path / "x.pth", kind="base", progress=False)
+    no_leftovers(tmp_path, "x.pth")
+
+
 # ---------------------------------------------------------------------------------------------
 # The torch zip reader / writer
 
