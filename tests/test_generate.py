@@ -21,9 +21,12 @@ def model_and_vars():
     return model, variables
 
 
+_APPLY = {}
+
+
 def naive_greedy(model, variables, prompt, n, vocab_size=None):
     ids = list(prompt)
-    apply = jax.jit(model.apply)
+    apply = _APPLY.setdefault(model, jax.jit(model.apply))  # one jit per model: each length compiles once
     for _ in range(n):
         logits = np.asarray(apply(variables, np.asarray([ids], np.int32)))[0, -1]
         ids.append(int(np.argmax(logits[:vocab_size or model.config.vocab_size])))
