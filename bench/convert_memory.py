@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -37,7 +38,7 @@ from jaxlora.formats import lit_llama  # noqa: E402
 from jaxlora.formats.torch_stream import write_torch_zip  # noqa: E402
 
 
-def synthetic_items(config: LLaMAConfig, dtype: np.dtype, seed: int = 0):
+def synthetic_items(config: LLaMAConfig, dtype: np.dtype, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
     """(key, array) of a lit-llama base checkpoint, one tensor at a time; cheap pseudo-random fill."""
     rng = np.random.default_rng(seed)
     block = (0.02 * rng.standard_normal(1 << 20)).astype(dtype)

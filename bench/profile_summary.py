@@ -18,6 +18,7 @@ import glob
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Iterator
 
 # Kernel-name patterns, checked in order (first match wins).
 KINDS = (
@@ -48,7 +49,7 @@ def newest_trace(trace_dir: str) -> str:
     return max(files, key=os.path.getmtime)
 
 
-def device_events(path: str):
+def device_events(path: str) -> Iterator[tuple[str, str, float, float]]:
     """(kernel name, hlo op, start ns, duration ns) of every event on a device plane (GPU), else XLA CPU thunks."""
     from jax.profiler import ProfileData
 

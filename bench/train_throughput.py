@@ -30,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,7 +68,8 @@ def device_peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def profile_steps(args: argparse.Namespace, compiled, state, params, batches, tag: str) -> None:
+def profile_steps(args: argparse.Namespace, compiled: Any, state: Any, params: Any, batches: list,
+                  tag: str) -> None:
     """Trace a few more steps into args.profile/tag, save the optimized HLO, print the summary."""
     import gzip
 
@@ -85,7 +87,7 @@ def profile_steps(args: argparse.Namespace, compiled, state, params, batches, ta
     summarise(out, steps=args.profile_steps)
 
 
-def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, params) -> dict:
+def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, params: Any) -> tuple[dict, Any]:
     knobs = {"attention": args.attention, "remat": args.remat, "scan_layers": args.scan_layers,
              "scan_unroll": args.scan_unroll,
              "loss_chunk": args.loss_chunk, "rng_impl": args.rng_impl, "donate": args.donate, "dropout": args.lora_dropout, **variant}

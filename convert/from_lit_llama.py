@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def parse_model_config(spec: str | None):
+def parse_model_config(spec: str | None) -> "LLaMAConfig | None":
     """None, a preset name ('7B'), or JSON of LLaMAConfig fields ('{"n_layer": 4, ...}' or a .json file)."""
     from jaxlora.config import PRESETS, LLaMAConfig
     if spec is None:
