@@ -34,12 +34,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jaxlora.config import LLaMAConfig, LoRAConfig, parse_targets  # noqa: E402
-from jaxlora.model import LLaMA, canonical, init_variables, split_layers_on_device  # noqa: E402
+from jaxlora.model import LLaMA, init_adapters, init_variables, split_layers_on_device  # noqa: E402
 from jaxlora.optim import make_optimizer  # noqa: E402
 from jaxlora.steps import init_train_state, make_train_step  # noqa: E402
 
@@ -100,8 +99,7 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, par
     if params is None:  # frozen weights are built once per process and shared by the variants
         params = split_layers_on_device(model, init_variables(model, jax.random.key(0))["params"])
     # Adapters only: XLA drops the unused frozen-weight initialisers from this program.
-    lora_vars = jax.jit(lambda k: nn.unbox(canonical(model).init({"params": k}, jnp.zeros((1, 8), jnp.int32)))["lora"])(
-        jax.random.key(1))
+    lora_vars = init_adapters(model, jax.random.key(1))
     state = init_train_state(lora_vars, optimizer, rng_impl=knobs["rng_impl"])
     step = make_train_step(model, optimizer, chunk_tokens=knobs["loss_chunk"], donate=bool(knobs["donate"]))
     keys = jax.random.split(jax.random.key(2), 4)

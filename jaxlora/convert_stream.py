@@ -313,10 +313,13 @@ class LitBaseReader:
     def chunks(self, path: tuple[str, ...]) -> None:
         return None  # whole tensors: a lit file has no chunk layout to follow
 
-    def read(self, path: tuple[str, ...], where: Any = None) -> np.ndarray:
+    def read_lit(self, path: tuple[str, ...], where: Any = None) -> np.ndarray:
+        """The lit-llama tensor behind our leaf `path` (layer `where`), in lit-llama's layout."""
         m = self.maps[path]
-        key = m.keys(self.n_layer)[where] if m.layered else m.lit_key
-        return m.to_ours(self.reader.read(key))
+        return self.reader.read(m.keys(self.n_layer)[where] if m.layered else m.lit_key)
+
+    def read(self, path: tuple[str, ...], where: Any = None) -> np.ndarray:
+        return self.maps[path].to_ours(self.read_lit(path, where))
 
     def close(self) -> None:
         self.reader.close()
@@ -395,9 +398,12 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
     items = _blocked(_items(maps, config.n_layer), lambda m: readers[m.path[0]].chunks(m.path[1:]))
 
     def task(it: _Item) -> tuple[_Item, np.ndarray]:
-        path = it.map.path[1:]
-        value = readers[it.map.path[0]].read(path, it.where).astype(out_dtype[it.map.path], copy=False)
-        if path[-1] == "kernel" and path[:-1] + ("lora_A",) in lora_paths:
+        path, source = it.map.path[1:], readers[it.map.path[0]]
+        merge = path[-1] == "kernel" and path[:-1] + ("lora_A",) in lora_paths
+        if isinstance(source, LitBaseReader) and not merge:  # already in lit-llama's layout: no round trip
+            return it, source.read_lit(path, it.where).astype(out_dtype[it.map.path], copy=False)
+        value = source.read(path, it.where).astype(out_dtype[it.map.path], copy=False)
+        if merge:
             # merged into the output dtype: the float32 sum is rounded once
             lora = readers[cio.LORA_DIR]
             value = _merge_layer(value, lora.read(path[:-1] + ("lora_A",), it.where),

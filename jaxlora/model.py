@@ -284,6 +284,13 @@ def init_variables(model: LLaMA, rng: Array, seq_len: int = 8) -> dict[str, Any]
     return jax.jit(lambda key: nn.unbox(canonical(model).init({"params": key}, dummy)))(rng)
 
 
+def init_adapters(model: LLaMA, rng: Array) -> dict[str, Any]:
+    """Fresh adapters (A random, B zero), stacked layout; the frozen weights' initialisers are
+    dropped by XLA (their results are unused), so nothing of the base's size is allocated."""
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    return jax.jit(lambda key: nn.unbox(canonical(model).init({"params": key}, dummy)).get("lora", {}))(rng)
+
+
 def abstract_variables(model: LLaMA) -> dict[str, Any]:
     """Shapes and dtypes of every variable, stacked layout (jax.ShapeDtypeStruct), allocating nothing."""
     return nn.unbox(jax.eval_shape(lambda: canonical(model).init({"params": jax.random.key(0)},

@@ -149,7 +149,7 @@ def make_train_step(model: LLaMA, optimizer: optax.GradientTransformation, chunk
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
         lora = optax.apply_updates(state.lora, updates)
-        metrics = {"loss": total / denom, "tokens": count, "grad_norm": _global_norm(grads)}
+        metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, lora=lora, opt_state=opt_state), metrics
 
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
@@ -159,7 +159,3 @@ def make_eval_step(model: LLaMA, chunk_tokens: int = 0) -> Callable[[Any, Any, d
     """A jitted eval_step(lora, params, batch (B, T)) -> (summed NLL, token count), no dropout."""
     loss_sum = make_loss_fn(model, chunk_tokens)
     return jax.jit(lambda lora, params, batch: loss_sum(lora, params, batch["input_ids"], batch["labels"], None))
-
-
-def _global_norm(tree: Any) -> Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

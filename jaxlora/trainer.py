@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,7 +47,7 @@ from jaxlora.config import LLaMAConfig, LoRAConfig, parse_targets
 from jaxlora.data import (DEMO_DIR, Batcher, DataError, eval_batches, generate_prompt, load_prepared, load_records,
                           prepare_records, split_records)
 from jaxlora.generate import greedy_generate
-from jaxlora.model import LLaMA, canonical, init_variables, split_layers_on_device
+from jaxlora.model import LLaMA, init_adapters, init_variables, split_layers_on_device
 from jaxlora.optim import SCHEDULES, learning_rate_schedule, make_optimizer
 from jaxlora.steps import TrainState, init_train_state, make_eval_step, make_train_step
 from jaxlora.tokenizer import Tokenizer
@@ -311,11 +310,8 @@ def load_data(a: TrainArgs, tokenizer: Tokenizer, log: Callable[[str], None]) ->
 
 
 def init_lora(model: LLaMA, seed: int) -> Any:
-    """Fresh adapters (A random, B zero), stacked layout, without materialising the frozen
-    weights (XLA drops them)."""
-    key = jax.random.fold_in(jax.random.key(seed), 0x10A)
-    dummy = jnp.zeros((1, 8), jnp.int32)
-    return jax.jit(lambda k: nn.unbox(canonical(model).init({"params": k}, dummy)).get("lora", {}))(key)
+    """Fresh adapters for a run's seed (stacked layout)."""
+    return init_adapters(model, jax.random.fold_in(jax.random.key(seed), 0x10A))
 
 
 # ----------------------------------------------------------------------------- the run

@@ -366,32 +366,26 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, lit_files):
 
 def test_interrupted_conversions_leave_nothing(tmp_path, lit_files, monkeypatch):
     base_path = lit_files[0]
-    calls = {"n": 0}
+
+    def interrupted_at_fifth_call(real):
+        calls = {"n": 0}
+
+        def wrapper(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt
+            return real(self, *args, **kwargs)
+        return wrapper
+
     real_write = cio.ArrayTreeWriter.write
-
-    def failing_write(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_write(self, *args, **kwargs)
-
-    monkeypatch.setattr(cio.ArrayTreeWriter, "write", failing_write)
+    monkeypatch.setattr(cio.ArrayTreeWriter, "write", interrupted_at_fifth_call(real_write))
     with pytest.raises(KeyboardInterrupt):
         lit_to_checkpoint(base_path, tmp_path / "out", progress=False)
     no_leftovers(tmp_path, "out")
     monkeypatch.setattr(cio.ArrayTreeWriter, "write", real_write)
     lit_to_checkpoint(base_path, tmp_path / "out", progress=False)
 
-    real_read = cio.ArrayTreeReader.read
-    calls["n"] = 0
-
-    def failing_read(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_read(self, *args, **kwargs)
-
-    monkeypatch.setattr(cio.ArrayTreeReader, "read", failing_read)
+    monkeypatch.setattr(cio.ArrayTreeReader, "read", interrupted_at_fifth_call(cio.ArrayTreeReader.read))
     with pytest.raises(KeyboardInterrupt):
         checkpoint_to_lit(tmp_path / "out", tmp_path / "back.pth", kind="base", progress=False, workers=0)
     no_leftovers(tmp_path, "back.pth")
