@@ -11,12 +11,15 @@ This file only parses flags; the loop is jaxlora.trainer.run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from jaxlora import trainer
+from jaxlora import settings
 
-DEMO, LIT = trainer.DEMO_PROFILE, trainer.LIT_LLAMA_RECIPE
+DEMO, LIT = settings.DEMO_PROFILE, settings.LIT_LLAMA_RECIPE
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(settings.TrainArgs)}
+LORA_FILE, ADAPTERS_DIR = "lit-llama-lora-finetuned.pth", "adapters"
 
 EPILOG = f"""\
 defaults: every flag left out takes its value from one of two profiles.
@@ -31,12 +34,22 @@ defaults: every flag left out takes its value from one of two profiles.
   Each flag's help shows both defaults as [demo | lit-llama].
 
 outputs in --out_dir: checkpoints/ (orbax: adapters, optimizer state, step, RNG, data position;
-  the last --keep_checkpoints kept), metrics.jsonl (one line per step and per evaluation),
-  loss.png, summary.json, and {trainer.LORA_FILE} (lit-llama's LoRA format; needs torch).
+  the last --keep_checkpoints kept; also written on Ctrl-C), {ADAPTERS_DIR}/ (the adapters as a jaxlora
+  directory: convert/to_lit_llama.py --adapters ... --merged gives a merged lit-llama checkpoint),
+  metrics.jsonl (one line per step and per evaluation), loss.png, summary.json, and {LORA_FILE}
+  (lit-llama's LoRA file; q,v adapters only; needs torch).
+
+several devices and hosts: the run spans every device JAX sees (--mesh, default: data parallel
+  while the model fits one device, else its weights sharded over the fewest devices that hold it).
+  Several hosts: start the same command on each with --coordinator_address HOST:PORT
+  --num_processes N --process_id I (or under SLURM / on a TPU pod slice, with none of them).
 """
 
 
 def _d(name: str, fmt: str = "{}") -> str:
+    """Both profiles' defaults of a flag, or TrainArgs' own default where no profile sets it."""
+    if name not in DEMO and name not in LIT:
+        return f" (default {DEFAULTS[name]})"
     demo, lit = DEMO.get(name), LIT.get(name)
     show = lambda v: "-" if v is None else (fmt.format(v) if not isinstance(v, str) else v)  # noqa: E731
     return f" [{show(demo)} | {show(lit)}]"
@@ -49,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", help="model size: 7b, 13b, 30b, 65b (lit-llama's presets; selects lit-llama's "
                    "recipe as defaults), or demo/tiny. Checked against the weights; inferred from a lit-llama "
                    "checkpoint when left out with --pretrained_path" + _d("preset"))
-    g.add_argument("--pretrained_path", help="frozen base weights: a lit-llama .pth file (needs torch) or a "
-                   "jaxlora checkpoint directory (convert/from_lit_llama.py); 'none' for random weights (smoke "
-                   "tests)" + _d("pretrained_path"))
+    g.add_argument("--pretrained_path", help="frozen base weights: a lit-llama .pth file (read tensor by "
+                   "tensor, no torch needed) or a jaxlora checkpoint directory (convert/from_lit_llama.py); 'none' "
+                   "for random weights (smoke tests)" + _d("pretrained_path"))
     g.add_argument("--tokenizer_path", help="SentencePiece tokenizer.model" + _d("tokenizer_path"))
     g.add_argument("--data_path", help="Alpaca-style data: a JSON list (or JSONL) of {instruction, input, "
                    "output} records, split into train/validation here; or a directory with lit-llama's "
@@ -66,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_alpha", type=float, help="adapter scale numerator (scaling = alpha / r)" + _d("lora_alpha"))
     g.add_argument("--lora_dropout", type=float, help="dropout on the adapter input" + _d("lora_dropout"))
     g.add_argument("--lora_targets", help="comma-separated projections with adapters: q,k,v,o,gate,up,down, "
-                   "or 'all' (PEFT names like q_proj also work); lit-llama's LoRA file holds q,k,v only"
+                   "or 'all' (PEFT names like q_proj also work); lit-llama's LoRA file is written for q,v only"
                    + _d("lora_targets"))
 
     g = p.add_argument_group("optimization")
@@ -75,14 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "value is torch's default 0.01)" + _d("weight_decay", "{:g}"))
     g.add_argument("--warmup_steps", type=int, help="linear warmup from 0 over this many optimizer steps"
                    + _d("warmup_steps"))
-    g.add_argument("--schedule", choices=["constant", "cosine", "linear"], help="after warmup: constant "
+    g.add_argument("--schedule", choices=list(settings.SCHEDULES), help="after warmup: constant "
                    "(lit-llama), or cosine/linear decay to 10%% at the last step" + _d("schedule"))
     g.add_argument("--grad_clip", type=float, help="clip the global gradient norm to this; 0 = off (lit-llama "
                    "does not clip)" + _d("grad_clip", "{:g}"))
     g.add_argument("--batch_size", type=int, help="samples per optimizer step" + _d("batch_size"))
-    g.add_argument("--micro_batch_size", type=int, help="samples per forward/backward pass; gradients are "
-                   "accumulated over batch_size / micro_batch_size of them inside one jitted step"
-                   + _d("micro_batch_size"))
+    g.add_argument("--micro_batch_size", type=int, help="samples per forward/backward pass on each batch shard "
+                   "of the mesh (data x fsdp devices); gradients are accumulated over batch_size / (micro_batch_size "
+                   "x shards) of them inside one jitted step" + _d("micro_batch_size"))
     length = p.add_argument_group("run length").add_mutually_exclusive_group()
     length.add_argument("--max_steps", type=int, help="optimizer steps to train" + _d("max_steps"))
     length.add_argument("--epochs", type=float, help="passes over the training data instead of --max_steps "
@@ -92,11 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask_inputs", action=argparse.BooleanOptionalAction, help="no loss on the prompt tokens "
                    "(lit-llama's mask_inputs); validation loss is then over response tokens only"
                    + _d("mask_inputs"))
-    g.add_argument("--seed", type=int, default=1337, help="adapter init, dropout and data order (default 1337)")
-    g.add_argument("--precision", choices=list(trainer.PRECISIONS), help="bf16-true: bf16 frozen weights and "
+    g.add_argument("--seed", type=int, help="adapter init, dropout and data order" + _d("seed"))
+    g.add_argument("--precision", choices=list(settings.PRECISIONS), help="bf16-true: bf16 frozen weights and "
                    "compute (lit-llama); bf16-mixed: f32 weights, bf16 compute; 32-true: all f32 (use on CPU). "
                    "Adapters and optimizer state are always f32" + _d("precision"))
-    g.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"],
+    g.add_argument("--remat", choices=list(settings.REMAT_POLICIES),
                    help="activation rematerialization per layer: none keeps everything; dots/dots_no_batch keep "
                    "matmul outputs and recompute the rest (less memory, and faster on an H100); full recomputes "
                    "each layer" + _d("remat"))
@@ -105,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "(fastest on GPU, ~30 s compile per batch length at 7B on an H100)" + _d("scan_layers"))
     g.add_argument("--scan_unroll", type=int, help="layers per scan iteration with --scan_layers; 0 unrolls "
                    "the scan" + _d("scan_unroll"))
+    g.add_argument("--attention", choices=list(settings.ATTENTION_IMPLS), help="attention kernel: auto = cuDNN "
+                   "flash attention on a GPU with 16-bit compute, else XLA" + _d("attention"))
+    g.add_argument("--loss_chunk", type=int, help="tokens per cross-entropy chunk (the float32 logits of one "
+                   "chunk at a time); 0 = the whole micro-batch at once" + _d("loss_chunk"))
+    g.add_argument("--rng_impl", choices=list(settings.RNG_IMPLS), help="PRNG of the dropout masks; rbg is "
+                   "cheaper on GPUs, its masks depend on the mesh" + _d("rng_impl"))
+
+    g = p.add_argument_group("devices and hosts")
+    g.add_argument("--mesh", help="device mesh 'data=D,fsdp=F,tensor=T' (axes left out are 1; data=-1 or left "
+                   "out takes the devices the others leave). data: replicas of the frozen model; fsdp: the "
+                   "frozen weights sharded and gathered layer by layer; tensor: heads and MLP split (stays within "
+                   "a host). Default: data over every device while the weights fit one device, else fsdp over "
+                   "the fewest devices that hold them")
+    g.add_argument("--coordinator_address", help="multi-host: HOST:PORT of process 0 (with --num_processes and "
+                   "--process_id; left out under SLURM/MPI/TPU pods, which say it themselves)")
+    g.add_argument("--num_processes", type=int, help="multi-host: how many processes (one per host) take part")
+    g.add_argument("--process_id", type=int, help="multi-host: this process's index, 0 .. num_processes-1")
 
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--val_size", type=float, help="validation records split off the data (a count, or a "
@@ -114,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "eval_iters x micro_batch_size validation samples each time)" + _d("eval_iters"))
     g.add_argument("--save_interval", type=int, help="checkpoint every this many steps (and at the end)"
                    + _d("save_interval"))
-    g.add_argument("--keep_checkpoints", type=int, default=3, help="finished checkpoints to keep (default 3)")
+    g.add_argument("--keep_checkpoints", type=int, help="finished checkpoints to keep" + _d("keep_checkpoints"))
     g.add_argument("--exact_match_samples", type=int, help="held-out prompts whose greedy response is "
                    "compared with the reference before and after training; 0 = off" + _d("exact_match_samples"))
     g.add_argument("--max_new_tokens", type=int, help="length limit of sample generations" + _d("max_new_tokens"))
@@ -125,14 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def args_from_cli(argv: list[str] | None = None) -> trainer.TrainArgs:
-    ns = build_parser().parse_args(argv)
-    values = vars(ns)
-    val_size = values.pop("val_size")
-    if val_size is not None:
-        val_size = int(val_size) if val_size >= 1 and float(val_size).is_integer() else val_size
+DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id")
+
+
+def args_from_cli(argv: list[str] | None = None) -> tuple[settings.TrainArgs, dict]:
+    """(the run's settings, the multi-host flags). Flags left out keep TrainArgs' defaults."""
+    values = {k: v for k, v in vars(build_parser().parse_args(argv)).items()}
+    hosts = {k: values.pop(k) for k in DISTRIBUTED_FLAGS}
     progress, plot = not values.pop("no_progress"), not values.pop("no_plot")
-    return trainer.TrainArgs(**values, val_size=val_size, progress=progress, plot=plot)
+    values = {k: v for k, v in values.items() if v is not None}
+    return settings.TrainArgs(**values, progress=progress, plot=plot), hosts
 
 
 def enable_compilation_cache() -> None:
@@ -146,8 +178,15 @@ def enable_compilation_cache() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = args_from_cli(argv)
+    args, hosts = args_from_cli(argv)
+    try:
+        from jaxlora import distributed
+        distributed.initialize(**hosts)  # before anything else touches JAX
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     enable_compilation_cache()
+    from jaxlora import trainer
     try:
         trainer.run(args)
     except trainer.NonFiniteLossError as e:
@@ -160,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume (from the last checkpoint)", file=sys.stderr)
+        print("interrupted; continue with --resume", file=sys.stderr)
         return 130
     return 0
 

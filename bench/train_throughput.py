@@ -1,9 +1,12 @@
-"""LoRA training throughput: the real `train_step` on random weights at a preset's shapes.
+"""LoRA training throughput: train.py's own step (`jaxlora.run.build_run`) on random weights at
+a preset's shapes, on one device or a mesh of several.
 
-Builds the preset with random frozen weights directly on the device (initialised inside
-jit, no host copy), random tokens, then times warm-up and measured steps of
-`jaxlora.steps.make_train_step` (forward + backward + AdamW on the adapters). Prints one
-JSON line per (shape, variant), then a short table.
+The run is built exactly as train.py builds it (same settings object, same profile defaults:
+lit-llama's recipe for 7B-65B), with random frozen weights initialised straight into their
+shards, then warm-up and measured steps of one micro-batch each are timed. `--batch` is the
+micro-batch per batch shard (data x fsdp devices), so on N data-parallel devices the global
+batch is N times larger at the same per-device work. Prints one JSON line per (shape,
+variant), then a short table.
 
 Three timings: `tokens_per_s` queues step i, then reads step i-1's loss, as train.py runs
 (wall time over the measured steps); `tokens_per_s_synced` is the median of steps timed one by
@@ -12,15 +15,11 @@ one, blocking on each (the peers' method: the host's dispatch time adds to every
 `dispatch_ms` is the median host time spent inside one call of the compiled step.
 
   python bench/train_throughput.py --preset 7B --shapes 4x256,8x512,2x2048
+  python bench/train_throughput.py --preset 65B --shapes 4x256 --mesh fsdp=4
   python bench/train_throughput.py --preset tiny --shapes 2x64 --steps 2   # CPU smoke test
 
-FLOPs per token (stated so MFU can be checked):
-  4 * N_dense                 frozen matmuls: forward 2N, input gradients 2N (no weight
-                              gradients); N_dense = all parameters but the embedding table
-  + 6 * n_layer * T * n_embd  attention scores and values: forward 4*T*C per layer,
-                              halved for causality, x3 for forward + backward
-Adapter matmuls are ignored (< 0.3% at r=8). MFU = tokens/s * FLOPs/token / peak, with the
-peak given by --peak_tflops (default: 989 for an H100 SXM's dense bf16).
+FLOPs per token: `jaxlora.run.flops_per_token`. MFU = tokens/s * FLOPs/token / (peak x
+devices), the peak given by --peak_tflops (default: 989 for an H100 SXM's dense bf16).
 """
 from __future__ import annotations
 
@@ -35,19 +34,16 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from jaxlora.config import LLaMAConfig, LoRAConfig, parse_targets  # noqa: E402
-from jaxlora.model import LLaMA, init_adapters, init_variables, split_layers_on_device  # noqa: E402
-from jaxlora.optim import make_optimizer  # noqa: E402
-from jaxlora.steps import init_train_state, make_train_step  # noqa: E402
+from jaxlora import sharding as shd  # noqa: E402
+from jaxlora.config import LLaMAConfig  # noqa: E402
+from jaxlora.run import build_run, flops_per_token  # noqa: E402
+from jaxlora.settings import TrainArgs, resolve_args  # noqa: E402
 
-DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
-
-
-def flops_per_token(config: LLaMAConfig, seq_len: int) -> float:
-    n_dense = config.num_params() - config.padded_vocab_size * config.n_embd
-    return 4 * n_dense + 6 * config.n_layer * seq_len * config.n_embd
+PRECISION = {"bf16": "bf16-true", "f32": "32-true"}
+# knob name in --variants -> TrainArgs field
+KNOBS = {"attention": "attention", "remat": "remat", "scan_unroll": "scan_unroll", "loss_chunk": "loss_chunk",
+         "rng_impl": "rng_impl", "dropout": "lora_dropout", "scan_layers": "scan_layers"}
 
 
 def parse_variant(spec: str) -> dict:
@@ -63,8 +59,9 @@ def parse_variant(spec: str) -> dict:
 
 
 def device_peak_bytes() -> int | None:
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
+    """The highest peak of any local device."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    return max((p for p in peaks if p), default=None)
 
 
 def profile_steps(args: argparse.Namespace, compiled: Any, state: Any, params: Any, batches: list,
@@ -86,27 +83,46 @@ def profile_steps(args: argparse.Namespace, compiled: Any, state: Any, params: A
     summarise(out, steps=args.profile_steps)
 
 
-def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, params: Any) -> tuple[dict, Any]:
-    knobs = {"attention": args.attention, "remat": args.remat, "scan_layers": args.scan_layers,
-             "scan_unroll": args.scan_unroll,
-             "loss_chunk": args.loss_chunk, "rng_impl": args.rng_impl, "donate": args.donate, "dropout": args.lora_dropout, **variant}
-    config = LLaMAConfig.from_name(args.preset, **({"n_layer": args.n_layer} if args.n_layer else {}))
-    lora = LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=float(knobs["dropout"]), targets=parse_targets(args.targets))
-    model = LLaMA(config, lora, dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.dtype],
-                  attention=knobs["attention"], remat=knobs["remat"], scan_layers=bool(args.scan_layers),
-                  scan_unroll=knobs["scan_unroll"])
-    optimizer = make_optimizer(3e-4)
-    if params is None:  # frozen weights are built once per process and shared by the variants
-        params = split_layers_on_device(model, init_variables(model, jax.random.key(0))["params"])
-    # Adapters only: XLA drops the unused frozen-weight initialisers from this program.
-    lora_vars = init_adapters(model, jax.random.key(1))
-    state = init_train_state(lora_vars, optimizer, rng_impl=knobs["rng_impl"])
-    step = make_train_step(model, optimizer, chunk_tokens=knobs["loss_chunk"], donate=bool(knobs["donate"]))
+def run_settings(args: argparse.Namespace, batch: int, seq: int, variant: dict, shards: int) -> TrainArgs:
+    """train.py's settings for one micro-batch of `batch` rows per batch shard per step."""
+    values = dict(preset=args.preset, pretrained_path="none", lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
+                  lora_targets=args.targets, precision=PRECISION[args.dtype], micro_batch_size=batch,
+                  batch_size=batch * shards, max_seq_length=seq, mesh=args.mesh or None)
+    for flag in ("attention", "remat", "scan_unroll", "loss_chunk", "rng_impl"):
+        if getattr(args, flag) is not None:
+            values[flag] = getattr(args, flag)
+    if args.scan_layers is not None:
+        values["scan_layers"] = bool(args.scan_layers)
+    if args.lora_dropout is not None:
+        values["lora_dropout"] = args.lora_dropout
+    values.update({KNOBS[k]: (bool(v) if k == "scan_layers" else v) for k, v in variant.items()})
+    return resolve_args(TrainArgs(**values))
+
+
+def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> dict:
+    for key in variant:
+        if key not in KNOBS:
+            raise ValueError(f"unknown variant knob {key!r}; known: {sorted(KNOBS)}")
+    base = LLaMAConfig.from_name(args.preset)
+    config = LLaMAConfig.from_name(args.preset, n_layer=args.n_layer) if args.n_layer else None
+    mesh = shd.mesh_from_spec(args.mesh or None, config or base)
+    a = run_settings(args, batch, seq, variant, shd.batch_shards(mesh))
+    t0 = time.perf_counter()
+    run = build_run(a, mesh, config=config)
+    build_s = time.perf_counter() - t0
+    config = run.config
+    state, params = run.state, run.params
     keys = jax.random.split(jax.random.key(2), 4)
-    batches = [jax.random.randint(k, (1, batch, seq), 0, config.vocab_size) for k in keys]
+    rows = a.micro_batch_size * shd.batch_shards(mesh)
+    batches = []
+    for k in keys:
+        ids = jax.random.randint(k, (1, rows, seq), 0, config.vocab_size)
+        batches.append(jax.device_put(ids, run.shardings.batch))
+    knobs = {f: getattr(a, f) for f in ("attention", "remat", "scan_layers", "scan_unroll", "loss_chunk", "rng_impl",
+                                        "lora_dropout")}
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, params, {"input_ids": batches[0], "labels": batches[0]}).compile()
+    compiled = run.train_step.lower(state, params, {"input_ids": batches[0], "labels": batches[0]}).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     compiled_bytes = None
@@ -148,42 +164,47 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict, par
     if args.profile:
         tag = "_".join([f"{batch}x{seq}"] + [f"{k}-{v}" for k, v in variant.items()])
         profile_steps(args, compiled, state, params, batches, tag)
-    tok_s = batch * seq / step_s
+    tokens = rows * seq
+    tok_s = tokens / step_s
     peak = device_peak_bytes()
+    n_dev = mesh.devices.size
     return {
         "bench": "jaxlora", "preset": args.preset, "batch": batch, "seq": seq, "r": args.lora_r,
-        "n_layer": config.n_layer, **knobs, "step_s": round(step_s, 4), "tokens_per_s": round(tok_s, 1),
-        "tokens_per_s_synced": round(batch * seq / synced_s, 1),
-        "tokens_per_s_queued": round(batch * seq / queued_s, 1),
+        "n_layer": config.n_layer, "mesh": dict(mesh.shape), "devices": n_dev, **knobs, **variant,
+        "step_s": round(step_s, 4), "tokens_per_s": round(tok_s, 1),
+        "tokens_per_s_per_device": round(tok_s / n_dev, 1),
+        "tokens_per_s_synced": round(tokens / synced_s, 1),
+        "tokens_per_s_queued": round(tokens / queued_s, 1),
         "dispatch_ms": round(1e3 * statistics.median(dispatch), 2),
-        "mfu": round(tok_s * flops_per_token(config, seq) / (args.peak_tflops * 1e12), 4),
+        "mfu": round(tok_s * flops_per_token(config, seq) / (args.peak_tflops * 1e12 * n_dev), 4),
         "peak_gib": round(peak / 2**30, 2) if peak else None,
         "compiled_gib": round(compiled_bytes / 2**30, 2) if compiled_bytes else None,
-        "compile_s": round(compile_s, 2), "loss": round(float(metrics["loss"]), 4),
+        "compile_s": round(compile_s, 2), "build_s": round(build_s, 2), "loss": round(float(metrics["loss"]), 4),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-    }, params
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="7B")
-    ap.add_argument("--shapes", default="4x256,8x512,2x2048", help="BATCHxSEQ,... (one optimizer step each)")
+    ap.add_argument("--shapes", default="4x256,8x512,2x2048", help="BATCHxSEQ,...: micro-batch rows per batch "
+                    "shard x sequence length (one micro-batch per optimizer step)")
+    ap.add_argument("--mesh", default="", help="'data=D,fsdp=F,tensor=T' as train.py --mesh (default: its default)")
     ap.add_argument("--n_layer", type=int, default=0, help="override the preset's depth (0: keep); for quick "
                     "experiments at real widths")
     ap.add_argument("--lora_r", type=int, default=8)
     ap.add_argument("--targets", default="q,v")
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="frozen weights and compute")
-    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
-    ap.add_argument("--remat", default="dots_no_batch", help="see jaxlora.model.REMAT_POLICIES")
-    ap.add_argument("--scan_layers", type=int, default=0, choices=[0, 1],
-                    help="1: layers as one scan over stacked weights; 0: per-layer weights, unrolled loop (fastest)")
-    ap.add_argument("--scan_unroll", type=int, default=1, help="with --scan_layers 1: layers per scan step; 0 = "
-                    "the scan fully unrolled")
-    ap.add_argument("--loss_chunk", type=int, default=4096, help="tokens per cross-entropy chunk (0: whole batch)")
-    ap.add_argument("--rng_impl", default="rbg", help="PRNG for dropout: threefry2x32 | rbg")
-    ap.add_argument("--donate", type=int, default=1, choices=[0, 1], help="donate the train state to the step")
-    ap.add_argument("--lora_dropout", type=float, default=0.05)
-    ap.add_argument("--variants", default="", help="';'-separated knob overrides, e.g. 'remat=dots;loss_chunk=2048'")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(PRECISION), help="frozen weights and compute")
+    ap.add_argument("--lora_dropout", type=float, help="default: the profile's (lit-llama: 0.05)")
+    ap.add_argument("--attention", choices=["auto", "xla", "cudnn"], help="default: the profile's")
+    ap.add_argument("--remat", help="see jaxlora.model.REMAT_POLICIES; default: the profile's")
+    ap.add_argument("--scan_layers", type=int, choices=[0, 1], help="1: one scan over stacked weights; 0: "
+                    "per-layer weights, unrolled loop; default: the profile's")
+    ap.add_argument("--scan_unroll", type=int, help="with --scan_layers 1: layers per scan step; 0 = unrolled")
+    ap.add_argument("--loss_chunk", type=int, help="tokens per cross-entropy chunk (0: whole batch)")
+    ap.add_argument("--rng_impl", help="PRNG for dropout: threefry2x32 | rbg")
+    ap.add_argument("--variants", default="", help="';'-separated knob overrides, e.g. 'remat=dots;loss_chunk=2048' "
+                    f"(knobs: {', '.join(sorted(KNOBS))})")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", default="", help="directory: trace extra steps of each run there and "
@@ -193,23 +214,24 @@ def main() -> None:
     args = ap.parse_args()
 
     variants = [parse_variant(v) for v in args.variants.split(";")] if args.variants else [{}]
-    if any("scan_layers" in v for v in variants):
-        ap.error("scan_layers is per process (the frozen weights are built once in one layout); not a variant")
-    rows, params = [], None
+    rows = []
     for shape in args.shapes.split(","):
         batch, seq = map(int, shape.split("x"))
         for variant in variants:
             try:
-                row, params = bench_one(args, batch, seq, variant, params)
+                row = bench_one(args, batch, seq, variant)
             except Exception as e:  # an OOM in one variant should not hide the others
                 row = {"bench": "jaxlora", "batch": batch, "seq": seq, **variant, "error": repr(e)[:300]}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print(f"\n{'shape':>8} {'variant':<40} {'tok/s':>9} {'synced':>9} {'MFU':>6} {'peak GiB':>8} {'compiled':>8} {'compile s':>9}")
+    print(f"\n{'shape':>8} {'mesh':<26} {'variant':<28} {'tok/s':>9} {'/device':>8} {'synced':>9} {'MFU':>6} "
+          f"{'peak GiB':>8} {'compile s':>9}")
     for r, v in zip(rows, variants * len(args.shapes.split(","))):
         name = ",".join(f"{k}={x}" for k, x in v.items()) or "default"
-        print(f"{r['batch']}x{r['seq']:<6} {name:<40} {r.get('tokens_per_s', 'ERR'):>9} {r.get('tokens_per_s_synced', ''):>9} {r.get('mfu', ''):>6} "
-              f"{str(r.get('peak_gib')):>8} {str(r.get('compiled_gib')):>8} {r.get('compile_s', ''):>9}")
+        mesh = ",".join(f"{k}={x}" for k, x in r.get("mesh", {}).items())
+        print(f"{r['batch']}x{r['seq']:<6} {mesh:<26} {name:<28} {r.get('tokens_per_s', 'ERR'):>9} "
+              f"{r.get('tokens_per_s_per_device', ''):>8} {r.get('tokens_per_s_synced', ''):>9} {r.get('mfu', ''):>6} "
+              f"{str(r.get('peak_gib')):>8} {r.get('compile_s', ''):>9}")
 
 
 if __name__ == "__main__":

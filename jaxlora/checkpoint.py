@@ -46,9 +46,13 @@ def tree_to_state(tree: dict[str, Any], template: TrainState) -> TrainState:
     """Inverse of `state_to_tree`, re-wrapping the key data like the template's key."""
     rng = tree["rng"]
     if jnp.issubdtype(getattr(template.rng, "dtype", np.uint32), jax.dtypes.prng_key):
-        rng = jax.random.wrap_key_data(jnp.asarray(rng), impl=jax.random.key_impl(template.rng))
+        rng = jax.random.wrap_key_data(rng, impl=jax.random.key_impl(template.rng))
     return TrainState(step=jnp.asarray(tree["step"], jnp.int32), lora=tree["lora"],
                       opt_state=tree["opt_state"], rng=rng)
+
+
+def _sharding(a: Any) -> Any:
+    return getattr(a, "sharding", None) if isinstance(a, jax.Array) else None
 
 
 class Checkpointer:
@@ -78,9 +82,12 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save / restore
     def save(self, state: TrainState, meta: dict[str, Any], force: bool = True) -> int:
-        """Write `state` and `meta` as the checkpoint of step ``int(state.step)``; returns the step."""
+        """Write `state` and `meta` as the checkpoint of step ``int(state.step)``; returns the step.
+
+        Sharded arrays are written shard by shard, by the processes that hold them; `meta`
+        by the primary process."""
         step = int(jax.device_get(state.step))
-        tree = jax.device_get(state_to_tree(state))
+        tree = state_to_tree(state)
         self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                          meta=ocp.args.JsonSave(meta)), force=force)
         self._manager.wait_until_finished()
@@ -94,9 +101,11 @@ class Checkpointer:
             raise CheckpointError(f"{self.step_dir(step)}: cannot read the checkpoint metadata: {e}") from e
 
     def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
-        """Restore step `step` (default: the latest) into the structure, shapes and dtypes of `template`."""
+        """Restore step `step` (default: the latest) into the structure, shapes, dtypes and
+        shardings of `template`: a checkpoint saved on one mesh restores onto any other."""
         step = self._resolve(step)
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), state_to_tree(template))
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=_sharding(a)),
+                                state_to_tree(template))
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))

@@ -34,6 +34,10 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# Logical axes of activations (mapped to mesh axes by jaxlora.sharding's rules table).
+ACT_EMBED = ("batch", "length", "act_embed")
+ACT_HEADS = ("batch", "length", "act_heads", None)
+ACT_MLP = ("batch", "length", "act_mlp")
 
 
 class RMSNorm(nn.Module):
@@ -87,6 +91,15 @@ class Settings:
     param_dtype: Any
     lora_dtype: Any
     attention: str
+    mesh: Any = None
+    rules: tuple = ()
+
+    def constrain(self, x: Array, axes: tuple[str | None, ...]) -> Array:
+        """Pin an activation's sharding by logical axis names (a no-op without a mesh), so the
+        compiler gathers sharded weights for the matmuls rather than moving activations."""
+        if self.mesh is None:
+            return x
+        return nn.with_logical_constraint(x, axes, rules=self.rules, mesh=self.mesh)
 
 
 def _dense(opts: Settings, features: int, name: str, axes: tuple, target: str | None = None,
@@ -108,7 +121,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         lora = opts.lora or LoRAConfig(r=0)
         qkv = _dense(opts, 3 * C, "c_attn", ("embed", "qkv"), groups=3, enabled=lora.qkv_enabled)(x, deterministic)
-        q, k, v = (t.reshape(B, T, cfg.n_head, cfg.head_size) for t in jnp.split(qkv, 3, axis=-1))
+        q, k, v = (opts.constrain(t.reshape(B, T, cfg.n_head, cfg.head_size), ACT_HEADS)
+                   for t in jnp.split(qkv, 3, axis=-1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         impl = pick_attention(opts.attention, opts.dtype)
         y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
@@ -123,7 +137,8 @@ class MLP(nn.Module):
         H, C = self.opts.config.n_hidden, self.opts.config.n_embd
         gate = _dense(self.opts, H, "c_fc1", ("embed", "mlp"), target="gate")(x, deterministic)
         up = _dense(self.opts, H, "c_fc2", ("embed", "mlp"), target="up")(x, deterministic)
-        return _dense(self.opts, C, "c_proj", ("mlp", "embed"), target="down")(nn.silu(gate) * up, deterministic)
+        hidden = self.opts.constrain(nn.silu(gate) * up, ACT_MLP)
+        return _dense(self.opts, C, "c_proj", ("mlp", "embed"), target="down")(hidden, deterministic)
 
 
 class Block(nn.Module):
@@ -138,7 +153,7 @@ class Block(nn.Module):
         x = x + CausalSelfAttention(self.opts, name="attn")(RMSNorm(param_dtype=pd, name="rms_1")(x), cos, sin,
                                                             self.deterministic)
         x = x + MLP(self.opts, name="mlp")(RMSNorm(param_dtype=pd, name="rms_2")(x), self.deterministic)
-        return x, None
+        return self.opts.constrain(x, ACT_EMBED), None
 
 
 class LLaMA(nn.Module):
@@ -157,6 +172,8 @@ class LLaMA(nn.Module):
         `layered` and `split_layers_on_device` convert (see "Variable layouts" below).
       scan_unroll: layers per scan iteration when scanning; 0 or n_layer unrolls the scan
         fully (stacked weights sliced per layer inside the program).
+      mesh, rules: with a device mesh, activations are pinned to the shardings that `rules`
+        (logical axis -> mesh axes, see jaxlora.sharding) give them; None: no constraints.
     """
 
     config: LLaMAConfig
@@ -168,6 +185,8 @@ class LLaMA(nn.Module):
     remat: str = "none"
     scan_layers: bool = True
     scan_unroll: int = 1
+    mesh: Any = None
+    rules: tuple = ()
 
     @nn.compact
     def __call__(self, idx: Array, deterministic: bool = True, positions: Array | None = None,
@@ -180,13 +199,15 @@ class LLaMA(nn.Module):
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
                      name="wte")(idx)
         cos, sin = rope_angles(positions, cfg.head_size)
+        opts = Settings(cfg, self.lora, self.dtype, self.param_dtype, self.lora_dtype, self.attention, self.mesh,
+                        tuple(self.rules))
+        x = opts.constrain(x, ACT_EMBED)
 
         block = Block
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
         if self.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        opts = Settings(cfg, self.lora, self.dtype, self.param_dtype, self.lora_dtype, self.attention)
         if self.scan_layers:
             layers = nn.scan(block, variable_axes={"params": 0, "lora": 0},
                              split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),

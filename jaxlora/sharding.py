@@ -1,18 +1,26 @@
 """Sharding as data: every variable names its logical axes once (in the model); a rules
 table maps logical axes to mesh axes. A layout change is a table change.
 
-Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with frozen weights sharded),
-`tensor` (tensor parallel over heads / MLP width / vocabulary).
+Mesh axes: `data` (pure data parallel: every device holds the whole frozen model), `fsdp`
+(data parallel with the frozen weights sharded over the devices and gathered layer by layer
+for use), `tensor` (tensor parallel over heads / MLP width / vocabulary). Batch rows are
+split over data x fsdp; the weights over fsdp (their `embed` axis) and tensor.
+
+Which layout when (LoRA: frozen weights have no gradients, so data parallelism costs only the
+adapters' all-reduce, a few MB): `data` over every device while the model fits on one
+device; beyond that, shard the weights (`default_mesh_shape`).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxlora.config import LLaMAConfig
 from jaxlora.model import LLaMA, logical_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -28,19 +36,129 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("lora_group", None),
     ("lora_rank", None),
+    # activations (jaxlora.model.ACT_*): rows split like the batch, features like the weights' outputs
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
 )
 
 
+class MeshError(ValueError):
+    """A mesh that does not fit the devices or the model."""
+
+
+def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
+    """'data=2,fsdp=2,tensor=2' -> {"data": 2, "fsdp": 2, "tensor": 2}; axes left out are 1,
+    except `data`, which takes the devices the others leave (-1). None/'' -> {} (the default)."""
+    if spec is None or spec == "":
+        return {}
+    if isinstance(spec, Mapping):
+        items = dict(spec)
+    else:
+        items = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise MeshError(f"--mesh {spec!r}: {part!r} is not AXIS=SIZE (axes: {', '.join(MESH_AXES)})")
+            try:
+                items[name.strip()] = int(value)
+            except ValueError:
+                raise MeshError(f"--mesh {spec!r}: size of {name.strip()!r} is not an integer: {value!r}") from None
+    unknown = [k for k in items if k not in MESH_AXES]
+    if unknown:
+        raise MeshError(f"--mesh: unknown axes {unknown}; the axes are {', '.join(MESH_AXES)}")
+    bad = {k: v for k, v in items.items() if v < 1 and not (k == "data" and v == -1)}
+    if bad:
+        raise MeshError(f"--mesh: axis sizes must be >= 1 (data may be -1: the rest), got {bad}")
+    return {"data": items.get("data", -1), "fsdp": items.get("fsdp", 1), "tensor": items.get("tensor", 1)}
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; data=-1 takes the devices the others leave."""
+    """A (data, fsdp, tensor) mesh over `devices` (default: every device of every process);
+    data=-1 takes the devices the others leave. Devices are laid out process by process, so
+    `tensor` (then `fsdp`) stays inside a host, where the links are fastest."""
     devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
     if data == -1:
-        if len(devices) % (fsdp * tensor):
-            raise ValueError(f"{len(devices)} devices do not divide into fsdp={fsdp} x tensor={tensor}")
-        data = len(devices) // (fsdp * tensor)
-    if data * fsdp * tensor != len(devices):
-        raise ValueError(f"mesh {data}x{fsdp}x{tensor} needs {data * fsdp * tensor} devices, have {len(devices)}")
+        if n % (fsdp * tensor):
+            raise MeshError(f"fsdp={fsdp} x tensor={tensor} = {fsdp * tensor} does not divide the {n} devices")
+        data = n // (fsdp * tensor)
+    if data * fsdp * tensor != n:
+        raise MeshError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {data * fsdp * tensor} devices, "
+                        f"there are {n}")
+    devices.sort(key=lambda d: (d.process_index, d.id))
     return Mesh(np.array(devices).reshape(data, fsdp, tensor), MESH_AXES)
+
+
+def mesh_from_spec(spec: str | Mapping[str, int] | None, config: LLaMAConfig, param_bytes: int = 2,
+                   devices: Sequence[Any] | None = None) -> Mesh:
+    """The run's mesh: `spec` ('data=D,fsdp=F,tensor=T'), or the default layout for `config`
+    on these devices (`default_mesh_shape`); checked against the model (`check_mesh`)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = parse_mesh(spec) or default_mesh_shape(config, devices, param_bytes)
+    mesh = make_mesh(**shape, devices=devices)
+    check_mesh(mesh, config)
+    return mesh
+
+
+def device_memory_bytes(device: Any) -> int | None:
+    """Memory of one device (None where the backend does not say, e.g. CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return (stats or {}).get("bytes_limit")
+
+
+def host_memory_bytes() -> int | None:
+    """Memory the host has available now (Linux), for CPU runs."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# Frozen weights may take this share of a device's memory before they are sharded; the
+# rest is for activations (7B at 8 x 512 with dots_no_batch remat: ~13 GB), adapters,
+# optimizer state and the compiler's buffers.
+WEIGHT_SHARE = 0.55
+
+
+def default_mesh_shape(config: LLaMAConfig, devices: Sequence[Any], param_bytes: int = 2) -> dict[str, int]:
+    """Data parallel over every device while the frozen weights fit one device (no weight
+    traffic at all); otherwise the weights are sharded over the fewest devices of one host
+    that hold them (fsdp, the rest data parallel). See docs/benchmarks.md for the measurements."""
+    n = len(devices)
+    limit = device_memory_bytes(devices[0])
+    need = config.num_params() * param_bytes
+    if limit is None or need <= WEIGHT_SHARE * limit:
+        return {"data": n, "fsdp": 1, "tensor": 1}
+    per_host = sum(1 for d in devices if d.process_index == devices[0].process_index)
+    for shards in range(2, per_host + 1):
+        if per_host % shards == 0 and n % shards == 0 and need / shards <= WEIGHT_SHARE * limit:
+            return {"data": n // shards, "fsdp": shards, "tensor": 1}
+    return {"data": n // per_host if n % per_host == 0 else 1, "fsdp": per_host if n % per_host == 0 else n,
+            "tensor": 1}
+
+
+def check_mesh(mesh: Mesh, config: LLaMAConfig) -> None:
+    """Refuse a mesh whose axes do not divide the model's sizes, naming both numbers."""
+    fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+    sizes = {"n_head": config.n_head, "n_hidden (MLP width)": config.n_hidden,
+             "padded_vocab_size": config.padded_vocab_size}
+    for name, size in sizes.items():
+        if size % tensor:
+            raise MeshError(f"tensor={tensor} does not divide {name}={size}")
+    if config.n_embd % fsdp:
+        raise MeshError(f"fsdp={fsdp} does not divide n_embd={config.n_embd}")
+
+
+def batch_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> int:
+    """How many ways batch rows are split (data x fsdp with the default rules)."""
+    axes = dict(rules)["batch"]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def variable_shardings(model: LLaMA, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
@@ -51,6 +169,29 @@ def variable_shardings(model: LLaMA, mesh: Mesh, rules: Sequence[tuple[str, Any]
     return nn.logical_to_mesh_sharding(logical_axes(model, as_run), mesh, rules)
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
     """Sharding of (n_micro, micro_batch, T) token batches: micro-batch rows over the data axes."""
     return NamedSharding(mesh, PartitionSpec(None, dict(rules)["batch"], None))
+
+
+def eval_batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of (batch, T) evaluation batches: rows over the data axes."""
+    return NamedSharding(mesh, PartitionSpec(dict(rules)["batch"], None))
+
+
+def host_to_global(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Host arrays holding the whole (global) batch -> global device arrays; each process
+    transfers only the rows its own devices hold."""
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+            for k, v in batch.items()}
+
+
+def describe(mesh: Mesh) -> str:
+    shape = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    kinds = sorted({d.device_kind for d in mesh.devices.flat})
+    hosts = len({d.process_index for d in mesh.devices.flat})
+    return f"{shape} over {mesh.devices.size} {'/'.join(kinds)} device(s) on {hosts} host(s)"

@@ -122,11 +122,14 @@ def make_loss_fn(model: LLaMA, chunk_tokens: int = 0) -> Callable[..., tuple[Arr
 
 
 def make_train_step(model: LLaMA, optimizer: optax.GradientTransformation, chunk_tokens: int = 0,
-                    donate: bool = True) -> Callable[[TrainState, Any, dict[str, Array]], tuple[TrainState, dict]]:
+                    donate: bool = True, shardings: tuple | None = None,
+                    ) -> Callable[[TrainState, Any, dict[str, Array]], tuple[TrainState, dict]]:
     """A jitted train_step(state, params, batch) -> (state, metrics).
 
     batch: {"input_ids", "labels"} of shape (n_micro, micro_batch, T). metrics: loss (mean
     token NLL over the whole batch), tokens (non-ignored count), grad_norm.
+    shardings: (state, params, batch, replicated) shardings on a mesh (jaxlora.run): the
+    step then takes and returns exactly those; None lets jit follow its inputs.
     """
     loss_sum = make_loss_fn(model, chunk_tokens)
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
@@ -152,10 +155,23 @@ def make_train_step(model: LLaMA, optimizer: optax.GradientTransformation, chunk
         metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, lora=lora, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if shardings is None:
+        return jax.jit(train_step, donate_argnums=donate_argnums)
+    state_sh, params_sh, batch_sh, rep = shardings
+    return jax.jit(train_step, in_shardings=(state_sh, params_sh, batch_sh), out_shardings=(state_sh, rep),
+                   donate_argnums=donate_argnums)
 
 
-def make_eval_step(model: LLaMA, chunk_tokens: int = 0) -> Callable[[Any, Any, dict[str, Array]], tuple[Array, Array]]:
-    """A jitted eval_step(lora, params, batch (B, T)) -> (summed NLL, token count), no dropout."""
+def make_eval_step(model: LLaMA, chunk_tokens: int = 0, shardings: tuple | None = None,
+                   ) -> Callable[[Any, Any, dict[str, Array]], tuple[Array, Array]]:
+    """A jitted eval_step(lora, params, batch (B, T)) -> (summed NLL, token count), no dropout.
+    shardings: (lora, params, batch, replicated) shardings on a mesh, or None."""
     loss_sum = make_loss_fn(model, chunk_tokens)
-    return jax.jit(lambda lora, params, batch: loss_sum(lora, params, batch["input_ids"], batch["labels"], None))
+
+    def eval_step(lora: Any, params: Any, batch: dict[str, Array]) -> tuple[Array, Array]:
+        return loss_sum(lora, params, batch["input_ids"], batch["labels"], None)
+    if shardings is None:
+        return jax.jit(eval_step)
+    lora_sh, params_sh, batch_sh, rep = shardings
+    return jax.jit(eval_step, in_shardings=(lora_sh, params_sh, batch_sh), out_shardings=(rep, rep))

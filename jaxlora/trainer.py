@@ -1,38 +1,30 @@
 """The LoRA instruction fine-tuning loop behind ``train.py`` (a library: ``run(TrainArgs(...))``).
 
-One run: load the tokenizer, the instruction data (split train/validation deterministically),
-the frozen base model (a lit-llama ``.pth`` or a converted jaxlora checkpoint directory),
-fresh adapters; evaluate; train with one jitted step per optimizer update (gradient
-accumulation over micro-batches inside it); evaluate every ``eval_interval`` steps; save an
-orbax checkpoint every ``save_interval`` steps and at the end; write the adapters as
-lit-llama's ``lit-llama-lora-finetuned.pth``, ``metrics.jsonl``, ``loss.png`` and
-``summary.json`` into ``out_dir``.
-
-Defaults come from one of two profiles (`profile_for`):
-
-- ``LIT_LLAMA_RECIPE`` when the preset is 7B/13B/30B/65B: lit-llama's finetune/lora.py
-  (r=8, alpha=16, dropout 0.05, AdamW lr 3e-4 and weight decay 0.01, batch 128 = 32 x 4,
-  100 warmup steps then constant, 256 tokens, 1,171 steps, eval/save every 100 steps,
-  bf16-true) and its file locations.
-- ``DEMO_PROFILE`` otherwise (including no flags at all): the built-in demo, a tiny base
-  model pretrained on the shipped corpus, fine-tuned on the shipped instruction data in about
-  two minutes on a 2-core CPU, reporting held-out loss and exact match before vs after.
-
-Any field set explicitly wins over the profile.
+One run: check every input, load the tokenizer and the instruction data (split
+train/validation deterministically), build the run on a device mesh (`jaxlora.run.build_run`:
+frozen weights straight into their shards, sharded adapters and optimizer state, jitted
+steps); evaluate; train with one jitted step per optimizer update (gradient accumulation over
+micro-batches inside it); evaluate every ``eval_interval`` steps; save an orbax checkpoint
+every ``save_interval`` steps, at the end and on Ctrl-C; write the adapters (an adapters
+directory and lit-llama's ``lit-llama-lora-finetuned.pth``), ``metrics.jsonl``, ``loss.png``
+and ``summary.json`` into ``out_dir``. Settings and their defaults: `jaxlora.settings`.
 
 Resuming (``resume=True``) restores adapters, optimizer state, step, RNG key and the data
-position from the latest checkpoint in ``{out_dir}/checkpoints``; the per-step dropout key is
+position from the latest checkpoint in ``{out_dir}/checkpoints``, onto this run's mesh
+(which may differ from the one that saved it); the per-step dropout key is
 ``fold_in(rng, step)``, so a resumed run reproduces the uninterrupted one bit for bit on CPU.
 
 A non-finite loss or gradient norm stops the run with `NonFiniteLossError` before anything
 from that step is saved; the last checkpoint on disk is the last good state.
+
+Speed is wall-clock: a step's time runs from the end of the previous step to its own end, and
+compiling (timed and reported on its own) never falls inside it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,57 +34,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import distributed
 from jaxlora.checkpoint import CheckpointError, Checkpointer
-from jaxlora.config import LLaMAConfig, LoRAConfig, parse_targets
-from jaxlora.data import (DEMO_DIR, Batcher, DataError, eval_batches, generate_prompt, load_prepared, load_records,
-                          prepare_records, split_records)
+from jaxlora.data import Batcher, DataError, eval_batches, generate_prompt, load_prepared, load_records, \
+    prepare_records, split_records
 from jaxlora.generate import greedy_generate
-from jaxlora.model import LLaMA, init_adapters, init_variables, split_layers_on_device
-from jaxlora.optim import SCHEDULES, learning_rate_schedule, make_optimizer
-from jaxlora.steps import TrainState, init_train_state, make_eval_step, make_train_step
+from jaxlora.run import Run, build_run, estimate_device_bytes, flops_per_token, peak_flops
+from jaxlora.settings import (DEMO_BASE, DEMO_PROFILE, LIT_LLAMA_RECIPE, LIT_PRESETS, PRECISIONS, RANDOM_BASE,
+                              RESUME_KEYS, TrainArgs, json_args, profile_for, resolve_args)
+from jaxlora.steps import TrainState
 from jaxlora.tokenizer import Tokenizer
 
-__all__ = ["TrainArgs", "TrainResult", "NonFiniteLossError", "TrainingError", "DEMO_PROFILE", "LIT_LLAMA_RECIPE",
-           "LIT_PRESETS", "PRECISIONS", "profile_for", "resolve_args", "run", "load_base_model"]
+__all__ = ["TrainArgs", "TrainResult", "NonFiniteLossError", "TrainingError", "InputsError", "DEMO_PROFILE",
+           "LIT_LLAMA_RECIPE", "LIT_PRESETS", "PRECISIONS", "profile_for", "resolve_args", "run", "check_inputs"]
 
-LIT_PRESETS = ("7b", "13b", "30b", "65b")
-PRECISIONS: dict[str, tuple[Any, Any]] = {  # name -> (compute dtype, frozen-weight storage dtype)
-    "bf16-true": (jnp.bfloat16, jnp.bfloat16),
-    "bf16-mixed": (jnp.bfloat16, jnp.float32),
-    "32-true": (jnp.float32, jnp.float32),
-}
-DEMO_BASE = DEMO_DIR / "lit-llama-demo.pth"
-LIT_SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
 LORA_FILE = "lit-llama-lora-finetuned.pth"
 ADAPTERS_DIR = "adapters"  # the final adapters as an adapters-only jaxlora directory
-RANDOM_BASE = ("none", "random")
-
-# lit-llama's finetune/lora.py, used whenever the preset is one of LIT_PRESETS.
-LIT_LLAMA_RECIPE: dict[str, Any] = dict(
-    data_path="data/alpaca", tokenizer_path="checkpoints/lit-llama/tokenizer.model",
-    pretrained_path="checkpoints/lit-llama/{preset}/lit-llama.pth", out_dir="out/lora/alpaca",
-    lora_r=8, lora_alpha=16.0, lora_dropout=0.05, lora_targets="q,v",
-    learning_rate=3e-4, weight_decay=0.01, warmup_steps=100, schedule="constant", grad_clip=0.0,
-    batch_size=128, micro_batch_size=4, max_steps=1171, max_seq_length=256,
-    eval_interval=100, eval_iters=100, save_interval=100, val_size=2000,
-    precision="bf16-true", mask_inputs=False, exact_match_samples=0, max_new_tokens=100, sample_instruction=LIT_SAMPLE_INSTRUCTION,
-    # Fastest measured on an H100 (docs/benchmarks.md): per-layer weights in an unrolled layer
-    # loop (~30 s compile per bucket length) and matmul-output remat (+4%, 30% less
-    # activation memory).
-    scan_layers=False, scan_unroll=1, remat="dots_no_batch",
-)
-
-# The built-in demo: `python train.py` with no flags (about two minutes on a 2-core CPU).
-DEMO_PROFILE: dict[str, Any] = dict(
-    preset="demo", data_path=str(DEMO_DIR / "instructions.json"), tokenizer_path=str(DEMO_DIR / "tokenizer.model"),
-    pretrained_path=str(DEMO_BASE), out_dir="out/demo",
-    lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="q,v",
-    learning_rate=3e-3, weight_decay=0.01, warmup_steps=20, schedule="constant", grad_clip=0.0,
-    batch_size=16, micro_batch_size=16, max_steps=500, max_seq_length=64,
-    eval_interval=100, eval_iters=8, save_interval=250, val_size=200,
-    precision="32-true", mask_inputs=True, exact_match_samples=50, max_new_tokens=16,
-    sample_instruction="Reverse the word rocket.", scan_layers=True, scan_unroll=4, remat="none",
-)
 
 
 class TrainingError(RuntimeError):
@@ -103,50 +60,8 @@ class NonFiniteLossError(TrainingError):
     """The loss or gradient norm became NaN or infinite; nothing from that step was saved."""
 
 
-@dataclass
-class TrainArgs:
-    """Settings of one run. None means: take the profile's value (see `profile_for`)."""
-
-    preset: str | None = None
-    pretrained_path: str | None = None
-    tokenizer_path: str | None = None
-    data_path: str | None = None
-    out_dir: str | None = None
-    lora_r: int | None = None
-    lora_alpha: float | None = None
-    lora_dropout: float | None = None
-    lora_targets: str | Sequence[str] | None = None
-    learning_rate: float | None = None
-    weight_decay: float | None = None
-    warmup_steps: int | None = None
-    schedule: str | None = None
-    grad_clip: float | None = None
-    batch_size: int | None = None
-    micro_batch_size: int | None = None
-    max_steps: int | None = None
-    epochs: float | None = None
-    max_seq_length: int | None = None
-    eval_interval: int | None = None
-    eval_iters: int | None = None
-    save_interval: int | None = None
-    val_size: int | float | None = None
-    precision: str | None = None
-    exact_match_samples: int | None = None
-    max_new_tokens: int | None = None
-    sample_instruction: str | None = None
-    scan_layers: bool | None = None
-    scan_unroll: int | None = None
-    resume: bool = False
-    seed: int = 1337
-    mask_inputs: bool | None = None
-    keep_checkpoints: int = 3
-    num_samples: int = 3
-    remat: str | None = None
-    attention: str = "auto"
-    progress: bool = True
-    verbose: bool = True
-    plot: bool = True
-    export_lit: bool = True
+class InputsError(FileNotFoundError):
+    """One or more input files are missing; the message lists each with how to get it."""
 
 
 @dataclass
@@ -162,8 +77,13 @@ class TrainResult:
     samples_before: list[dict[str, str]] = field(default_factory=list)
     samples_after: list[dict[str, str]] = field(default_factory=list)
     train_seconds: float = 0.0
+    compile_seconds: float = 0.0
     total_seconds: float = 0.0
-    tokens_per_second: float | None = None
+    tokens_per_second: float | None = None  # real (non-padding) tokens over the steps' wall time
+    padded_tokens_per_second: float | None = None  # what the devices computed, padding included
+    mfu: float | None = None
+    peak_memory_gib: float | None = None  # the largest of any local device
+    mesh: str | None = None
     lit_lora_path: str | None = None
     adapters_dir: str | None = None
     loss_png: str | None = None
@@ -175,103 +95,30 @@ class TrainResult:
         return d
 
 
-# ----------------------------------------------------------------------------- settings
+# ----------------------------------------------------------------------------- inputs
 
-def profile_for(preset: str | None) -> dict[str, Any]:
-    """The defaults of a run: lit-llama's recipe for 7B/13B/30B/65B, the demo profile otherwise."""
-    if preset is not None and preset.lower() in LIT_PRESETS:
-        prof = dict(LIT_LLAMA_RECIPE)
-        prof["pretrained_path"] = prof["pretrained_path"].format(preset=preset.upper())
-        return prof
-    return dict(DEMO_PROFILE)
-
-
-def resolve_args(args: TrainArgs) -> TrainArgs:
-    """A copy of `args` with every None filled in from its profile, and checked."""
-    prof = profile_for(args.preset)
-    values = dataclasses.asdict(args)
-    for name, default in prof.items():
-        if values.get(name) is None:
-            if name == "max_steps" and values.get("epochs") is not None:
-                continue
-            if name == "preset" and values.get("pretrained_path") is not None:
-                continue  # inferred from (and checked against) the given weights
-            values[name] = default
-    if args.epochs is not None and args.max_steps is not None:
-        raise ValueError("give max_steps or epochs, not both")
-    a = TrainArgs(**values)
-    if a.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {a.precision!r}")
-    if a.schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {a.schedule!r}")
-    for name in ("batch_size", "micro_batch_size", "max_seq_length", "eval_interval", "save_interval", "eval_iters"):
-        if getattr(a, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(a, name)}")
-    if a.batch_size % a.micro_batch_size:
-        raise ValueError(f"batch_size {a.batch_size} is not a multiple of micro_batch_size {a.micro_batch_size}")
-    if a.max_steps is not None and a.max_steps < 0:
-        raise ValueError(f"max_steps must be >= 0, got {a.max_steps}")
-    if a.epochs is not None and a.epochs <= 0:
-        raise ValueError(f"epochs must be > 0, got {a.epochs}")
-    if isinstance(a.lora_targets, str):
-        a.lora_targets = parse_targets(a.lora_targets)
-    a.lora_targets = tuple(a.lora_targets)
-    return a
+_HOW_TO_GET = {
+    "tokenizer_path": "lit-llama's tokenizer: python scripts/download.py --repo_id openlm-research/open_llama_7b "
+                      "(in lit-llama) puts it at checkpoints/lit-llama/tokenizer.model",
+    "data_path": "the Alpaca JSON (alpaca_data_cleaned.json from the alpaca-lora repository), or lit-llama's "
+                 "prepared data: the directory holding train.pt and test.pt (scripts/prepare_alpaca.py)",
+    "pretrained_path": "lit-llama's checkpoint (scripts/convert_checkpoint.py in lit-llama writes "
+                       "checkpoints/lit-llama/7B/lit-llama.pth), a jaxlora directory from "
+                       "convert/from_lit_llama.py, or 'none' for random weights",
+}
 
 
-def _json_args(a: TrainArgs) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(a).items()}
-
-
-# Settings a resumed run must share with the checkpoint, or the continuation is not the same run.
-_RESUME_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "micro_batch_size",
-                "max_seq_length", "seed", "mask_inputs", "precision", "val_size", "learning_rate", "weight_decay",
-                "warmup_steps", "schedule", "grad_clip")
-
-
-# ----------------------------------------------------------------------------- loading
-
-def load_base_model(pretrained_path: str | os.PathLike | None, preset: str | None, param_dtype: Any,
-                    seed: int = 0) -> tuple[LLaMAConfig, Any, str]:
-    """The frozen weights: (config, params, description).
-
-    pretrained_path: a lit-llama ``.pth`` file (needs torch), a jaxlora checkpoint directory,
-    or "none"/"random" for random weights of `preset` (for smoke tests only). When `preset`
-    is given the weights must match it; a mismatch raises an error naming the file and key.
-    """
-    preset_cfg = LLaMAConfig.from_name(preset) if preset else None
-    if pretrained_path is None or str(pretrained_path).lower() in RANDOM_BASE:
-        if preset_cfg is None:
-            raise ValueError("random base weights need a preset (--preset)")
-        model = LLaMA(preset_cfg, param_dtype=param_dtype)
-        params = init_variables(model, jax.random.key(seed))["params"]
-        return preset_cfg, params, f"random {preset} weights (seed {seed})"
-    path = Path(pretrained_path)
-    from jaxlora import checkpoint_io
-    if path.is_dir():
-        if not checkpoint_io.is_jaxlora_checkpoint(path):
-            raise FileNotFoundError(f"--pretrained_path {path}: a directory but not a jaxlora checkpoint "
-                                    f"(no {checkpoint_io.CONFIG_FILE} and {checkpoint_io.PARAMS_DIR}/)")
-        config, _, variables = checkpoint_io.load_checkpoint(path, param_dtype=param_dtype)
-        if preset_cfg is not None and config != preset_cfg:
-            diffs = [f"{k}: checkpoint has {v}, preset {preset} has {getattr(preset_cfg, k)}"
-                     for k, v in config.to_dict().items() if getattr(preset_cfg, k) != v]
-            raise checkpoint_io.CheckpointError(f"{path / checkpoint_io.CONFIG_FILE}: does not match preset {preset!r} ("
-                                                + "; ".join(diffs) + ")")
-        return config, variables["params"], f"jaxlora checkpoint {path}"
-    if not path.is_file():
-        raise FileNotFoundError(f"--pretrained_path {path}: no such file or directory")
-    from jaxlora.formats.lit_files import load_lit_llama
-    from jaxlora.formats.lit_llama import StateDictError
-    try:
-        config, _, variables = load_lit_llama(path, param_dtype=param_dtype, config=preset_cfg, place=jax.device_put)
-    except StateDictError as e:
-        if preset_cfg is None:
-            raise
-        c = preset_cfg
-        raise StateDictError(f"{e} -- the weights do not fit preset {preset!r} (n_layer={c.n_layer}, "
-                             f"n_embd={c.n_embd}, padded_vocab_size={c.padded_vocab_size}); check --preset") from e
-    return config, variables["params"], f"lit-llama checkpoint {path}"
+def check_inputs(a: TrainArgs) -> None:
+    """Every missing input at once, each with how to get it (before anything is loaded or written)."""
+    missing = []
+    for name in ("tokenizer_path", "data_path", "pretrained_path"):
+        value = getattr(a, name)
+        if name == "pretrained_path" and (value is None or str(value).lower() in RANDOM_BASE):
+            continue
+        if not Path(value).exists():
+            missing.append(f"  --{name} {value}: not found. Get it: {_HOW_TO_GET[name]}")
+    if missing:
+        raise InputsError(f"{len(missing)} input(s) missing:\n" + "\n".join(missing))
 
 
 def load_data(a: TrainArgs, tokenizer: Tokenizer, log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
@@ -288,13 +135,10 @@ def load_data(a: TrainArgs, tokenizer: Tokenizer, log: Callable[[str], None]) ->
         val = load_prepared(test_pt) if test_pt.is_file() else []
         log(f"data: {train_pt} ({len(train)} samples), {test_pt} ({len(val)} samples); prepared files keep "
             "their own max length and input masking")
+        _report_truncation(train + val, a.max_seq_length, tokenizer.eos_id, log)
         return train, val
-    if not path.exists():
-        raise FileNotFoundError(f"--data_path {path}: no such file")
     records = load_records(path)
     val_size = a.val_size
-    if isinstance(val_size, float) and val_size >= 1:
-        val_size = int(val_size)
     n = len(records)
     if isinstance(val_size, int) and val_size >= n:
         capped = max(1, n // 10) if n > 1 else 0
@@ -306,24 +150,36 @@ def load_data(a: TrainArgs, tokenizer: Tokenizer, log: Callable[[str], None]) ->
     train = prepare_records(train_recs, tokenizer, a.max_seq_length, a.mask_inputs)
     val = prepare_records(val_recs, tokenizer, a.max_seq_length, a.mask_inputs)
     log(f"data: {path}: {n} records -> {len(train)} train / {len(val)} validation (split seed 42)")
+    _report_truncation(train + val, a.max_seq_length, tokenizer.eos_id, log)
     return train, val
 
 
-def init_lora(model: LLaMA, seed: int) -> Any:
-    """Fresh adapters for a run's seed (stacked layout)."""
-    return init_adapters(model, jax.random.fold_in(jax.random.key(seed), 0x10A))
+def _report_truncation(samples: Sequence[dict], max_seq_length: int, eos_id: int,
+                       log: Callable[[str], None]) -> None:
+    """Say how many samples are cut at max_seq_length (a cut sample has lost its final EOS),
+    and how many keep no loss token at all."""
+    long = sum(len(s["input_ids"]) > max_seq_length
+               or (len(s["input_ids"]) == max_seq_length and int(s["input_ids"][-1]) != eos_id) for s in samples)
+    empty = sum(not np.any(np.asarray(s["labels"][:max_seq_length]) != -1) for s in samples)
+    if long:
+        log(f"data: {long} of {len(samples)} samples are longer than --max_seq_length {max_seq_length} and are "
+            "cut (lit-llama does the same; raise --max_seq_length to keep them whole)")
+    if empty:
+        log(f"warning: {empty} samples have no response token left to learn from (the prompt fills "
+            f"--max_seq_length {max_seq_length}); they add nothing to the loss")
 
 
 # ----------------------------------------------------------------------------- the run
 
 class _Metrics:
-    """metrics.jsonl: one JSON object per line, flushed as written."""
+    """metrics.jsonl: one JSON object per line, flushed as written; the file is created by the
+    first row (a run that fails before training leaves none). Only the primary process writes."""
 
-    def __init__(self, path: Path, keep_until: int | None) -> None:
-        self.path = path
-        if keep_until is None or not path.exists():
-            path.write_text("")
-        else:  # resuming: drop what the interrupted run logged after the checkpoint
+    def __init__(self, path: Path, keep_until: int | None, enabled: bool = True) -> None:
+        self.path, self.enabled, self._f = path, enabled, None
+        self._mode = "w"
+        if enabled and keep_until is not None and path.exists():
+            # resuming: drop what the interrupted run logged after the checkpoint
             kept = []
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -333,57 +189,107 @@ class _Metrics:
                 if row.get("step", 0) <= keep_until and row.get("type") != "error":
                     kept.append(line)
             path.write_text("".join(k + "\n" for k in kept))
-        self._f = open(path, "a", encoding="utf-8")
+            self._mode = "a"
 
     def write(self, **row: Any) -> None:
+        if not self.enabled:
+            return
+        if self._f is None:
+            self._f = open(self.path, self._mode, encoding="utf-8")
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class _StepClock:
+    """Wall time of the training steps alone: a step runs from the end of the previous step, or
+    of the last thing the host did that is not training (compiling, evaluating, saving), to
+    its own end as seen by the host waiting for its metrics."""
+
+    def __init__(self) -> None:
+        self.mark = time.perf_counter()
+        self.seconds = self.real_tokens = self.padded_tokens = self.flops = 0.0
+
+    def pause(self) -> None:
+        self.mark = time.perf_counter()
+
+    def step_done(self, real_tokens: int, padded_tokens: int, flops: float) -> float:
+        now = time.perf_counter()
+        dt, self.mark = now - self.mark, now
+        self.seconds += dt
+        self.real_tokens += real_tokens
+        self.padded_tokens += padded_tokens
+        self.flops += flops
+        return dt
 
 
 def _finite_tree(tree: Any) -> bool:
-    return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(jax.device_get(tree)))
+    return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(distributed.to_host(tree)))
+
+
+def _peak_memory_gib() -> float | None:
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p]
+    return round(max(peaks) / 2**30, 2) if peaks else None
+
+
+def _check_memory(r: Run, a: TrainArgs, log: Callable[[str], None]) -> None:
+    """Say where the run goes and what it needs; refuse when the weights alone cannot fit."""
+    from jaxlora.run import weight_bytes
+    from jaxlora.sharding import device_memory_bytes, host_memory_bytes
+    devices = r.mesh.devices.flat
+    kind = next(iter(devices)).device_kind
+    need = estimate_device_bytes(r.config, r.lora_config, a.precision, r.mesh, r.micro_rows, a.max_seq_length,
+                                 a.remat)
+    weights = weight_bytes(r.config, a.precision) / (r.mesh.shape["fsdp"] * r.mesh.shape["tensor"])
+    have = device_memory_bytes(jax.local_devices()[0])
+    if have is None:  # CPU devices share the host's memory
+        n = len(jax.local_devices())
+        need, weights, have = need * n, weights * n, host_memory_bytes()
+        where = f"host memory ({n} CPU device(s))"
+    else:
+        where = f"memory of one {kind}"
+    log(f"memory: ~{need / 2**30:.1f} GiB needed of {have / 2**30:.1f} GiB {where} (frozen weights "
+        f"{weights / 2**30:.1f} GiB)" if have else f"memory: ~{need / 2**30:.1f} GiB needed")
+    if have and weights > have:
+        raise TrainingError(f"the frozen weights alone need {weights / 2**30:.1f} GiB of {where}, which has "
+                            f"{have / 2**30:.1f} GiB: use more devices (--mesh with fsdp/tensor), a lower "
+                            "--precision storage (bf16-true), or a smaller --preset")
+    if have and need > have:
+        log(f"warning: the estimate ({need / 2**30:.1f} GiB) exceeds {where} ({have / 2**30:.1f} GiB); the run "
+            "may run out of memory: lower --micro_batch_size, use --remat full, or shard over more devices")
 
 
 def run(args: TrainArgs) -> TrainResult:
     """Train adapters as `args` says; see the module docstring. Returns the before/after numbers."""
     t_start = time.time()
     a = resolve_args(args)
-    log = (lambda msg: print(msg, flush=True)) if a.verbose else (lambda msg: None)
+    primary = distributed.is_primary()
+    log = (lambda msg: print(msg, flush=True)) if a.verbose and primary else (lambda msg: None)
     out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    compute_dtype, storage_dtype = PRECISIONS[a.precision]
+    check_inputs(a)
 
     tokenizer = Tokenizer(a.tokenizer_path)
     train_samples, val_samples = load_data(a, tokenizer, log)
-    config, params, base_desc = load_base_model(a.pretrained_path, a.preset, storage_dtype, a.seed)
+    max_steps = a.max_steps if a.max_steps is not None else math.ceil(a.epochs * len(train_samples) / a.batch_size)
+    r = build_run(a, None, max_steps=max_steps, log=log)
+    config, lora_config, model, params = r.config, r.lora_config, r.model, r.params
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer {a.tokenizer_path} has {tokenizer.vocab_size} pieces but the model "
-                         f"({base_desc}) has vocab_size {config.vocab_size}")
-    if a.max_seq_length > config.block_size:
-        raise ValueError(f"max_seq_length {a.max_seq_length} exceeds the model's block_size {config.block_size}")
-    params = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, storage_dtype), params))
-    lora_config = LoRAConfig(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=a.lora_targets)
-    model = LLaMA(config, lora_config, dtype=compute_dtype, param_dtype=storage_dtype, lora_dtype=jnp.float32,
-                  attention=a.attention, remat=a.remat, scan_layers=a.scan_layers,
-                  scan_unroll=min(a.scan_unroll, config.n_layer))
-    params = split_layers_on_device(model, params)  # once, not per step (a no-op for scanned layers)
-    log(f"model: {base_desc}: {config.num_params():,} frozen parameters ({a.precision}), "
+                         f"({r.base_desc}) has vocab_size {config.vocab_size}")
+    _check_memory(r, a, log)
+    log(f"model: {r.base_desc}: {config.num_params():,} frozen parameters ({a.precision}), "
         f"{lora_config.num_params(config):,} trainable (LoRA r={a.lora_r}, alpha={a.lora_alpha:g}, "
         f"targets {','.join(lora_config.targets)})")
 
-    max_steps = a.max_steps
-    if max_steps is None:
-        max_steps = math.ceil(a.epochs * len(train_samples) / a.batch_size)
-    schedule = learning_rate_schedule(a.learning_rate, a.warmup_steps, a.schedule,
-                                      total_steps=max_steps if a.schedule != "constant" else None)
-    optimizer = make_optimizer(schedule, weight_decay=a.weight_decay, grad_clip=a.grad_clip or None)
-    state = init_train_state(init_lora(model, a.seed), optimizer, a.seed)
-    batcher = Batcher(train_samples, a.batch_size, a.micro_batch_size, a.max_seq_length, seed=a.seed)
+    state = r.state
+    batcher = Batcher(train_samples, a.batch_size, r.micro_rows, a.max_seq_length, seed=a.seed)
     buckets = batcher.buckets
-
+    out.mkdir(parents=True, exist_ok=True)  # only now that every input has been read
     checkpointer = Checkpointer(out / "checkpoints", max_to_keep=a.keep_checkpoints)
     start_step, baseline = 0, None
     latest = checkpointer.latest_step()
@@ -393,9 +299,9 @@ def run(args: TrainArgs) -> TrainResult:
     if a.resume and latest is not None:
         meta = checkpointer.restore_meta(latest)
         saved = meta.get("args", {})
-        keys = _RESUME_KEYS + (("max_steps", "epochs") if a.schedule != "constant" else ())
+        keys = RESUME_KEYS + (("max_steps", "epochs") if a.schedule != "constant" else ())
         for key in keys:
-            mine = _json_args(a)[key]
+            mine = json_args(a)[key]
             if key in saved and saved[key] != mine:
                 raise CheckpointError(f"{checkpointer.step_dir(latest)}: saved with {key}={saved[key]!r}, this run "
                                       f"has {key}={mine!r}; resume with the same settings")
@@ -413,9 +319,7 @@ def run(args: TrainArgs) -> TrainResult:
     elif a.resume:
         log(f"--resume: no checkpoint in {checkpointer.directory}; starting a new run")
 
-    train_step = make_train_step(model, optimizer)
-    eval_step = make_eval_step(model)
-    val_eval = val_samples[:a.eval_iters * a.micro_batch_size]
+    val_eval = val_samples[:a.eval_iters * r.micro_rows]
     em_samples = val_samples[:a.exact_match_samples] if a.exact_match_samples else []
     shown = _diverse(em_samples if em_samples else val_samples, a.num_samples)
     sample_prompt = generate_prompt({"instruction": a.sample_instruction, "input": ""})
@@ -425,8 +329,8 @@ def run(args: TrainArgs) -> TrainResult:
         if not val_eval:
             return None
         total, count = jnp.zeros(()), jnp.zeros((), jnp.int32)
-        for b in eval_batches(val_eval, a.micro_batch_size, a.max_seq_length, buckets):
-            s, c = eval_step(lora, params, {"input_ids": b["input_ids"][0], "labels": b["labels"][0]})
+        for b in eval_batches(val_eval, r.micro_rows, a.max_seq_length, buckets):
+            s, c = r.eval_step(lora, params, r.eval_batch({k: v[0] for k, v in b.items()}))
             total, count = total + s, count + c
         return float(total) / max(int(count), 1)
 
@@ -455,7 +359,7 @@ def run(args: TrainArgs) -> TrainResult:
                                   tokenizer.eos_id, vocab_size=tokenizer.vocab_size)
         return tokenizer.decode(out_ids).strip()
 
-    metrics = _Metrics(out / "metrics.jsonl", keep_until=start_step if start_step else None)
+    metrics = _Metrics(out / "metrics.jsonl", keep_until=start_step if start_step else None, enabled=primary)
     if baseline is None:
         t0 = time.time()
         vl = val_loss(state.lora)
@@ -466,68 +370,89 @@ def run(args: TrainArgs) -> TrainResult:
                                                         f"prompts" if em is not None else "")
             + f" ({time.time() - t0:.1f}s)")
 
-    meta_base = {"args": _json_args(a), "model": config.to_dict(), "lora": lora_config.to_dict(),
+    meta_base = {"args": json_args(a), "model": config.to_dict(), "lora": lora_config.to_dict(),
                  "baseline": baseline}
 
-    def save(state: TrainState, step: int) -> None:
+    def save(state: TrainState, step: int, data: dict) -> None:
         if not _finite_tree(state.lora):
             raise NonFiniteLossError(f"adapters became non-finite at step {step}; not saved. Last good checkpoint: "
                                      f"{_last(checkpointer)}")
-        checkpointer.save(state, {**meta_base, "data": batcher.state(), "step": step})
+        checkpointer.save(state, {**meta_base, "data": data, "step": step})
 
+    peak = peak_flops(next(iter(r.mesh.devices.flat)).device_kind)
+    clock = _StepClock()
+    compiled: dict[tuple, Any] = {}
+    compile_seconds = 0.0
     bar = None
     step = start_step
-    tokens_seen, train_time, rate = 0, 0.0, None
+    last_saved = start_step if start_step else None
+    rate = None
+    # A step's metrics are read only after the next step is queued, so the device never waits
+    # for the host (dispatching a step costs milliseconds of host time); they are read at once
+    # before anything that must see a finished step (compiling, eval, save, the end).
+    pending = None  # (step, metrics on the device, real tokens, padded tokens, flops, epoch)
+
+    def finish(step: int, m: dict, n_tokens: int, n_padded: int, flops: float, epoch: int) -> None:
+        nonlocal rate
+        m = jax.device_get(m)
+        dt = clock.step_done(n_tokens, n_padded, flops)
+        loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+        lr = float(r.schedule(step - 1))
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            metrics.write(type="error", step=step, loss=loss, grad_norm=gnorm)
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (loss {loss}, grad norm {gnorm}, lr {lr:.3g}); the run stopped "
+                f"and nothing from this step was saved. Last good checkpoint: {_last(checkpointer)}. Try a lower "
+                "--learning_rate or --grad_clip 1.0, then --resume.")
+        if int(m["tokens"]) == 0:
+            log(f"warning: step {step} had no loss tokens (every target masked or cut); it changed nothing")
+        rate = n_tokens / dt if rate is None else 0.8 * rate + 0.2 * n_tokens / dt
+        metrics.write(type="train", step=step, loss=loss, lr=lr, grad_norm=gnorm, loss_tokens=int(m["tokens"]),
+                      tokens=n_tokens, padded_tokens=n_padded, seconds=round(dt, 4),
+                      tokens_per_s=round(n_tokens / dt, 1), epoch=epoch)
+        if bar is not None:
+            bar.set_postfix_str(f"loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} tok/s", refresh=False)
+            bar.update(1)
+
+    def flush() -> None:
+        nonlocal pending
+        if pending is not None:
+            p, pending = pending, None
+            finish(*p)
+
+    in_hand = (start_step, batcher.state())  # the step of `state`, and the data position after it
     try:
-        if a.progress and max_steps > start_step:
+        if a.progress and primary and max_steps > start_step:
             from tqdm.auto import tqdm
             bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                        mininterval=0.5)
         log(f"training steps {start_step + 1}..{max_steps}: batch {a.batch_size} = {batcher.n_micro} x "
-            f"{a.micro_batch_size}, buckets {list(buckets)}, lr {a.learning_rate:g} ({a.schedule}, "
+            f"{r.micro_rows}, buckets {list(buckets)}, lr {a.learning_rate:g} ({a.schedule}, "
             f"{a.warmup_steps} warmup)")
-        last_saved = start_step if start_step else None
-        # A step's metrics are read only after the next step is queued, so the device never
-        # waits for the host (dispatching a step costs milliseconds of host time); they are
-        # read at once before anything that must see a finished step (eval, save, the end).
-        pending = None  # (step, metrics still on the device, tokens in the batch, epoch)
-        done_at = time.perf_counter()
-
-        def finish(step: int, m: dict, n_tokens: int, epoch: int) -> None:
-            nonlocal tokens_seen, train_time, rate, done_at
-            m = jax.device_get(m)
-            now = time.perf_counter()
-            dt, done_at = now - done_at, now
-            loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-            lr = float(schedule(step - 1))
-            if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                metrics.write(type="error", step=step, loss=loss, grad_norm=gnorm)
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} (loss {loss}, grad norm {gnorm}, lr {lr:.3g}); the run stopped "
-                    f"and nothing from this step was saved. Last good checkpoint: {_last(checkpointer)}. Try a lower "
-                    "--learning_rate or --grad_clip 1.0, then --resume.")
-            if step > start_step + 1:  # the first step of a process includes compilation
-                tokens_seen, train_time = tokens_seen + n_tokens, train_time + dt
-                rate = n_tokens / dt if rate is None else 0.8 * rate + 0.2 * n_tokens / dt
-            metrics.write(type="train", step=step, loss=loss, lr=lr, grad_norm=gnorm,
-                          loss_tokens=int(m["tokens"]), tokens=n_tokens, seconds=round(dt, 4),
-                          epoch=epoch)
-            if bar is not None:
-                bar.set_postfix_str(f"loss {loss:.4f}  lr {lr:.2e}  {rate or 0:,.0f} tok/s", refresh=False)
-                bar.update(1)
-
+        clock.pause()
         for step in range(start_step + 1, max_steps + 1):
-            batch = next(batcher)
+            host = next(batcher)
+            batch = r.batch(host)
+            shape = host["input_ids"].shape
+            if shape not in compiled:
+                flush()
+                t0 = time.perf_counter()
+                compiled[shape] = r.train_step.lower(state, params, batch).compile()
+                compile_seconds += time.perf_counter() - t0
+                log_fn = bar.write if bar is not None else log
+                log_fn(f"compiled the train step for batches of {shape[0]} x {shape[1]} x {shape[2]} in "
+                       f"{time.perf_counter() - t0:.1f}s")
+                clock.pause()
+            state, m = compiled[shape](state, params, batch)
+            in_hand = (step, batcher.state())
             n_tokens = int(sum(min(len(train_samples[i]["input_ids"]), a.max_seq_length)
-                               for i in batch["index"].reshape(-1)))
-            state, m = train_step(state, params, {"input_ids": batch["input_ids"], "labels": batch["labels"]})
-            if pending is not None:
-                finish(*pending)
-            pending = (step, m, n_tokens, batcher.epoch)
+                               for i in host["index"].reshape(-1)))
+            n_padded = int(np.prod(shape))
+            flush()
+            pending = (step, m, n_tokens, n_padded, n_padded * flops_per_token(config, shape[2]), batcher.epoch)
             evaluate, checkpoint = step % a.eval_interval == 0 and step != max_steps, step % a.save_interval == 0
             if evaluate or checkpoint or step == max_steps:
-                finish(*pending)
-                pending = None
+                flush()
             if evaluate:
                 vl = val_loss(state.lora)
                 sample = fixed_sample(state.lora)
@@ -535,23 +460,31 @@ def run(args: TrainArgs) -> TrainResult:
                 msg = f"step {step}: val loss {_fmt(vl)}" + (f" | {a.sample_instruction!r} -> {sample!r}"
                                                               if sample is not None else "")
                 bar.write(msg) if bar is not None else log(msg)
-                done_at = time.perf_counter()  # evaluation time is not training time
+                clock.pause()  # evaluation time is not training time
             if checkpoint:
-                save(state, step)
+                save(state, step, in_hand[1])
                 last_saved = step
-                done_at = time.perf_counter()
+                clock.pause()
         if bar is not None:
             bar.close()
             bar = None
         if last_saved != step or (max_steps == 0 and checkpointer.latest_step() is None):
-            save(state, step)
+            save(state, step, in_hand[1])
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+            bar = None
+        _save_on_interrupt(state, in_hand, last_saved, flush, save, log)
+        metrics.close()
+        checkpointer.close()
+        raise
     except BaseException:
         if bar is not None:
             bar.close()
         metrics.close()
         checkpointer.close()
         raise
-    train_seconds = train_time
+    train_seconds = clock.seconds
 
     # ---- after training
     vl = val_loss(state.lora)
@@ -561,32 +494,57 @@ def run(args: TrainArgs) -> TrainResult:
     metrics.close()
     checkpointer.close()
 
-    lora_host = jax.device_get(state.lora)
-    from jaxlora.checkpoint_io import save_checkpoint
-    adapters_dir = save_checkpoint(out / ADAPTERS_DIR, config, lora_config, None, lora_host, overwrite=True,
-                                   base=str(a.pretrained_path))
-    lit_path = None
-    if a.export_lit:
-        lit_path = _export_lit(lora_host, config, lora_config, out / LORA_FILE, log)
-    png = None
-    if a.plot:
-        from jaxlora.plot import plot_loss
-        png = plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"LoRA fine-tuning of {Path(str(a.pretrained_path)).name}, "
-                        f"r={a.lora_r} on {','.join(lora_config.targets)}")
-        if png is None:
-            log("loss.png not written (matplotlib not installed: pip install 'jaxlora[plot]')")
+    lora_host = distributed.to_host(state.lora)
+    adapters_dir = lit_path = png = None
+    if primary:
+        from jaxlora.checkpoint_io import save_checkpoint
+        adapters_dir = save_checkpoint(out / ADAPTERS_DIR, config, lora_config, None, lora_host, overwrite=True,
+                                       base=str(a.pretrained_path))
+        if a.export_lit:
+            lit_path = _export_lit(lora_host, config, lora_config, out / LORA_FILE, log)
+        if a.plot:
+            from jaxlora.plot import plot_loss
+            png = plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"LoRA fine-tuning of "
+                            f"{Path(str(a.pretrained_path)).name}, r={a.lora_r} on {','.join(lora_config.targets)}")
+            if png is None:
+                log("loss.png not written (matplotlib not installed: pip install 'jaxlora[plot]')")
 
+    per_s = (lambda n: round(n / train_seconds, 1) if train_seconds > 0 else None)
+    n_devices = r.mesh.devices.size
     result = TrainResult(
         out_dir=str(out), step=step, val_loss_before=baseline.get("val_loss"), val_loss_after=vl,
         exact_match_before=baseline.get("exact_match"), exact_match_after=em,
         samples_before=baseline.get("samples", []), samples_after=samples,
-        train_seconds=round(train_seconds, 2), total_seconds=round(time.time() - t_start, 2),
-        tokens_per_second=round(tokens_seen / train_time, 1) if train_time > 0 else None,
-        lit_lora_path=str(lit_path) if lit_path else None, adapters_dir=str(adapters_dir), loss_png=str(png) if png else None, lora=lora_host)
-    (out / "summary.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    if a.verbose:
+        train_seconds=round(train_seconds, 2), compile_seconds=round(compile_seconds, 2),
+        total_seconds=round(time.time() - t_start, 2),
+        tokens_per_second=per_s(clock.real_tokens), padded_tokens_per_second=per_s(clock.padded_tokens),
+        mfu=(round(clock.flops / train_seconds / (peak * n_devices), 4) if peak and train_seconds > 0 else None),
+        peak_memory_gib=_peak_memory_gib(), mesh=dict(r.mesh.shape).__repr__(),
+        lit_lora_path=str(lit_path) if lit_path else None, adapters_dir=str(adapters_dir) if adapters_dir else None,
+        loss_png=str(png) if png else None, lora=lora_host)
+    if primary:
+        (out / "summary.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    if a.verbose and primary:
         print(report(result))
     return result
+
+
+def _save_on_interrupt(state: TrainState, in_hand: tuple[int, dict], last_saved: int | None,
+                       flush: Callable[[], None], save: Callable[[TrainState, int, dict], None],
+                       log: Callable[[str], None]) -> None:
+    """Ctrl-C: finish the step in flight and checkpoint it, so --resume repeats no step."""
+    step, data = in_hand
+    if step == 0 or step == last_saved:
+        return
+    try:
+        flush()  # its loss is checked before anything is saved
+        save(state, step, data)
+        log(f"interrupted: saved step {step}; continue with --resume")
+    except KeyboardInterrupt:
+        log("interrupted again while saving; the last finished checkpoint stays the latest")
+    except Exception as e:  # e.g. the state was being donated to a step when the interrupt came
+        log(f"interrupted: could not save step {step} ({type(e).__name__}: {e}); --resume starts from the last "
+            "finished checkpoint")
 
 
 def _export_lit(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path: Path,
@@ -628,8 +586,12 @@ def _fmt(x: float | None) -> str:
 
 def report(r: TrainResult) -> str:
     """The human-readable summary printed at the end of a run."""
-    lines = ["", f"=== LoRA fine-tuning: {r.step} steps, {r.total_seconds:.0f}s in all"
-             + (f", {r.tokens_per_second:,.0f} tokens/s while training" if r.tokens_per_second else "") + " ==="]
+    lines = ["", f"=== LoRA fine-tuning: {r.step} steps, {r.total_seconds:.0f}s in all ==="]
+    if r.tokens_per_second:
+        lines.append(f"speed             {r.tokens_per_second:,.0f} tokens/s ({r.padded_tokens_per_second:,.0f} with "
+                     f"padding) over {r.train_seconds:.1f}s of steps" + (f", MFU {r.mfu:.1%}" if r.mfu else "")
+                     + (f", peak {r.peak_memory_gib} GiB per device" if r.peak_memory_gib else "")
+                     + f"; compiling {r.compile_seconds:.1f}s")
     lines.append(f"validation loss   before {_fmt(r.val_loss_before)}   after {_fmt(r.val_loss_after)}")
     if r.exact_match_before is not None:
         lines.append(f"exact match       before {r.exact_match_before:.1%}   after {r.exact_match_after:.1%}")

@@ -270,7 +270,7 @@ def test_load_lit_llama_reads_tensor_by_tensor_and_matches_the_mapping(tmp_path,
     np_lora = {k: tensor_to_numpy(v) for k, v in adapters.items()}
     placed = []
     config, lora_config, got = load_lit_llama(base_path, lora_path, lora_alpha=8, lora_dropout=0.0,
-                                              place=lambda a: placed.append(a.shape) or jax.device_put(a))
+                                              place=lambda a, path: placed.append(a.shape) or jax.device_put(a))
     assert config == TINY and lora_config == lora
     assert len(placed) == len(jax.tree.leaves(got))  # every leaf went through `place`, one at a time
     want_params = lit_llama.lit_to_params(np_base, TINY)

@@ -15,7 +15,8 @@ from jaxlora.formats.torch_stream import TorchZipReader
 
 def load_lit_llama(checkpoint_path: str | os.PathLike, lora_path: str | os.PathLike | None = None,
                    lora_alpha: float = 16.0, lora_dropout: float = 0.05, param_dtype: Any = None,
-                   config: LLaMAConfig | None = None, place: Callable[[np.ndarray], Any] | None = None,
+                   config: LLaMAConfig | None = None,
+                   place: Callable[[np.ndarray, tuple[str, ...]], Any] | None = None,
                    ) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, Any]]:
     """Read a lit-llama base checkpoint (and optionally a LoRA file) into {"params", "lora"}.
 
@@ -23,13 +24,14 @@ def load_lit_llama(checkpoint_path: str | os.PathLike, lora_path: str | os.PathL
     layout are read from the LoRA file; alpha is not stored by lit-llama, so pass it.
     Frozen weights keep the file's dtype unless `param_dtype` is given; adapters are float32.
     The files are read tensor by tensor (no torch needed); each stacked leaf is passed to
-    `place` when complete (e.g. `jax.device_put`: the host then holds one leaf at a time,
-    not the checkpoint), else the variables are numpy arrays.
+    `place(leaf, path)` when complete (path: its place in the collection, e.g. ("h", "attn",
+    "c_attn", "kernel"); e.g. `jax.device_put` to that leaf's sharding: the host then holds
+    one leaf at a time, not the checkpoint), else the variables are numpy arrays.
     """
-    def finish(dtype: Any) -> Callable[[np.ndarray], Any]:
-        def put(leaf: np.ndarray) -> Any:
+    def finish(dtype: Any) -> Callable[[np.ndarray, tuple[str, ...]], Any]:
+        def put(leaf: np.ndarray, path: tuple[str, ...]) -> Any:
             leaf = leaf if dtype is None else leaf.astype(dtype, copy=False)
-            return place(leaf) if place else leaf
+            return place(leaf, path) if place else leaf
         return put
 
     source = str(checkpoint_path)

@@ -166,11 +166,11 @@ def lit_to_tree(state_dict: Mapping[str, np.ndarray], maps: Iterable[TensorMap],
 
 def read_tree(read: Callable[[str], np.ndarray], shapes: Mapping[str, tuple[int, ...]], maps: Iterable[TensorMap],
               n_layer: int, source: str = "state dict", allow_extra: bool = False,
-              place: Callable[[np.ndarray], Any] | None = None) -> dict[str, Any]:
+              place: Callable[[np.ndarray, tuple[str, ...]], Any] | None = None) -> dict[str, Any]:
     """Our nested variables from lit-llama tensors fetched one at a time by `read(key)`.
 
     `shapes` (every key of the source) is validated first. Each finished leaf goes through
-    `place` (e.g. a cast and `jax.device_put`), so with a lazy `read` the host holds at most
+    `place(leaf, path)` (e.g. a cast and `jax.device_put` to the path's sharding), so with a lazy `read` the host holds at most
     one stacked leaf, never the whole checkpoint.
     """
     maps = list(maps)
@@ -185,7 +185,7 @@ def read_tree(read: Callable[[str], np.ndarray], shapes: Mapping[str, tuple[int,
             leaf[0] = first
             for i, key in enumerate(keys[1:], 1):
                 leaf[i] = m.to_ours(read(key))
-        _set(tree, m.path, place(leaf) if place else leaf)
+        _set(tree, m.path, place(leaf, m.path[1:]) if place else leaf)
     return tree
 
 

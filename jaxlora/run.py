@@ -1,0 +1,258 @@
+"""One training run's compiled pieces, built once and shared by train.py, the benchmark and
+the tests, so the step that is measured is the step that ships.
+
+`build_run(args, mesh)` reads the base model's architecture, builds the model, puts the
+frozen weights straight into their shards on `mesh` (random, a jaxlora checkpoint directory
+or a lit-llama .pth; no device holds more than its shards plus one stacked weight), creates
+the adapters and optimizer state sharded by the same rules table, and jits the train and
+eval steps with explicit input and output shardings.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from jaxlora import sharding as shd
+from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.model import LLaMA, canonical, init_adapters, split_layers_on_device
+from jaxlora.optim import learning_rate_schedule, make_optimizer
+from jaxlora.settings import PRECISIONS, RANDOM_BASE, TrainArgs
+from jaxlora.steps import TrainState, init_train_state, make_eval_step, make_train_step
+
+__all__ = ["Run", "RunShardings", "build_run", "read_base_config", "state_shardings", "init_lora"]
+
+
+@dataclass(frozen=True)
+class RunShardings:
+    """Where every array of a run lives: frozen weights (in the layout the model reads), the
+    train state, (n_micro, rows, T) training batches and (rows, T) evaluation batches."""
+
+    params: Any
+    state: Any
+    batch: NamedSharding
+    eval_batch: NamedSharding
+    replicated: NamedSharding
+
+
+@dataclass
+class Run:
+    """A model with its weights and state on a mesh, and the jitted steps that train it."""
+
+    config: LLaMAConfig
+    lora_config: LoRAConfig
+    model: LLaMA
+    mesh: Mesh
+    params: Any
+    state: TrainState
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    train_step: Callable[[TrainState, Any, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
+    eval_step: Callable[[Any, Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
+    shardings: RunShardings
+    base_desc: str
+    micro_rows: int  # rows of one micro-batch over the whole mesh
+
+    def batch(self, host: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A training batch (n_micro, micro_rows, T) from host arrays onto the mesh."""
+        return shd.host_to_global({k: host[k] for k in ("input_ids", "labels")}, self.shardings.batch)
+
+    def eval_batch(self, host: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """An evaluation batch (micro_rows, T) onto the mesh."""
+        return shd.host_to_global({k: host[k] for k in ("input_ids", "labels")}, self.shardings.eval_batch)
+
+
+def init_lora(model: LLaMA, seed: int) -> Any:
+    """Fresh adapters for a run's seed (stacked layout)."""
+    return init_adapters(model, jax.random.fold_in(jax.random.key(seed), 0x10A))
+
+
+# ----------------------------------------------------------------------------- the base model
+
+def read_base_config(pretrained_path: str | None, preset: str | None) -> tuple[LLaMAConfig, str]:
+    """The frozen model's architecture, without reading its weights: (config, kind), kind one
+    of 'random', 'jaxlora', 'lit'. With `preset`, the weights must match it (errors name the
+    file and key)."""
+    from jaxlora import checkpoint_io
+    from jaxlora.formats import lit_llama
+    from jaxlora.formats.torch_stream import TorchZipReader
+
+    preset_cfg = LLaMAConfig.from_name(preset) if preset else None
+    if pretrained_path is None or str(pretrained_path).lower() in RANDOM_BASE:
+        if preset_cfg is None:
+            raise ValueError("random base weights need a preset (--preset)")
+        return preset_cfg, "random"
+    path = Path(pretrained_path)
+    if path.is_dir():
+        if not checkpoint_io.is_jaxlora_checkpoint(path):
+            raise FileNotFoundError(f"--pretrained_path {path}: a directory but not a jaxlora checkpoint "
+                                    f"(no {checkpoint_io.CONFIG_FILE} and {checkpoint_io.PARAMS_DIR}/)")
+        config, _ = checkpoint_io.read_config(path)
+        if preset_cfg is not None and config != preset_cfg:
+            diffs = [f"{k}: checkpoint has {v}, preset {preset} has {getattr(preset_cfg, k)}"
+                     for k, v in config.to_dict().items() if getattr(preset_cfg, k) != v]
+            raise checkpoint_io.CheckpointError(f"{path / checkpoint_io.CONFIG_FILE}: does not match preset "
+                                                f"{preset!r} (" + "; ".join(diffs) + ")")
+        return config, "jaxlora"
+    if not path.is_file():
+        raise FileNotFoundError(f"--pretrained_path {path}: no such file or directory")
+    with TorchZipReader(path) as reader:
+        shapes = reader.shapes()
+    if preset_cfg is None:
+        return lit_llama.infer_config(shapes, str(path)), "lit"
+    try:
+        lit_llama.check_state_dict(shapes, lit_llama.base_maps(preset_cfg), preset_cfg.n_layer, str(path))
+    except lit_llama.StateDictError as e:
+        c = preset_cfg
+        raise lit_llama.StateDictError(f"{e} -- the weights do not fit preset {preset!r} (n_layer={c.n_layer}, "
+                                       f"n_embd={c.n_embd}, padded_vocab_size={c.padded_vocab_size}); check "
+                                       "--preset") from e
+    return preset_cfg, "lit"
+
+
+def load_params(model: LLaMA, kind: str, pretrained_path: str | None, seed: int, param_dtype: Any,
+                stacked: Any) -> Any:
+    """Frozen weights (stacked layout) placed in `stacked` shardings as they are read."""
+    if kind == "random":
+        init = jax.jit(lambda key: nn.unbox(canonical(model).init({"params": key}, jnp.zeros((1, 8), jnp.int32)))
+                       ["params"], out_shardings=stacked)
+        return init(jax.random.key(seed))
+    if kind == "jaxlora":
+        from jaxlora import checkpoint_io
+        _, _, variables = checkpoint_io.load_checkpoint(pretrained_path, param_dtype=param_dtype,
+                                                        shardings={"params": stacked})
+        return variables["params"]
+    from jaxlora.formats.lit_files import load_lit_llama
+    leaves = {path: s for path, s in _flat(stacked).items()}
+    _, _, variables = load_lit_llama(pretrained_path, param_dtype=param_dtype, config=model.config,
+                                     place=lambda leaf, path: jax.device_put(leaf, leaves[path]))
+    return variables["params"]
+
+
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+    from flax.traverse_util import flatten_dict
+    return flatten_dict(tree)
+
+
+# ----------------------------------------------------------------------------- shardings
+
+def state_shardings(optimizer: optax.GradientTransformation, lora_shardings: Any, mesh: Mesh) -> Any:
+    """TrainState shardings: adapters as the rules say, each optimizer moment like its adapter,
+    counters and the PRNG key replicated."""
+    abstract_lora = jax.tree.map(lambda s: jax.ShapeDtypeStruct((), jnp.float32), lora_shardings)
+    opt_state = jax.eval_shape(optimizer.init, abstract_lora)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_state, lora_shardings,
+                                          transform_non_params=lambda _: shd.replicated(mesh))
+    rep = shd.replicated(mesh)
+    return TrainState(step=rep, lora=lora_shardings, opt_state=opt_shardings, rng=rep)
+
+
+# ----------------------------------------------------------------------------- the builder
+
+def build_run(a: TrainArgs, mesh: Mesh | None = None, max_steps: int | None = None, config: LLaMAConfig | None = None,
+              log: Callable[[str], None] = lambda msg: None) -> Run:
+    """Model, sharded weights and state, and jitted steps for resolved settings `a` on `mesh`.
+
+    mesh: None builds `a.mesh` (or the default layout) over every device.
+    max_steps: the run's length (decaying schedules need it); config: an architecture to use
+    instead of the base's (the benchmark's shallower variants; random weights only).
+    """
+    compute_dtype, storage_dtype = PRECISIONS[a.precision]
+    base_config, kind = read_base_config(a.pretrained_path, a.preset)
+    if config is not None and kind != "random":
+        raise ValueError("a config override needs random base weights (--pretrained_path none)")
+    config = config or base_config
+    if mesh is None:
+        mesh = shd.mesh_from_spec(a.mesh, config, jnp.dtype(storage_dtype).itemsize)
+    if a.max_seq_length > config.block_size:
+        raise ValueError(f"max_seq_length {a.max_seq_length} exceeds the model's block_size {config.block_size}")
+    shd.check_mesh(mesh, config)
+    shards = shd.batch_shards(mesh)
+    micro_rows = a.micro_batch_size * shards
+    if a.batch_size % micro_rows:
+        raise shd.MeshError(f"batch_size {a.batch_size} is not a multiple of micro_batch_size {a.micro_batch_size} "
+                            f"x {shards} batch shards of the mesh (data x fsdp) = {micro_rows}")
+
+    lora_config = LoRAConfig(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=a.lora_targets)
+    model = LLaMA(config, lora_config, dtype=compute_dtype, param_dtype=storage_dtype, lora_dtype=jnp.float32,
+                  attention=a.attention, remat=a.remat, scan_layers=a.scan_layers,
+                  scan_unroll=min(a.scan_unroll, config.n_layer),
+                  mesh=mesh if mesh.devices.size > 1 else None, rules=shd.DEFAULT_RULES)
+    stored = shd.variable_shardings(model, mesh)
+    as_run = shd.variable_shardings(model, mesh, as_run=True)
+
+    params = load_params(model, kind, a.pretrained_path, a.seed, storage_dtype, stored["params"])
+    params = split_layers_on_device(model, params, as_run["params"])  # once; a no-op for scanned layers
+    base_desc = {"random": f"random {a.preset} weights (seed {a.seed})", "jaxlora": f"jaxlora checkpoint "
+                 f"{a.pretrained_path}", "lit": f"lit-llama checkpoint {a.pretrained_path}"}[kind]
+
+    schedule = learning_rate_schedule(a.learning_rate, a.warmup_steps, a.schedule,
+                                      total_steps=max_steps if a.schedule != "constant" else None)
+    optimizer = make_optimizer(schedule, weight_decay=a.weight_decay, grad_clip=a.grad_clip or None)
+    state_sh = state_shardings(optimizer, stored["lora"], mesh)
+    init_state = jax.jit(lambda: init_train_state(init_lora(model, a.seed), optimizer, a.seed, a.rng_impl),
+                         out_shardings=state_sh)
+    state = init_state()
+
+    rep = shd.replicated(mesh)
+    shardings = RunShardings(params=as_run["params"], state=state_sh, batch=shd.batch_sharding(mesh),
+                             eval_batch=shd.eval_batch_sharding(mesh), replicated=rep)
+    train_step = make_train_step(model, optimizer, chunk_tokens=a.loss_chunk,
+                                 shardings=(state_sh, shardings.params, shardings.batch, rep))
+    eval_step = make_eval_step(model, chunk_tokens=a.loss_chunk,
+                               shardings=(state_sh.lora, shardings.params, shardings.eval_batch, rep))
+    log(f"mesh: {shd.describe(mesh)}; micro-batch {a.micro_batch_size} rows per batch shard "
+        f"({micro_rows} over the mesh), {a.batch_size // micro_rows} per optimizer step")
+    return Run(config=config, lora_config=lora_config, model=model, mesh=mesh, params=params, state=state,
+               optimizer=optimizer, schedule=schedule, train_step=train_step, eval_step=eval_step,
+               shardings=shardings, base_desc=base_desc, micro_rows=micro_rows)
+
+
+# Dense bf16 peak of one device, for MFU (datasheet numbers; None where unknown, e.g. CPUs).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
+               "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """FLOP/s of one device of this kind (the longest matching name in PEAK_TFLOPS)."""
+    hits = [k for k in PEAK_TFLOPS if k.lower() in device_kind.lower()]
+    return PEAK_TFLOPS[max(hits, key=len)] * 1e12 if hits else None
+
+
+def flops_per_token(config: LLaMAConfig, seq_len: int) -> float:
+    """Training FLOPs per token of a LoRA step (adapter matmuls ignored: < 0.3% at r=8):
+
+    4 * N_dense              frozen matmuls: forward 2N, input gradients 2N (no weight
+                             gradients); N_dense = all parameters but the embedding table
+    + 6 * n_layer * T * C    attention scores and values: forward 4*T*C per layer, halved
+                             for causality, x3 for forward + backward
+    """
+    n_dense = config.num_params() - config.padded_vocab_size * config.n_embd
+    return 4 * n_dense + 6 * config.n_layer * seq_len * config.n_embd
+
+
+def weight_bytes(config: LLaMAConfig, precision: str) -> int:
+    """Bytes of the frozen weights in the run's storage dtype."""
+    return config.num_params() * jnp.dtype(PRECISIONS[precision][1]).itemsize
+
+
+def estimate_device_bytes(config: LLaMAConfig, lora: LoRAConfig, precision: str, mesh: Mesh, micro_rows: int,
+                          seq: int, remat: str) -> int:
+    """A rough per-device memory need: the weight shards, adapters with AdamW state, and the
+    activations kept for the backward pass (what the H100 measurements in docs/benchmarks.md
+    show within ~20%)."""
+    weight_shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    rows = micro_rows // shd.batch_shards(mesh)
+    itemsize = jnp.dtype(PRECISIONS[precision][0]).itemsize
+    per_token_layer = {"none": 24, "dots": 12, "dots_no_batch": 10, "full": 1}.get(remat, 24)
+    act = rows * seq * config.n_layer * config.n_embd * itemsize * per_token_layer // max(mesh.shape["tensor"], 1)
+    logits = rows * seq * config.padded_vocab_size * 4 * 2 // max(mesh.shape["tensor"], 1)
+    return math.ceil(weight_bytes(config, precision) / weight_shards) + 16 * lora.num_params(config) + act + logits
