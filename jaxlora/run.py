@@ -157,6 +157,21 @@ def state_shardings(optimizer: optax.GradientTransformation, lora_shardings: Any
 
 # ----------------------------------------------------------------------------- the builder
 
+def fit_micro_batch(batch_size: int, micro_batch_size: int, shards: int, log: Callable[[str], None]) -> int:
+    """Rows per batch shard per micro-batch: `micro_batch_size`, or the largest smaller one with
+    which the mesh's micro-batches fill `batch_size` exactly (a 16-sample demo batch on 4 shards:
+    4 rows each)."""
+    if batch_size % shards:
+        raise shd.MeshError(f"batch_size {batch_size} does not divide over the mesh's {shards} batch shards "
+                            "(data x fsdp)")
+    micro = min(micro_batch_size, batch_size // shards)
+    while (batch_size // shards) % micro:
+        micro -= 1
+    if micro != micro_batch_size:
+        log(f"micro_batch_size {micro_batch_size} per batch shard x {shards} shards does not fill batch_size "
+            f"{batch_size}; using {micro}")
+    return micro
+
 def build_run(a: TrainArgs, mesh: Mesh | None = None, max_steps: int | None = None, config: LLaMAConfig | None = None,
               log: Callable[[str], None] = lambda msg: None) -> Run:
     """Model, sharded weights and state, and jitted steps for resolved settings `a` on `mesh`.
@@ -175,11 +190,8 @@ def build_run(a: TrainArgs, mesh: Mesh | None = None, max_steps: int | None = No
     if a.max_seq_length > config.block_size:
         raise ValueError(f"max_seq_length {a.max_seq_length} exceeds the model's block_size {config.block_size}")
     shd.check_mesh(mesh, config)
-    shards = shd.batch_shards(mesh)
-    micro_rows = a.micro_batch_size * shards
-    if a.batch_size % micro_rows:
-        raise shd.MeshError(f"batch_size {a.batch_size} is not a multiple of micro_batch_size {a.micro_batch_size} "
-                            f"x {shards} batch shards of the mesh (data x fsdp) = {micro_rows}")
+    micro = fit_micro_batch(a.batch_size, a.micro_batch_size, shd.batch_shards(mesh), log)
+    micro_rows = micro * shd.batch_shards(mesh)
 
     lora_config = LoRAConfig(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=a.lora_targets)
     model = LLaMA(config, lora_config, dtype=compute_dtype, param_dtype=storage_dtype, lora_dtype=jnp.float32,
@@ -209,7 +221,7 @@ def build_run(a: TrainArgs, mesh: Mesh | None = None, max_steps: int | None = No
                                  shardings=(state_sh, shardings.params, shardings.batch, rep))
     eval_step = make_eval_step(model, chunk_tokens=a.loss_chunk,
                                shardings=(state_sh.lora, shardings.params, shardings.eval_batch, rep))
-    log(f"mesh: {shd.describe(mesh)}; micro-batch {a.micro_batch_size} rows per batch shard "
+    log(f"mesh: {shd.describe(mesh)}; micro-batch {micro} rows per batch shard "
         f"({micro_rows} over the mesh), {a.batch_size // micro_rows} per optimizer step")
     return Run(config=config, lora_config=lora_config, model=model, mesh=mesh, params=params, state=state,
                optimizer=optimizer, schedule=schedule, train_step=train_step, eval_step=eval_step,

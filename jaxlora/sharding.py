@@ -76,19 +76,21 @@ def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: every device of every process);
-    data=-1 takes the devices the others leave. Devices are laid out process by process, so
-    `tensor` (then `fsdp`) stays inside a host, where the links are fastest."""
+    data=-1 takes the devices the others leave. A mesh smaller than the device count (it must
+    divide it) takes the first devices. Devices are laid out process by process, so `tensor`
+    (then `fsdp`) stays inside a host, where the links are fastest."""
     devices = list(devices if devices is not None else jax.devices())
+    devices.sort(key=lambda d: (getattr(d, "process_index", 0), getattr(d, "id", 0)))
     n = len(devices)
     if data == -1:
         if n % (fsdp * tensor):
             raise MeshError(f"fsdp={fsdp} x tensor={tensor} = {fsdp * tensor} does not divide the {n} devices")
         data = n // (fsdp * tensor)
-    if data * fsdp * tensor != n:
-        raise MeshError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {data * fsdp * tensor} devices, "
-                        f"there are {n}")
-    devices.sort(key=lambda d: (d.process_index, d.id))
-    return Mesh(np.array(devices).reshape(data, fsdp, tensor), MESH_AXES)
+    size = data * fsdp * tensor
+    if size > n or n % size:
+        raise MeshError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {size} devices does not divide the "
+                        f"{n} devices there are")
+    return Mesh(np.array(devices[:size]).reshape(data, fsdp, tensor), MESH_AXES)
 
 
 def mesh_from_spec(spec: str | Mapping[str, int] | None, config: LLaMAConfig, param_bytes: int = 2,
@@ -142,9 +144,10 @@ def default_mesh_shape(config: LLaMAConfig, devices: Sequence[Any], param_bytes:
             "tensor": 1}
 
 
-def check_mesh(mesh: Mesh, config: LLaMAConfig) -> None:
-    """Refuse a mesh whose axes do not divide the model's sizes, naming both numbers."""
-    fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+def check_mesh(mesh: Mesh | Mapping[str, int], config: LLaMAConfig) -> None:
+    """Refuse a mesh (or a mesh shape) whose axes do not divide the model's sizes, naming both numbers."""
+    shape = mesh.shape if isinstance(mesh, Mesh) else mesh
+    fsdp, tensor = shape["fsdp"], shape["tensor"]
     sizes = {"n_head": config.n_head, "n_hidden (MLP width)": config.n_hidden,
              "padded_vocab_size": config.padded_vocab_size}
     for name, size in sizes.items():

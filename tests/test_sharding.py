@@ -1,10 +1,20 @@
-"""Sharded training on 8 CPU devices computes what one device computes."""
+"""Sharded training on 8 CPU devices computes what one device computes; meshes are checked.
+
+Tolerances: float32 throughout. Losses of sharded runs equal the single-device run's to
+rtol 1e-6 (only the order of the sums differs), adapters to 5e-5 of their largest value.
+"""
 from __future__ import annotations
 
+import json
+import os
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,3 +73,157 @@ SCRIPT = textwrap.dedent("""
 def test_sharded_step_matches_single_device():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- the training loop on meshes
+
+def mesh_report(kind: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{kind}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "mesh_runs.py"), kind, str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_training_on_meshes_matches_one_device(tmp_path):
+    """data=8, fsdp=8, tensor=2 (x data=4) and 2x2x2: 4 steps with dropout and accumulation."""
+    report = mesh_report("equality", tmp_path)
+    assert set(report["runs"]) == {"data=8", "fsdp=8", "tensor=2", "data=2,fsdp=2,tensor=2"}
+    for mesh, run in report["runs"].items():
+        np.testing.assert_allclose(run["losses"], report["ref_losses"], rtol=1e-6, err_msg=mesh)
+        np.testing.assert_allclose(run["val_loss"], run["ref_val_loss"], rtol=1e-6, err_msg=mesh)
+        assert run["max_rel"] < 5e-5, (mesh, run)
+
+
+def test_checkpoint_resumes_on_another_mesh_and_on_one_device(tmp_path):
+    """2 steps on 2x2x2, then 2 more on data=8 / on one device == 4 steps on one device."""
+    report = mesh_report("resume", tmp_path)
+    for target, run in report.items():
+        assert run["step"] == 4, target
+        assert run["max_rel"] < 5e-5, (target, run)
+
+
+def test_every_array_is_sharded_as_the_rules_say(tmp_path):
+    report = mesh_report("layout", tmp_path)
+    assert report["checked"] > 30 and report["bad"] == []
+    assert report["fc1_shard"] == [32, 128]  # (embed 64 / fsdp 2, mlp 256 / tensor 2)
+    assert report["batch_spec"] == "P(None, ('data', 'fsdp'), None)"
+
+
+def _env(devices: int) -> dict[str, str]:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "JAXLORA_COMPILE_CACHE": ""}
+
+
+def test_demo_trains_on_a_2x2x2_mesh_from_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--mesh", "data=2,fsdp=2,tensor=2", "--max_steps", "4",
+                           "--out_dir", str(tmp_path / "demo"), "--exact_match_samples", "4", "--no_progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env(8))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mesh: data=2 x fsdp=2 x tensor=2 over 8 cpu device(s) on 1 host(s)" in proc.stdout
+    assert "=== LoRA fine-tuning: 4 steps" in proc.stdout
+    assert (tmp_path / "demo" / "adapters").is_dir() and (tmp_path / "demo" / "checkpoints" / "4").is_dir()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """Two processes of 4 CPU devices each, joined by jax.distributed, == one process of 8."""
+    import torch
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_train import small_assets
+    assets = small_assets()
+    common = ["--preset", "tiny", "--pretrained_path", "none", "--tokenizer_path", assets["tokenizer"],
+              "--data_path", assets["data"], "--mesh", "data=2,fsdp=2,tensor=2", "--batch_size", "16",
+              "--micro_batch_size", "2", "--max_steps", "4", "--lora_r", "4", "--lora_alpha", "8",
+              "--lora_dropout", "0.1", "--rng_impl", "threefry2x32", "--max_seq_length", "96", "--eval_interval", "2",
+              "--eval_iters", "1", "--save_interval", "2", "--val_size", "8", "--precision", "32-true",
+              "--exact_match_samples", "2", "--sample_instruction=Reverse the word.", "--max_new_tokens", "4",
+              "--no_progress", "--no_plot"]
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "train.py", *common, "--out_dir", str(tmp_path / "two"),
+                               "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
+                               "--process_id", str(i)], cwd=ROOT, env=_env(4), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    one = subprocess.run([sys.executable, "train.py", *common, "--out_dir", str(tmp_path / "one")], cwd=ROOT,
+                         env=_env(8), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "on 2 host(s)" in outs[0][0] and outs[1][0].strip() == ""  # process 1 prints nothing
+
+    def read(run: str) -> tuple[list, dict]:
+        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        lora = torch.load(tmp_path / run / "lit-llama-lora-finetuned.pth", weights_only=True)
+        return rows, {k: v.float().numpy() for k, v in lora.items()}
+    rows_two, lora_two = read("two")
+    rows_one, lora_one = read("one")
+    assert [r["type"] for r in rows_two] == [r["type"] for r in rows_one]
+    for a, b in zip(rows_two, rows_one):
+        for key in ("loss", "val_loss", "exact_match"):
+            if b.get(key) is not None:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-6, err_msg=key)
+    for key in lora_one:
+        scale = np.abs(lora_one[key]).max()
+        np.testing.assert_allclose(lora_two[key], lora_one[key], atol=5e-5 * scale, err_msg=key)
+
+
+# ----------------------------------------------------------------------------- bad meshes
+
+@pytest.mark.parametrize("spec, pattern", [
+    ("data=2,fsdp", r"'fsdp' is not AXIS=SIZE"),
+    ("pipeline=2", r"unknown axes \['pipeline'\]"),
+    ("tensor=two", r"size of 'tensor' is not an integer"),
+    ("fsdp=0", r"axis sizes must be >= 1"),
+])
+def test_bad_mesh_specs_are_refused(spec, pattern):
+    from jaxlora.sharding import MeshError, parse_mesh
+    with pytest.raises(MeshError, match=pattern):
+        parse_mesh(spec)
+
+
+def test_meshes_that_do_not_fit_devices_or_model_fail_at_once():
+    from jaxlora.config import LLaMAConfig
+    from jaxlora.sharding import MeshError, check_mesh, make_mesh
+    devices = [object()] * 8
+    with pytest.raises(MeshError, match=r"fsdp=3 x tensor=1 = 3 does not divide the 8 devices"):
+        make_mesh(fsdp=3, devices=devices)
+    with pytest.raises(MeshError, match=r"data=3 x fsdp=1 x tensor=1 = 3 devices does not divide the 8 devices"):
+        make_mesh(data=3, devices=devices)
+    tiny = LLaMAConfig.from_name("tiny")  # 4 heads, n_embd 64, MLP 256, vocab 128
+    with pytest.raises(MeshError, match=r"tensor=3 does not divide n_head=4"):
+        check_mesh({"data": 1, "fsdp": 1, "tensor": 3}, tiny)
+    with pytest.raises(MeshError, match=r"fsdp=3 does not divide n_embd=64"):
+        check_mesh({"data": 1, "fsdp": 3, "tensor": 1}, tiny)
+    with pytest.raises(MeshError, match=r"tensor=8 does not divide n_head=4"):
+        check_mesh({"data": 1, "fsdp": 1, "tensor": 8}, tiny)
+
+
+def test_batch_must_divide_over_the_batch_shards():
+    from jaxlora.run import fit_micro_batch
+    from jaxlora.sharding import MeshError
+    with pytest.raises(MeshError, match=r"batch_size 6 does not divide over the mesh's 4 batch shards"):
+        fit_micro_batch(6, 1, 4, print)
+    assert fit_micro_batch(16, 16, 4, lambda m: None) == 4  # the demo's 16-row micro-batch on 4 shards
+    assert fit_micro_batch(128, 4, 4, lambda m: None) == 4
+
+
+def test_default_layout_shards_only_what_does_not_fit():
+    from types import SimpleNamespace
+
+    from jaxlora.config import LLaMAConfig
+    from jaxlora.sharding import default_mesh_shape
+
+    def gpus(n, gib=80):
+        stats = {"bytes_limit": gib << 30}
+        return [SimpleNamespace(process_index=0, memory_stats=lambda: stats) for _ in range(n)]
+    assert default_mesh_shape(LLaMAConfig.from_name("7B"), gpus(4)) == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert default_mesh_shape(LLaMAConfig.from_name("13B"), gpus(2)) == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert default_mesh_shape(LLaMAConfig.from_name("30B"), gpus(4)) == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert default_mesh_shape(LLaMAConfig.from_name("65B"), gpus(4)) == {"data": 1, "fsdp": 4, "tensor": 1}

@@ -175,25 +175,32 @@ def test_resume_with_other_settings_names_the_key(tmp_path):
 # ----------------------------------------------------------------------------- non-finite loss
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real = trainer.make_train_step
+    from types import SimpleNamespace
+
+    from jaxlora import run as run_module
+    real = run_module.make_train_step
 
     def poisoned(model, optimizer, **kw):
         step = real(model, optimizer, **kw)
 
-        def wrapped(state, params, batch):
-            new, metrics = step(state, params, batch)
-            if int(new.step) == 3:  # step 3 "diverges"
-                metrics = {**metrics, "loss": jnp.float32(jnp.nan)}
-            return new, metrics
-        return wrapped
+        def lower(*args):  # the trainer compiles ahead of time: poison the compiled step
+            compiled = step.lower(*args).compile()
 
-    monkeypatch.setattr(trainer, "make_train_step", poisoned)
+            def wrapped(state, params, batch):
+                new, metrics = compiled(state, params, batch)
+                if int(new.step) == 3:  # step 3 "diverges"
+                    metrics = {**metrics, "loss": jnp.float32(jnp.nan)}
+                return new, metrics
+            return SimpleNamespace(compile=lambda: wrapped)
+        return SimpleNamespace(lower=lower)
+
+    monkeypatch.setattr(run_module, "make_train_step", poisoned)
     out = tmp_path / "out"
     with pytest.raises(trainer.NonFiniteLossError, match=r"step 3.*Last good checkpoint: step 2"):
         trainer.run(tiny_args(out, save_interval=2))
     from jaxlora.checkpoint import Checkpointer
     assert Checkpointer(out / "checkpoints").all_steps() == [2]
-    monkeypatch.setattr(trainer, "make_train_step", real)
+    monkeypatch.setattr(run_module, "make_train_step", real)
     resumed = trainer.run(tiny_args(out, save_interval=2, resume=True))  # continues from step 2
     assert resumed.step == 6
     assert_trees_equal(resumed.lora, reference_run().lora)
