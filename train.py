@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # DataError, StateDictError, CheckpointError, ...
+    except (ValueError, FileNotFoundError, trainer.TrainingError, trainer.CheckpointError) as e:
+        # the user's inputs or files (DataError, StateDictError, ...); anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
