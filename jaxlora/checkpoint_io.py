@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config import LLaMAConfig, LoRAConfig, dump_json
+from jaxlora.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -46,10 +47,6 @@ MAX_CHUNK_BYTES = 64 << 20  # unlayered 2-D leaves (wte, lm_head) are chunked be
 ZARR_COMPRESSOR = None
 
 Path_ = tuple[str, ...]
-
-
-class CheckpointError(ValueError):
-    """A jaxlora checkpoint directory is missing, incomplete, or does not match its config."""
 
 
 # ---------------------------------------------------------------------------------------------
