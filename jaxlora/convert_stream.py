@@ -33,6 +33,9 @@ from jaxlora.formats.lit_llama import StateDictError, TensorMap
 from jaxlora.formats.torch_stream import RowBlocks, TorchZipReader, write_torch_zip
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Bad input the converters' command lines report in one line and exit 2 for (as train.py):
+# StateDictError, CheckpointError and argument errors are ValueErrors.
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError)
 
 
 def release_freed_memory() -> None:
@@ -183,7 +186,7 @@ def _layer_count(keys: Sequence[str]) -> int:
 
 def _check_lora_file(shapes: Mapping[str, tuple[int, ...]], config: LLaMAConfig, alpha: float, dropout: float,
                      source: str) -> LoRAConfig:
-    lora = lit_llama.infer_lora(shapes, config.n_embd, alpha, dropout, source)
+    lora = lit_llama.lit_lora_config(shapes, config.n_embd, alpha, dropout, source)
     n_layers = _layer_count(list(shapes))
     if n_layers != config.n_layer:
         raise StateDictError(f"{source}: the LoRA file has adapters for {n_layers} layers, the base checkpoint has "
@@ -202,8 +205,9 @@ def lit_to_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
                       max_bytes_ahead: int = 128 << 20) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, float]]:
     """lit-llama `lit-llama.pth` (+ `lit-llama-lora-finetuned.pth`) -> jaxlora checkpoint directory.
 
-    The preset is recognised from the weights unless `config` is given. r and the q/k/v layout
-    come from the LoRA file; alpha (not stored by lit-llama) from `lora_alpha`.
+    The preset is recognised from the weights unless `config` is given. The LoRA file holds
+    q, v adapters (the only ones it can mean); r comes from it, alpha (not stored by lit-llama)
+    from `lora_alpha`.
     dtype: storage dtype of the frozen weights (None: keep the file's); adapters keep theirs.
     Memory: tensors are read, transformed and written by `workers` threads with at most
     `max_bytes_ahead` of results waiting and as much again being written; wte and lm_head are
@@ -331,7 +335,7 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
                       adapters_dir: str | os.PathLike | None = None) -> dict[str, float]:
     """A jaxlora checkpoint -> one lit-llama .pth file, tensor by tensor, atomically.
 
-    kind: "lora" (lit-llama's LoRA file; q/k/v adapters only, else StateDictError),
+    kind: "lora" (lit-llama's LoRA file: targets exactly q, v, else LitLoRATargetsError),
     "base" (the frozen weights as `lit-llama.pth`), "merged" (base with every adapter folded in,
     as lit-llama's convert_lora_weights.py; any targets). dtype: output dtype (None keeps the
     stored one). adapters_dir: take the adapters from this adapters-only directory (what
@@ -374,7 +378,7 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
         if not has_lora:
             raise cio.CheckpointError(f"{lora_home}: has no adapters (config.json 'lora' is null); nothing to export "
                                       "as a LoRA file (use --base for the weights)")
-        lit_llama.lit_lora_compatible(lora_config)
+        lit_llama.check_lit_lora_targets(lora_config)
     if kind == "merged" and not has_lora:
         raise cio.CheckpointError(f"{lora_home}: has no adapters to merge; use --base")
     expected = cio.expected_variables(config, lora_config if has_lora else None)

@@ -193,7 +193,8 @@ def test_merged_export_equals_base_plus_adapters(tmp_path):
     lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v", "o", "gate", "up", "down"))
     variables = tiny_variables(lora, seed=1)
     cio.save_checkpoint(tmp_path / "ck", TINY, lora, variables["params"], variables["lora"])
-    with pytest.raises(StateDictError, match=r"q, k, v only; targets \['o', 'gate', 'up', 'down'\]"):
+    with pytest.raises(StateDictError, match=r"adapters on targets \(q, v, o, gate, up, down\) cannot be written "
+                                             r"as a lit-llama LoRA file"):
         checkpoint_to_lit(tmp_path / "ck", tmp_path / "lora.pth", kind="lora", progress=False)
     no_leftovers(tmp_path, "lora.pth")
     checkpoint_to_lit(tmp_path / "ck", tmp_path / "merged.pth", kind="merged", progress=False)
@@ -207,6 +208,46 @@ def test_merged_export_equals_base_plus_adapters(tmp_path):
     want = np.asarray(LLaMA(TINY, lora).apply(variables, idx))
     got = np.asarray(LLaMA(TINY).apply({"params": merged}, idx))
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+
+
+@pytest.mark.parametrize("targets", [("q", "k", "v"), ("k",)])
+def test_non_qv_adapters_are_never_a_lit_lora_file_but_export_merged(tmp_path, targets):
+    """lit-llama's lora() means q and v: q,k,v or k-only adapters would load wrongly there."""
+    from jaxlora.formats.lit_files import save_lit_lora
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=targets)
+    variables = tiny_variables(lora, seed=6)
+    cio.save_checkpoint(tmp_path / "base", TINY, None, variables["params"])
+    cio.save_checkpoint(tmp_path / "adapters", TINY, lora, None, variables["lora"], base="base")
+    why = r"enable_lora=\[True, False, True\].*convert/to_lit_llama\.py --checkpoint_dir BASE --adapters DIR --merged"
+    with pytest.raises(lit_llama.LitLoRATargetsError, match=why):
+        checkpoint_to_lit(None, tmp_path / "lora.pth", kind="lora", adapters_dir=tmp_path / "adapters", progress=False)
+    no_leftovers(tmp_path, "lora.pth")
+    with pytest.raises(ValueError, match=why):  # what the trainer calls at the end of a run
+        save_lit_lora(variables["lora"], TINY, lora, tmp_path / "lora.pth")
+    no_leftovers(tmp_path, "lora.pth")
+    p = run_cli("convert/to_lit_llama.py", "--adapters", str(tmp_path / "adapters"), "--out", str(tmp_path / "l.pth"))
+    assert p.returncode == 2 and "cannot be written as a lit-llama LoRA file" in p.stderr, p.stderr
+    checkpoint_to_lit(tmp_path / "base", tmp_path / "merged.pth", kind="merged", adapters_dir=tmp_path / "adapters",
+                      progress=False)
+    merged = lit_llama.lit_to_params({k: tensor_to_numpy(v) for k, v in
+                                      torch.load(tmp_path / "merged.pth", weights_only=True).items()}, TINY)
+    with jax.default_matmul_precision("highest"):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), merged,
+                     merge_lora(variables["params"], variables["lora"], lora))
+    k_kernel = merged["h"]["attn"]["c_attn"]["kernel"][..., 64:128]  # the k segment moved: its adapter is in
+    assert not np.array_equal(k_kernel, np.asarray(variables["params"]["h"]["attn"]["c_attn"]["kernel"][..., 64:128]))
+
+
+def test_lit_lora_file_of_another_shape_is_refused(tmp_path, lit_files):
+    """A LoRA file holding q,k,v (3 segments) is not lit-llama's: refused, not guessed at."""
+    from jaxlora.formats.lit_files import load_lit_llama
+    qkv_path = save_lit(tmp_path / "qkv", LoRAConfig(r=4, targets=("q", "k", "v")))[1]
+    why = r"lora_A' has shape \(12, 64\) and .*lora_B' \(192, 4\); lit-llama's LoRA file always means adapters on q and v"
+    with pytest.raises(StateDictError, match=why):
+        lit_to_checkpoint(lit_files[0], tmp_path / "out", lora_path=qkv_path, progress=False)
+    no_leftovers(tmp_path, "out")
+    with pytest.raises(StateDictError, match=why):
+        load_lit_llama(lit_files[0], qkv_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -328,12 +369,13 @@ def test_lora_file_that_disagrees_with_the_base(tmp_path, lit_files):
     adapters = torch.load(lora_path, weights_only=True)
     adapters["transformer.h.0.attn.c_attn.lora_A"] = torch.zeros(16, 64)
     torch.save(adapters, tmp_path / "bad_a.pth")
-    with pytest.raises(StateDictError, match=r"'transformer\.h\.0\.attn\.c_attn\.lora_A' has shape \(16, 64\), "
-                                             r"expected \(8, 64\)"):
+    with pytest.raises(StateDictError, match=r"'transformer\.h\.0\.attn\.c_attn\.lora_A' has shape \(16, 64\) and "
+                                             r"'transformer\.h\.0\.attn\.c_attn\.lora_B' \(128, 4\);"):
         lit_to_checkpoint(base_path, tmp_path / "out", lora_path=tmp_path / "bad_a.pth", progress=False)
     # A LoRA file of another width.
     wide = save_lit(tmp_path / "wide", LoRAConfig(r=4, targets=("q", "v")), config=LLaMAConfig.from_name("demo"))[1]
-    with pytest.raises(StateDictError, match=r"lora_B has shape \(256, 4\), which fits no q/k/v layout for n_embd=64"):
+    with pytest.raises(StateDictError, match=r"lora_A' has shape \(8, 128\) and .*lora_B' \(256, 4\); lit-llama's LoRA "
+                                             r"file always means adapters on q and v"):
         lit_to_checkpoint(base_path, tmp_path / "out", lora_path=wide, progress=False)
     no_leftovers(tmp_path, "out")
 
@@ -410,13 +452,15 @@ def test_cli_round_trip_and_errors(tmp_path):
     assert "from_lit_llama: [" in p.stderr and "GB/s" in p.stderr
     assert cio.read_config(ck)[1].alpha == 32
     p = run_cli("convert/from_lit_llama.py", "--checkpoint_path", str(base_path), "--out_dir", str(ck))
-    assert p.returncode == 1 and "already exists; pass --overwrite" in p.stderr
+    assert p.returncode == 2 and "already exists; pass --overwrite" in p.stderr
     p = run_cli("convert/to_lit_llama.py", "--checkpoint_dir", str(ck), "--out", str(tmp_path / "lora.pth"),
                 "--quiet")
     assert p.returncode == 0 and p.stderr == "", p.stderr
     assert_same_file(tmp_path / "lora.pth", adapters)
     p = run_cli("convert/to_lit_llama.py", "--checkpoint_dir", str(tmp_path / "nope"), "--out",
                 str(tmp_path / "x.pth"))
-    assert p.returncode == 1 and "no such checkpoint directory" in p.stderr
+    assert p.returncode == 2 and "no such checkpoint directory" in p.stderr
+    p = run_cli("convert/from_lit_llama.py", "--help")  # the example keeps its line breaks
+    assert p.returncode == 0 and "lit-llama.pth \\\n        [--lora_path" in p.stdout, p.stdout
     help_text = run_cli("convert/to_lit_llama.py", "--help").stdout
     assert "--merged" in help_text and "--base" in help_text and "--dtype" in help_text
