@@ -68,30 +68,27 @@ def parse_dtype(name: str | None) -> np.dtype | None:
 
 
 class Progress:
-    """'[n/N] key  done/total GB  x GB/s' on stderr, at most about once a second."""
+    """Counts the pieces and bytes moved (for the returned stats) and shows them on stderr with
+    tqdm: bytes done of the total, rate and ETA, and the tensor being moved."""
 
-    def __init__(self, label: str, total_items: int, total_bytes: int, enabled: bool = True,
-                 stream: Any = None, interval: float = 1.0) -> None:
-        self.label, self.total_items, self.total_bytes = label, total_items, total_bytes
-        self.enabled, self.stream, self.interval = enabled, stream or sys.stderr, interval
-        self.items = self.bytes = 0
-        self.start = self._last = time.perf_counter()
+    def __init__(self, label: str, total_bytes: int, enabled: bool = True) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=total_bytes, desc=label, unit="B", unit_scale=True, unit_divisor=1000,
+                        disable=not enabled, mininterval=1.0, file=sys.stderr, dynamic_ncols=True)
+        self.pieces = self.bytes = 0
+        self.start = time.perf_counter()
 
     def update(self, name: str, nbytes: int) -> None:
-        self.items += 1
+        self.pieces += 1
         self.bytes += nbytes
-        now = time.perf_counter()
-        if self.enabled and (now - self._last >= self.interval or self.items == self.total_items):
-            self._last = now
-            print(f"{self.label}: [{self.items}/{self.total_items}] {name}  {self.bytes / 1e9:.2f}/"
-                  f"{self.total_bytes / 1e9:.2f} GB  {self.rate():.2f} GB/s", file=self.stream, flush=True)
-
-    def rate(self) -> float:
-        return self.bytes / 1e9 / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(name, refresh=False)
+        self.bar.update(nbytes)
 
     def stats(self) -> dict[str, float]:
+        """Closes the bar; pieces, bytes, seconds, GB/s."""
+        self.bar.close()
         seconds = time.perf_counter() - self.start
-        return {"pieces": self.items, "bytes": self.bytes, "seconds": round(seconds, 3),
+        return {"pieces": self.pieces, "bytes": self.bytes, "seconds": round(seconds, 3),
                 "gb_per_s": round(self.bytes / 1e9 / max(seconds, 1e-9), 4)}
 
 
@@ -249,7 +246,7 @@ def lit_to_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
             items = _blocked(_items(maps, config.n_layer), lambda m, leaves=leaves: leaves[m.path[1:]][2])
             jobs.append((reader, item, items, leaves))
         total = sum(reader.nbytes() for reader, *_ in sources)
-        meter = Progress("from_lit_llama", sum(len(j[2]) for j in jobs), total, progress)
+        meter = Progress("from_lit_llama", total, progress)
         with cio.staged_directory(out_dir, overwrite) as tmp:
             cio.write_config(tmp, config, lora_config)
             for reader, item, items, leaves in jobs:
@@ -415,7 +412,7 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
         return it, it.map.to_lit(value)
 
     sizes = [_item_bytes(it, out_dtype[it.map.path].itemsize) for it in items]
-    meter = Progress("to_lit_llama", len(items), sum(sizes), progress)
+    meter = Progress("to_lit_llama", sum(sizes), progress)
 
     def stream() -> Iterator[tuple[str, np.ndarray | RowBlocks]]:
         results = _prefetched([lambda it=it: task(it) for it in items], sizes, max_bytes_ahead, workers)

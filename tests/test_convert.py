@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import torch
 
@@ -100,15 +99,29 @@ def test_round_trip_base_and_lora_bit_exact(tmp_path, dtype, monkeypatch):
                        base["lm_head.weight"])
 
 
-def test_checkpoint_is_plain_orbax_and_load_checkpoint_casts(tmp_path):
+def test_checkpoint_format_is_the_documented_one_and_load_checkpoint_casts(tmp_path):
     lora = LoRAConfig(r=4, targets=("q", "v"))
     base_path, lora_path, base, adapters, _ = save_lit(tmp_path / "lit", lora, torch.bfloat16)
     lit_to_checkpoint(base_path, tmp_path / "ck", lora_path=lora_path, progress=False)
-    # Plain orbax, no jaxlora code: the trees restore as they are.
-    plain = ocp.PyTreeCheckpointer().restore(tmp_path / "ck" / "params")
+    # The documented format, read with tensorstore alone (no jaxlora code): index.json lists the
+    # leaves; each is a zarr v2 array in the directory named by its path joined with ".".
+    import json
+    import tensorstore as ts
+    index = json.loads((tmp_path / "ck" / "params" / "index.json").read_text())
+    assert (index["format"], index["version"]) == ("jaxlora-arrays", 1)
+    plain = {}
+    for name, leaf in index["leaves"].items():
+        array = ts.open({"driver": "zarr", "kvstore": f"file://{tmp_path / 'ck' / 'params' / name.replace('/', '.')}"},
+                        open=True).result()
+        assert list(array.shape) == leaf["shape"] and array.dtype.name == leaf["dtype"]
+        plain[tuple(name.split("/"))] = array.read().result()
     want = lit_llama.lit_to_params({k: tensor_to_numpy(v) for k, v in base.items()}, TINY)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), plain, want)
-    assert plain["h"]["mlp"]["c_fc1"]["kernel"].dtype == ml_dtypes.bfloat16
+    from flax import traverse_util
+    flat_want = traverse_util.flatten_dict(want)
+    assert set(plain) == set(flat_want)
+    for path, value in flat_want.items():
+        assert plain[path].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(plain[path], value)
     # load_checkpoint: device arrays; params keep bf16 unless cast; adapters float32 by default.
     config, lora_config, variables = cio.load_checkpoint(tmp_path / "ck")
     assert config == TINY and lora_config.r == 4
@@ -140,6 +153,46 @@ def test_save_and_load_checkpoint_round_trip(tmp_path):
     cio.save_checkpoint(tmp_path / "ck", TINY, None, variables["params"], overwrite=True)
     config, lora_config, got = cio.load_checkpoint(tmp_path / "ck")
     assert lora_config is None and set(got) == {"params"} and not (tmp_path / "ck" / "lora").exists()
+
+
+SHARDED_LOAD = """
+import sys, jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxlora import checkpoint_io as cio
+mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+by_layer, replicated = NamedSharding(mesh, P("x")), NamedSharding(mesh, P())
+reads = []
+real_read = cio.ArrayTreeReader.read
+cio.ArrayTreeReader.read = lambda self, path, where=None: reads.append((path, where)) or real_read(self, path, where)
+stored = cio.ArrayTreeReader(sys.argv[1] + "/params").shapes()
+from flax import traverse_util
+shardings = {"params": traverse_util.unflatten_dict({p: by_layer if cio.is_layered(p) else replicated for p in stored})}
+_, _, got = cio.load_checkpoint(sys.argv[1], shardings=shardings)
+kernel = got["params"]["h"]["attn"]["c_attn"]["kernel"]
+assert kernel.sharding == by_layer and kernel.addressable_shards[1].data.shape == (1, 64, 192)
+np.save(sys.argv[1] + "/kernel.npy", np.asarray(kernel))
+for path, where in reads:
+    rows = where[0] if where else slice(None)
+    if cio.is_layered(path):  # two devices, one layer each: each read is one layer, never the stack
+        assert rows.stop - rows.start == 1, (path, where)
+    else:  # replicated: one read serves both devices
+        assert rows == slice(None), (path, where)
+assert len(reads) == sum(2 if cio.is_layered(p) else 1 for p in stored), reads
+print("OK", len(reads))
+"""
+
+
+def test_load_checkpoint_reads_only_the_shards_each_device_holds(tmp_path):
+    """Each leaf goes straight into its sharding, read per shard: a layer-sharded leaf is never
+    read whole, a replicated one once for all its devices (2 CPU devices in a subprocess)."""
+    variables = tiny_variables(LoRAConfig(r=0, targets=()))
+    cio.save_checkpoint(tmp_path / "ck", TINY, None, variables["params"])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    p = subprocess.run([sys.executable, "-c", SHARDED_LOAD, str(tmp_path / "ck")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "ck" / "kernel.npy"),
+                                  variables["params"]["h"]["attn"]["c_attn"]["kernel"])
 
 
 def test_load_checkpoint_errors_name_the_directory_and_key(tmp_path):
@@ -449,7 +502,7 @@ def test_cli_round_trip_and_errors(tmp_path):
     p = run_cli("convert/from_lit_llama.py", "--checkpoint_path", str(base_path), "--lora_path", str(lora_path),
                 "--lora_alpha", "32", "--out_dir", str(ck))
     assert p.returncode == 0, p.stderr
-    assert "from_lit_llama: [" in p.stderr and "GB/s" in p.stderr
+    assert "from_lit_llama:" in p.stderr and "B/s" in p.stderr  # tqdm: bytes done, rate, ETA
     assert cio.read_config(ck)[1].alpha == 32
     p = run_cli("convert/from_lit_llama.py", "--checkpoint_path", str(base_path), "--out_dir", str(ck))
     assert p.returncode == 2 and "already exists; pass --overwrite" in p.stderr
