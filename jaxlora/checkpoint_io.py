@@ -133,20 +133,20 @@ def staged_directory(directory: str | os.PathLike, overwrite: bool = False) -> I
         raise
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(directory: Path) -> None:
     """fsync every file and folder under directory (durable before the final rename)."""
     for root, _, files in os.walk(directory):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            _fsync(os.path.join(root, name))
+        _fsync(root)
 
 
 # ---------------------------------------------------------------------------------------------
