@@ -17,4 +17,4 @@ for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorstore"
     print(f"{name}=={md.version(name)}")
 PY
 JAX_PLATFORMS=cpu "$venv/bin/python" -m pytest -q -x tests/test_lit_mapping.py tests/test_lora.py tests/test_parity.py \
-    tests/test_data.py tests/test_convert.py tests/test_steps.py
+    tests/test_data.py tests/test_convert.py tests/test_steps.py tests/test_checkpoint.py

@@ -242,11 +242,11 @@ def test_exported_lora_file_loads_into_reference_and_logits_match(tmp_path):
 
 
 def test_merged_export_equals_base_plus_adapters(tmp_path):
-    # q and v (k zero-padded in the fused projection), o-proj and the MLP: all merge.
-    lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v", "o", "gate", "up", "down"))
+    # All seven targets: q, k, v in the fused projection, o-proj and the MLP.
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=ALL)
     variables = tiny_variables(lora, seed=1)
     cio.save_checkpoint(tmp_path / "ck", TINY, lora, variables["params"], variables["lora"])
-    with pytest.raises(StateDictError, match=r"adapters on targets \(q, v, o, gate, up, down\) cannot be written "
+    with pytest.raises(StateDictError, match=r"adapters on targets \(q, k, v, o, gate, up, down\) cannot be written "
                                              r"as a lit-llama LoRA file"):
         checkpoint_to_lit(tmp_path / "ck", tmp_path / "lora.pth", kind="lora", progress=False)
     no_leftovers(tmp_path, "lora.pth")
