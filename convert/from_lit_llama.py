@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint_path", required=True,
                    help="lit-llama base checkpoint (torch.save zip, e.g. checkpoints/lit-llama/7B/lit-llama.pth)")
     p.add_argument("--lora_path", default=None,
-                   help="optional lit-llama LoRA file (lit-llama-lora-finetuned.pth); r is read from it")
+                   help="optional lit-llama LoRA file (lit-llama-lora-finetuned.pth: q,v adapters); r is read from it")
     p.add_argument("--lora_alpha", type=float, default=16.0,
                    help="LoRA alpha (lit-llama does not store it; its fine-tuning script uses 16)")
     p.add_argument("--lora_dropout", type=float, default=0.05,
