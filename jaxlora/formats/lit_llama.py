@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
-
 from flax import traverse_util
 
 from jaxlora.config import LORA_TARGETS, PRESETS, TARGET_MODULES, LLaMAConfig, LoRAConfig
