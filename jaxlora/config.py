@@ -88,6 +88,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "demo": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=1024, block_size=256),
 }
 
+
 @dataclass(frozen=True)
 class LoRATarget:
     """One projection that can carry a LoRA adapter: where it lives in each naming scheme."""
