@@ -1,4 +1,4 @@
-"""lit-llama checkpoint (+ LoRA file) -> jaxlora checkpoint directory, streaming.
+r"""lit-llama checkpoint (+ LoRA file) -> jaxlora checkpoint directory, streaming.
 
     python convert/from_lit_llama.py --checkpoint_path checkpoints/lit-llama/7B/lit-llama.pth \
         [--lora_path out/lora/alpaca/lit-llama-lora-finetuned.pth --lora_alpha 16] \
@@ -6,6 +6,9 @@
 
 The output (config.json, params/, lora/) is what `train.py --pretrained_path` and
 `generate.py` read. Memory stays near one layer of one tensor whatever the file size.
+A LoRA file is lit-llama's lit-llama-lora-finetuned.pth: adapters on q and v (the only targets
+lit-llama's lora() can load); r is read from it. Exit status: 0 done, 2 bad input (the message
+says what), 1 an unexpected failure.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint_path", required=True,
                    help="lit-llama base checkpoint (torch.save zip, e.g. checkpoints/lit-llama/7B/lit-llama.pth)")
     p.add_argument("--lora_path", default=None,
-                   help="optional lit-llama LoRA file (lit-llama-lora-finetuned.pth); r is read from it")
+                   help="optional lit-llama LoRA file (lit-llama-lora-finetuned.pth: q,v adapters); r is read from it")
     p.add_argument("--lora_alpha", type=float, default=16.0,
                    help="LoRA alpha (lit-llama does not store it; its fine-tuning script uses 16)")
     p.add_argument("--lora_dropout", type=float, default=0.05,
@@ -55,18 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     args = p.parse_args(argv)
 
-    from jaxlora.checkpoint_io import CheckpointError
-    from jaxlora.convert_stream import lit_to_checkpoint, release_freed_memory
-    from jaxlora.formats.lit_llama import StateDictError
+    from jaxlora.convert_stream import USER_ERRORS, lit_to_checkpoint, release_freed_memory
     release_freed_memory()
     try:
         config, lora, stats = lit_to_checkpoint(
             args.checkpoint_path, args.out_dir, lora_path=args.lora_path, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, dtype=args.dtype, config=parse_model_config(args.model_config),
             overwrite=args.overwrite, progress=not args.quiet)
-    except (StateDictError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"from_lit_llama: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     if not args.quiet:
         print(f"from_lit_llama: wrote {args.out_dir} (n_layer={config.n_layer}, n_embd={config.n_embd}, "
               f"lora={lora.to_dict() if lora else None}) in {stats['seconds']:.1f} s, {stats['gb_per_s']:.2f} GB/s",

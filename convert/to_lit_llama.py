@@ -8,10 +8,12 @@
     python convert/to_lit_llama.py --adapters OUT_DIR/adapters --out lit-llama-lora-finetuned.pth
 
 The LoRA file loads into lit-llama's generate/lora.py (with the base checkpoint, under
-`with lora(r=..., alpha=..., dropout=...)`); it can only hold q/k/v adapters: for o-proj or
-MLP adapters export --merged, a plain lit-llama checkpoint with the adapters folded in.
+`with lora(r=..., alpha=..., dropout=...)`). It is written only for adapters on exactly q and v:
+lit-llama's lora() builds enable_lora=[True, False, True] whatever the file holds. For any other
+targets (k, o, MLP, ...) export --merged: a plain lit-llama checkpoint with the adapters folded in.
 --adapters takes the adapters from an adapters-only directory (train.py's OUT_DIR/adapters)
-instead of the checkpoint's own lora/.
+instead of the checkpoint's own lora/. Exit status: 0 done, 2 bad input (the message says
+what), 1 an unexpected failure.
 """
 from __future__ import annotations
 
@@ -49,17 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint_dir is None and (args.adapters is None or args.merged or args.base):
         p.error("--checkpoint_dir is required (only a LoRA file can be written from --adapters alone)")
 
-    from jaxlora.checkpoint_io import CheckpointError
-    from jaxlora.convert_stream import checkpoint_to_lit, release_freed_memory
-    from jaxlora.formats.lit_llama import StateDictError
+    from jaxlora.convert_stream import USER_ERRORS, checkpoint_to_lit, release_freed_memory
     release_freed_memory()
     kind = "merged" if args.merged else "base" if args.base else "lora"
     try:
         stats = checkpoint_to_lit(args.checkpoint_dir, args.out, kind=kind, dtype=args.dtype,
                                   overwrite=args.overwrite, progress=not args.quiet, adapters_dir=args.adapters)
-    except (StateDictError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"to_lit_llama: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     if not args.quiet:
         print(f"to_lit_llama: wrote {args.out} ({kind}) in {stats['seconds']:.1f} s, "
               f"{stats['gb_per_s']:.2f} GB/s", file=sys.stderr)

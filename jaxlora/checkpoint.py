@@ -25,13 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxlora.errors import CheckpointError
 from jaxlora.steps import TrainState
 
 __all__ = ["CheckpointError", "Checkpointer", "state_to_tree", "tree_to_state"]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or does not fit this run."""
 
 
 def state_to_tree(state: TrainState) -> dict[str, Any]:

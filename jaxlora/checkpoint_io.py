@@ -4,18 +4,26 @@ Layout::
 
     DIR/config.json   {"model": LLaMAConfig fields, "lora": LoRAConfig fields or null,
                        "base": where the frozen weights came from (adapters-only directories)}
-    DIR/params/       the frozen weights: an orbax PyTree checkpoint of our `params` tree
+    DIR/params/       the frozen weights: an array tree (below) of our `params` tree
     DIR/lora/         the adapters (only when "lora" is not null): same format, `lora` tree
 
 An adapters-only directory (what `train.py` leaves in OUT_DIR/adapters, like a PEFT adapter
 folder) has config.json and lora/ but no params/; `convert/to_lit_llama.py --adapters` pairs it
 with a base checkpoint directory for a merged export.
 
-Both trees are ordinary orbax checkpoints (non-OCDBT, zarr v2 per leaf), so plain orbax reads
-them: `ocp.PyTreeCheckpointer().restore(DIR / "params")`. Only the array data is written by
-`ArrayTreeWriter` straight through tensorstore (orbax writes the tree metadata), one slice at
-a time with a leading-layer-axis chunking, so a 65B checkpoint is written without ever
-holding more than one layer of one tensor, and read back per layer the same way.
+The array tree format (ours, version 1; read and written with tensorstore's public API only)::
+
+    ITEM/index.json        {"format": "jaxlora-arrays", "version": 1,
+                            "leaves": {"h/attn/c_attn/kernel": {"shape": [...], "dtype": "bfloat16"}, ...}}
+    ITEM/h.attn.c_attn.kernel/   one zarr v2 array per leaf (.zarray + chunk files "i.j.k"):
+                                 the leaf's path joined by "."; C order, no compression
+
+Layered leaves (under "h", a leading layer axis) are chunked one layer per chunk, and 2-D
+leaves (wte, lm_head) in blocks of <= MAX_CHUNK_BYTES, so a 65B checkpoint is written and read
+one layer (or block) of one tensor at a time: `ArrayTreeWriter` fills arrays slice by slice,
+`ArrayTreeReader` reads any slice, and `load_checkpoint` reads only the slices that each
+device's shard needs. index.json is written last: a tree without it is incomplete. Any zarr
+v2 reader opens the arrays (e.g. `tensorstore.open({"driver": "zarr", "kvstore": "file://ITEM/wte.embedding"})`).
 
 Every write goes to a hidden temporary directory beside the target, renamed into place when
 complete: an interrupted write leaves nothing under the final name.
@@ -24,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -34,42 +41,27 @@ from typing import Any, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from jaxlora.config import LLaMAConfig, LoRAConfig, dump_json
+from jaxlora.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 LORA_DIR = "lora"
 ITEMS = (PARAMS_DIR, LORA_DIR)
+INDEX_FILE = "index.json"
+FORMAT, FORMAT_VERSION = "jaxlora-arrays", 1
 MAX_CHUNK_BYTES = 64 << 20  # unlayered 2-D leaves (wte, lm_head) are chunked below this size
 # No compression: weights barely compress and zstd would halve conversion throughput.
 ZARR_COMPRESSOR = None
 
 Path_ = tuple[str, ...]
-
-
-class CheckpointError(ValueError):
-    """A jaxlora checkpoint directory is missing, incomplete, or does not match its config."""
+Where = int | tuple[slice, ...] | None  # a whole leaf, one layer, or a region
 
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _ocp() -> Any:
-    import orbax.checkpoint as ocp
-    return ocp
-
-
-@contextlib.contextmanager
-def _absl_errors_only() -> Iterator[None]:
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _ts() -> Any:
@@ -77,29 +69,12 @@ def _ts() -> Any:
     return ts
 
 
-def flatten(tree: Mapping[str, Any], prefix: Path_ = ()) -> dict[Path_, Any]:
-    """Nested dicts -> {(key, ...): leaf}, in insertion order."""
-    out: dict[Path_, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(flatten(value, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = value
-    return out
-
-
-def unflatten(flat: Mapping[Path_, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def _name(path: Path_) -> str:
     return "/".join(path)
+
+
+def _leaf_dir(item_dir: Path, path: Path_) -> Path:
+    return item_dir / ".".join(path)
 
 
 def is_layered(path: Path_) -> bool:
@@ -111,7 +86,7 @@ def expected_variables(config: LLaMAConfig, lora_config: LoRAConfig | None) -> d
     """{"params": {path: ShapeDtypeStruct}, "lora": {...}} of the model this config describes."""
     from jaxlora.model import LLaMA, abstract_variables
     abstract = abstract_variables(LLaMA(config, lora_config))
-    return {item: flatten(abstract[item]) for item in ITEMS if abstract.get(item)}
+    return {item: traverse_util.flatten_dict(abstract[item]) for item in ITEMS if abstract.get(item)}
 
 
 def check_shapes(stored: Mapping[Path_, tuple[int, ...]], expected: Mapping[Path_, Any], where: str) -> None:
@@ -158,8 +133,24 @@ def staged_directory(directory: str | os.PathLike, overwrite: bool = False) -> I
         raise
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file and folder under directory (durable before the final rename)."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
 # ---------------------------------------------------------------------------------------------
-# Writing orbax trees slice by slice
+# Writing array trees slice by slice
 
 
 def default_chunks(shape: tuple[int, ...], itemsize: int, layered: bool) -> tuple[int, ...]:
@@ -181,69 +172,46 @@ def _ts_context(sync: bool = True) -> Any:
     return _ts().Context({"cache_pool": {"total_bytes_limit": 0}, "file_io_sync": sync})
 
 
-def fsync_tree(directory: Path) -> None:
-    """fsync every file and folder under directory (durable before the final rename)."""
-    for root, _, files in os.walk(directory):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _zarr_spec(leaf_dir: Path) -> dict[str, Any]:
+    return {"driver": "zarr", "kvstore": {"driver": "file", "path": str(leaf_dir)}}
 
 
 class ArrayTreeWriter:
-    """Creates an orbax PyTree checkpoint at `item_dir` whose arrays are filled in piece by piece.
+    """Creates the array tree `item_dir` (see the module doc) and fills its leaves piece by piece.
 
-    leaves: {path: (shape, dtype)} or {path: (shape, dtype, chunks)}. Orbax itself writes the
-    tree metadata (from 1-element placeholders); each leaf's zarr array is then created full size
-    with tensorstore and filled by `write(path, value, where)`: `where` is None (the whole leaf),
-    an int (one layer of a layered leaf) or a tuple of slices. Writes should cover whole chunks
-    (default chunks: one layer, or row blocks). Writes run in the background, holding a
-    reference to `value`; at most `max_pending_bytes` of them are in flight. Call `close()` (or
-    leave the `with` block) to wait for them and fsync the files.
+    leaves: {path: (shape, dtype)} or {path: (shape, dtype, chunks)}. Each leaf's zarr array is
+    created full size, then filled by `write(path, value, where)`: `where` is None (the whole
+    leaf), an int (one layer of a layered leaf) or a tuple of slices. Writes should cover whole
+    chunks (default chunks: one layer, or row blocks). Writes run in the background, holding a
+    reference to `value`; at most `max_pending_bytes` of them are in flight. `close()` (or
+    leaving the `with` block) waits for them, writes index.json and fsyncs the files.
     """
 
     def __init__(self, item_dir: str | os.PathLike, leaves: Mapping[Path_, tuple], *,
                  max_pending_bytes: int = 512 << 20) -> None:
-        ocp, ts = _ocp(), _ts()
+        ts = _ts()
         self.item_dir = Path(item_dir).absolute()
+        if self.item_dir.exists() and any(self.item_dir.iterdir()):
+            raise FileExistsError(f"{self.item_dir} is not empty; array trees are written into fresh directories")
+        self.item_dir.mkdir(parents=True, exist_ok=True)
         self.leaves: dict[Path_, tuple[tuple[int, ...], np.dtype]] = {}
-        chunks: dict[Path_, tuple[int, ...]] = {}
-        for path, (shape, dtype, *rest) in leaves.items():
-            shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
-            self.leaves[path] = (shape, dtype)
-            chunks[path] = tuple(rest[0]) if rest and rest[0] else default_chunks(shape, dtype.itemsize,
-                                                                                   is_layered(path))
         self.max_pending_bytes = max_pending_bytes
         self._pending: list[tuple[Any, int]] = []
-        placeholder = unflatten({p: np.zeros((1,) * len(shape), dtype) for p, (shape, dtype) in self.leaves.items()})
-        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
-        with _absl_errors_only():  # orbax warns that it found no OCDBT data to merge: none was asked for
-            checkpointer.save(self.item_dir, args=ocp.args.PyTreeSave(placeholder))
-        context = _ts_context(sync=False)
         self.arrays: dict[Path_, Any] = {}
-        for path, (shape, dtype) in self.leaves.items():
-            leaf_dir = self.item_dir / ".".join(path)
-            if not (leaf_dir / ".zarray").is_file():
-                raise RuntimeError(f"orbax wrote an unexpected layout in {self.item_dir} (no {leaf_dir.name}/.zarray); "
-                                   "this orbax version is not supported by the streaming writer")
-            spec = {
-                "driver": "zarr",
-                "kvstore": {"driver": "file", "path": str(leaf_dir)},
-                "dtype": jnp.dtype(dtype).name,
-                "metadata": {"shape": list(shape), "chunks": list(chunks[path]), "compressor": ZARR_COMPRESSOR,
-                             "order": "C", "dimension_separator": "."},
-                "create": True, "delete_existing": True,
-            }
+        context = _ts_context(sync=False)
+        for path, (shape, dtype, *rest) in leaves.items():
+            if any("." in key or "/" in key for key in path):
+                raise ValueError(f"{_name(path)}: leaf keys may not contain '.' or '/'")
+            shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+            self.leaves[path] = (shape, dtype)
+            chunks = tuple(rest[0]) if rest and rest[0] else default_chunks(shape, dtype.itemsize, is_layered(path))
+            spec = {**_zarr_spec(_leaf_dir(self.item_dir, path)), "dtype": jnp.dtype(dtype).name,
+                    "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": ZARR_COMPRESSOR,
+                                 "order": "C", "dimension_separator": "."},
+                    "create": True}
             self.arrays[path] = ts.open(spec, context=context).result()
 
-    def write(self, path: Path_, value: np.ndarray, where: int | tuple[slice, ...] | None = None) -> None:
+    def write(self, path: Path_, value: np.ndarray, where: Where = None) -> None:
         """Write `value` into leaf `path` (see the class doc for `where`); returns before the I/O ends."""
         shape, dtype = self.leaves[path]
         target = self.arrays[path] if where is None else self.arrays[path][where]
@@ -251,10 +219,7 @@ class ArrayTreeWriter:
             raise CheckpointError(f"{self.item_dir}: {_name(path)}{'' if where is None else f'[{where}]'} "
                                   f"got shape {tuple(value.shape)}, expected {tuple(target.shape)}")
         value = np.asarray(value, dtype=dtype, order="C")
-        try:
-            future = target.write(value, can_reference_source_data_indefinitely=True)
-        except TypeError:  # older tensorstore
-            future = target.write(value)
+        future = target.write(value, can_reference_source_data_indefinitely=True)
         self._pending.append((future, value.nbytes))
         while len(self._pending) > 1 and sum(n for _, n in self._pending) > self.max_pending_bytes:
             self._pending.pop(0)[0].result()
@@ -262,6 +227,10 @@ class ArrayTreeWriter:
     def close(self) -> None:
         while self._pending:
             self._pending.pop(0)[0].result()
+        index = {"format": FORMAT, "version": FORMAT_VERSION,
+                 "leaves": {_name(p): {"shape": list(shape), "dtype": jnp.dtype(dtype).name}
+                            for p, (shape, dtype) in self.leaves.items()}}
+        (self.item_dir / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
         fsync_tree(self.item_dir)
 
     def __enter__(self) -> "ArrayTreeWriter":
@@ -278,8 +247,8 @@ class ArrayTreeWriter:
 
 
 def write_tree(item_dir: str | os.PathLike, tree: Mapping[str, Any]) -> None:
-    """Write a tree of (numpy or jax) arrays with ArrayTreeWriter, one layer at a time."""
-    flat = flatten(tree)
+    """Write a tree of (numpy or addressable jax) arrays with ArrayTreeWriter, one layer at a time."""
+    flat = traverse_util.flatten_dict(dict(tree))
     leaves = {p: (tuple(v.shape), v.dtype) for p, v in flat.items()}
     with ArrayTreeWriter(item_dir, leaves) as writer:
         for path, value in flat.items():
@@ -294,74 +263,66 @@ def write_tree(item_dir: str | os.PathLike, tree: Mapping[str, Any]) -> None:
 # Reading
 
 
-def _tree_metadata(item_dir: Path) -> dict[str, Any]:
-    meta_file = item_dir / "_METADATA"
-    if not meta_file.is_file():
-        raise CheckpointError(f"{item_dir}: not an orbax PyTree checkpoint (no _METADATA)")
+def _read_index(item_dir: Path) -> dict[Path_, tuple[tuple[int, ...], np.dtype]]:
+    index_file = item_dir / INDEX_FILE
+    if not index_file.is_file():
+        if (item_dir / "_METADATA").is_file():
+            raise CheckpointError(f"{item_dir}: written by an older jaxlora (orbax layout), which this version no "
+                                  "longer reads; convert the lit-llama checkpoint again (convert/from_lit_llama.py)")
+        raise CheckpointError(f"{item_dir}: no {INDEX_FILE}; not a jaxlora array tree (or an interrupted write)")
     try:
-        return json.loads(meta_file.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{meta_file}: unreadable: {e}") from e
-
-
-def _leaf_paths(meta: Mapping[str, Any]) -> list[Path_]:
-    return [tuple(str(k["key"]) for k in entry["key_metadata"]) for entry in meta["tree_metadata"].values()]
+        index = json.loads(index_file.read_text())
+        if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
+            raise ValueError(f"format {index.get('format')!r} version {index.get('version')!r}, expected "
+                             f"{FORMAT!r} version {FORMAT_VERSION}")
+        return {tuple(name.split("/")): (tuple(int(n) for n in leaf["shape"]), np.dtype(jnp.dtype(leaf["dtype"])))
+                for name, leaf in index["leaves"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index_file}: unreadable: {e}") from e
 
 
 class ArrayTreeReader:
-    """Reads leaves (or single layers of them) of an orbax PyTree checkpoint as numpy.
-
-    For the zarr-per-leaf layout that jaxlora writes, each read touches only the requested
-    slice. Other layouts (e.g. OCDBT, orbax's default) are restored whole on first use.
-    """
+    """Reads leaves, single layers or regions of an array tree (see the module doc) as numpy;
+    each read touches only the chunks of the requested slice."""
 
     def __init__(self, item_dir: str | os.PathLike) -> None:
         self.item_dir = Path(item_dir).absolute()
-        meta = _tree_metadata(self.item_dir)
-        self.paths = _leaf_paths(meta)
-        self.per_leaf = not meta.get("use_ocdbt", True)
-        self._zarr3 = bool(meta.get("use_zarr3", False))
+        self._leaves = _read_index(self.item_dir)
+        self.paths = list(self._leaves)
         self._arrays: dict[Path_, Any] = {}
-        self._restored: dict[Path_, np.ndarray] | None = None
 
     def shapes(self) -> dict[Path_, tuple[tuple[int, ...], np.dtype]]:
-        """{path: (shape, dtype)} without reading array data."""
-        if self.per_leaf:
-            return {p: (tuple(a.shape), np.dtype(a.dtype.numpy_dtype)) for p, a in
-                    ((p, self._open(p)) for p in self.paths)}
-        ocp = _ocp()
-        meta = ocp.PyTreeCheckpointer().metadata(self.item_dir)
-        tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-        return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in flatten(tree).items()}
+        """{path: (shape, dtype)} from the index, without opening the arrays."""
+        return dict(self._leaves)
 
     def _open(self, path: Path_) -> Any:
         if path not in self._arrays:
-            if path not in self.paths:
+            if path not in self._leaves:
                 raise CheckpointError(f"{self.item_dir}: no leaf {_name(path)}")
-            ts = _ts()
-            spec = {"driver": "zarr3" if self._zarr3 else "zarr",
-                    "kvstore": {"driver": "file", "path": str(self.item_dir / ".".join(path))}, "open": True}
             try:
-                self._arrays[path] = ts.open(spec, context=_ts_context(), read=True).result()
+                array = _ts().open({**_zarr_spec(_leaf_dir(self.item_dir, path)), "open": True},
+                                   context=_ts_context(), read=True).result()
             except ValueError as e:
                 raise CheckpointError(f"{self.item_dir}: cannot open leaf {_name(path)}: {e}") from e
+            shape, dtype = self._leaves[path]
+            if tuple(array.shape) != shape or np.dtype(array.dtype.numpy_dtype) != dtype:
+                raise CheckpointError(f"{self.item_dir}: leaf {_name(path)} holds {tuple(array.shape)} "
+                                      f"{array.dtype.name}, the index says {shape} {dtype}")
+            self._arrays[path] = array
         return self._arrays[path]
 
-    def chunks(self, path: Path_) -> tuple[int, ...] | None:
-        """The stored chunk shape of a leaf (None for layouts read whole)."""
-        if not self.per_leaf:
-            return None
+    def chunks(self, path: Path_) -> tuple[int, ...]:
+        """The stored chunk shape of a leaf."""
         return tuple(int(n) for n in self._open(path).chunk_layout.read_chunk.shape)
 
-    def read(self, path: Path_, where: int | tuple[slice, ...] | None = None) -> np.ndarray:
+    def read(self, path: Path_, where: Where = None) -> np.ndarray:
         """Leaf `path`, or its layer `where` (int), or a region (tuple of slices), as numpy."""
-        if self.per_leaf:
-            array = self._open(path)
+        array = self._open(path)
+        try:
             return np.asarray((array if where is None else array[where]).read().result())
-        if self._restored is None:
-            self._restored = flatten(_ocp().PyTreeCheckpointer().restore(self.item_dir))
-        value = np.asarray(self._restored[path])
-        return value if where is None else np.ascontiguousarray(value[where])
+        except ValueError as e:  # a missing or damaged chunk file
+            raise CheckpointError(f"{self.item_dir}: cannot read {_name(path)}"
+                                  f"{'' if where is None else f'[{where}]'}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +397,7 @@ def save_checkpoint(directory: str | os.PathLike, config: LLaMAConfig, lora_conf
     trees = {PARAMS_DIR: params, LORA_DIR: lora}
     for item in ITEMS:
         if trees[item] is not None:
-            flat = flatten(trees[item])
+            flat = traverse_util.flatten_dict(dict(trees[item]))
             check_shapes({p: tuple(v.shape) for p, v in flat.items()}, expected.get(item, {}), f"{directory}/{item}")
     with staged_directory(directory, overwrite) as tmp:
         write_config(tmp, config, lora_config if lora is not None else None, base)
@@ -456,10 +417,29 @@ def _sharding_for(shardings: Any, item: str, path: Path_) -> Any:
         return node
     if node is None:
         return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    leaf = flatten(node).get(path)
+    leaf = traverse_util.flatten_dict(dict(node)).get(path)
     if leaf is None:
         raise CheckpointError(f"shardings[{item!r}] has no entry for {_name(path)}")
     return leaf
+
+
+def _index_key(index: tuple[slice, ...]) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def _read_into(reader: ArrayTreeReader, path: Path_, shape: tuple[int, ...], sharding: Any, dtype: Any) -> jax.Array:
+    """Leaf `path` as a jax Array laid out by `sharding`, reading from disk only the slices that
+    this process's addressable shards hold (each distinct slice once, cast on the host)."""
+    slices: dict[tuple, np.ndarray] = {}
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        key = _index_key(index)
+        if key not in slices:
+            value = reader.read(path, tuple(index))
+            slices[key] = value if dtype is None else value.astype(dtype, copy=False)
+        return slices[key]
+
+    return jax.make_array_from_callback(shape, sharding, shard)
 
 
 def load_checkpoint(directory: str | os.PathLike, param_dtype: Any = None, shardings: Any = None,
@@ -470,9 +450,10 @@ def load_checkpoint(directory: str | os.PathLike, param_dtype: Any = None, shard
     param_dtype: cast the frozen weights while reading (None keeps the stored dtype).
     lora_dtype: dtype of the adapters (default float32, the trainable dtype; None keeps stored).
     shardings: None (first local device), one jax Sharding for every array, or
-    {"params": Sharding | tree of Shardings, "lora": ...}; each array is read shard by shard.
+    {"params": Sharding | tree of Shardings, "lora": ...}. Each array is placed straight into its
+    sharding: every process reads only the slices its addressable shards need, one leaf at a
+    time, so no host holds a whole model.
     """
-    ocp = _ocp()
     directory = Path(directory).absolute()
     config, lora_config = read_config(directory)
     if not (directory / PARAMS_DIR).is_dir():
@@ -486,17 +467,12 @@ def load_checkpoint(directory: str | os.PathLike, param_dtype: Any = None, shard
     for item in ITEMS:
         if item == LORA_DIR and not has_lora:
             continue
-        item_dir = directory / item
-        stored = ArrayTreeReader(item_dir).shapes()
-        check_shapes({p: s for p, (s, _) in stored.items()}, expected[item], str(item_dir))
+        reader = ArrayTreeReader(directory / item)
+        stored = reader.shapes()
+        check_shapes({p: s for p, (s, _) in stored.items()}, expected[item], str(reader.item_dir))
         dtype = param_dtype if item == PARAMS_DIR else lora_dtype
-        restore_args = unflatten({
-            p: ocp.ArrayRestoreArgs(sharding=_sharding_for(shardings, item, p),
-                                    dtype=None if dtype is None else jnp.dtype(dtype), global_shape=shape)
+        dtype = None if dtype is None else jnp.dtype(dtype)
+        variables[item] = traverse_util.unflatten_dict({
+            p: _read_into(reader, p, shape, _sharding_for(shardings, item, p), dtype)
             for p, (shape, _) in stored.items()})
-        try:
-            restored = ocp.PyTreeCheckpointer().restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-        except Exception as e:  # orbax/tensorstore raise many types for damaged data
-            raise CheckpointError(f"{item_dir}: cannot be restored: {e}") from e
-        variables[item] = restored
     return config, lora_config, variables

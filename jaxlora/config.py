@@ -64,10 +64,16 @@ class LLaMAConfig:
             raise ValueError(f"unknown LLaMAConfig fields {sorted(unknown)}")
         return cls(**d)
 
+    def dense_shapes(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(in, out) features of each dense layer of a block, by its module path in our tree."""
+        C, H = self.n_embd, self.n_hidden
+        return {("attn", "c_attn"): (C, 3 * C), ("attn", "c_proj"): (C, C), ("mlp", "c_fc1"): (C, H),
+                ("mlp", "c_fc2"): (C, H), ("mlp", "c_proj"): (H, C)}
+
     def num_params(self) -> int:
         """Frozen parameter count, from shapes alone (no allocation)."""
-        C, H, V, L = self.n_embd, self.n_hidden, self.padded_vocab_size, self.n_layer
-        per_layer = 2 * C + 3 * C * C + C * C + 3 * C * H
+        C, V, L = self.n_embd, self.padded_vocab_size, self.n_layer
+        per_layer = 2 * C + sum(i * o for i, o in self.dense_shapes().values())
         return 2 * V * C + L * per_layer + C
 
 
@@ -82,10 +88,35 @@ PRESETS: dict[str, dict[str, int]] = {
     "demo": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=1024, block_size=256),
 }
 
-# Adapter targets: q/k/v live inside the fused c_attn projection (lit-llama's enable_lora);
-# o is attn.c_proj; gate/up/down are mlp.c_fc1/c_fc2/c_proj (lit-llama issue #350).
-QKV_TARGETS = ("q", "k", "v")
-ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """One projection that can carry a LoRA adapter: where it lives in each naming scheme."""
+
+    name: str  # ours: what --lora_targets and LoRAConfig.targets say
+    module: tuple[str, str]  # the dense layer under a block of our tree, e.g. ("attn", "c_attn")
+    group: int | None  # segment of the fused c_attn output (q=0, k=1, v=2); None: the whole layer
+    peft_name: str  # the HF/PEFT module name (target_modules)
+    lit_module: str  # lit-llama's module under transformer.h.{i}
+
+
+# The one table of adapter targets. q/k/v are segments of the fused c_attn projection
+# (lit-llama's MergedLinear enable_lora); the others are whole layers (lit-llama issue #350).
+LORA_TARGETS: dict[str, LoRATarget] = {t.name: t for t in (
+    LoRATarget("q", ("attn", "c_attn"), 0, "q_proj", "attn.c_attn"),
+    LoRATarget("k", ("attn", "c_attn"), 1, "k_proj", "attn.c_attn"),
+    LoRATarget("v", ("attn", "c_attn"), 2, "v_proj", "attn.c_attn"),
+    LoRATarget("o", ("attn", "c_proj"), None, "o_proj", "attn.c_proj"),
+    LoRATarget("gate", ("mlp", "c_fc1"), None, "gate_proj", "mlp.c_fc1"),
+    LoRATarget("up", ("mlp", "c_fc2"), None, "up_proj", "mlp.c_fc2"),
+    LoRATarget("down", ("mlp", "c_proj"), None, "down_proj", "mlp.c_proj"),
+)}
+ALL_TARGETS = tuple(LORA_TARGETS)
+QKV_TARGETS = tuple(name for name, t in LORA_TARGETS.items() if t.group is not None)
+# The modules that carry adapters, in table order; each maps to its targets in group order.
+TARGET_MODULES: dict[tuple[str, str], tuple[LoRATarget, ...]] = {
+    module: tuple(sorted((t for t in LORA_TARGETS.values() if t.module == module), key=lambda t: t.group or 0))
+    for module in dict.fromkeys(t.module for t in LORA_TARGETS.values())}
 
 
 @dataclass(frozen=True)
@@ -115,18 +146,28 @@ class LoRAConfig:
     def scaling(self) -> float:
         return self.alpha / self.r if self.r > 0 else 0.0
 
+    def enabled(self, module: tuple[str, ...]) -> tuple[bool, ...]:
+        """Per output segment of our dense layer `module` (e.g. ("attn", "c_attn")), whether it
+        carries an adapter: (q, k, v) for the fused c_attn (lit-llama's enable_lora), else one flag."""
+        targets = TARGET_MODULES.get(tuple(module))
+        if targets is None:
+            raise ValueError(f"{'/'.join(module)} is not a LoRA target module; known: "
+                             f"{', '.join('/'.join(m) for m in TARGET_MODULES)}")
+        return tuple(self.r > 0 and t.name in self.targets for t in targets)
+
     @property
-    def qkv_enabled(self) -> tuple[bool, bool, bool]:
+    def qkv_enabled(self) -> tuple[bool, ...]:
         """lit-llama's enable_lora flags for the fused q/k/v projection."""
-        return tuple(t in self.targets for t in QKV_TARGETS)  # type: ignore[return-value]
+        return self.enabled(LORA_TARGETS["q"].module)
 
     def num_params(self, config: LLaMAConfig) -> int:
         """Trainable adapter parameter count, from shapes alone."""
-        C, H, r = config.n_embd, config.n_hidden, self.r
-        n_qkv = sum(self.qkv_enabled)
-        per_layer = n_qkv * r * (C + C)
-        dims = {"o": (C, C), "gate": (C, H), "up": (C, H), "down": (H, C)}
-        per_layer += sum(r * (i + o) for t, (i, o) in dims.items() if t in self.targets)
+        shapes = config.dense_shapes()
+        per_layer = 0
+        for t in LORA_TARGETS.values():
+            if t.name in self.targets:
+                in_f, out_f = shapes[t.module]
+                per_layer += self.r * (in_f + out_f // len(TARGET_MODULES[t.module]))  # A, and B of one segment
         return config.n_layer * per_layer
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,8 +182,7 @@ def parse_targets(spec: str) -> tuple[str, ...]:
     """'q,v' -> ('q', 'v'); also accepts 'all' and PEFT module names (q_proj, gate_proj ...)."""
     if spec.strip().lower() == "all":
         return ALL_TARGETS
-    aliases = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
-               "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+    aliases = {t.peft_name: t.name for t in LORA_TARGETS.values()}
     return tuple(aliases.get(t.strip(), t.strip()) for t in spec.split(",") if t.strip())
 
 

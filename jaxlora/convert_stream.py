@@ -33,6 +33,9 @@ from jaxlora.formats.lit_llama import StateDictError, TensorMap
 from jaxlora.formats.torch_stream import RowBlocks, TorchZipReader, write_torch_zip
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Bad input the converters' command lines report in one line and exit 2 for (as train.py):
+# StateDictError, CheckpointError and argument errors are ValueErrors.
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError)
 
 
 def release_freed_memory() -> None:
@@ -65,30 +68,27 @@ def parse_dtype(name: str | None) -> np.dtype | None:
 
 
 class Progress:
-    """'[n/N] key  done/total GB  x GB/s' on stderr, at most about once a second."""
+    """Counts the pieces and bytes moved (for the returned stats) and shows them on stderr with
+    tqdm: bytes done of the total, rate and ETA, and the tensor being moved."""
 
-    def __init__(self, label: str, total_items: int, total_bytes: int, enabled: bool = True,
-                 stream: Any = None, interval: float = 1.0) -> None:
-        self.label, self.total_items, self.total_bytes = label, total_items, total_bytes
-        self.enabled, self.stream, self.interval = enabled, stream or sys.stderr, interval
-        self.items = self.bytes = 0
-        self.start = self._last = time.perf_counter()
+    def __init__(self, label: str, total_bytes: int, enabled: bool = True) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=total_bytes, desc=label, unit="B", unit_scale=True, unit_divisor=1000,
+                        disable=not enabled, mininterval=1.0, file=sys.stderr, dynamic_ncols=True)
+        self.pieces = self.bytes = 0
+        self.start = time.perf_counter()
 
     def update(self, name: str, nbytes: int) -> None:
-        self.items += 1
+        self.pieces += 1
         self.bytes += nbytes
-        now = time.perf_counter()
-        if self.enabled and (now - self._last >= self.interval or self.items == self.total_items):
-            self._last = now
-            print(f"{self.label}: [{self.items}/{self.total_items}] {name}  {self.bytes / 1e9:.2f}/"
-                  f"{self.total_bytes / 1e9:.2f} GB  {self.rate():.2f} GB/s", file=self.stream, flush=True)
-
-    def rate(self) -> float:
-        return self.bytes / 1e9 / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(name, refresh=False)
+        self.bar.update(nbytes)
 
     def stats(self) -> dict[str, float]:
+        """Closes the bar; pieces, bytes, seconds, GB/s."""
+        self.bar.close()
         seconds = time.perf_counter() - self.start
-        return {"pieces": self.items, "bytes": self.bytes, "seconds": round(seconds, 3),
+        return {"pieces": self.pieces, "bytes": self.bytes, "seconds": round(seconds, 3),
                 "gb_per_s": round(self.bytes / 1e9 / max(seconds, 1e-9), 4)}
 
 
@@ -183,7 +183,7 @@ def _layer_count(keys: Sequence[str]) -> int:
 
 def _check_lora_file(shapes: Mapping[str, tuple[int, ...]], config: LLaMAConfig, alpha: float, dropout: float,
                      source: str) -> LoRAConfig:
-    lora = lit_llama.infer_lora(shapes, config.n_embd, alpha, dropout, source)
+    lora = lit_llama.lit_lora_config(shapes, config.n_embd, alpha, dropout, source)
     n_layers = _layer_count(list(shapes))
     if n_layers != config.n_layer:
         raise StateDictError(f"{source}: the LoRA file has adapters for {n_layers} layers, the base checkpoint has "
@@ -202,8 +202,9 @@ def lit_to_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
                       max_bytes_ahead: int = 128 << 20) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, float]]:
     """lit-llama `lit-llama.pth` (+ `lit-llama-lora-finetuned.pth`) -> jaxlora checkpoint directory.
 
-    The preset is recognised from the weights unless `config` is given. r and the q/k/v layout
-    come from the LoRA file; alpha (not stored by lit-llama) from `lora_alpha`.
+    The preset is recognised from the weights unless `config` is given. The LoRA file holds
+    q, v adapters (the only ones it can mean); r comes from it, alpha (not stored by lit-llama)
+    from `lora_alpha`.
     dtype: storage dtype of the frozen weights (None: keep the file's); adapters keep theirs.
     Memory: tensors are read, transformed and written by `workers` threads with at most
     `max_bytes_ahead` of results waiting and as much again being written; wte and lm_head are
@@ -245,7 +246,7 @@ def lit_to_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
             items = _blocked(_items(maps, config.n_layer), lambda m, leaves=leaves: leaves[m.path[1:]][2])
             jobs.append((reader, item, items, leaves))
         total = sum(reader.nbytes() for reader, *_ in sources)
-        meter = Progress("from_lit_llama", sum(len(j[2]) for j in jobs), total, progress)
+        meter = Progress("from_lit_llama", total, progress)
         with cio.staged_directory(out_dir, overwrite) as tmp:
             cio.write_config(tmp, config, lora_config)
             for reader, item, items, leaves in jobs:
@@ -331,7 +332,7 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
                       adapters_dir: str | os.PathLike | None = None) -> dict[str, float]:
     """A jaxlora checkpoint -> one lit-llama .pth file, tensor by tensor, atomically.
 
-    kind: "lora" (lit-llama's LoRA file; q/k/v adapters only, else StateDictError),
+    kind: "lora" (lit-llama's LoRA file: targets exactly q, v, else LitLoRATargetsError),
     "base" (the frozen weights as `lit-llama.pth`), "merged" (base with every adapter folded in,
     as lit-llama's convert_lora_weights.py; any targets). dtype: output dtype (None keeps the
     stored one). adapters_dir: take the adapters from this adapters-only directory (what
@@ -374,7 +375,7 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
         if not has_lora:
             raise cio.CheckpointError(f"{lora_home}: has no adapters (config.json 'lora' is null); nothing to export "
                                       "as a LoRA file (use --base for the weights)")
-        lit_llama.lit_lora_compatible(lora_config)
+        lit_llama.check_lit_lora_targets(lora_config)
     if kind == "merged" and not has_lora:
         raise cio.CheckpointError(f"{lora_home}: has no adapters to merge; use --base")
     expected = cio.expected_variables(config, lora_config if has_lora else None)
@@ -411,7 +412,7 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
         return it, it.map.to_lit(value)
 
     sizes = [_item_bytes(it, out_dtype[it.map.path].itemsize) for it in items]
-    meter = Progress("to_lit_llama", len(items), sum(sizes), progress)
+    meter = Progress("to_lit_llama", sum(sizes), progress)
 
     def stream() -> Iterator[tuple[str, np.ndarray | RowBlocks]]:
         results = _prefetched([lambda it=it: task(it) for it in items], sizes, max_bytes_ahead, workers)

@@ -36,6 +36,7 @@ __all__ = [
     "load_records",
     "prepare_sample",
     "prepare_records",
+    "count_truncated",
     "load_prepared",
     "split_records",
     "bucket_lengths",
@@ -93,10 +94,13 @@ def load_records(path: PathLike) -> list[dict]:
     file and the record / line at fault, and ``FileNotFoundError`` if the file is missing.
     """
     path = Path(path)
+    if _is_torch_file(path):
+        raise DataError(f"{path}: a PyTorch file, not JSON records. lit-llama's prepared data (prepare_alpaca.py's "
+                        f"train.pt and test.pt) is given as the directory that holds them: --data_path {path.parent}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err})") from None
+        raise DataError(f"{path}: not UTF-8 text ({err}); expected Alpaca records as JSON or JSONL") from None
 
     if path.suffix.lower() == ".jsonl":
         located = _parse_jsonl(path, text)
@@ -107,9 +111,7 @@ def load_records(path: PathLike) -> list[dict]:
             if text.lstrip().startswith("{"):  # probably JSONL under another name
                 located = _parse_jsonl(path, text)
             else:
-                raise DataError(
-                    f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}"
-                ) from None
+                raise DataError(f"{path}: malformed JSON {_where(err)}") from None
         else:
             if not isinstance(data, list):
                 raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
@@ -129,9 +131,32 @@ def _parse_jsonl(path: Path, text: str) -> list[tuple[str, Any]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}: malformed JSON at line {lineno}, column {err.colno}: {err.msg}") from None
+            raise DataError(f"{path}: malformed JSON at line {lineno}, {_where(err, with_line=False)}") from None
         located.append((f"record {len(located)} (line {lineno})", obj))
     return located
+
+
+def _is_torch_file(path: Path) -> bool:
+    """A .pt/.pth name, or torch.save's zip container (whatever the name)."""
+    if path.suffix.lower() in (".pt", ".pth"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _where(err: json.JSONDecodeError, with_line: bool = True) -> str:
+    """'at line L, column C (character P): <what>, near <snippet>' for a JSON error, and a hint
+    when the text ends before the value does (a truncated file)."""
+    doc, pos = err.doc, err.pos
+    snippet = doc[max(0, pos - 30):pos + 30]
+    what = err.msg[:-3] + " here" if err.msg.endswith(" at") else err.msg  # "Unterminated string starting at"
+    ends = ("; the text ends before it is closed: is the file truncated?"
+            if err.msg.startswith("Unterminated") or not doc[pos:].strip() else "")
+    line = f"at line {err.lineno}, " if with_line else ""
+    return f"{line}column {err.colno} (character {pos}): {what}, near {snippet!r}{ends}"
 
 
 def _check_record(path: Path, where: str, record: Any) -> dict:
@@ -185,22 +210,32 @@ def prepare_sample(
     Returns the record's fields plus int32 arrays ``input_ids`` (prompt + output, BOS and
     EOS, truncated to ``max_length`` after EOS is appended), ``input_ids_no_response``
     (prompt with BOS, same truncation) and ``labels`` (a copy of ``input_ids``; with
-    ``mask_inputs`` the prompt positions are set to ``ignore_index``).
+    ``mask_inputs`` the prompt positions are set to ``ignore_index``), and ``num_tokens``,
+    the length of ``input_ids`` before truncation (not in lit-llama's files).
     """
     prompt = generate_prompt(record)
-    full = tokenizer.encode(prompt + record["output"], bos=True, eos=True, max_length=max_length)
+    untruncated = tokenizer.encode(prompt + record["output"], bos=True, eos=True)
+    full = untruncated[:max_length] if max_length > 0 else untruncated  # as encode(..., max_length)
     prompt_ids = tokenizer.encode(prompt, bos=True, eos=False, max_length=max_length)
     labels = full.copy()
     if mask_inputs:
         labels[: len(prompt_ids)] = ignore_index
-    return {**record, "input_ids": full, "input_ids_no_response": prompt_ids, "labels": labels}
+    return {**record, "input_ids": full, "input_ids_no_response": prompt_ids, "labels": labels,
+            "num_tokens": len(untruncated)}
 
 
 def prepare_records(
     records: Sequence[dict], tokenizer: Tokenizer, max_length: int = 256, mask_inputs: bool = False
 ) -> list[dict]:
-    """``prepare_sample`` applied to every record."""
+    """``prepare_sample`` applied to every record (``count_truncated`` says how many were cut)."""
     return [prepare_sample(r, tokenizer, max_length, mask_inputs) for r in records]
+
+
+def count_truncated(samples: Sequence[dict], max_seq_length: int) -> int:
+    """How many samples are longer than ``max_seq_length`` tokens and so lose their end: cut when
+    prepared (``num_tokens``, the length before truncation) or, for lit-llama's prepared files,
+    by the batcher."""
+    return sum(1 for s in samples if s.get("num_tokens", len(s["input_ids"])) > max_seq_length)
 
 
 def load_prepared(path: PathLike, allow_pickle: bool = False) -> list[dict]:

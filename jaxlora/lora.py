@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +43,8 @@ class MergedLoRADense(nn.Module):
       features: output width.
       groups: number of equal output segments (3 for fused q/k/v, else 1).
       enabled: per segment, whether it carries an adapter (len == groups).
-      r, alpha, dropout: adapter rank, scale numerator, dropout on the adapter input.
+      r, scaling, dropout: adapter rank, scale of the update (`LoRAConfig.scaling`, alpha / r),
+        dropout on the adapter input.
       kernel_axes: logical axis names of the kernel (in, out), for sharding rules.
       dtype: compute dtype; param_dtype: frozen kernel storage; lora_dtype: adapter storage.
       out_dtype: output dtype of the frozen matmul (default: dtype); f32 for logits.
@@ -52,7 +54,7 @@ class MergedLoRADense(nn.Module):
     groups: int = 1
     enabled: tuple[bool, ...] = (False,)
     r: int = 0
-    alpha: float = 16.0
+    scaling: float = 1.0
     dropout: float = 0.0
     kernel_axes: tuple[str | None, str | None] = (None, None)
     dtype: Any = jnp.float32
@@ -87,7 +89,7 @@ class MergedLoRADense(nn.Module):
         h = nn.Dropout(self.dropout)(x, deterministic=deterministic or self.dropout == 0.0)
         # All enabled segments in one batched matmul pair (q and v together).
         xa = jnp.einsum("...i,gir->...gr", h, lora_a.astype(self.dtype))
-        delta = jnp.einsum("...gr,gro->...go", xa, lora_b.astype(self.dtype)) * jnp.asarray(self.alpha / self.r, self.dtype)
+        delta = jnp.einsum("...gr,gro->...go", xa, lora_b.astype(self.dtype)) * jnp.asarray(self.scaling, self.dtype)
         return add_to_segments(y, delta.astype(y.dtype), self.enabled)
 
     def _adapter(self, name: str, init: Callable[..., Array], axes: tuple, shape: tuple) -> Array:
@@ -129,21 +131,22 @@ def lora_delta(lora_a: Array, lora_b: Array, enabled: Sequence[bool], scaling: f
 def merge_lora(params: Any, lora: Any, lora_config: LoRAConfig) -> Any:
     """New params with every adapter folded into its kernel: W + scaling * ΔW.
 
-    The inputs are not modified (lit-llama merges in place on eval(); we never do). The sum
-    is formed in float32 and cast back to the kernel's dtype.
+    Which output segments an adapter covers comes from the target table (`LoRAConfig.enabled`
+    of the layer's module, e.g. ("attn", "c_attn")), whatever the layout above it (stacked "h"
+    or per-layer "h_i"). The inputs are not modified (lit-llama merges in place on eval(); we
+    never do). The sum is formed in float32 and cast back to the kernel's dtype.
     """
-    def merge(node_params: Any, node_lora: Any) -> Any:
-        if not isinstance(node_lora, dict):
-            return node_params
-        if "lora_A" in node_lora:
-            kernel = node_params["kernel"]
-            groups = kernel.shape[-1] // node_lora["lora_B"].shape[-1]
-            enabled = lora_config.qkv_enabled if groups == 3 else (True,) * groups
-            delta = lora_delta(node_lora["lora_A"], node_lora["lora_B"], enabled, lora_config.scaling)
-            return {**node_params, "kernel": (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)}
-        return {k: merge(v, node_lora.get(k)) if k in node_lora else v for k, v in node_params.items()}
-
-    return merge(_as_dict(params), _as_dict(lora))
+    flat_params = traverse_util.flatten_dict(_as_dict(params))
+    flat_lora = traverse_util.flatten_dict(_as_dict(lora))
+    merged = dict(flat_params)
+    for path, lora_a in flat_lora.items():
+        if path[-1] != "lora_A":
+            continue
+        layer = path[:-1]
+        kernel = flat_params[layer + ("kernel",)]
+        delta = lora_delta(lora_a, flat_lora[layer + ("lora_B",)], lora_config.enabled(layer[-2:]), lora_config.scaling)
+        merged[layer + ("kernel",)] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+    return traverse_util.unflatten_dict(merged)
 
 
 def trainable_labels(lora: Any) -> Any:

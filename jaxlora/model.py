@@ -102,14 +102,14 @@ class Settings:
         return nn.with_logical_constraint(x, axes, rules=self.rules, mesh=self.mesh)
 
 
-def _dense(opts: Settings, features: int, name: str, axes: tuple, target: str | None = None,
-           groups: int = 1, enabled: tuple[bool, ...] | None = None) -> MergedLoRADense:
+def _dense(opts: Settings, features: int, module: tuple[str, str], axes: tuple) -> MergedLoRADense:
+    """The dense layer at `module` of a block (e.g. ("attn", "c_attn")); its adapted output
+    segments come from the LoRA target table (config.LORA_TARGETS)."""
     lora = opts.lora or LoRAConfig(r=0)
-    if enabled is None:
-        enabled = (target in lora.targets,)
-    return MergedLoRADense(features=features, groups=groups, enabled=enabled, r=lora.r, alpha=lora.alpha,
+    enabled = lora.enabled(module)
+    return MergedLoRADense(features=features, groups=len(enabled), enabled=enabled, r=lora.r, scaling=lora.scaling,
                            dropout=lora.dropout, kernel_axes=axes, dtype=opts.dtype,
-                           param_dtype=opts.param_dtype, lora_dtype=opts.lora_dtype, name=name)
+                           param_dtype=opts.param_dtype, lora_dtype=opts.lora_dtype, name=module[-1])
 
 
 class CausalSelfAttention(nn.Module):
@@ -119,14 +119,13 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x: Array, cos: Array, sin: Array, deterministic: bool) -> Array:
         cfg, opts = self.opts.config, self.opts
         B, T, C = x.shape
-        lora = opts.lora or LoRAConfig(r=0)
-        qkv = _dense(opts, 3 * C, "c_attn", ("embed", "qkv"), groups=3, enabled=lora.qkv_enabled)(x, deterministic)
+        qkv = _dense(opts, 3 * C, ("attn", "c_attn"), ("embed", "qkv"))(x, deterministic)
         q, k, v = (opts.constrain(t.reshape(B, T, cfg.n_head, cfg.head_size), ACT_HEADS)
                    for t in jnp.split(qkv, 3, axis=-1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         impl = pick_attention(opts.attention, opts.dtype)
         y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-        return _dense(opts, C, "c_proj", ("heads", "embed"), target="o")(y.reshape(B, T, C), deterministic)
+        return _dense(opts, C, ("attn", "c_proj"), ("heads", "embed"))(y.reshape(B, T, C), deterministic)
 
 
 class MLP(nn.Module):
@@ -135,10 +134,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
         H, C = self.opts.config.n_hidden, self.opts.config.n_embd
-        gate = _dense(self.opts, H, "c_fc1", ("embed", "mlp"), target="gate")(x, deterministic)
-        up = _dense(self.opts, H, "c_fc2", ("embed", "mlp"), target="up")(x, deterministic)
+        gate = _dense(self.opts, H, ("mlp", "c_fc1"), ("embed", "mlp"))(x, deterministic)
+        up = _dense(self.opts, H, ("mlp", "c_fc2"), ("embed", "mlp"))(x, deterministic)
         hidden = self.opts.constrain(nn.silu(gate) * up, ACT_MLP)
-        return _dense(self.opts, C, "c_proj", ("mlp", "embed"), target="down")(hidden, deterministic)
+        return _dense(self.opts, C, ("mlp", "c_proj"), ("mlp", "embed"))(hidden, deterministic)
 
 
 class Block(nn.Module):

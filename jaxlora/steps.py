@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlora.data import IGNORE_INDEX
 from jaxlora.model import LLaMA, layered
 
 Array = jax.Array
-IGNORE_INDEX = -1
 
 
 @flax.struct.dataclass

@@ -36,7 +36,7 @@ import numpy as np
 
 from jaxlora import distributed
 from jaxlora.checkpoint import CheckpointError, Checkpointer
-from jaxlora.data import Batcher, DataError, eval_batches, generate_prompt, load_prepared, load_records, \
+from jaxlora.data import Batcher, DataError, count_truncated, eval_batches, generate_prompt, load_prepared, load_records, \
     prepare_records, split_records
 from jaxlora.generate import greedy_generate
 from jaxlora.run import Run, build_run, estimate_device_bytes, flops_per_token, peak_flops
@@ -135,7 +135,7 @@ def load_data(a: TrainArgs, tokenizer: Tokenizer, log: Callable[[str], None]) ->
         val = load_prepared(test_pt) if test_pt.is_file() else []
         log(f"data: {train_pt} ({len(train)} samples), {test_pt} ({len(val)} samples); prepared files keep "
             "their own max length and input masking")
-        _report_truncation(train + val, a.max_seq_length, tokenizer.eos_id, log)
+        _report_truncation(train + val, a.max_seq_length, log)
         return train, val
     records = load_records(path)
     val_size = a.val_size
@@ -150,16 +150,13 @@ def load_data(a: TrainArgs, tokenizer: Tokenizer, log: Callable[[str], None]) ->
     train = prepare_records(train_recs, tokenizer, a.max_seq_length, a.mask_inputs)
     val = prepare_records(val_recs, tokenizer, a.max_seq_length, a.mask_inputs)
     log(f"data: {path}: {n} records -> {len(train)} train / {len(val)} validation (split seed 42)")
-    _report_truncation(train + val, a.max_seq_length, tokenizer.eos_id, log)
+    _report_truncation(train + val, a.max_seq_length, log)
     return train, val
 
 
-def _report_truncation(samples: Sequence[dict], max_seq_length: int, eos_id: int,
-                       log: Callable[[str], None]) -> None:
-    """Say how many samples are cut at max_seq_length (a cut sample has lost its final EOS),
-    and how many keep no loss token at all."""
-    long = sum(len(s["input_ids"]) > max_seq_length
-               or (len(s["input_ids"]) == max_seq_length and int(s["input_ids"][-1]) != eos_id) for s in samples)
+def _report_truncation(samples: Sequence[dict], max_seq_length: int, log: Callable[[str], None]) -> None:
+    """Say how many samples are cut at max_seq_length and how many keep no loss token at all."""
+    long = count_truncated(samples, max_seq_length)
     empty = sum(not np.any(np.asarray(s["labels"][:max_seq_length]) != -1) for s in samples)
     if long:
         log(f"data: {long} of {len(samples)} samples are longer than --max_seq_length {max_seq_length} and are "
@@ -553,7 +550,8 @@ def _export_lit(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path: P
         from jaxlora.formats.lit_files import save_lit_lora
         save_lit_lora(lora, config, lora_config, path)
     except ImportError:
-        log(f"{path.name} not written: writing PyTorch files needs torch (pip install 'jaxlora[torch]')")
+        log(f"{path.name} not written: writing PyTorch files needs torch (pip install torch, or on a machine "
+            "without a GPU: pip install torch --index-url https://download.pytorch.org/whl/cpu)")
         return None
     except ValueError as e:  # e.g. adapters on o/gate/up/down, which lit-llama's format cannot hold
         log(f"{path.name} not written: {e}")

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import torch
 
@@ -100,15 +99,29 @@ def test_round_trip_base_and_lora_bit_exact(tmp_path, dtype, monkeypatch):
                        base["lm_head.weight"])
 
 
-def test_checkpoint_is_plain_orbax_and_load_checkpoint_casts(tmp_path):
+def test_checkpoint_format_is_the_documented_one_and_load_checkpoint_casts(tmp_path):
     lora = LoRAConfig(r=4, targets=("q", "v"))
     base_path, lora_path, base, adapters, _ = save_lit(tmp_path / "lit", lora, torch.bfloat16)
     lit_to_checkpoint(base_path, tmp_path / "ck", lora_path=lora_path, progress=False)
-    # Plain orbax, no jaxlora code: the trees restore as they are.
-    plain = ocp.PyTreeCheckpointer().restore(tmp_path / "ck" / "params")
+    # The documented format, read with tensorstore alone (no jaxlora code): index.json lists the
+    # leaves; each is a zarr v2 array in the directory named by its path joined with ".".
+    import json
+    import tensorstore as ts
+    index = json.loads((tmp_path / "ck" / "params" / "index.json").read_text())
+    assert (index["format"], index["version"]) == ("jaxlora-arrays", 1)
+    plain = {}
+    for name, leaf in index["leaves"].items():
+        array = ts.open({"driver": "zarr", "kvstore": f"file://{tmp_path / 'ck' / 'params' / name.replace('/', '.')}"},
+                        open=True).result()
+        assert list(array.shape) == leaf["shape"] and array.dtype.name == leaf["dtype"]
+        plain[tuple(name.split("/"))] = array.read().result()
     want = lit_llama.lit_to_params({k: tensor_to_numpy(v) for k, v in base.items()}, TINY)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), plain, want)
-    assert plain["h"]["mlp"]["c_fc1"]["kernel"].dtype == ml_dtypes.bfloat16
+    from flax import traverse_util
+    flat_want = traverse_util.flatten_dict(want)
+    assert set(plain) == set(flat_want)
+    for path, value in flat_want.items():
+        assert plain[path].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(plain[path], value)
     # load_checkpoint: device arrays; params keep bf16 unless cast; adapters float32 by default.
     config, lora_config, variables = cio.load_checkpoint(tmp_path / "ck")
     assert config == TINY and lora_config.r == 4
@@ -140,6 +153,46 @@ def test_save_and_load_checkpoint_round_trip(tmp_path):
     cio.save_checkpoint(tmp_path / "ck", TINY, None, variables["params"], overwrite=True)
     config, lora_config, got = cio.load_checkpoint(tmp_path / "ck")
     assert lora_config is None and set(got) == {"params"} and not (tmp_path / "ck" / "lora").exists()
+
+
+SHARDED_LOAD = """
+import sys, jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxlora import checkpoint_io as cio
+mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+by_layer, replicated = NamedSharding(mesh, P("x")), NamedSharding(mesh, P())
+reads = []
+real_read = cio.ArrayTreeReader.read
+cio.ArrayTreeReader.read = lambda self, path, where=None: reads.append((path, where)) or real_read(self, path, where)
+stored = cio.ArrayTreeReader(sys.argv[1] + "/params").shapes()
+from flax import traverse_util
+shardings = {"params": traverse_util.unflatten_dict({p: by_layer if cio.is_layered(p) else replicated for p in stored})}
+_, _, got = cio.load_checkpoint(sys.argv[1], shardings=shardings)
+kernel = got["params"]["h"]["attn"]["c_attn"]["kernel"]
+assert kernel.sharding == by_layer and kernel.addressable_shards[1].data.shape == (1, 64, 192)
+np.save(sys.argv[1] + "/kernel.npy", np.asarray(kernel))
+for path, where in reads:
+    rows = where[0] if where else slice(None)
+    if cio.is_layered(path):  # two devices, one layer each: each read is one layer, never the stack
+        assert rows.stop - rows.start == 1, (path, where)
+    else:  # replicated: one read serves both devices
+        assert rows == slice(None), (path, where)
+assert len(reads) == sum(2 if cio.is_layered(p) else 1 for p in stored), reads
+print("OK", len(reads))
+"""
+
+
+def test_load_checkpoint_reads_only_the_shards_each_device_holds(tmp_path):
+    """Each leaf goes straight into its sharding, read per shard: a layer-sharded leaf is never
+    read whole, a replicated one once for all its devices (2 CPU devices in a subprocess)."""
+    variables = tiny_variables(LoRAConfig(r=0, targets=()))
+    cio.save_checkpoint(tmp_path / "ck", TINY, None, variables["params"])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    p = subprocess.run([sys.executable, "-c", SHARDED_LOAD, str(tmp_path / "ck")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "ck" / "kernel.npy"),
+                                  variables["params"]["h"]["attn"]["c_attn"]["kernel"])
 
 
 def test_load_checkpoint_errors_name_the_directory_and_key(tmp_path):
@@ -189,11 +242,12 @@ def test_exported_lora_file_loads_into_reference_and_logits_match(tmp_path):
 
 
 def test_merged_export_equals_base_plus_adapters(tmp_path):
-    # q and v (k zero-padded in the fused projection), o-proj and the MLP: all merge.
-    lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v", "o", "gate", "up", "down"))
+    # All seven targets: q, k, v in the fused projection, o-proj and the MLP.
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=ALL)
     variables = tiny_variables(lora, seed=1)
     cio.save_checkpoint(tmp_path / "ck", TINY, lora, variables["params"], variables["lora"])
-    with pytest.raises(StateDictError, match=r"q, k, v only; targets \['o', 'gate', 'up', 'down'\]"):
+    with pytest.raises(StateDictError, match=r"adapters on targets \(q, k, v, o, gate, up, down\) cannot be written "
+                                             r"as a lit-llama LoRA file"):
         checkpoint_to_lit(tmp_path / "ck", tmp_path / "lora.pth", kind="lora", progress=False)
     no_leftovers(tmp_path, "lora.pth")
     checkpoint_to_lit(tmp_path / "ck", tmp_path / "merged.pth", kind="merged", progress=False)
@@ -207,6 +261,46 @@ def test_merged_export_equals_base_plus_adapters(tmp_path):
     want = np.asarray(LLaMA(TINY, lora).apply(variables, idx))
     got = np.asarray(LLaMA(TINY).apply({"params": merged}, idx))
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+
+
+@pytest.mark.parametrize("targets", [("q", "k", "v"), ("k",)])
+def test_non_qv_adapters_are_never_a_lit_lora_file_but_export_merged(tmp_path, targets):
+    """lit-llama's lora() means q and v: q,k,v or k-only adapters would load wrongly there."""
+    from jaxlora.formats.lit_files import save_lit_lora
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=targets)
+    variables = tiny_variables(lora, seed=6)
+    cio.save_checkpoint(tmp_path / "base", TINY, None, variables["params"])
+    cio.save_checkpoint(tmp_path / "adapters", TINY, lora, None, variables["lora"], base="base")
+    why = r"enable_lora=\[True, False, True\].*convert/to_lit_llama\.py --checkpoint_dir BASE --adapters DIR --merged"
+    with pytest.raises(lit_llama.LitLoRATargetsError, match=why):
+        checkpoint_to_lit(None, tmp_path / "lora.pth", kind="lora", adapters_dir=tmp_path / "adapters", progress=False)
+    no_leftovers(tmp_path, "lora.pth")
+    with pytest.raises(ValueError, match=why):  # what the trainer calls at the end of a run
+        save_lit_lora(variables["lora"], TINY, lora, tmp_path / "lora.pth")
+    no_leftovers(tmp_path, "lora.pth")
+    p = run_cli("convert/to_lit_llama.py", "--adapters", str(tmp_path / "adapters"), "--out", str(tmp_path / "l.pth"))
+    assert p.returncode == 2 and "cannot be written as a lit-llama LoRA file" in p.stderr, p.stderr
+    checkpoint_to_lit(tmp_path / "base", tmp_path / "merged.pth", kind="merged", adapters_dir=tmp_path / "adapters",
+                      progress=False)
+    merged = lit_llama.lit_to_params({k: tensor_to_numpy(v) for k, v in
+                                      torch.load(tmp_path / "merged.pth", weights_only=True).items()}, TINY)
+    with jax.default_matmul_precision("highest"):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), merged,
+                     merge_lora(variables["params"], variables["lora"], lora))
+    k_kernel = merged["h"]["attn"]["c_attn"]["kernel"][..., 64:128]  # the k segment moved: its adapter is in
+    assert not np.array_equal(k_kernel, np.asarray(variables["params"]["h"]["attn"]["c_attn"]["kernel"][..., 64:128]))
+
+
+def test_lit_lora_file_of_another_shape_is_refused(tmp_path, lit_files):
+    """A LoRA file holding q,k,v (3 segments) is not lit-llama's: refused, not guessed at."""
+    from jaxlora.formats.lit_files import load_lit_llama
+    qkv_path = save_lit(tmp_path / "qkv", LoRAConfig(r=4, targets=("q", "k", "v")))[1]
+    why = r"lora_A' has shape \(12, 64\) and .*lora_B' \(192, 4\); lit-llama's LoRA file always means adapters on q and v"
+    with pytest.raises(StateDictError, match=why):
+        lit_to_checkpoint(lit_files[0], tmp_path / "out", lora_path=qkv_path, progress=False)
+    no_leftovers(tmp_path, "out")
+    with pytest.raises(StateDictError, match=why):
+        load_lit_llama(lit_files[0], qkv_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -328,12 +422,13 @@ def test_lora_file_that_disagrees_with_the_base(tmp_path, lit_files):
     adapters = torch.load(lora_path, weights_only=True)
     adapters["transformer.h.0.attn.c_attn.lora_A"] = torch.zeros(16, 64)
     torch.save(adapters, tmp_path / "bad_a.pth")
-    with pytest.raises(StateDictError, match=r"'transformer\.h\.0\.attn\.c_attn\.lora_A' has shape \(16, 64\), "
-                                             r"expected \(8, 64\)"):
+    with pytest.raises(StateDictError, match=r"'transformer\.h\.0\.attn\.c_attn\.lora_A' has shape \(16, 64\) and "
+                                             r"'transformer\.h\.0\.attn\.c_attn\.lora_B' \(128, 4\);"):
         lit_to_checkpoint(base_path, tmp_path / "out", lora_path=tmp_path / "bad_a.pth", progress=False)
     # A LoRA file of another width.
     wide = save_lit(tmp_path / "wide", LoRAConfig(r=4, targets=("q", "v")), config=LLaMAConfig.from_name("demo"))[1]
-    with pytest.raises(StateDictError, match=r"lora_B has shape \(256, 4\), which fits no q/k/v layout for n_embd=64"):
+    with pytest.raises(StateDictError, match=r"lora_A' has shape \(8, 128\) and .*lora_B' \(256, 4\); lit-llama's LoRA "
+                                             r"file always means adapters on q and v"):
         lit_to_checkpoint(base_path, tmp_path / "out", lora_path=wide, progress=False)
     no_leftovers(tmp_path, "out")
 
@@ -407,16 +502,18 @@ def test_cli_round_trip_and_errors(tmp_path):
     p = run_cli("convert/from_lit_llama.py", "--checkpoint_path", str(base_path), "--lora_path", str(lora_path),
                 "--lora_alpha", "32", "--out_dir", str(ck))
     assert p.returncode == 0, p.stderr
-    assert "from_lit_llama: [" in p.stderr and "GB/s" in p.stderr
+    assert "from_lit_llama:" in p.stderr and "B/s" in p.stderr  # tqdm: bytes done, rate, ETA
     assert cio.read_config(ck)[1].alpha == 32
     p = run_cli("convert/from_lit_llama.py", "--checkpoint_path", str(base_path), "--out_dir", str(ck))
-    assert p.returncode == 1 and "already exists; pass --overwrite" in p.stderr
+    assert p.returncode == 2 and "already exists; pass --overwrite" in p.stderr
     p = run_cli("convert/to_lit_llama.py", "--checkpoint_dir", str(ck), "--out", str(tmp_path / "lora.pth"),
                 "--quiet")
     assert p.returncode == 0 and p.stderr == "", p.stderr
     assert_same_file(tmp_path / "lora.pth", adapters)
     p = run_cli("convert/to_lit_llama.py", "--checkpoint_dir", str(tmp_path / "nope"), "--out",
                 str(tmp_path / "x.pth"))
-    assert p.returncode == 1 and "no such checkpoint directory" in p.stderr
+    assert p.returncode == 2 and "no such checkpoint directory" in p.stderr
+    p = run_cli("convert/from_lit_llama.py", "--help")  # the example keeps its line breaks
+    assert p.returncode == 0 and "lit-llama.pth \\\n        [--lora_path" in p.stdout, p.stdout
     help_text = run_cli("convert/to_lit_llama.py", "--help").stdout
     assert "--merged" in help_text and "--base" in help_text and "--dtype" in help_text

@@ -15,10 +15,12 @@ from jaxlora.data import (
     Batcher,
     DataError,
     bucket_lengths,
+    count_truncated,
     eval_batches,
     generate_prompt,
     load_prepared,
     load_records,
+    prepare_records,
     prepare_sample,
     split_records,
 )
@@ -157,6 +159,18 @@ def test_prepare_sample_truncation_quirk_loses_eos(tokenizer: Tokenizer) -> None
     assert short["input_ids"][-1] == tokenizer.eos_id
 
 
+def test_count_truncated_counts_samples_cut_to_max_length(tokenizer: Tokenizer) -> None:
+    lengths = [len(prepare_sample(r, tokenizer, max_length=10_000)["input_ids"]) for r in RECORDS]
+    limit = sorted(lengths)[len(lengths) // 2]  # some records fit, some do not
+    samples = prepare_records(RECORDS, tokenizer, max_length=limit)
+    want = sum(n > limit for n in lengths)
+    assert 0 < want < len(RECORDS) and count_truncated(samples, limit) == want
+    assert all(len(s["input_ids"]) <= limit for s in samples)  # cut, yet still counted
+    # lit-llama's prepared files (no num_tokens): what the batcher will cut.
+    lit = [{k: v for k, v in s.items() if k != "num_tokens"} for s in prepare_records(RECORDS, tokenizer, 10_000)]
+    assert count_truncated(lit, limit) == want
+
+
 # --------------------------------------------------------------------------- load_records
 
 
@@ -198,6 +212,20 @@ def test_load_records_errors(tmp_path) -> None:
         load_records(_write(tmp_path, "dict.json", '{"data": []}'))
     with pytest.raises(FileNotFoundError):
         load_records(tmp_path / "nope.json")
+
+
+def test_load_records_names_where_truncated_json_ends_and_points_pt_files_to_their_directory(tmp_path) -> None:
+    cut = _write(tmp_path, "cut.json", json.dumps(RECORDS)[:150])
+    with pytest.raises(DataError) as err:
+        load_records(cut)
+    message = str(err.value)
+    assert "cut.json: malformed JSON at line 1, column " in message and "(character " in message
+    assert json.dumps(RECORDS)[140:150] in message and "is the file truncated?" in message
+    for name, data in (("train.pt", b"\x80\x02anything"), ("prepared.bin", b"PK\x03\x04zip")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=rf"{name}: a PyTorch file, not JSON records\. lit-llama's prepared "
+                                            rf"data .* is given as the directory that holds them: --data_path "):
+            load_records(tmp_path / name)
 
 
 def test_load_records_jsonl_line_numbers(tmp_path) -> None:

@@ -51,12 +51,20 @@ def test_large_transpose_path_is_exact():
     np.testing.assert_array_equal(lit_llama._transpose(a).view(np.uint16), a.T.view(np.uint16))
 
 
-def test_lit_lora_file_refuses_non_qkv_targets(tiny_config):
-    lora = LoRAConfig(r=4, targets=("q", "v", "o"))
+@pytest.mark.parametrize("targets", [("q", "k", "v"), ("k",), ("q",), ("q", "v", "o")])
+def test_lit_lora_file_is_only_for_q_and_v(tiny_config, targets):
+    """lit-llama's lora() builds enable_lora=[True, False, True]: any other target set is refused."""
+    lora = LoRAConfig(r=4, targets=targets)
     _, adapters = lit_state_dict(tiny_config, lora)
     tree = lit_llama.lit_to_lora(adapters, tiny_config, lora)
-    with pytest.raises(StateDictError, match=r"q, k, v only; targets \['o'\]"):
+    with pytest.raises(lit_llama.LitLoRATargetsError, match=r"enable_lora=\[True, False, True\].*--adapters DIR "
+                                                             r"--merged"):
         lit_llama.lora_to_lit(tree, tiny_config, lora)
+    assert isinstance(lit_llama.LitLoRATargetsError("x"), ValueError)  # the trainer logs ValueErrors and goes on
+    qv = LoRAConfig(r=4, targets=("v", "q"))
+    assert list(lit_llama.lora_to_lit(lit_llama.lit_to_lora(lit_state_dict(tiny_config, qv)[1], tiny_config, qv),
+                                      tiny_config, qv))[:2] == ["transformer.h.0.attn.c_attn.lora_A",
+                                                                "transformer.h.0.attn.c_attn.lora_B"]
 
 
 def test_missing_extra_and_misshaped_keys_are_named(tiny_config):
@@ -89,11 +97,18 @@ def test_infer_config_recognises_presets_and_names_shapes():
         lit_llama.infer_config({"model.embed_tokens.weight": (32000, 4096)})
 
 
-def test_infer_lora_reads_r_and_layout(tiny_config):
-    for targets in [("q", "v"), ("q", "k", "v")]:
-        _, adapters = lit_state_dict(tiny_config, LoRAConfig(r=4, targets=targets))
-        got = lit_llama.infer_lora({k: v.shape for k, v in adapters.items()}, 64, alpha=32)
-        assert (got.r, got.alpha, got.targets) == (4, 32, targets)
+def test_lit_lora_file_is_read_as_q_and_v_and_other_shapes_are_refused(tiny_config):
+    _, adapters = lit_state_dict(tiny_config, LoRAConfig(r=4, targets=("q", "v")))
+    got = lit_llama.lit_lora_config({k: v.shape for k, v in adapters.items()}, 64, alpha=32)
+    assert (got.r, got.alpha, got.targets) == (4, 32, ("q", "v"))
+    for targets in [("q", "k", "v"), ("k",), ("q",)]:  # no guessing of targets from the number of segments
+        _, other = lit_state_dict(tiny_config, LoRAConfig(r=4, targets=targets))
+        with pytest.raises(StateDictError, match=r"x\.pth: 'transformer\.h\.0\.attn\.c_attn\.lora_A' has shape .*enable_lora=\[True, False, True\].*"
+                                                 r"must be \(2r, 64\) and \(128, r\)"):
+            lit_llama.lit_lora_config({k: v.shape for k, v in other.items()}, 64, source="x.pth")
+    _, mlp = lit_state_dict(tiny_config, LoRAConfig(r=4, targets=("q", "v", "down")))
+    with pytest.raises(StateDictError, match=r"holds adapters outside attn\.c_attn \(transformer\.h\.0\.mlp\.c_proj"):
+        lit_llama.lit_lora_config({k: v.shape for k, v in mlp.items()}, 64)
 
 
 def test_7b_shapes_and_parameter_counts_without_allocation():

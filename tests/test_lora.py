@@ -128,3 +128,22 @@ def test_7b_counts_from_shapes():
     assert config.n_hidden == 11008 and config.padded_vocab_size == 32000
     assert config.num_params() == 6_738_415_616
     assert LoRAConfig(r=8).num_params(config) == 4_194_304
+
+
+def test_target_table_places_each_adapter_where_the_model_and_the_mapping_put_it(tiny_config):
+    """Each target alone: the model's adapter sits at the table's module, covers one segment, and
+    the lit-llama mapping and parse_targets (PEFT names) agree with the table."""
+    from flax import traverse_util
+    from jaxlora.config import LORA_TARGETS, parse_targets
+    from jaxlora.formats import lit_llama
+    from jaxlora.model import abstract_variables
+    assert parse_targets(",".join(t.peft_name for t in LORA_TARGETS.values())) == tuple(LORA_TARGETS)
+    for target in LORA_TARGETS.values():
+        lora = LoRAConfig(r=4, targets=(target.name,))
+        flat = traverse_util.flatten_dict(abstract_variables(LLaMA(tiny_config, lora))["lora"])
+        assert set(flat) == {("h", *target.module, "lora_A"), ("h", *target.module, "lora_B")}, target
+        assert flat[("h", *target.module, "lora_A")].shape[:2] == (tiny_config.n_layer, 1)
+        enabled = lora.enabled(target.module)
+        assert sum(enabled) == 1 and enabled[target.group or 0]
+        keys = [m.lit_key for m in lit_llama.lora_maps(tiny_config, lora)]
+        assert keys == [f"transformer.h.{{i}}.{target.lit_module}.lora_A", f"transformer.h.{{i}}.{target.lit_module}.lora_B"]

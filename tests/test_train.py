@@ -342,7 +342,7 @@ def test_adapters_dir_gives_a_merged_export_for_any_targets(tmp_path):
     rc = subprocess.run([sys.executable, str(ROOT / "convert" / "to_lit_llama.py"), "--checkpoint_dir",
                          str(tmp_path / "base3"), "--adapters", str(out / "adapters"), "--merged", "--out",
                          str(tmp_path / "x.pth"), "--quiet"], capture_output=True, text=True)
-    assert rc.returncode == 1 and "adapters for another model than" in rc.stderr and "n_layer: adapters 2, base 3" \
+    assert rc.returncode == 2 and "adapters for another model than" in rc.stderr and "n_layer: adapters 2, base 3" \
         in rc.stderr, rc.stderr
     assert not (tmp_path / "x.pth").exists()
 

@@ -20,8 +20,9 @@ def load_lit_llama(checkpoint_path: str | os.PathLike, lora_path: str | os.PathL
                    ) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, Any]]:
     """Read a lit-llama base checkpoint (and optionally a LoRA file) into {"params", "lora"}.
 
-    The preset is recognised from the weights unless `config` is given. r and the q/k/v
-    layout are read from the LoRA file; alpha is not stored by lit-llama, so pass it.
+    The preset is recognised from the weights unless `config` is given. A lit-llama LoRA file
+    means adapters on q and v (any other shape is refused); r is read from it; alpha is not
+    stored by lit-llama, so pass it.
     Frozen weights keep the file's dtype unless `param_dtype` is given; adapters are float32.
     The files are read tensor by tensor (no torch needed); each stacked leaf is passed to
     `place(leaf, path)` when complete (path: its place in the collection, e.g. ("h", "attn",
@@ -45,7 +46,7 @@ def load_lit_llama(checkpoint_path: str | os.PathLike, lora_path: str | os.PathL
     if lora_path is not None:
         with TorchZipReader(lora_path) as reader:
             shapes = reader.shapes()
-            lora_config = lit_llama.infer_lora(shapes, config.n_embd, lora_alpha, lora_dropout, str(lora_path))
+            lora_config = lit_llama.lit_lora_config(shapes, config.n_embd, lora_alpha, lora_dropout, str(lora_path))
             variables["lora"] = lit_llama.read_tree(reader.read, shapes, lit_llama.lora_maps(config, lora_config),
                                                     config.n_layer, str(lora_path),
                                                     place=finish(np.float32)).get("lora", {})
@@ -56,6 +57,8 @@ def save_lit_lora(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path:
                   dtype: Any = None) -> None:
     """Write adapters as lit-llama's `lit-llama-lora-finetuned.pth` (atomically).
 
+    Only for targets exactly (q, v), what lit-llama's LoRA file means; other target sets raise
+    `LitLoRATargetsError` (a ValueError) before anything is written: export those merged.
     dtype: None keeps float32; lit-llama's own bf16 runs write bfloat16.
     """
     sd = lit_llama.lora_to_lit(jax.device_get(lora), config, lora_config)

@@ -16,9 +16,16 @@ Layouts (C = n_embd, H = n_hidden, V = padded vocab, L = n_layer, r = LoRA rank,
 | transformer.h.{i}.attn.c_attn.lora_B       | (C*n, r)    | lora/h/attn/c_attn/lora_B[i]          | (L, n, r, C) |
 | lm_head.weight                             | (V, C)      | params/lm_head/kernel                 | (C, V)       |
 
-and likewise for the other Linear weights (transposed) and norm scales (as is). Adapters on
-o / gate / up / down (not expressible in lit-llama's own LoRA file) use the keys
-`...attn.c_proj.lora_A` (r, in) / `lora_B` (out, r), as a plain lit-llama LoRALinear would.
+and likewise for the other Linear weights (transposed) and norm scales (as is). Module names
+come from the target table `jaxlora.config.LORA_TARGETS`.
+
+lit-llama's own LoRA file (`lit-llama-lora-finetuned.pth`) means q and v and nothing else: its
+`lora()` context builds `MergedLinear(..., enable_lora=[True, False, True])` whatever the file
+holds, so lora_A is (2r, C) and lora_B (2C, r). Files are written and read only in that shape
+(`check_lit_lora_targets`, `lit_lora_config`). Other target sets are kept as jaxlora adapter
+directories and exported merged. `lora_maps` still describes any target set, with the keys
+that lit-llama's LoRA layers would have on those modules (`...attn.c_proj.lora_A` (r, in) /
+`lora_B` (out, r)); the PyTorch reference in the tests uses that layout.
 """
 from __future__ import annotations
 
@@ -26,8 +33,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+from flax import traverse_util
 
-from jaxlora.config import PRESETS, LLaMAConfig, LoRAConfig
+from jaxlora.config import LORA_TARGETS, PRESETS, TARGET_MODULES, LLaMAConfig, LoRAConfig
+
+# The only target set lit-llama's LoRA file can hold (its lora(): enable_lora=[True, False, True]).
+LIT_LORA_TARGETS = ("q", "v")
+_LIT_LORA_WHY = ("lit-llama's LoRA file always means adapters on q and v: its lora() context builds "
+                 "MergedLinear(..., enable_lora=[True, False, True]) whatever the file holds")
 
 
 class StateDictError(ValueError):
@@ -75,19 +88,14 @@ def _grouped(n: int) -> tuple[Callable, Callable]:
     return to_ours, to_lit
 
 
-_LINEARS = {  # our module path under h -> (lit name, (out, in) as a function of C, H)
-    ("attn", "c_attn"): ("attn.c_attn", lambda C, H: (3 * C, C)),
-    ("attn", "c_proj"): ("attn.c_proj", lambda C, H: (C, C)),
-    ("mlp", "c_fc1"): ("mlp.c_fc1", lambda C, H: (H, C)),
-    ("mlp", "c_fc2"): ("mlp.c_fc2", lambda C, H: (H, C)),
-    ("mlp", "c_proj"): ("mlp.c_proj", lambda C, H: (C, H)),
-}
-_TARGET_MODULE = {"o": ("attn", "c_proj"), "gate": ("mlp", "c_fc1"), "up": ("mlp", "c_fc2"), "down": ("mlp", "c_proj")}
+def _lit_module(module: tuple[str, str]) -> str:
+    """lit-llama's name of our dense layer `module` (from the target table)."""
+    return TARGET_MODULES[module][0].lit_module
 
 
 def base_maps(config: LLaMAConfig) -> list[TensorMap]:
     """The frozen weights: lit-llama base checkpoint <-> our `params`."""
-    C, H, V = config.n_embd, config.n_hidden, config.padded_vocab_size
+    C, V = config.n_embd, config.padded_vocab_size
     maps = [
         TensorMap("transformer.wte.weight", (V, C), ("params", "wte", "embedding"), _identity, _identity),
         TensorMap("lm_head.weight", (V, C), ("params", "lm_head", "kernel"), _transpose, _transpose),
@@ -96,46 +104,42 @@ def base_maps(config: LLaMAConfig) -> list[TensorMap]:
     for norm in ("rms_1", "rms_2"):
         maps.append(TensorMap(f"transformer.h.{{i}}.{norm}.scale", (C,), ("params", "h", norm, "scale"),
                               _identity, _identity))
-    for module, (lit_name, shape) in _LINEARS.items():
-        maps.append(TensorMap(f"transformer.h.{{i}}.{lit_name}.weight", shape(C, H), ("params", "h", *module, "kernel"),
-                              _transpose, _transpose))
+    for module, (in_f, out_f) in config.dense_shapes().items():
+        maps.append(TensorMap(f"transformer.h.{{i}}.{_lit_module(module)}.weight", (out_f, in_f),
+                              ("params", "h", *module, "kernel"), _transpose, _transpose))
     return maps
 
 
 def lora_maps(config: LLaMAConfig, lora: LoRAConfig) -> list[TensorMap]:
-    """The adapters: lit-llama LoRA file <-> our `lora` collection."""
-    C, H, r = config.n_embd, config.n_hidden, lora.r
+    """The adapters of any target set, as lit-llama LoRA layers would hold them on these modules
+    (for lit-llama's own LoRA file: targets q, v only, see `check_lit_lora_targets`)."""
+    r, shapes = lora.r, config.dense_shapes()
     maps: list[TensorMap] = []
-    n = sum(lora.qkv_enabled)
-    if n and r:
-        a_ours, a_lit = _grouped(n)
-        maps += [
-            TensorMap("transformer.h.{i}.attn.c_attn.lora_A", (r * n, C), ("lora", "h", "attn", "c_attn", "lora_A"),
-                      a_ours, a_lit),
-            TensorMap("transformer.h.{i}.attn.c_attn.lora_B", (C * n, r), ("lora", "h", "attn", "c_attn", "lora_B"),
-                      a_ours, a_lit),
-        ]
-    for target, module in _TARGET_MODULE.items():
-        if target not in lora.targets or not r:
+    for module in TARGET_MODULES:
+        n = sum(lora.enabled(module))
+        if not n:
             continue
-        lit_name, shape = _LINEARS[module]
-        out_f, in_f = shape(C, H)
-        one_ours, one_lit = _grouped(1)
-        maps += [
-            TensorMap(f"transformer.h.{{i}}.{lit_name}.lora_A", (r, in_f), ("lora", "h", *module, "lora_A"),
-                      one_ours, one_lit),
-            TensorMap(f"transformer.h.{{i}}.{lit_name}.lora_B", (out_f, r), ("lora", "h", *module, "lora_B"),
-                      one_ours, one_lit),
-        ]
+        in_f, out_f = shapes[module]
+        seg = out_f // len(TARGET_MODULES[module])  # one output segment (C of the fused 3C)
+        to_ours, to_lit = _grouped(n)
+        prefix = f"transformer.h.{{i}}.{_lit_module(module)}"
+        maps += [TensorMap(f"{prefix}.lora_A", (r * n, in_f), ("lora", "h", *module, "lora_A"), to_ours, to_lit),
+                 TensorMap(f"{prefix}.lora_B", (seg * n, r), ("lora", "h", *module, "lora_B"), to_ours, to_lit)]
     return maps
 
 
-def lit_lora_compatible(lora: LoRAConfig) -> None:
-    """lit-llama's LoRA file holds q/k/v adapters only; raise for anything else."""
-    extra = [t for t in lora.targets if t not in ("q", "k", "v")]
-    if extra:
-        raise StateDictError(f"lit-llama's LoRA format holds adapters on q, k, v only; targets {extra} "
-                             "cannot be written to it (export a merged checkpoint instead)")
+class LitLoRATargetsError(StateDictError):
+    """Adapters on targets other than exactly q, v: lit-llama's LoRA file cannot hold them."""
+
+
+def check_lit_lora_targets(lora: LoRAConfig) -> None:
+    """Raise LitLoRATargetsError unless the targets are exactly q, v (see the module doc)."""
+    if tuple(lora.targets) != LIT_LORA_TARGETS:
+        raise LitLoRATargetsError(
+            f"adapters on targets ({', '.join(lora.targets)}) cannot be written as a lit-llama LoRA file: "
+            f"{_LIT_LORA_WHY}, so only targets exactly (q, v) load correctly. Keep the jaxlora adapters directory "
+            "(train.py writes OUT_DIR/adapters) and export a merged lit-llama checkpoint: python "
+            "convert/to_lit_llama.py --checkpoint_dir BASE --adapters DIR --merged --out merged.pth")
 
 
 def check_state_dict(shapes: Mapping[str, tuple[int, ...]], maps: Iterable[TensorMap], n_layer: int,
@@ -175,7 +179,7 @@ def read_tree(read: Callable[[str], np.ndarray], shapes: Mapping[str, tuple[int,
     """
     maps = list(maps)
     check_state_dict(shapes, maps, n_layer, source, allow_extra)
-    tree: dict[str, Any] = {}
+    flat: dict[tuple[str, ...], Any] = {}
     for m in maps:
         keys = m.keys(n_layer)
         first = m.to_ours(read(keys[0]))
@@ -185,15 +189,18 @@ def read_tree(read: Callable[[str], np.ndarray], shapes: Mapping[str, tuple[int,
             leaf[0] = first
             for i, key in enumerate(keys[1:], 1):
                 leaf[i] = m.to_ours(read(key))
-        _set(tree, m.path, place(leaf, m.path[1:]) if place else leaf)
-    return tree
+        flat[m.path] = place(leaf, m.path[1:]) if place else leaf
+    return traverse_util.unflatten_dict(flat)
 
 
 def tree_to_lit(tree: Mapping[str, Any], maps: Iterable[TensorMap], n_layer: int) -> dict[str, np.ndarray]:
     """Our nested variables -> a flat lit-llama state dict, in lit-llama's key order."""
+    flat = traverse_util.flatten_dict(dict(tree))
     out: dict[str, np.ndarray] = {}
     for m in maps:
-        value = np.asarray(_get(tree, m.path))
+        if m.path not in flat:
+            raise StateDictError(f"variables have no {'/'.join(m.path)}")
+        value = np.asarray(flat[m.path])
         if m.layered:
             if value.shape[0] != n_layer:
                 raise StateDictError(f"{'/'.join(m.path)} has {value.shape[0]} layers, expected {n_layer}")
@@ -221,9 +228,10 @@ def lit_to_lora(state_dict: Mapping[str, np.ndarray], config: LLaMAConfig, lora:
 
 def lora_to_lit(lora_tree: Mapping[str, Any], config: LLaMAConfig, lora: LoRAConfig,
                 lit_only: bool = True) -> dict[str, np.ndarray]:
-    """Our `lora` collection -> a lit-llama LoRA state dict. lit_only: refuse non-q/k/v targets."""
+    """Our `lora` collection -> a lit-llama LoRA state dict. lit_only: refuse targets other than
+    exactly q, v (what lit-llama's LoRA file means); False: any targets (reference layout)."""
     if lit_only:
-        lit_lora_compatible(lora)
+        check_lit_lora_targets(lora)
     return tree_to_lit({"lora": lora_tree}, lora_maps(config, lora), config.n_layer)
 
 
@@ -243,21 +251,26 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoin
                          f"(shapes seen: {seen}); known presets: {', '.join(PRESETS)}")
 
 
-def infer_lora(shapes: Mapping[str, tuple[int, ...]], n_embd: int, alpha: float = 16.0,
-               dropout: float = 0.05, source: str = "LoRA file") -> LoRAConfig:
-    """r and the q/k/v targets of a lit-llama LoRA file (alpha is not stored: pass it)."""
-    a_key, b_key = "transformer.h.0.attn.c_attn.lora_A", "transformer.h.0.attn.c_attn.lora_B"
+def lit_lora_config(shapes: Mapping[str, tuple[int, ...]], n_embd: int, alpha: float = 16.0,
+                    dropout: float = 0.05, source: str = "LoRA file") -> LoRAConfig:
+    """The LoRAConfig of a lit-llama LoRA file: targets q, v (the only ones it can mean), r read
+    from layer 0's lora_B; alpha is not stored, so pass it. Any other shape is refused."""
+    module = LORA_TARGETS["q"].module
+    prefix = f"transformer.h.0.{_lit_module(module)}"
+    a_key, b_key = f"{prefix}.lora_A", f"{prefix}.lora_B"
     if b_key not in shapes or a_key not in shapes:
         raise StateDictError(f"{source}: no {b_key!r}; not a lit-llama LoRA file (first keys: {list(shapes)[:5]})")
-    r = shapes[b_key][1]
-    n = shapes[b_key][0] // n_embd
-    # lit-llama's file does not say which thirds are enabled; q,v is its only configuration
-    # with two, q,k,v with three.
-    targets = {1: ("q",), 2: ("q", "v"), 3: ("q", "k", "v")}.get(n)
-    if targets is None or shapes[b_key][0] != n * n_embd:
-        raise StateDictError(f"{source}: {b_key} has shape {tuple(shapes[b_key])}, which fits no q/k/v layout "
-                             f"for n_embd={n_embd}")
-    return LoRAConfig(r=r, alpha=alpha, dropout=dropout, targets=targets)
+    other = sorted(k for k in shapes if ".lora_" in k and f".{_lit_module(module)}.lora_" not in k)
+    if other:
+        raise StateDictError(f"{source}: holds adapters outside attn.c_attn ({other[0]}, ...); {_LIT_LORA_WHY}, "
+                             "so this is not a lit-llama LoRA file")
+    (rows_a, cols_a), (rows_b, r) = tuple(shapes[a_key]), tuple(shapes[b_key])
+    n = len(LIT_LORA_TARGETS)
+    if (rows_b, rows_a, cols_a) != (n * n_embd, n * r, n_embd):
+        raise StateDictError(f"{source}: {a_key!r} has shape {(rows_a, cols_a)} and {b_key!r} {(rows_b, r)}; "
+                             f"{_LIT_LORA_WHY}, so for n_embd={n_embd} they must be ({n}r, {n_embd}) and "
+                             f"({n * n_embd}, r)")
+    return LoRAConfig(r=r, alpha=alpha, dropout=dropout, targets=LIT_LORA_TARGETS)
 
 
 def _sorted_like_lit(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -276,18 +289,3 @@ def _sorted_like_lit(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                     leaf.index(parts[-1]))
         return (3,)
     return {k: sd[k] for k in sorted(sd, key=rank)}
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
-    node: Any = tree
-    for i, key in enumerate(path):
-        if not isinstance(node, Mapping) or key not in node:
-            raise StateDictError(f"variables have no {'/'.join(path[:i + 1])}")
-        node = node[key]
-    return node
