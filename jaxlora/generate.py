@@ -100,10 +100,11 @@ def sample_logits(logits: Array, key: Array, sampling: Sampling) -> Array:
 # ----------------------------------------------------------------------------- preparing weights
 
 def prepare(model: LLaMA, variables: dict[str, Any], merge: bool = True, quantize: str | None = None,
-            ) -> tuple[LLaMA, dict[str, Any]]:
+            int8_matmul: str = "dot") -> tuple[LLaMA, dict[str, Any]]:
     """The model and variables to decode with: adapters merged into the kernels (merge=True,
     functionally, once) or kept separate; kernels int8 (quantize="int8"); frozen weights in
     the layout `model` reads (per-layer for scan_layers=False, split on the device).
+    int8_matmul: "dot" or "reduce" (see jaxlora.quantize).
 
     May consume `variables["params"]` (donated while splitting): do not use them afterwards.
     """
@@ -116,7 +117,7 @@ def prepare(model: LLaMA, variables: dict[str, Any], merge: bool = True, quantiz
     elif not has_adapters:
         model, lora = model.clone(lora=None), None
     if quantize:
-        params = quantize_params(params, quantize)
+        params = quantize_params(params, quantize, int8_matmul)
     params = split_layers_on_device(model, params)
     out = {"params": params}
     if lora is not None:
