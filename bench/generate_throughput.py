@@ -91,7 +91,7 @@ def bench_one(args: argparse.Namespace, model: LLaMA, variables: dict, variant: 
               bandwidth: float) -> dict:
     config = model.config
     P = bucket(args.prompt_len, config.block_size)
-    S = bucket(args.prompt_len + args.new_tokens, config.block_size)
+    S = bucket(P + args.new_tokens)
     tokens = jax.random.randint(jax.random.key(batch), (batch, P), 3, config.vocab_size, jnp.int32)
     lengths = jnp.full((batch,), args.prompt_len, jnp.int32)
     key = jax.random.key(0)

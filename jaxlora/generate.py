@@ -3,15 +3,18 @@
 How `generate` runs:
 
 1. Prompts of any lengths are right-padded into one (B, P) buffer. One jitted *prefill* runs
-   them through the model, fills a preallocated KV cache of S slots and samples each row's
-   first token from the logits at that row's own last prompt position (causal attention
-   makes the padding after a position invisible to it).
+   them through the model, fills slots 0..P-1 of a preallocated KV cache of S slots and
+   samples each row's first token from the logits at that row's own last prompt position
+   (causal attention makes the padding after a position invisible to it).
 2. One jitted *decode* program runs a `lax.while_loop` of one-token steps: each reads the
-   weights once, writes the new token's k/v into its row's next cache slot (in place: the
-   state, cache included, is donated), attends over the cache, samples, and stops after the
-   requested tokens or when every row has produced EOS. No host round trip per token.
+   weights once, writes every row's new k/v at one shared slot (P, P+1, ...: one in-place
+   `dynamic_update_slice` per layer; the state, cache included, is donated), attends over
+   the slots each row may see (its prompt, not its padding, and its generated tokens; RoPE
+   has already placed every key at its row's true position, so slots need not be
+   positions), samples, and stops after the requested tokens or when every row has
+   produced EOS. No host round trip per token.
 
-P and S are rounded up to multiples of LENGTH_MULTIPLE (capped at block_size), so a session
+P and S are rounded up to multiples of LENGTH_MULTIPLE (P at most block_size), so a session
 compiles a few programs: one prefill per (batch, P, S) and one decode per (batch, S); the
 programs are cached by `functools.lru_cache` around `jax.jit`, keyed by the model and the
 sampling settings. Params may arrive sharded over a mesh; jit follows their shardings.
@@ -140,16 +143,19 @@ def _next_token(variables: dict[str, Any], hidden: Array, key: Array, sampling: 
 def prefill_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_id: int, cache_len: int) -> Callable:
     """jit(prefill)(variables, tokens (B, P), lengths (B,), key) -> (state, first tokens (B,)).
 
-    state = {cache, token: each row's newest token (not yet in the cache), pos: its slot,
+    state = {cache, token: each row's newest token (not yet in the cache), pos: its position,
+    slot: the cache slot the next step writes (P, then P+1, ...: the same for every row),
+    valid: (B, S) the slots each row attends to (its prompt, then every generated token),
     done: row has produced EOS, key, step: tokens sampled so far}."""
     def prefill(variables: dict, tokens: Array, lengths: Array, key: Array) -> tuple[dict, Array]:
         variables = _in_layout(model, variables)
-        B = tokens.shape[0]
+        B, P = tokens.shape
         cache = init_cache(model, B, cache_len)
         hidden, cache = model.apply(variables, tokens, return_hidden=True, cache=cache)
         last = hidden[jnp.arange(B), lengths - 1]
         token = _next_token(variables, last, jax.random.fold_in(key, 0), sampling, vocab_limit)
-        state = {"cache": cache, "token": token, "pos": lengths.astype(jnp.int32), "done": token == eos_id,
+        state = {"cache": cache, "token": token, "pos": lengths.astype(jnp.int32), "slot": jnp.asarray(P, jnp.int32),
+                 "valid": jnp.arange(cache_len)[None, :] < lengths[:, None], "done": token == eos_id,
                  "key": key, "step": jnp.ones((), jnp.int32)}
         return state, token
     return jax.jit(prefill)
@@ -159,8 +165,9 @@ def prefill_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_id: 
 def decode_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_id: int, chunk: int) -> Callable:
     """jit(decode)(variables, state, limit) -> (state, tokens (B, chunk), n): up to
     min(chunk, limit) one-token steps in a while loop, fewer once every row is done; tokens
-    of finished rows (and past n) are pad (EOS). The state is donated (the cache is updated
-    in place)."""
+    of finished rows (and past n) are pad (EOS). The state is donated, and each step writes
+    its k/v at one slot shared by all rows (one in-place update per layer, whatever the
+    rows' positions)."""
     pad = max(eos_id, 0)
 
     def decode(variables: dict, state: dict, limit: Array) -> tuple[dict, Array, Array]:
@@ -174,15 +181,16 @@ def decode_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_id: i
 
         def body(carry: tuple) -> tuple:
             i, st, out = carry
-            pos = st["pos"]
-            hidden, cache = model.apply(variables, st["token"][:, None], positions=pos[:, None], return_hidden=True,
-                                        cache=st["cache"], cache_index=pos)
+            slot = st["slot"]
+            valid = jax.lax.dynamic_update_slice(st["valid"], jnp.ones((B, 1), bool), (0, slot))
+            hidden, cache = model.apply(variables, st["token"][:, None], positions=st["pos"][:, None],
+                                        return_hidden=True, cache=st["cache"], cache_index=slot, kv_mask=valid)
             token = _next_token(variables, hidden[:, 0], jax.random.fold_in(st["key"], st["step"]), sampling,
                                 vocab_limit)
             token = jnp.where(st["done"], pad, token)
             out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
-            st = {"cache": cache, "token": token, "pos": pos + 1, "done": st["done"] | (token == eos_id),
-                  "key": st["key"], "step": st["step"] + 1}
+            st = {"cache": cache, "token": token, "pos": st["pos"] + 1, "slot": slot + 1, "valid": valid,
+                  "done": st["done"] | (token == eos_id), "key": st["key"], "step": st["step"] + 1}
             return i + 1, st, out
 
         init = (jnp.zeros((), jnp.int32), state, jnp.full((B, chunk), pad, jnp.int32))
@@ -193,9 +201,10 @@ def decode_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_id: i
 
 # ----------------------------------------------------------------------------- the API
 
-def bucket(n: int, block_size: int) -> int:
-    """n rounded up to LENGTH_MULTIPLE, capped at block_size."""
-    return min(-(-n // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, block_size)
+def bucket(n: int, cap: int | None = None) -> int:
+    """n rounded up to LENGTH_MULTIPLE (at most `cap`)."""
+    rounded = -(-n // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+    return rounded if cap is None else min(rounded, cap)
 
 
 def _as_prompts(prompt_ids: Any) -> tuple[list[np.ndarray], bool]:
@@ -238,7 +247,7 @@ def generate(model: LLaMA, variables: dict[str, Any], prompt_ids: Any, max_new_t
     eos = NO_EOS if eos_id is None else int(eos_id)
     vocab_limit = cfg.vocab_size if vocab_size is None else min(int(vocab_size), cfg.padded_vocab_size)
     P = bucket(int(lengths.max()), cfg.block_size)
-    S = bucket(int(lengths.max()) + max_new_tokens, cfg.block_size)
+    S = bucket(P + max_new_tokens)  # prompts in slots 0..P-1, generated tokens after them
     tokens = np.zeros((len(prompts), P), np.int32)
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = p

@@ -105,15 +105,18 @@ class CausalSelfAttention(nn.Module):
 
     cache: this layer's {"k", "v"} of shape (B, S, n_head, head_size), or None (training).
     cache_index: None: a prefill, the tokens are positions 0..T-1 (causal attention among
-    them, written to the cache's first T slots); else (B,) int: row b's tokens go to slots
-    cache_index[b] + t and attend to every cached slot up to their own.
+    them, written to the cache's slots 0..T-1). Else an int: the tokens' k/v go to slots
+    cache_index..cache_index+T-1 of every row (one in-place update, whatever each row's
+    position), and each row attends to the slots kv_mask (B, S) marks, new ones included:
+    slots are not positions (RoPE has placed every key already), so a row's tokens may sit
+    anywhere in the cache. Decoding runs T = 1.
     """
 
     opts: Settings
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, deterministic: bool, cache: dict | None = None,
-                 cache_index: Array | None = None) -> tuple[Array, dict | None]:
+                 cache_index: Array | None = None, kv_mask: Array | None = None) -> tuple[Array, dict | None]:
         cfg, opts = self.opts.config, self.opts
         B, T, C = x.shape
         lora = opts.lora or LoRAConfig(r=0)
@@ -121,32 +124,16 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.reshape(B, T, cfg.n_head, cfg.head_size) for t in jnp.split(qkv, 3, axis=-1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            cache = write_cache(cache, k, v, cache_index)
+            slot = 0 if cache_index is None else cache_index
+            cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), (0, slot, 0, 0))
+                     for name, new in (("k", k), ("v", v))}
         if cache is None or cache_index is None:
             impl = pick_attention(opts.attention, opts.dtype)
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-        else:
-            y = cached_attention(q, cache, cache_index)
+        else:  # XLA's implementation: with T = 1 the (B, H, T, S) scores are small
+            y = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=kv_mask[:, None, None, :],
+                                             implementation="xla")
         return _dense(opts, C, "c_proj", ("heads", "embed"), target="o")(y.reshape(B, T, C), deterministic), cache
-
-
-def write_cache(cache: dict, k: Array, v: Array, cache_index: Array | None) -> dict:
-    """k, v (B, T, H, hs) written into the cache at slot 0 (prefill) or at each row's index."""
-    def put(buf: Array, new: Array) -> Array:
-        new = new.astype(buf.dtype)
-        if cache_index is None:
-            return jax.lax.dynamic_update_slice(buf, new, (0, 0, 0, 0))
-        return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (i, 0, 0)))(buf, new, cache_index)
-    return {"k": put(cache["k"], k), "v": put(cache["v"], v)}
-
-
-def cached_attention(q: Array, cache: dict, cache_index: Array) -> Array:
-    """q (B, T, H, hs) at slots cache_index[b] + t attends to the cached slots <= its own."""
-    T, S = q.shape[1], cache["k"].shape[1]
-    query_slot = cache_index[:, None] + jnp.arange(T)  # (B, T)
-    mask = jnp.arange(S)[None, None, :] <= query_slot[:, :, None]  # (B, T, S)
-    # XLA's implementation: T is 1 when decoding, so the (B, H, T, S) scores are small.
-    return jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=mask[:, None], implementation="xla")
 
 
 class MLP(nn.Module):
@@ -168,10 +155,10 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, cache: dict | None = None,
-                 cache_index: Array | None = None) -> tuple[Array, dict | None]:
+                 cache_index: Array | None = None, kv_mask: Array | None = None) -> tuple[Array, dict | None]:
         pd = self.opts.param_dtype
         y, cache = CausalSelfAttention(self.opts, name="attn")(RMSNorm(param_dtype=pd, name="rms_1")(x), cos, sin,
-                                                               self.deterministic, cache, cache_index)
+                                                               self.deterministic, cache, cache_index, kv_mask)
         x = x + y
         x = x + MLP(self.opts, name="mlp")(RMSNorm(param_dtype=pd, name="rms_2")(x), self.deterministic)
         return x, cache
@@ -256,12 +243,14 @@ class LLaMA(nn.Module):
 
     @nn.compact
     def __call__(self, idx: Array, deterministic: bool = True, positions: Array | None = None,
-                 return_hidden: bool = False, cache: Any = None, cache_index: Array | None = None) -> Any:
+                 return_hidden: bool = False, cache: Any = None, cache_index: Array | None = None,
+                 kv_mask: Array | None = None) -> Any:
         """Token ids (B, T) -> float32 logits (B, T, padded_vocab), or final hidden states (B, T, C).
 
         Decoding: pass a KV cache (`init_cache`) and get (output, updated cache) back;
-        cache_index None prefills slots 0..T-1, else (B,) int is where each row's tokens go
-        (pass their positions too). See CausalSelfAttention.
+        cache_index None prefills slots 0..T-1; else the tokens go to slot cache_index (an
+        int) and attend to the slots kv_mask (B, S) marks; pass their positions (B, T) too.
+        See CausalSelfAttention.
         """
         cfg = self.config
         if positions is None:
@@ -278,18 +267,18 @@ class LLaMA(nn.Module):
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         opts = Settings(cfg, self.lora, self.dtype, self.param_dtype, self.lora_dtype, self.attention)
         if self.scan_layers:
-            cached = () if cache is None else (0, nn.broadcast)  # the cache is scanned over like the weights
+            cached = () if cache is None else (0, nn.broadcast, nn.broadcast)  # the cache is scanned like the weights
             layers = nn.scan(block, variable_axes={"params": 0, "lora": 0},
                              split_rngs={"params": True, "dropout": True},
                              in_axes=(nn.broadcast, nn.broadcast) + cached,
                              length=cfg.n_layer, unroll=self.scan_unroll or cfg.n_layer,
                              metadata_params={nn.PARTITION_NAME: "layers"})
-            args = () if cache is None else (cache, cache_index)
+            args = () if cache is None else (cache, cache_index, kv_mask)
             x, cache = layers(opts, deterministic, name=STACKED)(x, cos, sin, *args)
         else:
             caches = []
             for i in range(cfg.n_layer):
-                args = () if cache is None else (cache[i], cache_index)
+                args = () if cache is None else (cache[i], cache_index, kv_mask)
                 x, layer_cache = block(opts, deterministic, name=f"{STACKED}_{i}")(x, cos, sin, *args)
                 caches.append(layer_cache)
             cache = None if cache is None else tuple(caches)

@@ -54,10 +54,11 @@ def test_cached_decoding_gives_the_full_forward_logits(model_and_vars, scan_laye
     full = np.asarray(model.apply(variables, seq))
     prefill = 5
     logits, cache = jax.jit(lambda v, s: model.apply(v, s, cache=init_cache(model, 2, 64)))(variables, seq[:, :prefill])
-    step = jax.jit(lambda v, tok, pos, c: model.apply(v, tok, positions=pos[:, None], cache=c, cache_index=pos))
+    step = jax.jit(lambda v, tok, t, c: model.apply(v, tok, positions=jnp.full((2, 1), t), cache=c, cache_index=t,
+                                                    kv_mask=jnp.broadcast_to(jnp.arange(64) <= t, (2, 64))))
     got = [np.asarray(logits)]
     for t in range(prefill, seq.shape[1]):  # one token at a time, each at its slot
-        logits, cache = step(variables, seq[:, t:t + 1], jnp.full((2,), t, jnp.int32), cache)
+        logits, cache = step(variables, seq[:, t:t + 1], jnp.int32(t), cache)
         got.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-5, rtol=0)
 
