@@ -103,7 +103,7 @@ def _dense(opts: Settings, features: int, name: str, axes: tuple, target: str | 
 class CausalSelfAttention(nn.Module):
     """Causal self-attention; with a KV cache (decoding) it also returns the updated cache.
 
-    cache: this layer's {"k", "v"} of shape (B, S, n_head, head_size), or None (training).
+    cache: this layer's {"k", "v"} of shape (B, n_head, S, head_size), or None (training).
     cache_index: None: a prefill, the tokens are positions 0..T-1 (causal attention among
     them, written to the cache's slots 0..T-1). Else an int: the tokens' k/v go to slots
     cache_index..cache_index+T-1 of every row (one in-place update, whatever each row's
@@ -125,15 +125,24 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             slot = 0 if cache_index is None else cache_index
-            cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), (0, slot, 0, 0))
-                     for name, new in (("k", k), ("v", v))}
+            cache = {name: jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2).astype(cache[name].dtype),
+                                                        (0, 0, slot, 0)) for name, new in (("k", k), ("v", v))}
         if cache is None or cache_index is None:
             impl = pick_attention(opts.attention, opts.dtype)
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-        else:  # XLA's implementation: with T = 1 the (B, H, T, S) scores are small
-            y = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=kv_mask[:, None, None, :],
-                                             implementation="xla")
+        else:
+            y = cached_attention(q, cache["k"], cache["v"], kv_mask)
         return _dense(opts, C, "c_proj", ("heads", "embed"), target="o")(y.reshape(B, T, C), deterministic), cache
+
+
+def cached_attention(q: Array, k: Array, v: Array, kv_mask: Array) -> Array:
+    """softmax(q k^T / sqrt(hs)) v over the cached slots kv_mask (B, S) marks; q (B, T, H, hs),
+    k and v (B, H, S, hs): heads before slots, so both products batch over leading axes
+    (no transposed copy of the cache per step). Scores and softmax in float32."""
+    scores = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
+    scores = jnp.where(kv_mask[:, None, None, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bhsd->bthd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
 class MLP(nn.Module):
@@ -290,10 +299,10 @@ class LLaMA(nn.Module):
 
 def init_cache(model: LLaMA, batch: int, length: int, dtype: Any = None) -> Any:
     """An empty KV cache of `length` slots in the layout `model` reads: {"k", "v"} of shape
-    (n_layer, B, S, n_head, head_size) for scanned layers, a tuple of per-layer {"k", "v"}
-    (B, S, n_head, head_size) otherwise (each layer's cache its own buffer, updated in place)."""
+    (n_layer, B, n_head, S, head_size) for scanned layers, a tuple of per-layer {"k", "v"}
+    (B, n_head, S, head_size) otherwise (each layer's cache its own buffer, updated in place)."""
     cfg = model.config
-    shape = (batch, length, cfg.n_head, cfg.head_size)
+    shape = (batch, cfg.n_head, length, cfg.head_size)
     dtype = dtype or model.dtype
     if model.scan_layers:
         return {name: jnp.zeros((cfg.n_layer,) + shape, dtype) for name in ("k", "v")}
