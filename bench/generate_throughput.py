@@ -182,8 +182,8 @@ def main() -> None:
         else:
             variants.append(name)
     logits_of = first_logits(model) if args.logit_prompts else None
-    prompts = jax.random.randint(jax.random.key(99), (args.logit_prompts or 1, bucket(args.prompt_len, config.block_size)),
-                                 3, config.vocab_size, jnp.int32)
+    prompts = jax.random.randint(jax.random.key(99), (args.logit_prompts or 1, args.prompt_len), 3, config.vocab_size,
+                                 jnp.int32)
     reference = None
     rows = []
     for variant in variants:

@@ -38,19 +38,21 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.lora import merge_lora
-from jaxlora.model import LLaMA, STACKED, head_logits, init_cache, layered, split_layers_on_device, stack_layers, unstack_layers
+from jaxlora.model import (LLaMA, STACKED, head_logits, init_cache, layered, split_layers_on_device, stack_layers,
+                           unstack_layers)
 from jaxlora.quantize import quantize_params
 
 Array = jax.Array
 LENGTH_MULTIPLE = 64  # prompt and cache lengths are rounded up to this, so few programs are compiled
 NO_EOS = -1
+STREAM_CHUNK = 16  # decode steps per device call when streaming
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,7 @@ def generate(model: LLaMA, variables: dict[str, Any], prompt_ids: Any, max_new_t
     included); None: never. vocab_size: only ids below it are generated (the tokenizer's
     size; the padded vocabulary may hold ids it cannot decode); None: config.vocab_size.
     seed: the sampling key (same seed, prompts and settings: same tokens). chunk: decode
-    steps per device call (None: all in one call, or 16 with on_tokens). on_tokens: called
+    steps per device call (None: all in one call, or STREAM_CHUNK with on_tokens). on_tokens: called
     with each row's newly arrived ids (possibly empty) as they come back from the device.
     """
     prompts, _ = _as_prompts(prompt_ids)
@@ -270,7 +272,8 @@ def generate(model: LLaMA, variables: dict[str, Any], prompt_ids: Any, max_new_t
             on_tokens(arrived)
 
     remaining = max_new_tokens - 1
-    chunk = chunk or (min(16, max(remaining, 1)) if on_tokens is not None else max(remaining, 1))
+    if chunk is None:  # all in one call (rounded up, so nearby lengths share a program), or streamed
+        chunk = STREAM_CHUNK if on_tokens is not None else bucket(max(remaining, 1))
     with warnings.catch_warnings():  # CPU cannot donate the cache; it is then copied, as documented
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
         state, first = prefill_program(model, sampling, vocab_limit, eos, S)(

@@ -39,8 +39,8 @@ def adapters(tmp_path_factory):
     from jaxlora.formats.lit_files import save_lit_lora
     save_lit_lora(lora, config, lora_config, d / "lora.pth")
     tiny = LLaMAConfig.from_name("tiny")  # adapters for another model size
-    save_checkpoint(d / "tiny_adapters", tiny, lora_config, None, init_adapters(LLaMA(tiny, lora_config),
-                                                                                 jax.random.key(2)), base=str(DEMO_BASE))
+    tiny_lora = init_adapters(LLaMA(tiny, lora_config), jax.random.key(2))
+    save_checkpoint(d / "tiny_adapters", tiny, lora_config, None, tiny_lora, base=str(DEMO_BASE))
     return d
 
 
@@ -71,7 +71,8 @@ def test_every_adapter_source_gives_the_same_answer(capsys, adapters):
     (["--temperature", "-1"], "temperature must be >= 0"),
     (["--prompt", ""], "--prompt is empty"),
     (["--max_new_tokens", "400"], "exceeds the model's context"),
-    (["--checkpoint_dir", "nowhere", "--tokenizer_path", str(DEMO_DIR / "tokenizer.model")], "--checkpoint_dir nowhere"),
+    (["--checkpoint_dir", "nowhere", "--tokenizer_path", str(DEMO_DIR / "tokenizer.model")],
+     "--checkpoint_dir nowhere"),
 ])
 def test_bad_input_is_named(capsys, argv, message):
     rc, _, err = run(capsys, *argv)
