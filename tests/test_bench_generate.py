@@ -17,7 +17,7 @@ def test_generate_throughput_smoke():
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["variant"] for r in rows] == ["bf16", "int8"] and not any("error" in r for r in rows), out
     for r in rows:
-        assert r["decode_tok_s"] > 0 and r["total_tok_s"] == round(2 * r["decode_tok_s"], 1)
+        assert r["decode_tok_s"] > 0 and abs(r["total_tok_s"] - 2 * r["decode_tok_s"]) < 0.2
         assert r["ttft_s"] > 0 and r["compile_s"] > 0 and r["bound_tok_s"] > 0 and r["cache_len"] == 128
     bf16, int8 = rows
     assert int8["step_bytes"] < bf16["step_bytes"]  # int8 kernels: fewer bytes per step
