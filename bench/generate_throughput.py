@@ -159,7 +159,7 @@ def main() -> None:
                     help="1: layers as one scan over stacked weights; 0: per-layer weights (fastest)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bandwidth_mb", type=int, default=0, help="array size for the bandwidth measurement "
-                    "(0: 4096 on GPU/TPU, 64 on CPU)")
+                    "(0: 2048 on GPU/TPU, 64 on CPU)")
     ap.add_argument("--logit_prompts", type=int, default=8, help="prompts for the int8 logit error (0: skip)")
     args = ap.parse_args()
     if args.new_tokens < 2:
@@ -170,7 +170,7 @@ def main() -> None:
     model = LLaMA(config, dtype=dtype, param_dtype=dtype, scan_layers=bool(args.scan_layers))
     model, base = prepare(model, {"params": init_variables(model, jax.random.key(0))["params"]})
     jax.block_until_ready(base)
-    mb = args.bandwidth_mb or (64 if jax.default_backend() == "cpu" else 4096)
+    mb = args.bandwidth_mb or (64 if jax.default_backend() == "cpu" else 2048)
     bandwidth = measure_bandwidth(mb << 20)
     print(f"# {jax.devices()[0].device_kind}: frozen weights {weight_bytes(base['params']) / 1e9:.2f} GB "
           f"({args.dtype}), measured bandwidth {bandwidth:.0f} GB/s", flush=True)
