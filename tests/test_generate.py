@@ -6,6 +6,10 @@ Tiny random model, float32. Tolerances: cached logits equal the full forward's w
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +163,34 @@ def test_bad_input_is_named(model_and_vars):
         Sampling(top_k=0)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         Sampling(temperature=-0.5)
+
+
+SHARDED = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+jax.config.update("jax_default_matmul_precision", "highest")
+from jaxlora import LLaMA, LLaMAConfig, LoRAConfig, init_variables
+from jaxlora.generate import greedy_generate
+from jaxlora.model import split_layers_on_device
+from jaxlora.sharding import make_mesh, variable_shardings
+model = LLaMA(LLaMAConfig.from_name("tiny"), LoRAConfig(r=4, targets=("q", "v", "up")), scan_layers=False)
+v = init_variables(model, jax.random.key(0))
+v["lora"] = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), v["lora"])
+prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11]]
+want = greedy_generate(model, v, prompts, 6, eos_id=None)
+mesh = make_mesh(data=2, fsdp=2, tensor=2)
+stacked, run = variable_shardings(model, mesh), variable_shardings(model, mesh, as_run=True)
+params = split_layers_on_device(model, jax.device_put(v["params"], stacked["params"]), run["params"])
+got = greedy_generate(model, {"params": params, "lora": jax.device_put(v["lora"], stacked["lora"])}, prompts, 6,
+                      eos_id=None)
+assert all(np.array_equal(a, b) for a, b in zip(want, got)), (want, got)
+print("OK")
+"""
+
+
+def test_params_sharded_over_a_mesh_give_the_same_tokens():
+    """8 CPU devices, weights split per layer on a (data, fsdp, tensor) mesh: jit follows their shardings."""
+    out = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
