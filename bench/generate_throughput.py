@@ -25,6 +25,7 @@ Fields:
   bound_tok_s     memory-bandwidth bound per sequence = bandwidth / step_bytes, with the bandwidth
                   measured here (`bandwidth_gbs`: a device array copy, read + write bytes / time);
                   bound_frac = decode_tok_s / bound_tok_s
+  --profile DIR   also traces one decode call per run: device time per step by kernel
   logit_err       int8 only: first-token logits vs the bf16 weights', max |diff| / std(bf16 logits),
                   and top1_agree, the fraction of rows whose argmax agrees (batch 1: one row per
                   prompt of --logit_prompts)
@@ -122,6 +123,9 @@ def bench_one(args: argparse.Namespace, model: LLaMA, variables: dict, variant: 
         out.block_until_ready()
         decode_s.append(time.perf_counter() - t)
     steps = int(n)
+    if args.profile:
+        profile_decode(args, f"{variant}_b{batch}", decode_c, prefill_c(variables, tokens, lengths, key)[0],
+                       variables, limit, steps)
     ttft_s, dec_s = statistics.median(ttft), statistics.median(decode_s)
     per_seq = steps / dec_s
     nbytes = step_bytes(config, variables["params"], batch, S, jnp.dtype(model.dtype).itemsize)
@@ -135,6 +139,24 @@ def bench_one(args: argparse.Namespace, model: LLaMA, variables: dict, variant: 
         "step_bytes": nbytes, "bandwidth_gbs": round(bandwidth, 1), "bound_tok_s": round(bound, 1),
         "bound_frac": round(per_seq / bound, 3), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
     }
+
+
+def profile_decode(args: argparse.Namespace, tag: str, compiled: Any, state: dict, variables: dict, limit: jax.Array,
+                   steps: int) -> None:
+    """Trace one more decode call into args.profile/tag, save its optimized HLO, and print the
+    device time per decode step by kernel (bench/profile_summary.py)."""
+    import gzip
+
+    from profile_summary import summarise
+
+    out = os.path.join(args.profile, tag)
+    os.makedirs(out, exist_ok=True)
+    with gzip.open(os.path.join(out, "hlo.txt.gz"), "wt") as f:
+        f.write(compiled.as_text())
+    with jax.profiler.trace(out):
+        jax.block_until_ready(compiled(variables, state, limit))
+    print(f"# profile {tag}: per decode step", flush=True)
+    summarise(out, steps=steps)
 
 
 def first_logits(model: LLaMA) -> Any:
@@ -161,6 +183,8 @@ def main() -> None:
     ap.add_argument("--bandwidth_mb", type=int, default=0, help="array size for the bandwidth measurement "
                     "(0: 2048 on GPU/TPU, 64 on CPU)")
     ap.add_argument("--logit_prompts", type=int, default=8, help="prompts for the int8 logit error (0: skip)")
+    ap.add_argument("--profile", default="", help="directory: trace one more decode call per run there, save its "
+                    "optimized HLO and print the device time per step by kernel (bench/profile_summary.py)")
     args = ap.parse_args()
     if args.new_tokens < 2:
         ap.error("--new_tokens must be >= 2 (the first comes from the prefill)")
