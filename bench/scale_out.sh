@@ -2,6 +2,8 @@
 # Multi-GPU benchmarks for docs/benchmarks.md, on one host of 4 GPUs (the GPU machine):
 #   bash bench/scale_out.sh small   # 7B on 1, 2 and 4 GPUs at a fixed per-GPU micro-batch; 13B on 2
 #   bash bench/scale_out.sh large   # 30B on 4 GPUs; 65B on 4 GPUs, fsdp=4 and tensor=4
+#   bash bench/scale_out.sh two     # a 2-GPU host: 7B on 1 and 2 GPUs, 30B on 2 (fsdp=2 and tensor=2)
+#   bash bench/scale_out.sh 65b2    # 65B on 2 GPUs of >= 141 GB (H200): fsdp=2
 # Each run is train.py's own step (bench/train_throughput.py builds it with jaxlora.run.build_run)
 # on random bf16 weights, lit-llama's recipe settings, 4 x 256 tokens per GPU per micro-batch.
 # JSON lines go to $OUT/scale_<part>.jsonl, logs to $OUT/scale_<part>.log; a table is printed last.
@@ -34,7 +36,19 @@ case $part in
     bench 0,1,2,3 --preset 65B --shapes 4x256 --mesh fsdp=4
     bench 0,1,2,3 --preset 65B --shapes 4x256 --mesh tensor=4
     ;;
-  *) echo "usage: $0 small|large"; exit 2 ;;
+  two)
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+    bench 0 --preset 7B --shapes 4x256
+    bench 0,1 --preset 7B --shapes 4x256
+    bench 0,1 --preset 30B --shapes 4x256
+    bench 0,1 --preset 30B --shapes 4x256 --mesh tensor=2
+    ;;
+  65b2)
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+    bench 0,1 --preset 65B --shapes 4x256
+    bench 0,1 --preset 65B --shapes 4x256 --mesh tensor=2
+    ;;
+  *) echo "usage: $0 small|large|two|65b2"; exit 2 ;;
 esac
 
 python3 - "$rows" <<'EOF'

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config import LoRAConfig
+from jaxlora.quantize import dense_dot
 
 Array = jax.Array
 LORA_COLLECTION = "lora"
@@ -75,7 +76,7 @@ class MergedLoRADense(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                             (in_features, self.features), self.param_dtype)
         x = x.astype(self.dtype)
-        y = jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
+        y = dense_dot(x, kernel, self.dtype, self.out_dtype)  # kernel may be int8 (jaxlora.quantize)
         if self.n_enabled == 0:
             return y
 

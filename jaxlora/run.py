@@ -137,6 +137,24 @@ def load_params(model: LLaMA, kind: str, pretrained_path: str | None, seed: int,
     return variables["params"]
 
 
+def describe_base(kind: str, pretrained_path: str | None, preset: str | None, seed: int) -> str:
+    return {"random": f"random {preset} weights (seed {seed})", "jaxlora": f"jaxlora checkpoint {pretrained_path}",
+            "lit": f"lit-llama checkpoint {pretrained_path}"}[kind]
+
+
+def load_base_model(pretrained_path: str | None, preset: str | None, param_dtype: Any, seed: int = 0,
+                    mesh: Mesh | None = None) -> tuple[LLaMAConfig, Any, str]:
+    """The frozen weights alone, e.g. for generation: (config, params (stacked layout),
+    description). pretrained_path as for `train.py` (a jaxlora checkpoint directory, a lit-llama
+    .pth, or "none"/"random" with `preset`); with `preset` the weights must match it. Placed by
+    the rules over `mesh` as they are read (default: the first device)."""
+    config, kind = read_base_config(pretrained_path, preset)
+    mesh = mesh or shd.make_mesh(data=1)
+    stacked = shd.variable_shardings(LLaMA(config, param_dtype=param_dtype), mesh)["params"]
+    params = load_params(LLaMA(config, param_dtype=param_dtype), kind, pretrained_path, seed, param_dtype, stacked)
+    return config, params, describe_base(kind, pretrained_path, preset, seed)
+
+
 def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
     from flax.traverse_util import flatten_dict
     return flatten_dict(tree)
@@ -203,8 +221,7 @@ def build_run(a: TrainArgs, mesh: Mesh | None = None, max_steps: int | None = No
 
     params = load_params(model, kind, a.pretrained_path, a.seed, storage_dtype, stored["params"])
     params = split_layers_on_device(model, params, as_run["params"])  # once; a no-op for scanned layers
-    base_desc = {"random": f"random {a.preset} weights (seed {a.seed})", "jaxlora": f"jaxlora checkpoint "
-                 f"{a.pretrained_path}", "lit": f"lit-llama checkpoint {a.pretrained_path}"}[kind]
+    base_desc = describe_base(kind, a.pretrained_path, a.preset, a.seed)
 
     schedule = learning_rate_schedule(a.learning_rate, a.warmup_steps, a.schedule,
                                       total_steps=max_steps if a.schedule != "constant" else None)

@@ -33,6 +33,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("qkv", "tensor"),
     ("heads", "tensor"),
+    ("norm", None),
     ("layers", None),
     ("lora_group", None),
     ("lora_rank", None),

@@ -44,13 +44,27 @@ def load_lit_llama(checkpoint_path: str | os.PathLike, lora_path: str | os.PathL
     variables: dict[str, Any] = {"params": params}
     lora_config = None
     if lora_path is not None:
-        with TorchZipReader(lora_path) as reader:
-            shapes = reader.shapes()
-            lora_config = lit_llama.lit_lora_config(shapes, config.n_embd, lora_alpha, lora_dropout, str(lora_path))
-            variables["lora"] = lit_llama.read_tree(reader.read, shapes, lit_llama.lora_maps(config, lora_config),
-                                                    config.n_layer, str(lora_path),
-                                                    place=finish(np.float32)).get("lora", {})
+        lora_config, variables["lora"] = load_lit_lora(lora_path, config, lora_alpha, lora_dropout, place)
     return config, lora_config, variables
+
+
+def load_lit_lora(lora_path: str | os.PathLike, config: LLaMAConfig, lora_alpha: float = 16.0,
+                  lora_dropout: float = 0.05,
+                  place: Callable[[np.ndarray, tuple[str, ...]], Any] | None = None,
+                  ) -> tuple[LoRAConfig, dict[str, Any]]:
+    """A lit-llama LoRA file's adapters (float32) for a base of `config`: (lora_config, lora).
+    The file means adapters on q and v (other shapes are refused: LitLoRATargetsError); a file
+    for another model size raises StateDictError naming the file and the key. `place(leaf,
+    path)` as in `load_lit_llama`."""
+    with TorchZipReader(lora_path) as reader:
+        shapes = reader.shapes()
+        lora_config = lit_llama.lit_lora_config(shapes, config.n_embd, lora_alpha, lora_dropout, str(lora_path))
+
+        def put(leaf: np.ndarray, path: tuple[str, ...]) -> Any:
+            return place(leaf.astype(np.float32), path) if place else leaf.astype(np.float32)
+        lora = lit_llama.read_tree(reader.read, shapes, lit_llama.lora_maps(config, lora_config), config.n_layer,
+                                   str(lora_path), place=put).get("lora", {})
+    return lora_config, lora
 
 
 def save_lit_lora(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path: str | os.PathLike,

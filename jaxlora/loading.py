@@ -1,0 +1,100 @@
+"""Frozen weights and adapters for generation, from any source `generate.py` accepts.
+
+Base weights (one of):
+  checkpoint_dir   a jaxlora checkpoint directory (config.json + params/, with its own lora/
+                   when it has one)
+  pretrained_path  lit-llama's base .pth, or a jaxlora checkpoint directory (its lora/ unused)
+Adapters (at most one; they replace a checkpoint's own):
+  adapters         an adapters-only directory (train.py's OUT_DIR/adapters); alone, it names
+                   its base in config.json ("base"), which is then loaded
+  lora_path        lit-llama's LoRA file (lit-llama-lora-finetuned.pth; alpha is not stored
+                   in it: pass lora_alpha)
+
+Adapters made for another model size are refused with an error naming the file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import traverse_util
+import jax.numpy as jnp
+
+from jaxlora import checkpoint_io as cio
+from jaxlora.config import LLaMAConfig, LoRAConfig
+
+PathLike = str | os.PathLike
+
+
+def load_adapters_dir(directory: PathLike, config: LLaMAConfig, base: str = "the base") -> tuple[LoRAConfig, dict]:
+    """(lora_config, float32 adapters on the device) of an adapters-only directory, checked
+    against the base's config."""
+    directory = Path(directory)
+    adapter_config, lora_config = cio.read_config(directory)
+    if adapter_config != config:
+        diffs = "; ".join(f"{k}: adapters {v}, base {getattr(config, k)}"
+                          for k, v in adapter_config.to_dict().items() if getattr(config, k) != v)
+        raise cio.CheckpointError(f"{directory}: adapters for another model size than {base} ({diffs})")
+    if lora_config is None or not (directory / cio.LORA_DIR).is_dir():
+        raise cio.CheckpointError(f"{directory}: no adapters ({cio.CONFIG_FILE} 'lora' is null or no "
+                                  f"{cio.LORA_DIR}/ directory)")
+    reader = cio.ArrayTreeReader(directory / cio.LORA_DIR)
+    stored = reader.shapes()
+    cio.check_shapes({p: s for p, (s, _) in stored.items()}, cio.expected_variables(config, lora_config)["lora"],
+                     str(directory / cio.LORA_DIR))
+    return lora_config, traverse_util.unflatten_dict({p: jnp.asarray(reader.read(p), jnp.float32) for p in stored})
+
+
+def load_for_generation(checkpoint_dir: PathLike | None = None, pretrained_path: PathLike | None = None,
+                        adapters: PathLike | None = None, lora_path: PathLike | None = None,
+                        lora_alpha: float = 16.0, param_dtype: Any = None,
+                        ) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, Any], str]:
+    """(config, lora_config or None, {"params", "lora"?} on the device, description)."""
+    if checkpoint_dir is not None and pretrained_path is not None:
+        raise ValueError("give --checkpoint_dir or --pretrained_path, not both")
+    if adapters is not None and lora_path is not None:
+        raise ValueError("give --adapters or --lora_path, not both")
+    if adapters is not None and not cio.is_adapters_dir(adapters):
+        raise FileNotFoundError(f"--adapters {adapters}: not an adapters directory ({cio.CONFIG_FILE} and "
+                                f"{cio.LORA_DIR}/, no {cio.PARAMS_DIR}/)")
+    if checkpoint_dir is None and pretrained_path is None:
+        if adapters is None:
+            raise ValueError("no model given: pass --checkpoint_dir or --pretrained_path (or --adapters "
+                             "whose config.json names its base)")
+        pretrained_path = cio.read_base(adapters)
+        if not pretrained_path or not Path(pretrained_path).exists():
+            raise FileNotFoundError(f"--adapters {adapters}: its base {pretrained_path!r} (config.json 'base') is "
+                                    "not found; pass --checkpoint_dir or --pretrained_path")
+
+    lora_config, lora = None, None
+    if checkpoint_dir is not None:
+        if not cio.is_jaxlora_checkpoint(checkpoint_dir):
+            raise FileNotFoundError(f"--checkpoint_dir {checkpoint_dir}: not a jaxlora checkpoint directory "
+                                    f"({cio.CONFIG_FILE} and {cio.PARAMS_DIR}/); a lit-llama .pth goes to "
+                                    "--pretrained_path")
+        config, lora_config, variables = cio.load_checkpoint(checkpoint_dir, param_dtype=param_dtype)
+        params, lora, desc = variables["params"], variables.get("lora"), f"jaxlora checkpoint {checkpoint_dir}"
+    elif lora_path is not None and Path(pretrained_path).is_file():
+        from jaxlora.formats.lit_files import load_lit_llama
+        config, lora_config, variables = load_lit_llama(pretrained_path, lora_path=lora_path, lora_alpha=lora_alpha,
+                                                        param_dtype=param_dtype, place=lambda leaf, _: jax.device_put(leaf))
+        params, lora, desc = variables["params"], variables["lora"], f"lit-llama checkpoint {pretrained_path}"
+        lora_path = None  # read
+    else:
+        from jaxlora.run import load_base_model
+        config, params, desc = load_base_model(pretrained_path, None, param_dtype)
+    if adapters is not None:
+        lora_config, lora = load_adapters_dir(adapters, config, desc)
+        desc += f" + adapters {adapters}"
+    elif lora_path is not None:
+        from jaxlora.formats.lit_files import load_lit_lora
+        lora_config, lora = load_lit_lora(lora_path, config, lora_alpha, place=lambda leaf, _: jax.device_put(leaf))
+        desc += f" + LoRA file {lora_path}"
+    elif lora is not None:
+        desc += " (with its adapters)"
+    variables = {"params": params}
+    if lora is not None:
+        variables["lora"] = lora
+    return config, lora_config, variables, desc

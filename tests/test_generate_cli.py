@@ -1,0 +1,85 @@
+"""generate.py (the CLI) and jaxlora.loading on the shipped demo model: every adapter source
+gives the same greedy answer, and bad input is refused with an error naming it."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import generate as cli  # noqa: E402
+from jaxlora.checkpoint_io import save_checkpoint  # noqa: E402
+from jaxlora.config import LLaMAConfig, LoRAConfig  # noqa: E402
+from jaxlora.data import DEMO_DIR  # noqa: E402
+from jaxlora.model import LLaMA, init_adapters  # noqa: E402
+
+DEMO_BASE = DEMO_DIR / "lit-llama-demo.pth"
+GREEDY = ["--temperature", "0", "--max_new_tokens", "8"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Random non-zero q,v adapters for the demo model: an adapters dir and lit-llama's LoRA file."""
+    d = tmp_path_factory.mktemp("adapters")
+    config, lora_config = LLaMAConfig.from_name("demo"), LoRAConfig(r=4, alpha=8, targets=("q", "v"))
+    lora = init_adapters(LLaMA(config, lora_config), jax.random.key(0))
+    lora = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape), lora)
+    save_checkpoint(d / "adapters", config, lora_config, None, lora, base=str(DEMO_BASE))
+    pytest.importorskip("torch")
+    from jaxlora.formats.lit_files import save_lit_lora
+    save_lit_lora(lora, config, lora_config, d / "lora.pth")
+    tiny = LLaMAConfig.from_name("tiny")  # adapters for another model size
+    tiny_lora = init_adapters(LLaMA(tiny, lora_config), jax.random.key(2))
+    save_checkpoint(d / "tiny_adapters", tiny, lora_config, None, tiny_lora, base=str(DEMO_BASE))
+    return d
+
+
+def test_demo_streams_the_answer_and_reports_speed(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no out/demo here: the base model alone
+    rc, out, err = run(capsys, *GREEDY)
+    assert rc == 0, err
+    assert out.strip() and "time to first token" in err and "tokens/s" in err and "base model only" in err
+
+
+def test_every_adapter_source_gives_the_same_answer(capsys, adapters):
+    tok = ["--tokenizer_path", str(DEMO_DIR / "tokenizer.model"), "--prompt", "Reverse the word rocket."]
+    rc, from_dir, err = run(capsys, *GREEDY, *tok, "--adapters", str(adapters / "adapters"))  # base from config.json
+    assert rc == 0, err
+    assert "adapters" in err and from_dir.strip()
+    rc, from_lit, err = run(capsys, *GREEDY, *tok, "--pretrained_path", str(DEMO_BASE), "--lora_path",
+                            str(adapters / "lora.pth"), "--lora_alpha", "8")
+    assert rc == 0, err
+    rc, unmerged, err = run(capsys, *GREEDY, *tok, "--pretrained_path", str(DEMO_BASE), "--adapters",
+                            str(adapters / "adapters"), "--unmerged")
+    assert rc == 0, err
+    assert from_dir == from_lit == unmerged
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokenizer_path", "nowhere/tokenizer.model"], "nowhere/tokenizer.model"),
+    (["--top_k", "0"], "top_k must be > 0"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--max_new_tokens", "400"], "exceeds the model's context"),
+    (["--checkpoint_dir", "nowhere", "--tokenizer_path", str(DEMO_DIR / "tokenizer.model")],
+     "--checkpoint_dir nowhere"),
+])
+def test_bad_input_is_named(capsys, argv, message):
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and message in err, err
+
+
+def test_adapters_for_another_model_size_are_refused(capsys, adapters):
+    rc, _, err = run(capsys, "--pretrained_path", str(DEMO_BASE), "--adapters", str(adapters / "tiny_adapters"),
+                     "--tokenizer_path", str(DEMO_DIR / "tokenizer.model"))
+    assert rc == 2 and "tiny_adapters" in err and "adapters for another model size" in err and "n_embd" in err, err
