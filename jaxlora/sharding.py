@@ -130,19 +130,32 @@ WEIGHT_SHARE = 0.55
 
 def default_mesh_shape(config: LLaMAConfig, devices: Sequence[Any], param_bytes: int = 2) -> dict[str, int]:
     """Data parallel over every device while the frozen weights fit one device (no weight
-    traffic at all); otherwise the weights are sharded over the fewest devices of one host
-    that hold them (fsdp, the rest data parallel). See docs/benchmarks.md for the measurements."""
+    traffic at all); otherwise tensor parallel over the fewest devices of one host that hold
+    them, the rest data parallel; past one host, fsdp over hosts as well.
+
+    Why tensor before fsdp: frozen weights have no gradients, so tensor parallelism moves only
+    activations, while fsdp re-gathers every weight for each micro-batch, and XLA hoists those
+    gathers out of the gradient-accumulation loop (65B with fsdp=2 ran out of memory on two
+    141 GB H200s, where tensor=2 trained at 49% MFU; docs/benchmarks.md)."""
     n = len(devices)
     limit = device_memory_bytes(devices[0])
     need = config.num_params() * param_bytes
     if limit is None or need <= WEIGHT_SHARE * limit:
         return {"data": n, "fsdp": 1, "tensor": 1}
+
+    def fits(shards: int) -> bool:
+        return need / shards <= WEIGHT_SHARE * limit
+
     per_host = sum(1 for d in devices if d.process_index == devices[0].process_index)
-    for shards in range(2, per_host + 1):
-        if per_host % shards == 0 and n % shards == 0 and need / shards <= WEIGHT_SHARE * limit:
-            return {"data": n // shards, "fsdp": shards, "tensor": 1}
-    return {"data": n // per_host if n % per_host == 0 else 1, "fsdp": per_host if n % per_host == 0 else n,
-            "tensor": 1}
+    tensors = [t for t in range(2, per_host + 1) if per_host % t == 0 and n % t == 0
+               and not any(size % t for size in (config.n_head, config.n_hidden, config.padded_vocab_size))]
+    for t in tensors:
+        if fits(t):
+            return {"data": n // t, "fsdp": 1, "tensor": t}
+    t = max(tensors, default=1)
+    rest = n // t
+    fsdp = next((f for f in range(2, rest + 1) if rest % f == 0 and config.n_embd % f == 0 and fits(t * f)), rest)
+    return {"data": rest // fsdp, "fsdp": fsdp, "tensor": t}
 
 
 def check_mesh(mesh: Mesh | Mapping[str, int], config: LLaMAConfig) -> None:

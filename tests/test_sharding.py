@@ -227,5 +227,10 @@ def test_default_layout_shards_only_what_does_not_fit():
         return [SimpleNamespace(process_index=0, memory_stats=lambda: stats) for _ in range(n)]
     assert default_mesh_shape(LLaMAConfig.from_name("7B"), gpus(4)) == {"data": 4, "fsdp": 1, "tensor": 1}
     assert default_mesh_shape(LLaMAConfig.from_name("13B"), gpus(2)) == {"data": 2, "fsdp": 1, "tensor": 1}
-    assert default_mesh_shape(LLaMAConfig.from_name("30B"), gpus(4)) == {"data": 2, "fsdp": 2, "tensor": 1}
-    assert default_mesh_shape(LLaMAConfig.from_name("65B"), gpus(4)) == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert default_mesh_shape(LLaMAConfig.from_name("30B"), gpus(4)) == {"data": 2, "fsdp": 1, "tensor": 2}
+    assert default_mesh_shape(LLaMAConfig.from_name("30B"), gpus(2, gib=141)) == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert default_mesh_shape(LLaMAConfig.from_name("65B"), gpus(4)) == {"data": 1, "fsdp": 1, "tensor": 4}
+    assert default_mesh_shape(LLaMAConfig.from_name("65B"), gpus(2, gib=141)) == {"data": 1, "fsdp": 1, "tensor": 2}
+    two_hosts = gpus(2, gib=40) + [SimpleNamespace(process_index=1, memory_stats=gpus(1, gib=40)[0].memory_stats)
+                                   for _ in range(2)]  # 65B on 4 x 40 GB over 2 hosts: tensor inside, fsdp across
+    assert default_mesh_shape(LLaMAConfig.from_name("65B"), two_hosts) == {"data": 1, "fsdp": 2, "tensor": 2}
