@@ -13,6 +13,14 @@ from jaxlora.formats.torch_io import save_state_dict
 from jaxlora.formats.torch_stream import TorchZipReader
 
 
+def cast_and_place(dtype: Any, place: Callable[[np.ndarray], Any] | None) -> Callable[[np.ndarray], Any]:
+    """A finished leaf cast to dtype (None keeps it), then through place (None: stays numpy)."""
+    def put(leaf: np.ndarray) -> Any:
+        leaf = leaf if dtype is None else leaf.astype(dtype, copy=False)
+        return place(leaf) if place else leaf
+    return put
+
+
 def load_lit_llama(checkpoint_path: str | os.PathLike, lora_path: str | os.PathLike | None = None,
                    lora_alpha: float = 16.0, lora_dropout: float = 0.05, param_dtype: Any = None,
                    config: LLaMAConfig | None = None, place: Callable[[np.ndarray], Any] | None = None,
@@ -26,18 +34,12 @@ def load_lit_llama(checkpoint_path: str | os.PathLike, lora_path: str | os.PathL
     `place` when complete (e.g. `jax.device_put`: the host then holds one leaf at a time,
     not the checkpoint), else the variables are numpy arrays.
     """
-    def finish(dtype: Any) -> Callable[[np.ndarray], Any]:
-        def put(leaf: np.ndarray) -> Any:
-            leaf = leaf if dtype is None else leaf.astype(dtype, copy=False)
-            return place(leaf) if place else leaf
-        return put
-
     source = str(checkpoint_path)
     with TorchZipReader(checkpoint_path) as reader:
         shapes = reader.shapes()
         config = config or lit_llama.infer_config(shapes, source)
         params = lit_llama.read_tree(reader.read, shapes, lit_llama.base_maps(config), config.n_layer, source,
-                                     place=finish(param_dtype)).get("params", {})
+                                     place=cast_and_place(param_dtype, place)).get("params", {})
     variables: dict[str, Any] = {"params": params}
     lora_config = None
     if lora_path is not None:
@@ -46,7 +48,7 @@ def load_lit_llama(checkpoint_path: str | os.PathLike, lora_path: str | os.PathL
             lora_config = lit_llama.infer_lora(shapes, config.n_embd, lora_alpha, lora_dropout, str(lora_path))
             variables["lora"] = lit_llama.read_tree(reader.read, shapes, lit_llama.lora_maps(config, lora_config),
                                                     config.n_layer, str(lora_path),
-                                                    place=finish(np.float32)).get("lora", {})
+                                                    place=cast_and_place(np.float32, place)).get("lora", {})
     return config, lora_config, variables
 
 
