@@ -71,8 +71,8 @@ def hf_dir(tmp_path_factory) -> Path:
     return path
 
 
-def hf_model(path: Path):
-    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def hf_model(path: Path, dtype=torch.float32):
+    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,33 @@ def test_hf_base_logits_and_checkpoint(hf_dir, base, tmp_path):
     _, _, placed = load_hf(hf_dir, param_dtype="bfloat16", place=jax.device_put)
     assert isinstance(placed["params"]["wte"]["embedding"], jax.Array)
     assert placed["params"]["wte"]["embedding"].dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_bfloat16_read_bit_exact(hf_dir, base, tmp_path, weights):
+    """bfloat16 weights (which numpy cannot hold natively) come through bit for bit, from
+    safetensors and from pytorch_model.bin, and go back out to HF bit for bit."""
+    model = hf_model(hf_dir).to(torch.bfloat16)
+    path = tmp_path / "bf16"
+    if weights == "bin":
+        path.mkdir()
+        shutil.copy(hf_dir / "config.json", path)
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+    else:
+        model.save_pretrained(path)
+    config, _, variables = load_hf(path)
+    bits = {k: v.view(torch.int16).numpy() for k, v in model.state_dict().items()}
+    ours = variables["params"]
+    assert ours["wte"]["embedding"].dtype == "bfloat16"
+    np.testing.assert_array_equal(ours["wte"]["embedding"].view(np.int16), bits["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(ours["h"]["mlp"]["c_proj"]["kernel"][1].T.view(np.int16),
+                                  bits["model.layers.1.mlp.down_proj.weight"])
+    cio.save_checkpoint(tmp_path / "ck", config, None, ours)
+    checkpoint_to_hf(tmp_path / "ck", tmp_path / "back", progress=False)
+    back = hf_model(tmp_path / "back", dtype="auto")  # config.json says bfloat16
+    assert back.dtype == torch.bfloat16
+    for k, v in back.state_dict().items():
+        np.testing.assert_array_equal(v.view(torch.int16).numpy(), bits[k], err_msg=k)
 
 
 @pytest.mark.parametrize("targets", [("q", "v"), ALL_TARGETS])
