@@ -20,7 +20,7 @@ peft = pytest.importorskip("peft")
 from safetensors.numpy import load_file  # noqa: E402
 
 from jaxlora import checkpoint_io as cio  # noqa: E402
-from jaxlora.config import ALL_TARGETS, LoRAConfig  # noqa: E402
+from jaxlora.config import ALL_TARGETS, LLaMAConfig, LoRAConfig  # noqa: E402
 from jaxlora.formats import hf  # noqa: E402
 from jaxlora.formats.hf_files import (adapters_to_peft, checkpoint_to_hf, hf_to_checkpoint, is_hf_dir,  # noqa: E402
                                       load_hf, load_peft_adapters, peft_to_adapters, save_peft_adapters)
@@ -214,6 +214,20 @@ def test_merged_hf_export(hf_dir, base, tmp_path):
     assert set(ours) == set(theirs)
     for k in ours:
         assert ours[k].tobytes() == theirs[k].tobytes(), k
+
+
+def test_config_translation():
+    """Llama-2-7b-hf's config.json (transformers 4 form) is accepted; ours goes to HF and back."""
+    llama2 = {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": 4096,
+              "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "llama",
+              "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "pretraining_tp": 1,
+              "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "float16",
+              "vocab_size": 32000}
+    config = hf.config_from_hf(llama2)
+    assert config == LLaMAConfig.from_name("7B", block_size=4096)
+    assert hf.config_from_hf(hf.config_to_hf(config)) == config
+    loaded = transformers.LlamaConfig(**hf.config_to_hf(config))
+    assert hf.config_from_hf(loaded.to_dict()) == config
 
 
 # ---------------------------------------------------------------------------------------------
