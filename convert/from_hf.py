@@ -12,15 +12,9 @@ bad input.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-# Conversion runs on the host: keep jax off the accelerators (and their memory preallocation).
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import _cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,16 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     from jaxlora.convert_stream import release_freed_memory
     from jaxlora.formats.hf_files import hf_to_checkpoint
     release_freed_memory()
-    try:
+
+    def convert() -> str:
         config, stats = hf_to_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                                          progress=not args.quiet)
-    except (ValueError, OSError) as e:
-        print(f"from_hf: error: {e}", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        print(f"from_hf: wrote {args.out_dir} (n_layer={config.n_layer}, n_embd={config.n_embd}, "
-              f"vocab={config.padded_vocab_size}) in {stats['seconds']:.1f} s", file=sys.stderr)
-    return 0
+        return (f"wrote {args.out_dir} (n_layer={config.n_layer}, n_embd={config.n_embd}, "
+                f"vocab={config.padded_vocab_size}) in {stats['seconds']:.1f} s")
+    return _cli.run("from_hf", convert, args.quiet)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,9 @@ convert/to_hf.py --merged / convert/to_lit_llama.py --merged. Exit code 2 on bad
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import _cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,13 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from jaxlora.formats.hf_files import peft_to_adapters
-    try:
-        out = peft_to_adapters(args.peft_dir, args.out_dir, base=args.base, overwrite=args.overwrite)
-    except (ValueError, OSError) as e:
-        print(f"from_peft: error: {e}", file=sys.stderr)
-        return 2
-    print(f"from_peft: wrote {out}", file=sys.stderr)
-    return 0
+    return _cli.run("from_peft", lambda: "wrote " + str(peft_to_adapters(args.peft_dir, args.out_dir, base=args.base,
+                                                                         overwrite=args.overwrite)))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,9 @@ are written and the adapters can go to PEFT with convert/to_peft.py. Copy the to
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import _cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,16 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     from jaxlora.convert_stream import release_freed_memory
     from jaxlora.formats.hf_files import checkpoint_to_hf
     release_freed_memory()
-    try:
+
+    def convert() -> str:
         out = checkpoint_to_hf(args.checkpoint_dir, args.out_dir, adapters_dir=args.adapters, merged=args.merged,
                                dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                                progress=not args.quiet)
-    except (ValueError, OSError) as e:
-        print(f"to_hf: error: {e}", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        print(f"to_hf: wrote {out}{' (adapters merged)' if args.merged else ''}", file=sys.stderr)
-    return 0
+        return f"wrote {out}{' (adapters merged)' if args.merged else ''}"
+    return _cli.run("to_hf", convert, args.quiet)
 
 
 if __name__ == "__main__":

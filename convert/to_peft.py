@@ -12,14 +12,9 @@ Exit code 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import _cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,14 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from jaxlora.formats.hf_files import adapters_to_peft
-    try:
-        out = adapters_to_peft(args.checkpoint_dir, args.out_dir, args.base_model_name_or_path, args.use_rslora,
-                               overwrite=args.overwrite)
-    except (ValueError, OSError) as e:
-        print(f"to_peft: error: {e}", file=sys.stderr)
-        return 2
-    print(f"to_peft: wrote {out}", file=sys.stderr)
-    return 0
+    return _cli.run("to_peft", lambda: "wrote " + str(adapters_to_peft(
+        args.checkpoint_dir, args.out_dir, args.base_model_name_or_path, args.use_rslora, overwrite=args.overwrite)))
 
 
 if __name__ == "__main__":
