@@ -95,7 +95,7 @@ def hf_to_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtyp
 
     Everything is validated (config.json, keys, shapes, shards) before anything is written; then
     each layer of each of our leaves is assembled from its HF tensor(s) and written, so the host
-    holds about one tensor (wte and lm_head whole). dtype: storage dtype (None keeps the file's).
+    holds about one layer of one tensor (wte and lm_head go in blocks). dtype: storage dtype (None keeps the file's).
     Returns (config, stats).
     """
     from jaxlora.convert_stream import Progress
@@ -115,15 +115,36 @@ def hf_to_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtyp
         meter = Progress("from_hf", sum(config.n_layer if g[0].layered else 1 for g in groups), total, progress)
         with cio.staged_directory(out_dir, overwrite) as tmp:
             cio.write_config(tmp, config, None)
-            with cio.ArrayTreeWriter(tmp / cio.PARAMS_DIR, leaves) as writer:
+            with cio.ArrayTreeWriter(tmp / cio.PARAMS_DIR, leaves, max_pending_bytes=128 << 20) as writer:
                 for parts in groups:
-                    path, layered = parts[0].path[1:], parts[0].layered
-                    for i in range(config.n_layer if layered else 1):
-                        value = lit_llama.read_slice(reader.read, parts, i).astype(leaves[path][1], copy=False)
-                        writer.write(path, value, i if layered else None)
+                    path, (shape, dt) = parts[0].path[1:], leaves[parts[0].path[1:]]
+                    for i, where, rows in _pieces(parts, config.n_layer, shape, dt.itemsize):
+                        read = reader.read if rows is None else (lambda key, rows=rows: reader.read(key, rows))
+                        value = lit_llama.read_slice(read, parts, i).astype(dt, copy=False)
+                        writer.write(path, value, where)
                         meter.update(parts[0].key(i), value.nbytes)
                         del value
     return config, meter.stats()
+
+
+def _pieces(parts: list[lit_llama.TensorMap], n_layer: int, shape: tuple[int, ...], itemsize: int) -> list[tuple]:
+    """(layer, where in our leaf, HF rows) of the pieces a leaf is written in: one per layer;
+    wte and lm_head in row blocks of our chunks, so neither is ever whole in memory."""
+    from jaxlora.convert_stream import _row_layout
+    m = parts[0]
+    if m.layered:
+        return [(i, i, None) for i in range(n_layer)]
+    layout = _row_layout(m) if len(parts) == 1 and not m.part else None
+    if layout is None:
+        return [(0, None, None)]
+    chunks = cio.default_chunks(shape, itemsize, layered=False)
+    step, rows = (chunks[0], shape[0]) if layout == "rows" else (chunks[1], shape[1])
+    pieces = []
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        where = (slice(r0, r1), slice(None)) if layout == "rows" else (slice(None), slice(r0, r1))
+        pieces.append((0, where, (r0, r1)))
+    return pieces
 
 
 def _hf_order(maps: list[lit_llama.TensorMap], n_layer: int) -> list[tuple[str, lit_llama.TensorMap, int | None]]:

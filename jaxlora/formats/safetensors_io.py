@@ -29,15 +29,26 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
+def _open(path: Path, framework: str) -> Any:
+    """safe_open, reading with pread where safetensors offers it: pages of a memory-mapped file
+    that were read stay in the process's resident set, so reading a whole checkpoint through
+    the default mmap would end with its size in RSS."""
+    from safetensors import safe_open
+    try:
+        f = safe_open(str(path), framework=framework, backend="pread")
+    except TypeError:  # safetensors < 0.8: mmap only
+        f = safe_open(str(path), framework=framework)
+    f.__enter__()
+    return f
+
+
 class SafetensorsFile:
     """One .safetensors file: shapes() and dtypes() from its header, read(key, rows) as numpy."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from safetensors import safe_open
         self.path = Path(path)
         try:
-            self._file = safe_open(str(self.path), framework="numpy")
-            self._file.__enter__()
+            self._file = _open(self.path, "numpy")
         except Exception as e:  # safetensors raises its own error types for damaged headers
             raise StateDictError(f"{self.path}: not a readable safetensors file: {e}") from e
         self._slices = {k: self._file.get_slice(k) for k in self._file.keys()}
@@ -60,11 +71,9 @@ class SafetensorsFile:
         if self._slices[key].get_dtype() != "BF16":
             return np.array(self._slices[key][piece])
         import jax
-        from safetensors import safe_open
         with jax.default_device(jax.devices("cpu")[0]):
             if self._bf16 is None:
-                self._bf16 = safe_open(str(self.path), framework="flax")
-                self._bf16.__enter__()
+                self._bf16 = _open(self.path, "flax")
             return np.array(self._bf16.get_slice(key)[piece])
 
     def close(self) -> None:
