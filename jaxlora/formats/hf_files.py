@@ -149,8 +149,8 @@ def _pieces(parts: list[lit_llama.TensorMap], n_layer: int, shape: tuple[int, ..
 
 def _hf_order(maps: list[lit_llama.TensorMap], n_layer: int) -> list[tuple[str, lit_llama.TensorMap, int | None]]:
     """(key, map, layer) in HF's order: embeddings, layer by layer, final norm, lm_head."""
-    head = [(m.key(0), m, None) for m in maps if not m.layered and "embed" in m.lit_key]
-    tail = [(m.key(0), m, None) for m in maps if not m.layered and "embed" not in m.lit_key]
+    head = [(m.key(0), m, None) for m in maps if not m.layered and m.path[1] == "wte"]
+    tail = [(m.key(0), m, None) for m in maps if not m.layered and m.path[1] != "wte"]
     layers = [(m.key(i), m, i) for i in range(n_layer) for m in maps if m.layered]
     return head + layers + tail
 
