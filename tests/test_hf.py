@@ -193,6 +193,8 @@ def test_peft_round_trip(hf_dir, base, tmp_path, use_rslora):
     # PEFT wrote "all-linear" out per layer (model.layers.0.self_attn.q_proj, ...); we write the names
     assert sorted(ours["target_modules"]) == sorted({m.split(".")[-1] for m in theirs["target_modules"]})
     assert ours["base_model_name_or_path"] == str(hf_dir)
+    again = peft.PeftModel.from_pretrained(hf_model(hf_dir), tmp_path / "back").eval()
+    close(hf_logits(again), our_logits(config, {"params": params, "lora": adapters}, lora))
 
 
 def test_merged_hf_export(hf_dir, base, tmp_path):
