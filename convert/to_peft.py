@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint_dir", required=True, help="adapters-only directory or jaxlora checkpoint with lora/")
     p.add_argument("--out_dir", required=True, help="PEFT adapter folder to create")
     p.add_argument("--base_model_name_or_path", default=None,
-                   help="recorded in adapter_config.json (default: the base recorded by train.py, if any)")
+                   help="recorded in adapter_config.json (default: the base recorded by train.py, when that "
+                        "is an HF model directory)")
     p.add_argument("--use_rslora", action="store_true",
                    help="write PEFT's rsLoRA form (lora_alpha = alpha / sqrt(r), use_rslora true): same scaling")
     p.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")

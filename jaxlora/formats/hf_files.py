@@ -301,7 +301,9 @@ def peft_to_adapters(peft_dir: str | os.PathLike, out_dir: str | os.PathLike,
 def adapters_to_peft(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      base_model_name_or_path: str | None = None, use_rslora: bool = False,
                      overwrite: bool = False) -> Path:
-    """The adapters of a jaxlora checkpoint or adapters-only directory -> a PEFT LoRA folder."""
+    """The adapters of a jaxlora checkpoint or adapters-only directory -> a PEFT LoRA folder.
+    base_model_name_or_path: recorded in adapter_config.json; default the base recorded in the
+    adapters directory when that is an HF model directory."""
     directory = Path(checkpoint_dir).absolute()
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
@@ -311,5 +313,8 @@ def adapters_to_peft(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
         raise cio.CheckpointError(f"{directory}: has no adapters (config.json 'lora' is null)")
     reader = _open_item(directory, cio.LORA_DIR, cio.expected_variables(config, lora_config)[cio.LORA_DIR])
     tree = cio.unflatten({p: reader.read(p) for p in reader.paths})
-    return save_peft_adapters(tree, config, lora_config, out_dir, base_model_name_or_path or cio.read_base(directory),
+    recorded = cio.read_base(directory)  # an HF base only: PEFT's loaders would try to load anything else
+    if base_model_name_or_path is None and recorded and is_hf_dir(recorded):
+        base_model_name_or_path = recorded
+    return save_peft_adapters(tree, config, lora_config, out_dir, base_model_name_or_path,
                               use_rslora=use_rslora, overwrite=overwrite)
