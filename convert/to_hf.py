@@ -2,12 +2,13 @@
 
     python convert/to_hf.py --checkpoint_dir checkpoints/jaxlora/7B --out_dir hf/7B
     python convert/to_hf.py --checkpoint_dir checkpoints/jaxlora/7B --adapters out/lora/alpaca/adapters \
-        --merged --out_dir hf/7B-alpaca [--dtype bfloat16] [--max_shard_size 2GB]
+        --merged --out_dir hf/7B-alpaca [--tokenizer_path checkpoints/lit-llama/tokenizer.model] \
+        [--dtype bfloat16] [--max_shard_size 2GB]
 
 The output loads with `LlamaForCausalLM.from_pretrained` and serves with vLLM. --merged folds the
 adapters (the checkpoint's own, or --adapters') into the weights; without it the frozen weights
-are written and the adapters can go to PEFT with convert/to_peft.py. Copy the tokenizer
-(tokenizer.model) beside the output yourself. Exit code 2 on bad input.
+are written and the adapters can go to PEFT with convert/to_peft.py. --tokenizer_path adds
+LLaMA's tokenizer.model (with a tokenizer_config.json for AutoTokenizer). Exit code 2 on bad input.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype of the written tensors (default: keep the stored dtype)")
     p.add_argument("--max_shard_size", default="2GB",
                    help="largest safetensors shard (the host holds one shard while writing); default 2GB")
+    p.add_argument("--tokenizer_path", help="LLaMA's tokenizer.model, copied in with a tokenizer_config.json "
+                   "so that AutoTokenizer loads it")
     p.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     args = p.parse_args(argv)
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     def convert() -> str:
         out = checkpoint_to_hf(args.checkpoint_dir, args.out_dir, adapters_dir=args.adapters, merged=args.merged,
                                dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                               progress=not args.quiet)
+                               progress=not args.quiet, tokenizer_path=args.tokenizer_path)
         return f"wrote {out}{' (adapters merged)' if args.merged else ''}"
     return _cli.run("to_hf", convert, args.quiet)
 

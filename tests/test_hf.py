@@ -27,8 +27,10 @@ from jaxlora.formats.hf_files import (adapters_to_peft, checkpoint_to_hf, hf_to_
 from jaxlora.formats.lit_llama import StateDictError  # noqa: E402
 from jaxlora.lora import merge_lora  # noqa: E402
 from jaxlora.model import LLaMA  # noqa: E402
+from jaxlora.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER = ROOT / "jaxlora" / "demo" / "tokenizer.model"
 sys.path.insert(0, str(ROOT / "convert"))
 HF_SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -205,8 +207,12 @@ def test_merged_hf_export(hf_dir, base, tmp_path):
     cio.save_checkpoint(tmp_path / "adapters", config, lora, None, adapters)
     import to_hf
     assert to_hf.main(["--checkpoint_dir", str(tmp_path / "ck"), "--adapters", str(tmp_path / "adapters"),
-                       "--merged", "--out_dir", str(tmp_path / "merged"), "--max_shard_size", "150KB", "--quiet"]) == 0
+                       "--merged", "--out_dir", str(tmp_path / "merged"), "--max_shard_size", "150KB", "--quiet",
+                       "--tokenizer_path", str(TOKENIZER)]) == 0
     assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    text = "Below is an instruction.\n\n### Response: 42"
+    ids = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")(text)["input_ids"]
+    assert ids == Tokenizer(TOKENIZER).encode(text, bos=True, eos=False).tolist()
     merged = merge_lora(params, adapters, lora)
     close(hf_logits(hf_model(tmp_path / "merged")), our_logits(config, {"params": merged}))
     # unmerged: the base itself, back to HF's tensors bit for bit (one file)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -26,6 +27,7 @@ from jaxlora.formats.hf import HFConfigError
 from jaxlora.formats.lit_files import cast_and_place
 from jaxlora.formats.safetensors_io import (ADAPTER_BIN, ADAPTER_SAFETENSORS, open_weights, parse_size,
                                             save_sharded, tensor_sizes, weight_files)
+from jaxlora.tokenizer import Tokenizer
 
 HF_CONFIG = "config.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -175,20 +177,22 @@ def _open_item(directory: Path, item: str, expected: Mapping) -> cio.ArrayTreeRe
 
 def checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      adapters_dir: str | os.PathLike | None = None, merged: bool = False, dtype: Any = None,
-                     max_shard_size: str | int = "2GB", overwrite: bool = False, progress: bool = True) -> Path:
+                     max_shard_size: str | int = "2GB", overwrite: bool = False, progress: bool = True,
+                     tokenizer_path: str | os.PathLike | None = None) -> Path:
     """A jaxlora checkpoint -> an HF LlamaForCausalLM directory (config.json + safetensors).
 
     merged: fold the adapters (the checkpoint's lora/, or `adapters_dir`'s) into the weights,
     one layer at a time (float32 sum, rounded once to the output dtype). dtype: output dtype
     (None keeps the stored one). Shards of at most `max_shard_size` (the host holds one shard)
-    with model.safetensors.index.json, as transformers writes them. The tokenizer is not part
-    of the checkpoint: copy it (tokenizer.model) beside the output for HF's LlamaTokenizer.
+    with model.safetensors.index.json, as transformers writes them. tokenizer_path: LLaMA's
+    SentencePiece tokenizer.model, copied in with a tokenizer_config.json (AutoTokenizer loads it).
     """
     from jaxlora.convert_stream import Progress, _merge_layer
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
     cast = _parse_dtype(dtype)
+    tokenizer = None if tokenizer_path is None else Tokenizer(tokenizer_path)  # checked before any work
     directory = Path(checkpoint_dir).absolute()
     config, lora_config = cio.read_config(directory)
     lora_home = directory
@@ -228,7 +232,20 @@ def checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
         dtype_name = np.dtype(out_dtype[order[0][0]]).name
         (tmp / HF_CONFIG).write_text(json.dumps(hf.config_to_hf(config, dtype_name), indent=2) + "\n")
         save_sharded(tmp, sizes, produce, parse_size(max_shard_size), progress=meter.update)
+        if tokenizer is not None:
+            _write_tokenizer(tokenizer, tmp)
     return out_dir
+
+
+def _write_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
+    """tokenizer.model and the tokenizer_config.json that makes HF's LlamaTokenizer encode as
+    we do (BOS prepended, no EOS)."""
+    shutil.copyfile(tokenizer.path, directory / "tokenizer.model")
+    piece = tokenizer.processor.id_to_piece
+    settings = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tokenizer.bos_id),
+                "eos_token": piece(tokenizer.eos_id), "unk_token": piece(tokenizer.processor.unk_id()),
+                "add_bos_token": True, "add_eos_token": False, "legacy": True}
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
