@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "recipe as defaults), or demo/tiny. Checked against the weights; inferred from a lit-llama "
                    "checkpoint when left out with --pretrained_path" + _d("preset"))
     g.add_argument("--pretrained_path", help="frozen base weights: a lit-llama .pth file (read tensor by "
-                   "tensor, no torch needed) or a jaxlora checkpoint directory (convert/from_lit_llama.py); 'none' "
-                   "for random weights (smoke tests)" + _d("pretrained_path"))
+                   "tensor, no torch needed), a jaxlora checkpoint directory (convert/from_lit_llama.py) or a "
+                   "Hugging Face LLaMA directory (config.json + safetensors); 'none' for random weights "
+                   "(smoke tests)" + _d("pretrained_path"))
     g.add_argument("--tokenizer_path", help="SentencePiece tokenizer.model" + _d("tokenizer_path"))
     g.add_argument("--data_path", help="Alpaca-style data: a JSON list (or JSONL) of {instruction, input, "
                    "output} records, split into train/validation here; or a directory with lit-llama's "

@@ -79,8 +79,8 @@ def init_lora(model: LLaMA, seed: int) -> Any:
 
 def read_base_config(pretrained_path: str | None, preset: str | None) -> tuple[LLaMAConfig, str]:
     """The frozen model's architecture, without reading its weights: (config, kind), kind one
-    of 'random', 'jaxlora', 'lit'. With `preset`, the weights must match it (errors name the
-    file and key)."""
+    of 'random', 'jaxlora', 'hf', 'lit'. With `preset`, the weights must match it (errors name
+    the file and key)."""
     from jaxlora import checkpoint_io
     from jaxlora.formats import lit_llama
     from jaxlora.formats.torch_stream import TorchZipReader
@@ -91,16 +91,18 @@ def read_base_config(pretrained_path: str | None, preset: str | None) -> tuple[L
             raise ValueError("random base weights need a preset (--preset)")
         return preset_cfg, "random"
     path = Path(pretrained_path)
+    if path.is_dir() and not checkpoint_io.is_jaxlora_checkpoint(path):
+        from jaxlora.formats import hf_files
+        if not hf_files.is_hf_dir(path):
+            raise FileNotFoundError(f"--pretrained_path {path}: a directory but neither a jaxlora checkpoint "
+                                    f"({checkpoint_io.CONFIG_FILE} and {checkpoint_io.PARAMS_DIR}/) nor a Hugging "
+                                    "Face LLaMA directory (config.json and *.safetensors or pytorch_model*.bin)")
+        config = hf_files.read_hf_config(path)
+        _check_preset(config, preset_cfg, preset, path / hf_files.HF_CONFIG)
+        return config, "hf"
     if path.is_dir():
-        if not checkpoint_io.is_jaxlora_checkpoint(path):
-            raise FileNotFoundError(f"--pretrained_path {path}: a directory but not a jaxlora checkpoint "
-                                    f"(no {checkpoint_io.CONFIG_FILE} and {checkpoint_io.PARAMS_DIR}/)")
         config, _ = checkpoint_io.read_config(path)
-        if preset_cfg is not None and config != preset_cfg:
-            diffs = [f"{k}: checkpoint has {v}, preset {preset} has {getattr(preset_cfg, k)}"
-                     for k, v in config.to_dict().items() if getattr(preset_cfg, k) != v]
-            raise checkpoint_io.CheckpointError(f"{path / checkpoint_io.CONFIG_FILE}: does not match preset "
-                                                f"{preset!r} (" + "; ".join(diffs) + ")")
+        _check_preset(config, preset_cfg, preset, path / checkpoint_io.CONFIG_FILE)
         return config, "jaxlora"
     if not path.is_file():
         raise FileNotFoundError(f"--pretrained_path {path}: no such file or directory")
@@ -118,6 +120,14 @@ def read_base_config(pretrained_path: str | None, preset: str | None) -> tuple[L
     return preset_cfg, "lit"
 
 
+def _check_preset(config: LLaMAConfig, preset_cfg: LLaMAConfig | None, preset: str | None, source: Path) -> None:
+    from jaxlora.errors import CheckpointError
+    if preset_cfg is not None and config != preset_cfg:
+        diffs = [f"{k}: checkpoint has {v}, preset {preset} has {getattr(preset_cfg, k)}"
+                 for k, v in config.to_dict().items() if getattr(preset_cfg, k) != v]
+        raise CheckpointError(f"{source}: does not match preset {preset!r} (" + "; ".join(diffs) + ")")
+
+
 def load_params(model: LLaMA, kind: str, pretrained_path: str | None, seed: int, param_dtype: Any,
                 stacked: Any) -> Any:
     """Frozen weights (stacked layout) placed in `stacked` shardings as they are read."""
@@ -130,16 +140,18 @@ def load_params(model: LLaMA, kind: str, pretrained_path: str | None, seed: int,
         _, _, variables = checkpoint_io.load_checkpoint(pretrained_path, param_dtype=param_dtype,
                                                         shardings={"params": stacked})
         return variables["params"]
+    from jaxlora.formats.hf_files import load_hf
     from jaxlora.formats.lit_files import load_lit_llama
     leaves = {path: s for path, s in _flat(stacked).items()}
-    _, _, variables = load_lit_llama(pretrained_path, param_dtype=param_dtype, config=model.config,
-                                     place=lambda leaf, path: jax.device_put(leaf, leaves[path]))
+    load = load_hf if kind == "hf" else load_lit_llama
+    _, _, variables = load(pretrained_path, param_dtype=param_dtype, config=model.config,
+                           place=lambda leaf, path: jax.device_put(leaf, leaves[path]))
     return variables["params"]
 
 
 def describe_base(kind: str, pretrained_path: str | None, preset: str | None, seed: int) -> str:
     return {"random": f"random {preset} weights (seed {seed})", "jaxlora": f"jaxlora checkpoint {pretrained_path}",
-            "lit": f"lit-llama checkpoint {pretrained_path}"}[kind]
+            "hf": f"Hugging Face model {pretrained_path}", "lit": f"lit-llama checkpoint {pretrained_path}"}[kind]
 
 
 def load_base_model(pretrained_path: str | None, preset: str | None, param_dtype: Any, seed: int = 0,

@@ -50,6 +50,7 @@ __all__ = ["TrainArgs", "TrainResult", "NonFiniteLossError", "TrainingError", "I
 
 LORA_FILE = "lit-llama-lora-finetuned.pth"
 ADAPTERS_DIR = "adapters"  # the final adapters as an adapters-only jaxlora directory
+PEFT_DIR = "peft"  # the final adapters as a PEFT LoRA folder (HF transformers, vLLM)
 
 
 class TrainingError(RuntimeError):
@@ -86,6 +87,7 @@ class TrainResult:
     mesh: str | None = None
     lit_lora_path: str | None = None
     adapters_dir: str | None = None
+    peft_dir: str | None = None
     loss_png: str | None = None
     lora: Any = None
 
@@ -104,7 +106,8 @@ _HOW_TO_GET = {
                  "prepared data: the directory holding train.pt and test.pt (scripts/prepare_alpaca.py)",
     "pretrained_path": "lit-llama's checkpoint (scripts/convert_checkpoint.py in lit-llama writes "
                        "checkpoints/lit-llama/7B/lit-llama.pth), a jaxlora directory from "
-                       "convert/from_lit_llama.py, or 'none' for random weights",
+                       "convert/from_lit_llama.py, a Hugging Face LLaMA directory (config.json + safetensors), "
+                       "or 'none' for random weights",
 }
 
 
@@ -492,13 +495,14 @@ def run(args: TrainArgs) -> TrainResult:
     checkpointer.close()
 
     lora_host = distributed.to_host(state.lora)
-    adapters_dir = lit_path = png = None
+    adapters_dir = lit_path = peft_dir = png = None
     if primary:
         from jaxlora.checkpoint_io import save_checkpoint
         adapters_dir = save_checkpoint(out / ADAPTERS_DIR, config, lora_config, None, lora_host, overwrite=True,
                                        base=str(a.pretrained_path))
         if a.export_lit:
             lit_path = _export_lit(lora_host, config, lora_config, out / LORA_FILE, log)
+        peft_dir = _export_peft(lora_host, config, lora_config, out / PEFT_DIR, a.pretrained_path, log)
         if a.plot:
             from jaxlora.plot import plot_loss
             png = plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"LoRA fine-tuning of "
@@ -518,6 +522,7 @@ def run(args: TrainArgs) -> TrainResult:
         mfu=(round(clock.flops / train_seconds / (peak * n_devices), 4) if peak and train_seconds > 0 else None),
         peak_memory_gib=_peak_memory_gib(), mesh=dict(r.mesh.shape).__repr__(),
         lit_lora_path=str(lit_path) if lit_path else None, adapters_dir=str(adapters_dir) if adapters_dir else None,
+        peft_dir=str(peft_dir) if peft_dir else None,
         loss_png=str(png) if png else None, lora=lora_host)
     if primary:
         (out / "summary.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
@@ -557,6 +562,20 @@ def _export_lit(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path: P
         log(f"{path.name} not written: {e}")
         return None
     return path
+
+
+def _export_peft(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path: Path, base: str | None,
+                 log: Callable[[str], None]) -> Path | None:
+    """The adapters as a PEFT folder; base_model_name_or_path names the base when it is an HF directory."""
+    try:
+        from jaxlora.formats.hf_files import is_hf_dir, save_peft_adapters
+        name = str(Path(base).absolute()) if base and is_hf_dir(base) else None
+        return save_peft_adapters(lora, config, lora_config, path, base_model_name_or_path=name)
+    except ImportError:
+        log(f"{path.name}/ not written: PEFT's format needs safetensors (pip install safetensors)")
+    except ValueError as e:
+        log(f"{path.name}/ not written: {e}")
+    return None
 
 
 def _diverse(samples: Sequence[dict], n: int) -> list[dict]:
@@ -600,7 +619,8 @@ def report(r: TrainResult) -> str:
                 prompt = s["instruction"] + (f" [{s['input']}]" if s.get("input") else "")
                 lines.append(f"  {prompt!r} -> {s['response']!r}   (expected {s['expected']!r})")
     lines.append(f"outputs in {r.out_dir}: {ADAPTERS_DIR}/, checkpoints/, metrics.jsonl, summary.json"
-                 + (", loss.png" if r.loss_png else "") + (f", {LORA_FILE}" if r.lit_lora_path else ""))
+                 + (", loss.png" if r.loss_png else "") + (f", {LORA_FILE}" if r.lit_lora_path else "")
+                 + (f", {PEFT_DIR}/" if r.peft_dir else ""))
     if r.adapters_dir and not r.lit_lora_path:
         lines.append(f"merged lit-llama checkpoint: python convert/to_lit_llama.py --checkpoint_dir BASE "
                      f"--adapters {r.adapters_dir} --merged --out merged.pth  (BASE: the base's lit-llama .pth "

@@ -13,6 +13,18 @@ from jaxlora.formats.torch_io import save_state_dict
 from jaxlora.formats.torch_stream import TorchZipReader
 
 
+Place = Callable[[np.ndarray, tuple[str, ...]], Any]
+
+
+def cast_and_place(dtype: Any, place: Place | None) -> Place:
+    """A finished leaf cast to dtype (None keeps it), then through place(leaf, path) (None:
+    stays numpy)."""
+    def put(leaf: np.ndarray, path: tuple[str, ...]) -> Any:
+        leaf = leaf if dtype is None else leaf.astype(dtype, copy=False)
+        return place(leaf, path) if place else leaf
+    return put
+
+
 def load_lit_llama(checkpoint_path: str | os.PathLike, lora_path: str | os.PathLike | None = None,
                    lora_alpha: float = 16.0, lora_dropout: float = 0.05, param_dtype: Any = None,
                    config: LLaMAConfig | None = None,
@@ -29,18 +41,12 @@ def load_lit_llama(checkpoint_path: str | os.PathLike, lora_path: str | os.PathL
     "c_attn", "kernel"); e.g. `jax.device_put` to that leaf's sharding: the host then holds
     one leaf at a time, not the checkpoint), else the variables are numpy arrays.
     """
-    def finish(dtype: Any) -> Callable[[np.ndarray, tuple[str, ...]], Any]:
-        def put(leaf: np.ndarray, path: tuple[str, ...]) -> Any:
-            leaf = leaf if dtype is None else leaf.astype(dtype, copy=False)
-            return place(leaf, path) if place else leaf
-        return put
-
     source = str(checkpoint_path)
     with TorchZipReader(checkpoint_path) as reader:
         shapes = reader.shapes()
         config = config or lit_llama.infer_config(shapes, source)
         params = lit_llama.read_tree(reader.read, shapes, lit_llama.base_maps(config), config.n_layer, source,
-                                     place=finish(param_dtype)).get("params", {})
+                                     place=cast_and_place(param_dtype, place)).get("params", {})
     variables: dict[str, Any] = {"params": params}
     lora_config = None
     if lora_path is not None:
@@ -60,10 +66,8 @@ def load_lit_lora(lora_path: str | os.PathLike, config: LLaMAConfig, lora_alpha:
         shapes = reader.shapes()
         lora_config = lit_llama.lit_lora_config(shapes, config.n_embd, lora_alpha, lora_dropout, str(lora_path))
 
-        def put(leaf: np.ndarray, path: tuple[str, ...]) -> Any:
-            return place(leaf.astype(np.float32), path) if place else leaf.astype(np.float32)
         lora = lit_llama.read_tree(reader.read, shapes, lit_llama.lora_maps(config, lora_config), config.n_layer,
-                                   str(lora_path), place=put).get("lora", {})
+                                   str(lora_path), place=cast_and_place(np.float32, place)).get("lora", {})
     return lora_config, lora
 
 

@@ -54,10 +54,18 @@ class TensorMap:
     path: tuple[str, ...]  # (collection, module, ..., leaf) in our variables
     to_ours: Callable[[np.ndarray], np.ndarray]  # one lit tensor -> one (per-layer) slice of ours
     to_lit: Callable[[np.ndarray], np.ndarray]
+    # Several external tensors may fill one leaf of ours (HF's q/k/v projections fill our fused
+    # c_attn): `part` indexes this tensor's place in our per-layer slice, whose shape is `leaf_shape`.
+    part: tuple = ()
+    leaf_shape: tuple[int, ...] | None = None
 
     @property
     def layered(self) -> bool:
         return "{i}" in self.lit_key
+
+    def key(self, i: int) -> str:
+        """The external key of layer i (the only key if not layered)."""
+        return self.lit_key.format(i=i) if self.layered else self.lit_key
 
     def keys(self, n_layer: int) -> list[str]:
         return [self.lit_key.format(i=i) for i in range(n_layer)] if self.layered else [self.lit_key]
@@ -180,17 +188,38 @@ def read_tree(read: Callable[[str], np.ndarray], shapes: Mapping[str, tuple[int,
     maps = list(maps)
     check_state_dict(shapes, maps, n_layer, source, allow_extra)
     flat: dict[tuple[str, ...], Any] = {}
-    for m in maps:
-        keys = m.keys(n_layer)
-        first = m.to_ours(read(keys[0]))
+    for parts in leaf_parts(maps):
+        count = n_layer if parts[0].layered else 1
+        first = read_slice(read, parts, 0)
         leaf = first
-        if m.layered:
-            leaf = np.empty((len(keys),) + first.shape, first.dtype)
+        if parts[0].layered:
+            leaf = np.empty((count,) + first.shape, first.dtype)
             leaf[0] = first
-            for i, key in enumerate(keys[1:], 1):
-                leaf[i] = m.to_ours(read(key))
-        flat[m.path] = place(leaf, m.path[1:]) if place else leaf
+            for i in range(1, count):
+                leaf[i] = read_slice(read, parts, i)
+        flat[parts[0].path] = place(leaf, parts[0].path[1:]) if place else leaf
     return traverse_util.unflatten_dict(flat)
+
+
+def leaf_parts(maps: Iterable[TensorMap]) -> list[list[TensorMap]]:
+    """The maps grouped by our leaf (maps of one leaf are listed together), in table order."""
+    groups: dict[tuple[str, ...], list[TensorMap]] = {}
+    for m in maps:
+        groups.setdefault(m.path, []).append(m)
+    return list(groups.values())
+
+
+def read_slice(read: Callable[[str], np.ndarray], parts: list[TensorMap], i: int) -> np.ndarray:
+    """Layer i of one of our leaves (the whole leaf if unlayered) from its external tensor(s)."""
+    if len(parts) == 1 and not parts[0].part:
+        return parts[0].to_ours(read(parts[0].key(i)))
+    out = None
+    for m in parts:
+        value = m.to_ours(read(m.key(i)))
+        if out is None:
+            out = np.zeros(m.leaf_shape, value.dtype)
+        out[m.part] = value
+    return out
 
 
 def tree_to_lit(tree: Mapping[str, Any], maps: Iterable[TensorMap], n_layer: int) -> dict[str, np.ndarray]:
@@ -205,9 +234,9 @@ def tree_to_lit(tree: Mapping[str, Any], maps: Iterable[TensorMap], n_layer: int
             if value.shape[0] != n_layer:
                 raise StateDictError(f"{'/'.join(m.path)} has {value.shape[0]} layers, expected {n_layer}")
             for i, key in enumerate(m.keys(n_layer)):
-                out[key] = m.to_lit(value[i])
+                out[key] = m.to_lit(value[i][m.part])
         else:
-            out[m.lit_key] = m.to_lit(value)
+            out[m.lit_key] = m.to_lit(value[m.part])
     return _sorted_like_lit(out)
 
 

@@ -1,0 +1,34 @@
+"""A PEFT LoRA folder -> a jaxlora adapters-only directory (config.json + lora/).
+
+    python convert/from_peft.py --peft_dir their-adapter --out_dir adapters [--base hf/Llama-2-7b-hf]
+
+--base (an HF model directory or a jaxlora checkpoint) gives the model's shape; by default the
+adapter_config's base_model_name_or_path, when that is a local directory. rsLoRA is kept (as the
+alpha giving the same scaling). Not supported, and refused by name: DoRA, bias other than none,
+rank_pattern / alpha_pattern, modules_to_save, fan_in_fan_out, layers_to_transform, targets
+outside the seven projections. Continue training with train.py or merge with
+convert/to_hf.py --merged / convert/to_lit_llama.py --merged. Exit code 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import _cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--peft_dir", required=True, help="PEFT adapter folder (adapter_config.json + adapter_model.*)")
+    p.add_argument("--out_dir", required=True, help="adapters-only jaxlora directory to create")
+    p.add_argument("--base", default=None, help="the base model: HF directory or jaxlora checkpoint directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
+    args = p.parse_args(argv)
+
+    from jaxlora.formats.hf_files import peft_to_adapters
+    return _cli.run("from_peft", lambda: "wrote " + str(peft_to_adapters(args.peft_dir, args.out_dir, base=args.base,
+                                                                         overwrite=args.overwrite)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

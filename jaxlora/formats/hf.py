@@ -1,0 +1,260 @@
+"""Pure mapping between Hugging Face LLaMA / PEFT LoRA state dicts and jaxlora variable trees.
+
+Values are numpy arrays; nothing here imports torch, transformers or peft. The tensors are
+described by the `TensorMap` table of `jaxlora.formats.lit_llama` (an HF key per tensor, its
+shape, its place in our tree, the exact transforms both ways), so the same `read_tree`,
+`tree_to_lit` and `check_state_dict` serve HF as they serve lit-llama. HF's separate q/k/v
+projections each fill a `part` of our fused c_attn kernel (columns [0, C), [C, 2C), [2C, 3C)).
+
+RoPE: HF's Llama rotates the half-split pairs (i, i + hs/2) where we (as lit-llama and Meta)
+rotate adjacent pairs (2i, 2i+1), so the output rows of Wq and Wk, and of the q/k LoRA B
+matrices, are permuted within each head (../shared/docs/lit-llama-format.md); Wv, Wo and all
+LoRA A matrices are not.
+
+| HF / PEFT key (layer i)                                        | HF shape | ours                                    |
+|----------------------------------------------------------------|----------|-----------------------------------------|
+| model.embed_tokens.weight                                      | (V, C)   | params/wte/embedding                    |
+| model.layers.{i}.self_attn.q_proj.weight (k, v alike)          | (C, C)   | params/h/attn/c_attn/kernel[i][:, 0:C]  |
+| model.layers.{i}.mlp.gate_proj.weight (up, down, o_proj alike) | (H, C)   | params/h/mlp/c_fc1/kernel[i]            |
+| model.layers.{i}.input_layernorm.weight                        | (C,)     | params/h/rms_1/scale[i]                 |
+| lm_head.weight                                                 | (V, C)   | params/lm_head/kernel (C, V)            |
+| base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight | (r, C) | lora/h/attn/c_attn/lora_A[i][g]         |
+| base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight | (C, r) | lora/h/attn/c_attn/lora_B[i][g]         |
+
+(g: the target's place among the enabled q/k/v targets.)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from jaxlora.config import ALL_TARGETS, LORA_TARGETS, TARGET_MODULES, LLaMAConfig, LoRAConfig
+from jaxlora.formats.lit_llama import TensorMap, _identity, _transpose
+
+_HF_SECTION = {"attn": "self_attn", "mlp": "mlp"}  # our block's sections -> HF's LlamaDecoderLayer's
+# Our LoRA target -> the HF/PEFT module under model.layers.{i} (PEFT's target_modules are the
+# last component, config.LORA_TARGETS' peft_name).
+HF_MODULES: dict[str, str] = {name: f"{_HF_SECTION[t.module[0]]}.{t.peft_name}" for name, t in LORA_TARGETS.items()}
+ROPE_TARGETS = ("q", "k")  # their output rows follow HF's half-split RoPE order
+PEFT_PREFIX = "base_model.model."  # PEFT's keys: the HF model's keys under PeftModel.base_model
+NORM_EPS = 1e-5  # our RMSNorm's (lit-llama's) epsilon
+ROPE_THETA = 10000.0  # our RoPE base
+
+
+class HFConfigError(ValueError):
+    """An HF config.json or PEFT adapter_config.json describes something jaxlora does not support."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model config
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> LLaMAConfig:
+    """Our LLaMAConfig for an HF LlamaForCausalLM config.json; raise HFConfigError naming every
+    field we cannot reproduce exactly (never a silently different model)."""
+    def get(name: str, default: Any = None) -> Any:
+        value = hf.get(name, default)
+        return default if value is None else value
+
+    missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+                           "intermediate_size") if k not in hf]
+    if missing:
+        raise HFConfigError(f"{source}: no {', '.join(missing)}; not an HF LLaMA config.json")
+    C, n_head, n_layer = int(hf["hidden_size"]), int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
+    problems = []
+    if get("model_type", "llama") != "llama":
+        problems.append(f"model_type {hf['model_type']!r} (only 'llama' is supported)")
+    if get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {hf['hidden_act']!r} (only 'silu')")
+    kv_heads = get("num_key_value_heads", n_head)
+    if kv_heads != n_head:
+        problems.append(f"grouped-query attention (num_key_value_heads={kv_heads} != num_attention_heads={n_head})")
+    rope = dict(get("rope_parameters", {}))  # transformers >= 5; older configs: rope_theta, rope_scaling
+    scaling = get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        problems.append(f"rope_scaling {scaling} (not supported)")
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_parameters.rope_type {rope['rope_type']!r} (rope scaling is not supported)")
+    theta = float(get("rope_theta", rope.get("rope_theta", ROPE_THETA)))
+    if theta != ROPE_THETA:
+        problems.append(f"rope_theta {theta:g} (only {ROPE_THETA:g})")
+    for flag in ("attention_bias", "mlp_bias"):
+        if get(flag, False):
+            problems.append(f"{flag}=true (no biases)")
+    if get("tie_word_embeddings", False):
+        problems.append("tie_word_embeddings=true (lm_head is a separate weight here)")
+    eps = float(get("rms_norm_eps", NORM_EPS))
+    if eps != NORM_EPS:
+        problems.append(f"rms_norm_eps {eps:g} (our RMSNorm uses {NORM_EPS:g}, as lit-llama)")
+    if get("head_dim", C // n_head) != C // n_head:
+        problems.append(f"head_dim {hf['head_dim']} (!= hidden_size / num_attention_heads = {C // n_head})")
+    V = int(hf["vocab_size"])
+    try:
+        config = LLaMAConfig(block_size=int(get("max_position_embeddings", 2048)), vocab_size=V,
+                             padded_vocab_size=V, n_layer=n_layer, n_head=n_head, n_embd=C)
+    except ValueError as e:
+        raise HFConfigError(f"{source}: {e}") from e
+    if int(hf["intermediate_size"]) != config.n_hidden:
+        problems.append(f"intermediate_size {hf['intermediate_size']} (our MLP width for hidden_size {C} is "
+                        f"{config.n_hidden}, lit-llama's formula)")
+    if problems:
+        raise HFConfigError(f"{source}: cannot convert: " + "; ".join(problems))
+    return config
+
+
+def config_to_hf(config: LLaMAConfig, dtype: str = "float32") -> dict[str, Any]:
+    """An HF config.json for LlamaForCausalLM computing our model (transformers 4 and 5 read it)."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": config.n_embd, "intermediate_size": config.n_hidden,
+        "num_attention_heads": config.n_head, "num_key_value_heads": config.n_head,
+        "num_hidden_layers": config.n_layer, "head_dim": config.head_size,
+        "vocab_size": config.padded_vocab_size, "max_position_embeddings": config.block_size,
+        "rms_norm_eps": NORM_EPS, "rope_theta": ROPE_THETA, "rope_scaling": None, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype, "dtype": dtype,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
+def _rows_to_interleaved(n_head: int) -> Callable[[np.ndarray], np.ndarray]:
+    """HF's half-split row order within each head -> adjacent pairs (ours), for (n_head*hs, X)."""
+    def permute(a: np.ndarray) -> np.ndarray:
+        hs = a.shape[0] // n_head
+        return a.reshape(n_head, 2, hs // 2, -1).swapaxes(1, 2).reshape(a.shape)
+    return permute
+
+
+def _rows_to_half_split(n_head: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The inverse of _rows_to_interleaved."""
+    def permute(a: np.ndarray) -> np.ndarray:
+        hs = a.shape[0] // n_head
+        return a.reshape(n_head, hs // 2, 2, -1).swapaxes(1, 2).reshape(a.shape)
+    return permute
+
+
+def _transforms(target: str, config: LLaMAConfig) -> tuple[Callable, Callable]:
+    """(to_ours, to_hf) of an output-rows (out, X) HF matrix: transposed, q/k rows re-ordered."""
+    if target not in ROPE_TARGETS:
+        return _transpose, _transpose
+    to_interleaved, to_half = _rows_to_interleaved(config.n_head), _rows_to_half_split(config.n_head)
+    return (lambda a: _transpose(to_interleaved(a))), (lambda a: np.ascontiguousarray(to_half(_transpose(a))))
+
+
+def our_module(target: str) -> tuple[tuple[str, ...], int | None]:
+    """Our module under h for a target, and for q/k/v its output group in the fused c_attn."""
+    t = LORA_TARGETS[target]
+    return t.module, t.group
+
+
+def _out_in(target: str, config: LLaMAConfig) -> tuple[int, int]:
+    module, group = our_module(target)
+    in_f, out_f = config.dense_shapes()[module]
+    return (out_f // len(TARGET_MODULES[module]) if group is not None else out_f), in_f
+
+
+def base_maps(config: LLaMAConfig) -> list[TensorMap]:
+    """The frozen weights: HF LlamaForCausalLM state dict <-> our `params`."""
+    C, V = config.n_embd, config.padded_vocab_size
+    maps = [
+        TensorMap("model.embed_tokens.weight", (V, C), ("params", "wte", "embedding"), _identity, _identity),
+        TensorMap("model.norm.weight", (C,), ("params", "ln_f", "scale"), _identity, _identity),
+        TensorMap("lm_head.weight", (V, C), ("params", "lm_head", "kernel"), _transpose, _transpose),
+    ]
+    for hf_name, norm in (("input_layernorm", "rms_1"), ("post_attention_layernorm", "rms_2")):
+        maps.append(TensorMap(f"model.layers.{{i}}.{hf_name}.weight", (C,), ("params", "h", norm, "scale"),
+                              _identity, _identity))
+    for target in ALL_TARGETS:
+        module, group = our_module(target)
+        out_f, in_f = _out_in(target, config)
+        part, leaf_shape = ((), None) if group is None else \
+            ((slice(None), slice(group * out_f, (group + 1) * out_f)), (in_f, len(TARGET_MODULES[module]) * out_f))
+        maps.append(TensorMap(f"model.layers.{{i}}.{HF_MODULES[target]}.weight", (out_f, in_f),
+                              ("params", "h", *module, "kernel"), *_transforms(target, config), part, leaf_shape))
+    return maps
+
+
+def peft_maps(config: LLaMAConfig, lora: LoRAConfig) -> list[TensorMap]:
+    """The adapters: PEFT's adapter_model.safetensors <-> our `lora` collection."""
+    r = lora.r
+    if not r:
+        return []
+    maps = []
+    for target in lora.targets:
+        module, group = our_module(target)
+        enabled = [t.name for t in TARGET_MODULES[module] if t.name in lora.targets]  # its adapters' groups
+        g, n = (enabled.index(target), len(enabled)) if group is not None else (0, 1)
+        out_f, in_f = _out_in(target, config)
+        key = f"{PEFT_PREFIX}model.layers.{{i}}.{HF_MODULES[target]}"
+        maps += [
+            TensorMap(f"{key}.lora_A.weight", (r, in_f), ("lora", "h", *module, "lora_A"), _transpose, _transpose,
+                      (g,), (n, in_f, r)),
+            TensorMap(f"{key}.lora_B.weight", (out_f, r), ("lora", "h", *module, "lora_B"),
+                      *_transforms(target, config), (g,), (n, r, out_f)),
+        ]
+    return maps
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's adapter_config.json
+
+_PEFT_MODULES = {module.split(".")[-1]: target for target, module in HF_MODULES.items()}
+# Settings we cannot express: each must be absent, null, false or empty (and bias "none").
+_PEFT_UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out",
+                     "layers_to_transform", "lora_bias", "trainable_token_indices", "target_parameters",
+                     "layer_replication", "use_qalora", "exclude_modules")
+
+
+def lora_from_peft(adapter_config: Mapping[str, Any], source: str = "adapter_config.json") -> LoRAConfig:
+    """Our LoRAConfig for a PEFT LoRA adapter_config.json; rsLoRA (scaling alpha/sqrt(r)) becomes
+    the alpha giving the same scaling under ours (alpha/r). Raises HFConfigError naming anything
+    we do not support."""
+    if adapter_config.get("peft_type", "LORA") != "LORA":
+        raise HFConfigError(f"{source}: peft_type {adapter_config['peft_type']!r}; only LORA adapters are supported")
+    problems = [f"{name}={adapter_config[name]!r} (not supported)" for name in _PEFT_UNSUPPORTED
+                if adapter_config.get(name)]
+    if adapter_config.get("bias", "none") not in ("none", None):
+        problems.append(f"bias={adapter_config['bias']!r} (only 'none')")
+    modules = adapter_config.get("target_modules")
+    if modules == "all-linear":
+        targets = list(ALL_TARGETS)
+    elif isinstance(modules, (list, tuple)) and modules:
+        names = [str(m).split(".")[-1] for m in modules]
+        unknown = [m for m, name in zip(modules, names) if name not in _PEFT_MODULES]
+        if unknown:
+            problems.append(f"target_modules {unknown} (supported: {sorted(_PEFT_MODULES)})")
+        # PEFT writes 'all-linear' out as full module paths, one per layer: keep the projection names
+        targets = list(dict.fromkeys(_PEFT_MODULES[n] for n in names if n in _PEFT_MODULES))
+    else:
+        problems.append(f"target_modules {modules!r} (need a list of module names or 'all-linear')")
+        targets = []
+    if problems:
+        raise HFConfigError(f"{source}: cannot convert: " + "; ".join(problems))
+    r, alpha = int(adapter_config["r"]), float(adapter_config["lora_alpha"])
+    if adapter_config.get("use_rslora", False):
+        alpha = alpha * math.sqrt(r)  # ours: alpha' / r == alpha / sqrt(r)
+    try:
+        return LoRAConfig(r=r, alpha=alpha, dropout=float(adapter_config.get("lora_dropout", 0.0)),
+                          targets=tuple(targets))
+    except ValueError as e:
+        raise HFConfigError(f"{source}: {e}") from e
+
+
+def peft_config(lora: LoRAConfig, base_model_name_or_path: str | None = None,
+                use_rslora: bool = False) -> dict[str, Any]:
+    """PEFT's adapter_config.json for our adapters; use_rslora writes lora_alpha = alpha/sqrt(r)
+    with use_rslora true (the same scaling)."""
+    alpha = lora.alpha / math.sqrt(lora.r) if use_rslora else lora.alpha
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": lora.r, "lora_alpha": alpha, "lora_dropout": lora.dropout,
+        "target_modules": [HF_MODULES[t].split(".")[-1] for t in lora.targets],
+        "fan_in_fan_out": False, "bias": "none", "use_rslora": use_rslora, "use_dora": False,
+        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True,
+        "layers_to_transform": None, "layers_pattern": None, "inference_mode": True, "revision": None,
+    }
