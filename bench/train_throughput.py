@@ -184,6 +184,17 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> 
     }
 
 
+def force_prevent_cse(value: bool) -> None:
+    """Make every nn.remat in jaxlora.model use prevent_cse=value (jaxlora.model looks nn.remat up
+    per call), to measure what the choice does to memory and speed."""
+    import flax.linen as nn
+    remat = nn.remat
+
+    def forced(target, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        return remat(target, *args, **{**kwargs, "prevent_cse": value})
+    nn.remat = forced
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="7B")
@@ -211,7 +222,11 @@ def main() -> None:
                     "print where the device time goes (bench/profile_summary.py)")
     ap.add_argument("--profile_steps", type=int, default=3)
     ap.add_argument("--peak_tflops", type=float, default=989.0)
+    ap.add_argument("--prevent_cse", type=int, choices=[0, 1], help="force nn.remat's prevent_cse (an experiment; "
+                    "default: the model's choice)")
     args = ap.parse_args()
+    if args.prevent_cse is not None:
+        force_prevent_cse(bool(args.prevent_cse))
 
     variants = [parse_variant(v) for v in args.variants.split(";")] if args.variants else [{}]
     rows = []
@@ -220,6 +235,8 @@ def main() -> None:
         for variant in variants:
             try:
                 row = bench_one(args, batch, seq, variant)
+                if args.prevent_cse is not None:
+                    row["prevent_cse"] = bool(args.prevent_cse)
             except Exception as e:  # an OOM in one variant should not hide the others
                 row = {"bench": "jaxlora", "batch": batch, "seq": seq, **variant, "error": repr(e)[:300]}
             print(json.dumps(row), flush=True)
