@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import os
 import subprocess
 import sys
@@ -217,6 +218,63 @@ def test_bad_data_is_a_clear_error(tmp_path, content, pattern):
     (tmp_path / "bad.json").write_text(content)
     with pytest.raises(DataError, match=pattern):
         trainer.run(tiny_args(tmp_path / "out", data_path=str(tmp_path / "bad.json")))
+    assert not (tmp_path / "out").exists()  # outputs only once the inputs are valid
+
+
+def test_every_missing_input_is_reported_at_once_and_nothing_is_written(tmp_path):
+    args = tiny_args(tmp_path / "out", tokenizer_path=str(tmp_path / "tokenizer.model"),
+                     data_path=str(tmp_path / "alpaca.json"), pretrained_path=str(tmp_path / "7B" / "lit-llama.pth"))
+    with pytest.raises(trainer.InputsError) as info:
+        trainer.run(args)
+    message = str(info.value)
+    assert message.startswith("3 input(s) missing")
+    for flag, how in (("--tokenizer_path", "tokenizer.model"), ("--data_path", "alpaca_data_cleaned.json"),
+                      ("--pretrained_path", "convert/from_lit_llama.py")):
+        assert flag in message and how in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_cut_samples_are_counted_and_empty_steps_warned(tmp_path, capsys):
+    """At 24 tokens every prompt fills the window: the run says how many samples are cut, that
+    they have nothing to learn from, and warns at each step that had no loss token."""
+    trainer.run(tiny_args(tmp_path / "out", max_seq_length=24, max_steps=2, verbose=True))
+    out = capsys.readouterr().out
+    assert re.search(r"data: \d+ of 24 samples are longer than --max_seq_length 24 and are cut", out), out
+    assert re.search(r"warning: \d+ samples have no response token left", out), out
+    assert "warning: step 1 had no loss tokens" in out and "warning: step 2 had no loss tokens" in out
+
+
+def test_ctrl_c_saves_the_step_in_flight_and_resume_repeats_none(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from jaxlora import run as run_module
+    from jaxlora.checkpoint import Checkpointer
+    real = run_module.make_train_step
+
+    def interrupted(model, optimizer, **kw):
+        step = real(model, optimizer, **kw)
+
+        def lower(*args):
+            compiled = step.lower(*args).compile()
+
+            def wrapped(state, params, batch):
+                if int(state.step) == 4:  # Ctrl-C while step 5 is being queued
+                    raise KeyboardInterrupt
+                return compiled(state, params, batch)
+            return SimpleNamespace(compile=lambda: wrapped)
+        return SimpleNamespace(lower=lower)
+
+    monkeypatch.setattr(run_module, "make_train_step", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(tiny_args(out))
+    assert Checkpointer(out / "checkpoints").all_steps() == [3, 4]  # save_interval 3, and the step in hand
+    monkeypatch.setattr(run_module, "make_train_step", real)
+    resumed = trainer.run(tiny_args(out, resume=True))
+    assert resumed.step == 6
+    assert_trees_equal(resumed.lora, reference_run().lora)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "train"] == list(range(1, 7))  # no step twice
 
 
 def test_tokenizer_that_is_not_sentencepiece(tmp_path):
