@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint_dir", help="jaxlora checkpoint directory (convert/from_lit_llama.py), with its "
                    "adapters if it has them")
-    g.add_argument("--pretrained_path", help="base weights: lit-llama's .pth or a jaxlora checkpoint directory")
+    g.add_argument("--pretrained_path", help="base weights: lit-llama's .pth, a Hugging Face LLaMA directory or a jaxlora "
+                   "checkpoint directory")
     g.add_argument("--adapters", help="adapters-only directory (train.py's OUT_DIR/adapters); alone, its "
                    "config.json names the base")
     g.add_argument("--lora_path", help="lit-llama LoRA file (lit-llama-lora-finetuned.pth)")

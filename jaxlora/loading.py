@@ -3,7 +3,8 @@
 Base weights (one of):
   checkpoint_dir   a jaxlora checkpoint directory (config.json + params/, with its own lora/
                    when it has one)
-  pretrained_path  lit-llama's base .pth, or a jaxlora checkpoint directory (its lora/ unused)
+  pretrained_path  lit-llama's base .pth, a Hugging Face LLaMA directory, or a jaxlora checkpoint
+                   directory (its lora/ unused)
 Adapters (at most one; they replace a checkpoint's own):
   adapters         an adapters-only directory (train.py's OUT_DIR/adapters); alone, it names
                    its base in config.json ("base"), which is then loaded
