@@ -10,16 +10,16 @@ compute dtype (weight-only, like lit-llama's `--quantize llm.int8` in effect; no
 handling). The scale is per output column, so it is applied to the product, never to the
 kernel: x @ (q * s) == (x @ q) * s. Two formulations of the product (`matmul`):
 
-- "reduce" (the default on GPU): up to REDUCE_MAX_ROWS rows (decode steps) as one multiply-and-sum over
-  the input axis, the rows innermost so that each int8 weight is read from memory once
-  whatever the batch. XLA always fuses the int8 -> float convert and the multiply into the
-  reduction, so the weights cross memory as int8 (half the bytes of bf16); no GEMM, no
-  dequantized copy. More rows (a prefill) use "dot".
-- "dot" (the default elsewhere): `x @ q.astype(dtype)` with float32 accumulation. On CPU, XLA
-  converts the kernel and then multiplies; still many times faster there than its reduction. XLA on GPU may fuse the convert into
-  a Triton GEMM's operand load; if it does not (or the GEMM is poor at 1 row), the step
-  reads int8 and writes and re-reads a bf16 copy: slower than bf16. Measured on an H200
-  (jax 0.11.2, 7B): 6.84 ms/step at batch 1 against bf16's 4.31; faster than bf16 at batch 8.
+- "reduce" (the default on GPU): up to REDUCE_MAX_ROWS rows (decode steps) as one
+  multiply-and-sum over the input axis, the rows innermost so that each int8 weight is read
+  from memory once whatever the batch. XLA always fuses the int8 -> float convert and the
+  multiply into the reduction, so the weights cross memory as int8 (half the bytes of bf16):
+  no GEMM, no dequantized copy. More rows (a prefill) use "dot".
+- "dot" (the default elsewhere): `x @ q.astype(dtype)` with float32 accumulation. XLA on GPU
+  may fuse the convert into a Triton GEMM's operand load; where it does not (or the GEMM is
+  poor at one row) a step reads int8, writes and re-reads a bf16 copy: slower than bf16.
+  Measured on an H200 (jax 0.11.2, 7B): 6.84 ms/step at batch 1 against bf16's 4.31, faster
+  than bf16 at batch 8. On CPU it is many times faster than "reduce".
 
 `bench/generate_throughput.py --int8_matmul reduce,dot` measures both (and their matmul error).
 
