@@ -10,7 +10,8 @@ one JSON line per (variant, batch), then a short table.
   python bench/generate_throughput.py --preset tiny --batches 1,2 --prompt_len 16 --new_tokens 8  # CPU smoke test
 
 Variants (--variants bf16,int8): the frozen weights as they are, or weight-only int8 kernels
-(jaxlora.quantize; --int8_matmul dot,reduce measures both formulations of the int8 product).
+(jaxlora.quantize). --int8_matmul reduce,dot measures both formulations of the int8 product
+(variants int8-reduce, int8-dot; one formulation: int8; default auto, the backend's default).
 
 Fields:
   compile_s       lowering + compiling the prefill and the decode program
@@ -26,9 +27,17 @@ Fields:
                   measured here (`bandwidth_gbs`: a device array copy, read + write bytes / time);
                   bound_frac = decode_tok_s / bound_tok_s
   --profile DIR   also traces one decode call per run: device time per step by kernel
-  logit_err       int8 only: first-token logits vs the bf16 weights', max |diff| / std(bf16 logits),
-                  and top1_agree, the fraction of rows whose argmax agrees (batch 1: one row per
-                  prompt of --logit_prompts)
+  logit_rel       first-token logits of --logit_prompts prompts against the same weights in float32
+                  (float32 compute, full-precision matmuls): ||diff|| / ||f32 logits||; logit_err:
+                  max |diff| / std(f32 logits); top1_agree: the fraction of prompts whose argmax
+                  agrees. Read int8's against bf16's: random-init weights at 7B's shape amplify any
+                  perturbation through the layers (bf16 itself: logit_rel ~0.06 on CPU; int8 ~0.18,
+                  from ~0.9% per int8 matmul), and their near-uniform logits make top-1 a coin toss
+                  for either; trained weights do not behave so.
+  matmul_rel_1 / matmul_rel_256   int8 only: one int8 product (lm_head, bf16 activations of 1 and
+                  256 rows) against x @ (q * scale) in float32 with the same activations: float32
+                  rounding only (<1e-5; a bf16 output would be ~2e-3). Much more: the compiled int8
+                  product is wrong on this device.
 """
 from __future__ import annotations
 
@@ -49,7 +58,7 @@ import numpy as np  # noqa: E402
 from jaxlora.config import LLaMAConfig  # noqa: E402
 from jaxlora.generate import GREEDY, NO_EOS, bucket, decode_program, prefill_program, prepare  # noqa: E402
 from jaxlora.model import LLaMA, head_logits, init_variables  # noqa: E402
-from jaxlora.quantize import quantize_params, weight_bytes  # noqa: E402
+from jaxlora.quantize import DEFAULT_INT8_MATMUL, INT8_MATMULS, dense_dot, dequantize, quantize_params, weight_bytes  # noqa: E402
 
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 
@@ -167,6 +176,36 @@ def first_logits(model: LLaMA) -> Any:
     return jax.jit(run)
 
 
+def float32_logits(model: LLaMA, params: dict, prompts: jax.Array) -> np.ndarray:
+    """The reference: first-token logits of the same weights in float32, float32 compute and
+    full-precision matmuls (GPUs otherwise run float32 matmuls in tf32)."""
+    model32 = model.clone(dtype=jnp.float32, param_dtype=jnp.float32)
+    params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    with jax.default_matmul_precision("highest"):
+        out = np.asarray(first_logits(model32)({"params": params32}, prompts))
+    del params32
+    return out
+
+
+def logit_errors(got: np.ndarray, ref: np.ndarray) -> dict:
+    diff = got - ref
+    return {"logit_rel": round(float(np.linalg.norm(diff) / np.linalg.norm(ref)), 4),
+            "logit_err": round(float(np.abs(diff).max() / ref.std()), 4),
+            "top1_agree": float(np.mean(got.argmax(-1) == ref.argmax(-1)))}
+
+
+def matmul_errors(kernel: Any) -> dict:
+    """One int8 product (bf16 activations, 1 and 256 rows) against x @ dequantized kernel in float32."""
+    out = {}
+    for rows in (1, 256):
+        x = jax.random.normal(jax.random.key(rows), (rows, kernel.shape[0]), jnp.float32).astype(jnp.bfloat16)
+        got = jax.jit(lambda x, k: dense_dot(x, k, jnp.bfloat16, jnp.float32))(x, kernel)
+        with jax.default_matmul_precision("highest"):
+            want = jax.jit(lambda x, k: x.astype(jnp.float32) @ dequantize(k))(x, kernel)
+        out[f"matmul_rel_{rows}"] = float(f"{float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)):.3g}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="7B")
@@ -175,14 +214,16 @@ def main() -> None:
     ap.add_argument("--prompt_len", type=int, default=256)
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--variants", default="bf16,int8", help="comma-separated: bf16 (weights as built), int8")
-    ap.add_argument("--int8_matmul", default="dot", help="comma-separated int8 product formulations: dot, reduce")
+    ap.add_argument("--int8_matmul", default=DEFAULT_INT8_MATMUL, help="comma-separated int8 product formulations: "
+                    f"{', '.join(INT8_MATMULS)} (several: variants int8-<name>)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="frozen weights, compute and KV cache")
     ap.add_argument("--scan_layers", type=int, default=0, choices=[0, 1],
                     help="1: layers as one scan over stacked weights; 0: per-layer weights (fastest)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bandwidth_mb", type=int, default=0, help="array size for the bandwidth measurement "
                     "(0: 2048 on GPU/TPU, 64 on CPU)")
-    ap.add_argument("--logit_prompts", type=int, default=8, help="prompts for the int8 logit error (0: skip)")
+    ap.add_argument("--logit_prompts", type=int, default=8, help="prompts for the logit error against float32 "
+                    "(0: skip; needs the float32 weights on the device for a moment: 27 GB at 7B)")
     ap.add_argument("--profile", default="", help="directory: trace one more decode call per run there, save its "
                     "optimized HLO and print the device time per step by kernel (bench/profile_summary.py)")
     args = ap.parse_args()
@@ -199,32 +240,29 @@ def main() -> None:
     print(f"# {jax.devices()[0].device_kind}: frozen weights {weight_bytes(base['params']) / 1e9:.2f} GB "
           f"({args.dtype}), measured bandwidth {bandwidth:.0f} GB/s", flush=True)
 
-    variants = []
+    variants = []  # (name, int8 product formulation or None)
     for name in args.variants.split(","):
         if name == "int8":
-            variants += [f"int8-{m}" if m != "dot" else "int8" for m in args.int8_matmul.split(",")]
+            matmuls = args.int8_matmul.split(",")
+            variants += [("int8" if len(matmuls) == 1 else f"int8-{m}", m) for m in matmuls]
         else:
-            variants.append(name)
+            variants.append((name, None))
     logits_of = first_logits(model) if args.logit_prompts else None
     prompts = jax.random.randint(jax.random.key(99), (args.logit_prompts or 1, args.prompt_len), 3, config.vocab_size,
                                  jnp.int32)
-    reference = None
+    reference = float32_logits(model, base["params"], prompts) if logits_of is not None else None
     rows = []
-    for variant in variants:
+    for variant, matmul in variants:
         try:
-            if variant == args.dtype or variant in DTYPES:
+            if matmul is None:
                 variables = base
             else:
-                matmul = variant.split("-", 1)[1] if "-" in variant else "dot"
                 variables = {"params": quantize_params(base["params"], "int8", matmul)}
             extra = {}
             if logits_of is not None:
-                got = np.asarray(logits_of(variables, prompts))
-                if reference is None:
-                    reference = got if variables is base else np.asarray(logits_of(base, prompts))
-                if variables is not base:
-                    extra = {"logit_err": round(float(np.abs(got - reference).max() / reference.std()), 4),
-                             "top1_agree": float(np.mean(got.argmax(-1) == reference.argmax(-1)))}
+                extra = logit_errors(np.asarray(logits_of(variables, prompts)), reference)
+            if matmul is not None:
+                extra.update(matmul_errors(variables["params"]["lm_head"]["kernel"]))
             for batch in map(int, args.batches.split(",")):
                 try:
                     row = {**bench_one(args, model, variables, variant, batch, bandwidth), **extra}
@@ -239,14 +277,14 @@ def main() -> None:
             rows.append(row)
 
     print(f"\n{'variant':<12} {'batch':>5} {'tok/s/seq':>9} {'tok/s all':>9} {'bound':>7} {'of bound':>8} "
-          f"{'TTFT ms':>8} {'compile s':>9} {'peak GiB':>8} {'logit err':>9}")
+          f"{'TTFT ms':>8} {'compile s':>9} {'peak GiB':>8} {'logit rel':>9} {'top1':>5}")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:<12} {r.get('batch', ''):>5} error: {r['error'][:80]}")
             continue
         print(f"{r['variant']:<12} {r['batch']:>5} {r['decode_tok_s']:>9} {r['total_tok_s']:>9} {r['bound_tok_s']:>7} "
               f"{r['bound_frac']:>8.1%} {1e3 * r['ttft_s']:>8.1f} {r['compile_s']:>9} {str(r['peak_gib']):>8} "
-              f"{str(r.get('logit_err', '')):>9}")
+              f"{str(r.get('logit_rel', '')):>9} {str(r.get('top1_agree', '')):>5}")
 
 
 if __name__ == "__main__":
