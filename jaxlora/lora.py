@@ -49,6 +49,11 @@ class MergedLoRADense(nn.Module):
       kernel_axes: logical axis names of the kernel (in, out), for sharding rules.
       dtype: compute dtype; param_dtype: frozen kernel storage; lora_dtype: adapter storage.
       out_dtype: output dtype of the frozen matmul (default: dtype); f32 for logits.
+      split_kernel: with groups > 1, hold the kernel as (in, groups, out/groups) and return
+        (..., groups, out/groups): split over devices along its last axis, every device then
+        holds the same columns of each group (for q/k/v: whole heads), where a fused
+        (in, out) kernel split evenly puts shard boundaries inside the groups and the
+        compiler must move the outputs between devices to separate q, k and v.
     """
 
     features: int
@@ -63,6 +68,7 @@ class MergedLoRADense(nn.Module):
     lora_dtype: Any = jnp.float32
     out_dtype: Any = None
     kernel_init: Callable[..., Array] = nn.initializers.normal(0.02)
+    split_kernel: bool = False
 
     @property
     def n_enabled(self) -> int:
@@ -73,15 +79,20 @@ class MergedLoRADense(nn.Module):
         if len(self.enabled) != self.groups or self.features % self.groups:
             raise ValueError(f"{self.name}: {self.groups} groups, enabled={self.enabled}, features={self.features}")
         in_features = x.shape[-1]
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-                            (in_features, self.features), self.param_dtype)
+        out_g = self.features // self.groups
+        in_axis, out_axis = self.kernel_axes
         x = x.astype(self.dtype)
-        y = dense_dot(x, kernel, self.dtype, self.out_dtype)  # kernel may be int8 (jaxlora.quantize)
+        if self.split_kernel:
+            kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, (in_axis, None, out_axis)),
+                                (in_features, self.groups, out_g), self.param_dtype)
+            y = jnp.einsum("...i,igo->...go", x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                                (in_features, self.features), self.param_dtype)
+            y = dense_dot(x, kernel, self.dtype, self.out_dtype)  # kernel may be int8 (jaxlora.quantize)
         if self.n_enabled == 0:
             return y
 
-        out_g = self.features // self.groups
-        in_axis, out_axis = self.kernel_axes
         lora_a = self._adapter("lora_A", lora_a_init, ("lora_group", in_axis, "lora_rank"),
                                (self.n_enabled, in_features, self.r))
         lora_b = self._adapter("lora_B", nn.initializers.zeros, ("lora_group", "lora_rank", out_axis),
@@ -91,6 +102,8 @@ class MergedLoRADense(nn.Module):
         # All enabled segments in one batched matmul pair (q and v together).
         xa = jnp.einsum("...i,gir->...gr", h, lora_a.astype(self.dtype))
         delta = jnp.einsum("...gr,gro->...go", xa, lora_b.astype(self.dtype)) * jnp.asarray(self.scaling, self.dtype)
+        if self.split_kernel:
+            return add_to_groups(y, delta.astype(y.dtype), self.enabled)
         return add_to_segments(y, delta.astype(y.dtype), self.enabled)
 
     def _adapter(self, name: str, init: Callable[..., Array], axes: tuple, shape: tuple) -> Array:
@@ -98,6 +111,15 @@ class MergedLoRADense(nn.Module):
         boxed_init = nn.with_logical_partitioning(init, axes)
         return self.variable(LORA_COLLECTION, name,
                              lambda: boxed_init(self.make_rng("params"), shape, self.lora_dtype)).value
+
+
+def add_to_groups(y: Array, delta: Array, enabled: Sequence[bool]) -> Array:
+    """Add delta (..., n_enabled, out_g) into the enabled groups of y (..., groups, out_g)."""
+    if all(enabled):
+        return y + delta
+    index = iter(range(delta.shape[-2]))
+    return jnp.stack([y[..., g, :] + delta[..., next(index), :] if on else y[..., g, :]
+                      for g, on in enumerate(enabled)], axis=-2)
 
 
 def add_to_segments(y: Array, delta: Array, enabled: Sequence[bool]) -> Array:

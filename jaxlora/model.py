@@ -95,6 +95,7 @@ class Settings:
     attention: str
     mesh: Any = None
     rules: tuple = ()
+    split_qkv: bool = False
 
     def constrain(self, x: Array, axes: tuple[str | None, ...]) -> Array:
         """Pin an activation's sharding by logical axis names (a no-op without a mesh), so the
@@ -129,7 +130,8 @@ def _dense(opts: Settings, features: int, module: tuple[str, str], axes: tuple) 
     enabled = lora.enabled(module)
     return MergedLoRADense(features=features, groups=len(enabled), enabled=enabled, r=lora.r, scaling=lora.scaling,
                            dropout=lora.dropout, kernel_axes=axes, dtype=opts.dtype,
-                           param_dtype=opts.param_dtype, lora_dtype=opts.lora_dtype, name=module[-1])
+                           param_dtype=opts.param_dtype, lora_dtype=opts.lora_dtype, name=module[-1],
+                           split_kernel=opts.split_qkv and len(enabled) > 1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -152,8 +154,8 @@ class CausalSelfAttention(nn.Module):
         cfg, opts = self.opts.config, self.opts
         B, T, C = x.shape
         qkv = _dense(opts, 3 * C, ("attn", "c_attn"), ("embed", "qkv"))(x, deterministic)
-        q, k, v = (opts.constrain(t.reshape(B, T, cfg.n_head, cfg.head_size), ACT_HEADS)
-                   for t in jnp.split(qkv, 3, axis=-1))
+        parts = [qkv[..., g, :] for g in range(3)] if opts.split_qkv else jnp.split(qkv, 3, axis=-1)
+        q, k, v = (opts.constrain(t.reshape(B, T, cfg.n_head, cfg.head_size), ACT_HEADS) for t in parts)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             slot = 0 if cache_index is None else cache_index
@@ -273,6 +275,9 @@ class LLaMA(nn.Module):
         fully (stacked weights sliced per layer inside the program).
       mesh, rules: with a device mesh, activations are pinned to the shardings that `rules`
         (logical axis -> mesh axes, see jaxlora.sharding) give them; None: no constraints.
+      split_qkv: read the fused q/k/v kernel as (C, 3, C) rather than (C, 3C), so tensor
+        parallelism splits q, k and v at head boundaries (see MergedLoRADense.split_kernel);
+        a run-time layout like per-layer weights: stored variables keep (C, 3C).
     """
 
     config: LLaMAConfig
@@ -286,6 +291,7 @@ class LLaMA(nn.Module):
     scan_unroll: int = 1
     mesh: Any = None
     rules: tuple = ()
+    split_qkv: bool = False
 
     @nn.compact
     def __call__(self, idx: Array, deterministic: bool = True, positions: Array | None = None,
@@ -303,7 +309,7 @@ class LLaMA(nn.Module):
             positions = jnp.arange(idx.shape[-1])
         cos, sin = rope_angles(positions, cfg.head_size)
         opts = Settings(cfg, self.lora, self.dtype, self.param_dtype, self.lora_dtype, self.attention, self.mesh,
-                        tuple(self.rules))
+                        tuple(self.rules), self.split_qkv)
         x = opts.constrain(TokenEmbedding(cfg.padded_vocab_size, opts, name="wte")(idx), ACT_EMBED)
 
         block = Block
@@ -361,8 +367,25 @@ _PER_LAYER = re.compile(rf"{STACKED}_(\d+)")
 
 
 def canonical(model: LLaMA) -> LLaMA:
-    """The same model with stacked (scanned) layers: the layout variables are stored in."""
-    return model if model.scan_layers else model.clone(scan_layers=True)
+    """The same model with stacked (scanned) layers and fused q/k/v kernels: the layout
+    variables are stored in."""
+    return model if model.scan_layers and not model.split_qkv else model.clone(scan_layers=True, split_qkv=False)
+
+
+def _split_qkv_kernels(model: LLaMA, tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Fused c_attn kernels (..., C, 3C) as (..., C, 3, C) where `model.split_qkv` reads them so
+    (a free reshape; on a device mesh the layout change moves each kernel once)."""
+    if not model.split_qkv:
+        return dict(tree)
+    C = model.config.n_embd
+    out = {}
+    for name, sub in tree.items():
+        kernel = sub.get("attn", {}).get("c_attn", {}).get("kernel") if isinstance(sub, Mapping) else None
+        if kernel is not None and kernel.shape[-1] == 3 * C:
+            sub = {**sub, "attn": {**sub["attn"], "c_attn": {**sub["attn"]["c_attn"],
+                                                              "kernel": kernel.reshape(*kernel.shape[:-1], 3, C)}}}
+        out[name] = sub
+    return out
 
 
 def unstack_layers(tree: Mapping[str, Any], n_layer: int) -> dict[str, Any]:
@@ -391,7 +414,8 @@ def layered(model: LLaMA, tree: Mapping[str, Any]) -> dict[str, Any]:
     """A variable collection in the layout `model` reads, from either layout. Inside jit
     this slices stacked frozen weights on every call; convert them once beforehand with
     `split_layers_on_device` (adapters are small: converting them per step costs nothing)."""
-    return stack_layers(tree) if model.scan_layers else unstack_layers(tree, model.config.n_layer)
+    tree = stack_layers(tree) if model.scan_layers else unstack_layers(tree, model.config.n_layer)
+    return _split_qkv_kernels(model, tree)
 
 
 def split_layers_on_device(model: LLaMA, params: Mapping[str, Any], shardings: Mapping[str, Any] | None = None,
@@ -405,16 +429,27 @@ def split_layers_on_device(model: LLaMA, params: Mapping[str, Any], shardings: M
     the compiler choose (a single device: that device).
     """
     if model.scan_layers or STACKED not in params:
-        return layered(model, params)
+        if not model.split_qkv or STACKED not in params:
+            return layered(model, params)
+        out = dict(params)
+        out[STACKED] = params_h = dict(params[STACKED])
+        kernel = params_h["attn"]["c_attn"]["kernel"]
+        target = shardings[STACKED]["attn"]["c_attn"]["kernel"] if shardings is not None else None
+        split = jax.jit(lambda x: x.reshape(*x.shape[:-1], 3, -1), donate_argnums=0, out_shardings=target)
+        params_h["attn"] = {**params_h["attn"], "c_attn": {**params_h["attn"]["c_attn"], "kernel": split(kernel)}}
+        return out
     n = model.config.n_layer
     leaves, treedef = jax.tree.flatten(params[STACKED])
+    paths = [tuple(getattr(k, "key", k) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(params[STACKED])[0]]
     targets = jax.tree.leaves(shardings[f"{STACKED}_0"]) if shardings is not None else [None] * len(leaves)
     pieces = []
     with warnings.catch_warnings():  # CPU cannot donate; the copy is then transient, as documented
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-        for k, (leaf, target) in enumerate(zip(leaves, targets)):
-            split = jax.jit(lambda x: tuple(x[i] for i in range(n)), donate_argnums=0,
-                            out_shardings=None if target is None else (target,) * n)
+        for k, (leaf, target, path) in enumerate(zip(leaves, targets, paths)):
+            qkv = model.split_qkv and path == ("attn", "c_attn", "kernel")
+            split = jax.jit(lambda x, qkv=qkv: tuple(x[i].reshape(*x.shape[1:-1], 3, -1) if qkv else x[i]
+                                                     for i in range(n)),
+                            donate_argnums=0, out_shardings=None if target is None else (target,) * n)
             pieces.append(split(leaf))
             leaves[k] = None  # drop our reference so the donated buffer can go
     out = {k: v for k, v in params.items() if k != STACKED}

@@ -227,7 +227,8 @@ def build_run(a: TrainArgs, mesh: Mesh | None = None, max_steps: int | None = No
     model = LLaMA(config, lora_config, dtype=compute_dtype, param_dtype=storage_dtype, lora_dtype=jnp.float32,
                   attention=a.attention, remat=a.remat, scan_layers=a.scan_layers,
                   scan_unroll=min(a.scan_unroll, config.n_layer),
-                  mesh=mesh if mesh.devices.size > 1 else None, rules=shd.DEFAULT_RULES)
+                  mesh=mesh if mesh.devices.size > 1 else None, rules=shd.DEFAULT_RULES,
+                  split_qkv=mesh.shape["tensor"] > 1)  # q/k/v split at head boundaries over tensor
     stored = shd.variable_shardings(model, mesh)
     as_run = shd.variable_shardings(model, mesh, as_run=True)
 

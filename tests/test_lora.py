@@ -1,6 +1,7 @@
 """MergedLoRADense semantics, functional merging, and the adapter-only optimizer."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,3 +148,17 @@ def test_target_table_places_each_adapter_where_the_model_and_the_mapping_put_it
         assert sum(enabled) == 1 and enabled[target.group or 0]
         keys = [m.lit_key for m in lit_llama.lora_maps(tiny_config, lora)]
         assert keys == [f"transformer.h.{{i}}.{target.lit_module}.lora_A", f"transformer.h.{{i}}.{target.lit_module}.lora_B"]
+
+
+def test_split_kernel_equals_the_fused_kernel():
+    """MergedLoRADense(split_kernel=True) reads (in, 3, out/3) and returns (..., 3, out/3): the
+    fused layer's output, group by group, adapters on the first and last group."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    fused = MergedLoRADense(features=24, groups=3, enabled=(True, False, True), r=4, scaling=2.0)
+    split = fused.clone(split_kernel=True)
+    variables = nn.unbox(fused.init(jax.random.key(1), x))
+    variables["lora"] = jax.tree.map(lambda v: v + 0.1, variables["lora"])  # B non-zero
+    kernel = variables["params"]["kernel"]
+    grouped = {**variables, "params": {"kernel": kernel.reshape(16, 3, 8)}}
+    want = fused.apply(variables, x).reshape(2, 5, 3, 8)
+    np.testing.assert_allclose(split.apply(grouped, x), want, rtol=1e-6, atol=1e-6)

@@ -234,3 +234,33 @@ def test_default_layout_shards_only_what_does_not_fit():
     two_hosts = gpus(2, gib=40) + [SimpleNamespace(process_index=1, memory_stats=gpus(1, gib=40)[0].memory_stats)
                                    for _ in range(2)]  # 65B on 4 x 40 GB over 2 hosts: tensor inside, fsdp across
     assert default_mesh_shape(LLaMAConfig.from_name("65B"), two_hosts) == {"data": 1, "fsdp": 2, "tensor": 2}
+
+
+TP_SCRIPT = textwrap.dedent("""
+    import os, re
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import numpy as np
+    from jaxlora.run import build_run
+    from jaxlora.settings import TrainArgs, resolve_args
+
+    a = resolve_args(TrainArgs(preset="tiny", pretrained_path="none", tokenizer_path="-", data_path="-", out_dir="-",
+                               batch_size=8, micro_batch_size=4, max_seq_length=64, precision="32-true",
+                               mesh="data=2,tensor=4", scan_layers=False))
+    r = build_run(a, max_steps=4)
+    ids = np.zeros((1, 8, 64), np.int32)
+    hlo = r.train_step.lower(r.state, r.params, r.batch({"input_ids": ids, "labels": ids})).compile().as_text()
+    print({op: len(re.findall("= [^ ]+ " + op + "(-start)?[(]", hlo))
+           for op in ("all-to-all", "collective-permute", "all-gather", "all-reduce")})
+""")
+
+
+def test_tensor_parallel_step_moves_only_the_all_reduces():
+    """q, k and v split at head boundaries (run-time (C, 3, C) kernels): a tensor=4 train step
+    needs no collective but the all-reduces (a fused (C, 3C) kernel split in four put shard
+    boundaries inside q/k/v: 14 collective-permutes and 3 all-gathers per step here)."""
+    out = subprocess.run([sys.executable, "-c", TP_SCRIPT], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = eval(out.stdout.strip().splitlines()[-1])
+    assert counts["all-to-all"] == counts["collective-permute"] == counts["all-gather"] == 0, counts
+    assert counts["all-reduce"] > 0, counts
