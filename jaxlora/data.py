@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -312,15 +313,54 @@ def _pad_rows(
     ``len(samples)`` are pure padding.
     """
     longest = max(min(len(s["input_ids"]), max_seq_length) for s in samples)
-    length = next(b for b in buckets if b >= longest)
+    return _rows_at(dict(enumerate(samples)), rows, next(b for b in buckets if b >= longest), max_seq_length)
+
+
+def _rows_at(samples: Mapping[int, dict], rows: int, length: int, max_seq_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, length) ids (pad 0) and labels (pad -1) holding each sample at its row; other rows are padding."""
     ids = np.full((rows, length), PAD_ID, dtype=np.int32)
     labels = np.full((rows, length), IGNORE_INDEX, dtype=np.int32)
-    for row, s in enumerate(samples):
+    for row, s in samples.items():
         x = np.asarray(s["input_ids"][:max_seq_length], dtype=np.int32)
         y = np.asarray(s["labels"][:max_seq_length], dtype=np.int32)
         ids[row, : len(x)] = x
         labels[row, : len(y)] = y
     return ids, labels
+
+
+class LazySamples(Sequence):
+    """Records tokenized on first use and kept: in a run of several processes each tokenizes
+    only the samples its own batch rows hold (`Batcher(local=...)`)."""
+
+    def __init__(self, records: Sequence[dict], prepare: Callable[[dict], dict]) -> None:
+        self.records, self.prepare, self._done = list(records), prepare, {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i not in self._done:
+            self._done[i] = self.prepare(self.records[i])
+        return self._done[i]
+
+    @property
+    def tokenized(self) -> int:
+        return len(self._done)
+
+
+@dataclass(frozen=True)
+class LocalRows:
+    """A process's part of every training batch (rows in flattened (n_micro, micro_batch_size)
+    order): `fill`, the rows its devices hold (the others stay padding: other processes fill
+    them); `count`, the rows whose tokens it counts (it is the lowest process holding them);
+    `agree`, (longest local sample, counted tokens) -> the whole batch's, over all processes."""
+
+    fill: np.ndarray
+    count: np.ndarray
+    agree: Callable[[int, int], tuple[int, int]]
 
 
 def _check_buckets(buckets: Sequence[int] | None, max_seq_length: int) -> tuple[int, ...]:
@@ -357,6 +397,7 @@ class Batcher:
         seed: int = 0,
         buckets: Sequence[int] | None = None,
         state: dict | None = None,
+        local: LocalRows | None = None,
     ) -> None:
         if not samples:
             raise ValueError("Batcher needs at least one sample")
@@ -373,6 +414,7 @@ class Batcher:
         self.max_seq_length = max_seq_length
         self.seed = seed
         self.buckets = _check_buckets(buckets, max_seq_length)
+        self.local = local
         self.epoch = 0
         self.position = 0
         self._order_epoch = -1
@@ -422,12 +464,24 @@ class Batcher:
 
     def __next__(self) -> dict[str, np.ndarray]:
         idx = self.next_indices()
-        ids, labels = _pad_rows([self.samples[i] for i in idx], self.batch_size, self.buckets, self.max_seq_length)
+        L = self.max_seq_length
+        if self.local is None:
+            rows = {row: self.samples[i] for row, i in enumerate(idx)}
+            counted = rows
+        else:  # only this process's rows; the batch's length and token count agreed with the others
+            rows = {row: self.samples[i] for row, i in enumerate(idx) if self.local.fill[row]}
+            counted = {row: s for row, s in rows.items() if self.local.count[row]}
+        longest = max((min(len(s["input_ids"]), L) for s in rows.values()), default=1)
+        tokens = sum(min(len(s["input_ids"]), L) for s in counted.values())
+        if self.local is not None:
+            longest, tokens = self.local.agree(longest, tokens)
+        ids, labels = _rows_at(rows, self.batch_size, next(b for b in self.buckets if b >= longest), L)
         shape = (self.n_micro, self.micro_batch_size, ids.shape[1])
         return {
             "input_ids": ids.reshape(shape),
             "labels": labels.reshape(shape),
             "index": idx.astype(np.int32).reshape(shape[:2]),
+            "tokens": np.asarray(tokens, np.int64),  # real (unpadded) tokens of the whole batch
         }
 
 

@@ -53,3 +53,20 @@ def to_host(tree: Any) -> Any:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def agree_on_batch(longest: int, tokens: int) -> tuple[int, int]:
+    """A training batch's longest sample (max) and real-token count (sum) over every process,
+    each of which knows only its own rows."""
+    if jax.process_count() == 1:
+        return longest, tokens
+    from jax.experimental import multihost_utils
+    both = np.asarray(multihost_utils.process_allgather(np.array([longest, tokens], np.int32)))
+    return int(both[:, 0].max()), int(both[:, 1].sum())
+
+
+def sum_over_processes(n: int) -> int:
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+    return int(np.asarray(multihost_utils.process_allgather(np.array(n, np.int32))).sum())

@@ -207,6 +207,21 @@ def host_to_global(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> 
             for k, v in batch.items()}
 
 
+def local_rows(sharding: NamedSharding, n_micro: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """For a training batch (n_micro, rows, T) laid out by `sharding`: (fill, count) masks over
+    its n_micro * rows rows, the rows this process's devices hold and those it is the
+    lowest-numbered process to hold (so that every row is counted once)."""
+    shape = (n_micro, rows, 1)
+    me = jax.process_index()
+    fill = np.zeros((n_micro, rows), bool)
+    owner = np.full((n_micro, rows), np.iinfo(np.int32).max)
+    for device, index in sharding.devices_indices_map(shape).items():
+        owner[index[:2]] = np.minimum(owner[index[:2]], device.process_index)
+        if device.process_index == me:
+            fill[index[:2]] = True
+    return fill.reshape(-1), (owner == me).reshape(-1)
+
+
 def describe(mesh: Mesh) -> str:
     shape = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
     kinds = sorted({d.device_kind for d in mesh.devices.flat})

@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import distributed
+from jaxlora import sharding as shd
 from jaxlora.checkpoint import CheckpointError, Checkpointer
-from jaxlora.data import Batcher, DataError, count_truncated, eval_batches, generate_prompt, load_prepared, load_records, \
-    prepare_records, split_records
+from jaxlora.data import (Batcher, DataError, LazySamples, LocalRows, count_truncated, eval_batches, generate_prompt,
+                          load_prepared, load_records, prepare_records, prepare_sample, split_records)
 from jaxlora.generate import greedy_generate
 from jaxlora.run import Run, build_run, estimate_device_bytes, flops_per_token, peak_flops
 from jaxlora.settings import (DEMO_BASE, DEMO_PROFILE, LIT_LLAMA_RECIPE, LIT_PRESETS, PRECISIONS, RANDOM_BASE,
@@ -150,19 +151,37 @@ def load_data(a: TrainArgs, tokenizer: Tokenizer, log: Callable[[str], None]) ->
     train_recs, val_recs = split_records(records, val_size, seed=42) if val_size else (list(records), [])
     if not train_recs:
         raise DataError(f"{path}: no training records left after taking {len(val_recs)} for validation")
-    train = prepare_records(train_recs, tokenizer, a.max_seq_length, a.mask_inputs)
     val = prepare_records(val_recs, tokenizer, a.max_seq_length, a.mask_inputs)
-    log(f"data: {path}: {n} records -> {len(train)} train / {len(val)} validation (split seed 42)")
-    _report_truncation(train + val, a.max_seq_length, log)
+    log(f"data: {path}: {n} records -> {len(train_recs)} train / {len(val)} validation (split seed 42)")
+    if jax.process_count() == 1:
+        train = prepare_records(train_recs, tokenizer, a.max_seq_length, a.mask_inputs)
+        _report_truncation(train + val, a.max_seq_length, log)
+        return train, val
+    # Several processes: each tokenizes only the samples its batch rows hold (as they come), and
+    # a 1/P share of the records now, for the counts at start.
+    train = LazySamples(train_recs, lambda r: prepare_sample(r, tokenizer, a.max_seq_length, a.mask_inputs))
+    log(f"data: {jax.process_count()} processes: each tokenizes the training samples its own batch rows hold")
+    share = [train[i] for i in range(jax.process_index(), len(train), jax.process_count())]
+    cut = distributed.sum_over_processes(count_truncated(share, a.max_seq_length))
+    empty = distributed.sum_over_processes(_no_loss_tokens(share, a.max_seq_length))
+    _report_counts(cut + count_truncated(val, a.max_seq_length), empty + _no_loss_tokens(val, a.max_seq_length),
+                   len(train) + len(val), a.max_seq_length, log)
     return train, val
 
 
 def _report_truncation(samples: Sequence[dict], max_seq_length: int, log: Callable[[str], None]) -> None:
     """Say how many samples are cut at max_seq_length and how many keep no loss token at all."""
-    long = count_truncated(samples, max_seq_length)
-    empty = sum(not np.any(np.asarray(s["labels"][:max_seq_length]) != -1) for s in samples)
+    _report_counts(count_truncated(samples, max_seq_length), _no_loss_tokens(samples, max_seq_length),
+                   len(samples), max_seq_length, log)
+
+
+def _no_loss_tokens(samples: Sequence[dict], max_seq_length: int) -> int:
+    return sum(not np.any(np.asarray(s["labels"][:max_seq_length]) != -1) for s in samples)
+
+
+def _report_counts(long: int, empty: int, total: int, max_seq_length: int, log: Callable[[str], None]) -> None:
     if long:
-        log(f"data: {long} of {len(samples)} samples are longer than --max_seq_length {max_seq_length} and are "
+        log(f"data: {long} of {total} samples are longer than --max_seq_length {max_seq_length} and are "
             "cut (lit-llama does the same; raise --max_seq_length to keep them whole)")
     if empty:
         log(f"warning: {empty} samples have no response token left to learn from (the prompt fills "
@@ -287,7 +306,11 @@ def run(args: TrainArgs) -> TrainResult:
         f"targets {','.join(lora_config.targets)})")
 
     state = r.state
-    batcher = Batcher(train_samples, a.batch_size, r.micro_rows, a.max_seq_length, seed=a.seed)
+    local = None
+    if jax.process_count() > 1:  # each process fills (and tokenizes) only the rows its devices hold
+        fill, count = shd.local_rows(r.shardings.batch, a.batch_size // r.micro_rows, r.micro_rows)
+        local = LocalRows(fill, count, distributed.agree_on_batch)
+    batcher = Batcher(train_samples, a.batch_size, r.micro_rows, a.max_seq_length, seed=a.seed, local=local)
     buckets = batcher.buckets
     out.mkdir(parents=True, exist_ok=True)  # only now that every input has been read
     checkpointer = Checkpointer(out / "checkpoints", max_to_keep=a.keep_checkpoints)
@@ -445,8 +468,7 @@ def run(args: TrainArgs) -> TrainResult:
                 clock.pause()
             state, m = compiled[shape](state, params, batch)
             in_hand = (step, batcher.state())
-            n_tokens = int(sum(min(len(train_samples[i]["input_ids"]), a.max_seq_length)
-                               for i in host["index"].reshape(-1)))
+            n_tokens = int(host["tokens"])
             n_padded = int(np.prod(shape))
             flush()
             pending = (step, m, n_tokens, n_padded, n_padded * flops_per_token(config, shape[2]), batcher.epoch)

@@ -392,3 +392,31 @@ def test_demo_assets(tokenizer: Tokenizer) -> None:
     assert "### Instruction" not in corpus and "The capital of France is Paris." in corpus
     total = sum((DEMO_DIR / n).stat().st_size for n in ("instructions.json", "corpus.txt", "tokenizer.model"))
     assert total < 2_000_000
+
+
+def test_a_process_fills_and_tokenizes_only_its_rows(tokenizer: Tokenizer) -> None:
+    """Batcher(local=...) over lazily tokenized samples: the rows this process holds equal the
+    one-process batch's, the others are padding, nothing else is tokenized, and the pad length
+    and token count are the whole batch's (as agreed with the other processes)."""
+    from jaxlora.data import LazySamples, LocalRows, prepare_sample
+    records = [{"instruction": f"Say {'word ' * (i % 7)}{i}.", "input": "", "output": "ok" * (i % 3 + 1)}
+               for i in range(40)]
+    eager = [prepare_sample(r, tokenizer, 64) for r in records]
+    whole = next(Batcher(eager, 16, 4, 64, seed=3))
+    fill = np.zeros(16, bool)
+    fill[[0, 1, 4, 5, 8, 9, 12, 13]] = True  # the first half of each micro-batch
+    lazy = LazySamples(records, lambda r: prepare_sample(r, tokenizer, 64))
+    told = []
+
+    def agree(longest: int, tokens: int) -> tuple[int, int]:
+        told.append((longest, tokens))
+        return whole["input_ids"].shape[-1], int(whole["tokens"])  # what the other process would make it
+    mine = next(Batcher(lazy, 16, 4, 64, seed=3, local=LocalRows(fill, fill, agree)))
+    assert lazy.tokenized == 8
+    rows = fill.reshape(4, 4)
+    np.testing.assert_array_equal(mine["input_ids"][rows], whole["input_ids"][rows])
+    np.testing.assert_array_equal(mine["labels"][rows], whole["labels"][rows])
+    assert (mine["labels"][~rows] == -1).all() and (mine["input_ids"][~rows] == 0).all()
+    assert mine["input_ids"].shape == whole["input_ids"].shape and int(mine["tokens"]) == int(whole["tokens"])
+    own = [eager[i] for i in whole["index"].reshape(-1)[fill]]
+    assert told == [(max(len(s["input_ids"]) for s in own), sum(len(s["input_ids"]) for s in own))]
