@@ -37,10 +37,12 @@ outputs in --out_dir: checkpoints/ (orbax: adapters, optimizer state, step, RNG,
   the last --keep_checkpoints kept; also written on Ctrl-C), {ADAPTERS_DIR}/ (the adapters as a jaxlora
   directory: convert/to_lit_llama.py --adapters ... --merged gives a merged lit-llama checkpoint),
   metrics.jsonl (one line per step and per evaluation), loss.png, summary.json, and {LORA_FILE}
-  (lit-llama's LoRA file; q,v adapters only; needs torch).
+  (lit-llama's LoRA file; q,v adapters only; needs torch), peft/ (a PEFT LoRA folder for HF
+  transformers and vLLM).
 
 several devices and hosts: the run spans every device JAX sees (--mesh, default: data parallel
-  while the model fits one device, else its weights sharded over the fewest devices that hold it).
+  while the model fits one device, else tensor parallel over the fewest devices of a host that
+  hold it).
   Several hosts: start the same command on each with --coordinator_address HOST:PORT
   --num_processes N --process_id I (or under SLURM / on a TPU pod slice, with none of them).
 """
