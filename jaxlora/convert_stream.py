@@ -20,6 +20,7 @@ import concurrent.futures
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -371,6 +372,9 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
         sources[cio.LORA_DIR] = adapters
     has_lora = cio._has_adapters(lora_config)
     lora_home = sources[cio.LORA_DIR]
+    if kind != "lora" and config.norm_eps != LLaMAConfig().norm_eps:
+        warnings.warn(f"{checkpoint_dir}: RMSNorm epsilon {config.norm_eps:g}; lit-llama's model always uses "
+                      f"{LLaMAConfig().norm_eps:g}, so it will compute this model slightly differently", stacklevel=2)
     if kind == "lora":
         if not has_lora:
             raise cio.CheckpointError(f"{lora_home}: has no adapters (config.json 'lora' is null); nothing to export "

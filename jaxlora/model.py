@@ -201,10 +201,10 @@ class Block(nn.Module):
     def __call__(self, x: Array, cos: Array, sin: Array, cache: dict | None = None,
                  cache_index: Array | None = None, kv_mask: Array | None = None) -> tuple[Array, dict | None]:
         pd = self.opts.param_dtype
-        y, cache = CausalSelfAttention(self.opts, name="attn")(RMSNorm(param_dtype=pd, name="rms_1")(x), cos, sin,
+        y, cache = CausalSelfAttention(self.opts, name="attn")(RMSNorm(self.opts.config.norm_eps, pd, name="rms_1")(x), cos, sin,
                                                                self.deterministic, cache, cache_index, kv_mask)
         x = x + y
-        x = x + MLP(self.opts, name="mlp")(RMSNorm(param_dtype=pd, name="rms_2")(x), self.deterministic)
+        x = x + MLP(self.opts, name="mlp")(RMSNorm(self.opts.config.norm_eps, pd, name="rms_2")(x), self.deterministic)
         return self.opts.constrain(x, ACT_EMBED), cache
 
 
@@ -336,7 +336,7 @@ class LLaMA(nn.Module):
                 x, layer_cache = block(opts, deterministic, name=f"{STACKED}_{i}")(x, cos, sin, *args)
                 caches.append(layer_cache)
             cache = None if cache is None else tuple(caches)
-        x = RMSNorm(param_dtype=self.param_dtype, name="ln_f")(x)
+        x = RMSNorm(cfg.norm_eps, self.param_dtype, name="ln_f")(x)
         if not return_hidden:
             x = LMHead(cfg.padded_vocab_size, dtype=self.dtype, param_dtype=self.param_dtype, name="lm_head")(x)
         return x if cache is None else (x, cache)

@@ -9,6 +9,7 @@ eval steps with explicit input and output shardings.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,8 @@ def read_base_config(pretrained_path: str | None, preset: str | None) -> tuple[L
 
 def _check_preset(config: LLaMAConfig, preset_cfg: LLaMAConfig | None, preset: str | None, source: Path) -> None:
     from jaxlora.errors import CheckpointError
-    if preset_cfg is not None and config != preset_cfg:
+    # the preset fixes the shape; the norm epsilon is the weights' own (HF LLaMA-1 ports: 1e-6)
+    if preset_cfg is not None and dataclasses.replace(config, norm_eps=preset_cfg.norm_eps) != preset_cfg:
         diffs = [f"{k}: checkpoint has {v}, preset {preset} has {getattr(preset_cfg, k)}"
                  for k, v in config.to_dict().items() if getattr(preset_cfg, k) != v]
         raise CheckpointError(f"{source}: does not match preset {preset!r} (" + "; ".join(diffs) + ")")

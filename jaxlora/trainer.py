@@ -37,6 +37,7 @@ import numpy as np
 from jaxlora import distributed
 from jaxlora import sharding as shd
 from jaxlora.checkpoint import CheckpointError, Checkpointer
+from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.data import (Batcher, DataError, LazySamples, LocalRows, count_truncated, eval_batches, generate_prompt,
                           load_prepared, load_records, prepare_records, prepare_sample, split_records)
 from jaxlora.generate import greedy_generate
@@ -328,7 +329,7 @@ def run(args: TrainArgs) -> TrainResult:
             if key in saved and saved[key] != mine:
                 raise CheckpointError(f"{checkpointer.step_dir(latest)}: saved with {key}={saved[key]!r}, this run "
                                       f"has {key}={mine!r}; resume with the same settings")
-        if meta.get("model") != config.to_dict():
+        if LLaMAConfig.from_dict(meta.get("model") or {}) != config:  # (older checkpoints lack newer fields)
             raise CheckpointError(f"{checkpointer.step_dir(latest)}: saved for model {meta.get('model')}, "
                                   f"this run's base model is {config.to_dict()}")
         state, meta = checkpointer.restore(state, latest)

@@ -5,6 +5,7 @@ A tiny random LlamaConfig (not a preset: vocab 96, hidden 64, 4 heads, 2 layers)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -260,7 +261,6 @@ def edited_hf_dir(hf_dir: Path, tmp: Path, **changes) -> Path:
     (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_type 'linear'"),
     (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), "rope_theta 500000"),
-    (dict(rms_norm_eps=1e-6), "rms_norm_eps 1e-06"),
     (dict(intermediate_size=200), "intermediate_size 200"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
     (dict(attention_bias=True), "attention_bias"),
@@ -346,3 +346,21 @@ def test_train_on_an_hf_base_leaves_a_peft_folder(tmp_path):
     lora_config, lora = load_adapters_dir(tmp_path / "out" / "adapters", config, "the HF base")
     assert np.abs(np.asarray(jax.tree.leaves(lora)[0])).max() > 0
     close(our_logits(config, {"params": variables["params"], "lora": lora}, lora_config), hf_logits(peft_model))
+
+
+def test_llama1_ports_norm_epsilon(hf_dir, tmp_path):
+    """HF ports of LLaMA-1 and OpenLLaMA use rms_norm_eps 1e-6: read into config.norm_eps, the
+    logits are HF's (the tiny model's activations are small enough for eps to matter: checked
+    by the 1e-5 model's logits differing), and to_hf writes it back."""
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**HF_SHAPE, "rms_norm_eps": 1e-6})).eval()
+    randomize(model, 0)
+    with torch.no_grad():  # shrink the activations so that eps shows in the output
+        model.model.embed_tokens.weight.mul_(1e-3)
+    model.save_pretrained(tmp_path / "hf")
+    config, _, variables = load_hf(tmp_path / "hf")
+    assert config.norm_eps == 1e-6
+    want = hf_logits(model)
+    close(our_logits(config, variables), want)
+    other = np.asarray(our_logits(dataclasses.replace(config, norm_eps=1e-5), variables))
+    assert np.max(np.abs(other - want)) > 100 * RTOL * np.max(np.abs(want))
+    assert hf.config_to_hf(config)["rms_norm_eps"] == 1e-6

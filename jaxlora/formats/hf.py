@@ -39,7 +39,7 @@ _HF_SECTION = {"attn": "self_attn", "mlp": "mlp"}  # our block's sections -> HF'
 HF_MODULES: dict[str, str] = {name: f"{_HF_SECTION[t.module[0]]}.{t.peft_name}" for name, t in LORA_TARGETS.items()}
 ROPE_TARGETS = ("q", "k")  # their output rows follow HF's half-split RoPE order
 PEFT_PREFIX = "base_model.model."  # PEFT's keys: the HF model's keys under PeftModel.base_model
-NORM_EPS = 1e-5  # our RMSNorm's (lit-llama's) epsilon
+NORM_EPS = 1e-5  # RMSNorm's epsilon when config.json gives none (lit-llama's)
 ROPE_THETA = 10000.0  # our RoPE base
 
 
@@ -85,15 +85,13 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> LLaMAC
             problems.append(f"{flag}=true (no biases)")
     if get("tie_word_embeddings", False):
         problems.append("tie_word_embeddings=true (lm_head is a separate weight here)")
-    eps = float(get("rms_norm_eps", NORM_EPS))
-    if eps != NORM_EPS:
-        problems.append(f"rms_norm_eps {eps:g} (our RMSNorm uses {NORM_EPS:g}, as lit-llama)")
     if get("head_dim", C // n_head) != C // n_head:
         problems.append(f"head_dim {hf['head_dim']} (!= hidden_size / num_attention_heads = {C // n_head})")
     V = int(hf["vocab_size"])
     try:
         config = LLaMAConfig(block_size=int(get("max_position_embeddings", 2048)), vocab_size=V,
-                             padded_vocab_size=V, n_layer=n_layer, n_head=n_head, n_embd=C)
+                             padded_vocab_size=V, n_layer=n_layer, n_head=n_head, n_embd=C,
+                             norm_eps=float(get("rms_norm_eps", NORM_EPS)))
     except ValueError as e:
         raise HFConfigError(f"{source}: {e}") from e
     if int(hf["intermediate_size"]) != config.n_hidden:
@@ -112,7 +110,7 @@ def config_to_hf(config: LLaMAConfig, dtype: str = "float32") -> dict[str, Any]:
         "num_attention_heads": config.n_head, "num_key_value_heads": config.n_head,
         "num_hidden_layers": config.n_layer, "head_dim": config.head_size,
         "vocab_size": config.padded_vocab_size, "max_position_embeddings": config.block_size,
-        "rms_norm_eps": NORM_EPS, "rope_theta": ROPE_THETA, "rope_scaling": None, "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps, "rope_theta": ROPE_THETA, "rope_scaling": None, "hidden_act": "silu",
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype, "dtype": dtype,
     }
