@@ -80,7 +80,8 @@ def load_for_generation(checkpoint_dir: PathLike | None = None, pretrained_path:
     elif lora_path is not None and Path(pretrained_path).is_file():
         from jaxlora.formats.lit_files import load_lit_llama
         config, lora_config, variables = load_lit_llama(pretrained_path, lora_path=lora_path, lora_alpha=lora_alpha,
-                                                        param_dtype=param_dtype, place=lambda leaf, _: jax.device_put(leaf))
+                                                        param_dtype=param_dtype,
+                                                        place=lambda leaf, _: jax.device_put(leaf))
         params, lora, desc = variables["params"], variables["lora"], f"lit-llama checkpoint {pretrained_path}"
         lora_path = None  # read
     else:

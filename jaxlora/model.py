@@ -201,10 +201,11 @@ class Block(nn.Module):
     def __call__(self, x: Array, cos: Array, sin: Array, cache: dict | None = None,
                  cache_index: Array | None = None, kv_mask: Array | None = None) -> tuple[Array, dict | None]:
         pd = self.opts.param_dtype
-        y, cache = CausalSelfAttention(self.opts, name="attn")(RMSNorm(self.opts.config.norm_eps, pd, name="rms_1")(x), cos, sin,
+        eps = self.opts.config.norm_eps
+        y, cache = CausalSelfAttention(self.opts, name="attn")(RMSNorm(eps, pd, name="rms_1")(x), cos, sin,
                                                                self.deterministic, cache, cache_index, kv_mask)
         x = x + y
-        x = x + MLP(self.opts, name="mlp")(RMSNorm(self.opts.config.norm_eps, pd, name="rms_2")(x), self.deterministic)
+        x = x + MLP(self.opts, name="mlp")(RMSNorm(eps, pd, name="rms_2")(x), self.deterministic)
         return self.opts.constrain(x, ACT_EMBED), cache
 
 
@@ -440,7 +441,8 @@ def split_layers_on_device(model: LLaMA, params: Mapping[str, Any], shardings: M
         return out
     n = model.config.n_layer
     leaves, treedef = jax.tree.flatten(params[STACKED])
-    paths = [tuple(getattr(k, "key", k) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(params[STACKED])[0]]
+    paths = [tuple(getattr(k, "key", k) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(params[STACKED])[0]]
     targets = jax.tree.leaves(shardings[f"{STACKED}_0"]) if shardings is not None else [None] * len(leaves)
     pieces = []
     with warnings.catch_warnings():  # CPU cannot donate; the copy is then transient, as documented

@@ -70,7 +70,8 @@ def _model_shapes(reader: Any) -> dict[str, tuple[int, ...]]:
 
 
 def load_hf(hf_dir: str | os.PathLike, param_dtype: Any = None, config: LLaMAConfig | None = None,
-            place: Callable[[np.ndarray, tuple[str, ...]], Any] | None = None) -> tuple[LLaMAConfig, None, dict[str, Any]]:
+            place: Callable[[np.ndarray, tuple[str, ...]], Any] | None = None,
+            ) -> tuple[LLaMAConfig, None, dict[str, Any]]:
     """Read an HF LlamaForCausalLM directory into {"params": ...}, as `load_lit_llama` does a .pth.
 
     The shape comes from config.json unless `config` is given (the tensors must then fit it);
