@@ -160,7 +160,7 @@ def load_base_model(pretrained_path: str | None, preset: str | None, param_dtype
                     mesh: Mesh | None = None) -> tuple[LLaMAConfig, Any, str]:
     """The frozen weights alone, e.g. for generation: (config, params (stacked layout),
     description). pretrained_path as for `train.py` (a jaxlora checkpoint directory, a lit-llama
-    .pth, or "none"/"random" with `preset`); with `preset` the weights must match it. Placed by
+    .pth, an HF directory, or "none"/"random" with `preset`); with `preset` the weights must match it. Placed by
     the rules over `mesh` as they are read (default: the first device)."""
     config, kind = read_base_config(pretrained_path, preset)
     mesh = mesh or shd.make_mesh(data=1)
