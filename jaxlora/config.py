@@ -28,6 +28,7 @@ class LLaMAConfig:
     n_head: int = 32
     n_embd: int = 4096
     norm_eps: float = 1e-5  # RMSNorm's epsilon: lit-llama's (fixed there); HF LLaMA-1 ports use 1e-6
+    rope_base: float = 10000.0  # RoPE's theta: lit-llama's (fixed there); CodeLlama uses 1e6
 
     def __post_init__(self) -> None:
         if self.padded_vocab_size is None:

@@ -372,9 +372,11 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
         sources[cio.LORA_DIR] = adapters
     has_lora = cio._has_adapters(lora_config)
     lora_home = sources[cio.LORA_DIR]
-    if kind != "lora" and config.norm_eps != LLaMAConfig().norm_eps:
-        warnings.warn(f"{checkpoint_dir}: RMSNorm epsilon {config.norm_eps:g}; lit-llama's model always uses "
-                      f"{LLaMAConfig().norm_eps:g}, so it will compute this model slightly differently", stacklevel=2)
+    lit = LLaMAConfig()  # lit-llama's model fixes these two
+    for name, what in (("norm_eps", "RMSNorm epsilon"), ("rope_base", "RoPE base")):
+        if kind != "lora" and getattr(config, name) != getattr(lit, name):
+            warnings.warn(f"{checkpoint_dir}: {what} {getattr(config, name):g}; lit-llama's model always uses "
+                          f"{getattr(lit, name):g}, so it will compute this model differently", stacklevel=2)
     if kind == "lora":
         if not has_lora:
             raise cio.CheckpointError(f"{lora_home}: has no adapters (config.json 'lora' is null); nothing to export "

@@ -308,7 +308,7 @@ class LLaMA(nn.Module):
         cfg = self.config
         if positions is None:
             positions = jnp.arange(idx.shape[-1])
-        cos, sin = rope_angles(positions, cfg.head_size)
+        cos, sin = rope_angles(positions, cfg.head_size, cfg.rope_base)
         opts = Settings(cfg, self.lora, self.dtype, self.param_dtype, self.lora_dtype, self.attention, self.mesh,
                         tuple(self.rules), self.split_qkv)
         x = opts.constrain(TokenEmbedding(cfg.padded_vocab_size, opts, name="wte")(idx), ACT_EMBED)

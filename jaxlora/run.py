@@ -123,8 +123,9 @@ def read_base_config(pretrained_path: str | None, preset: str | None) -> tuple[L
 
 def _check_preset(config: LLaMAConfig, preset_cfg: LLaMAConfig | None, preset: str | None, source: Path) -> None:
     from jaxlora.errors import CheckpointError
-    # the preset fixes the shape; the norm epsilon is the weights' own (HF LLaMA-1 ports: 1e-6)
-    if preset_cfg is not None and dataclasses.replace(config, norm_eps=preset_cfg.norm_eps) != preset_cfg:
+    # the preset fixes the shape; norm epsilon and RoPE base are the weights' own (HF LLaMA-1: eps 1e-6)
+    if preset_cfg is not None and dataclasses.replace(config, norm_eps=preset_cfg.norm_eps,
+                                                      rope_base=preset_cfg.rope_base) != preset_cfg:
         diffs = [f"{k}: checkpoint has {v}, preset {preset} has {getattr(preset_cfg, k)}"
                  for k, v in config.to_dict().items() if getattr(preset_cfg, k) != v]
         raise CheckpointError(f"{source}: does not match preset {preset!r} (" + "; ".join(diffs) + ")")

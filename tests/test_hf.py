@@ -260,7 +260,6 @@ def edited_hf_dir(hf_dir: Path, tmp: Path, **changes) -> Path:
     (dict(num_key_value_heads=2), "grouped-query attention (num_key_value_heads=2 != num_attention_heads=4)"),
     (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_type 'linear'"),
     (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling"),
-    (dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), "rope_theta 500000"),
     (dict(intermediate_size=200), "intermediate_size 200"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
     (dict(attention_bias=True), "attention_bias"),
@@ -364,3 +363,19 @@ def test_llama1_ports_norm_epsilon(hf_dir, tmp_path):
     other = np.asarray(our_logits(dataclasses.replace(config, norm_eps=1e-5), variables))
     assert np.max(np.abs(other - want)) > 100 * RTOL * np.max(np.abs(want))
     assert hf.config_to_hf(config)["rms_norm_eps"] == 1e-6
+
+
+def test_rope_base_is_read(hf_dir, tmp_path):
+    """CodeLlama's rope_theta 1e6 (transformers 5 writes it under rope_parameters): read into
+    config.rope_base; the logits are HF's and visibly not those of base 10000."""
+    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**HF_SHAPE, **rope, "rope_theta": 1e6})).eval()
+    randomize(model, 0)
+    model.save_pretrained(tmp_path / "hf")
+    config, _, variables = load_hf(tmp_path / "hf")
+    assert config.rope_base == 1e6
+    want = hf_logits(model)
+    close(our_logits(config, variables), want)
+    other = np.asarray(our_logits(dataclasses.replace(config, rope_base=10000.0), variables))
+    assert np.max(np.abs(other - want)) > 100 * RTOL * np.max(np.abs(want))
+    assert hf.config_to_hf(config)["rope_theta"] == 1e6

@@ -40,7 +40,7 @@ HF_MODULES: dict[str, str] = {name: f"{_HF_SECTION[t.module[0]]}.{t.peft_name}" 
 ROPE_TARGETS = ("q", "k")  # their output rows follow HF's half-split RoPE order
 PEFT_PREFIX = "base_model.model."  # PEFT's keys: the HF model's keys under PeftModel.base_model
 NORM_EPS = 1e-5  # RMSNorm's epsilon when config.json gives none (lit-llama's)
-ROPE_THETA = 10000.0  # our RoPE base
+ROPE_THETA = 10000.0  # RoPE's base when config.json gives none
 
 
 class HFConfigError(ValueError):
@@ -78,8 +78,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> LLaMAC
     if rope.get("rope_type", "default") != "default":
         problems.append(f"rope_parameters.rope_type {rope['rope_type']!r} (rope scaling is not supported)")
     theta = float(get("rope_theta", rope.get("rope_theta", ROPE_THETA)))
-    if theta != ROPE_THETA:
-        problems.append(f"rope_theta {theta:g} (only {ROPE_THETA:g})")
     for flag in ("attention_bias", "mlp_bias"):
         if get(flag, False):
             problems.append(f"{flag}=true (no biases)")
@@ -91,7 +89,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> LLaMAC
     try:
         config = LLaMAConfig(block_size=int(get("max_position_embeddings", 2048)), vocab_size=V,
                              padded_vocab_size=V, n_layer=n_layer, n_head=n_head, n_embd=C,
-                             norm_eps=float(get("rms_norm_eps", NORM_EPS)))
+                             norm_eps=float(get("rms_norm_eps", NORM_EPS)), rope_base=theta)
     except ValueError as e:
         raise HFConfigError(f"{source}: {e}") from e
     if int(hf["intermediate_size"]) != config.n_hidden:
@@ -110,7 +108,7 @@ def config_to_hf(config: LLaMAConfig, dtype: str = "float32") -> dict[str, Any]:
         "num_attention_heads": config.n_head, "num_key_value_heads": config.n_head,
         "num_hidden_layers": config.n_layer, "head_dim": config.head_size,
         "vocab_size": config.padded_vocab_size, "max_position_embeddings": config.block_size,
-        "rms_norm_eps": config.norm_eps, "rope_theta": ROPE_THETA, "rope_scaling": None, "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_base, "rope_scaling": None, "hidden_act": "silu",
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype, "dtype": dtype,
     }
