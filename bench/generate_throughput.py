@@ -59,6 +59,7 @@ from jaxlora.config import LLaMAConfig  # noqa: E402
 from jaxlora.generate import GREEDY, NO_EOS, bucket, decode_program, prefill_program, prepare  # noqa: E402
 from jaxlora.model import LLaMA, head_logits, init_variables  # noqa: E402
 from jaxlora.quantize import DEFAULT_INT8_MATMUL, INT8_MATMULS, dense_dot, dequantize, quantize_params, weight_bytes  # noqa: E402
+from jaxlora.sharding import peak_memory_bytes  # noqa: E402
 
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 
@@ -93,7 +94,7 @@ def compiled_gib(compiled: Any) -> float | None:
 
 
 def device_peak_gib() -> float | None:
-    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    peak = peak_memory_bytes()
     return round(peak / 2**30, 2) if peak else None
 
 

@@ -6,18 +6,9 @@ reference, from bench/scale_out.sh's JSON lines (one series per preset and card)
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
-from pathlib import Path
 
-
-def read_rows(paths: list[str]) -> list[dict]:
-    rows = []
-    for path in paths:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith("{") and "tokens_per_s" in line:
-                rows.append(json.loads(line))
-    return rows
+from plot_throughput import read_rows  # the same bench JSON lines (run as bench/plot_scaling.py)
 
 
 def plot(rows: list[dict], out: str, title: str) -> None:

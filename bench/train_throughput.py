@@ -38,7 +38,8 @@ import jax  # noqa: E402
 from jaxlora import sharding as shd  # noqa: E402
 from jaxlora.config import LLaMAConfig  # noqa: E402
 from jaxlora.run import build_run, flops_per_token  # noqa: E402
-from jaxlora.settings import TrainArgs, resolve_args  # noqa: E402
+from jaxlora.model import ATTENTION_IMPLS, REMAT_POLICIES  # noqa: E402
+from jaxlora.settings import RNG_IMPLS, TrainArgs, resolve_args  # noqa: E402
 
 PRECISION = {"bf16": "bf16-true", "f32": "32-true"}
 # knob name in --variants -> TrainArgs field
@@ -56,12 +57,6 @@ def parse_variant(spec: str) -> dict:
         except ValueError:
             out[key] = float(value) if value.replace(".", "", 1).isdigit() else value
     return out
-
-
-def device_peak_bytes() -> int | None:
-    """The highest peak of any local device."""
-    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
-    return max((p for p in peaks if p), default=None)
 
 
 def profile_steps(args: argparse.Namespace, compiled: Any, state: Any, params: Any, batches: list,
@@ -166,7 +161,7 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> 
         profile_steps(args, compiled, state, params, batches, tag)
     tokens = rows * seq
     tok_s = tokens / step_s
-    peak = device_peak_bytes()
+    peak = shd.peak_memory_bytes()
     n_dev = mesh.devices.size
     return {
         "bench": "jaxlora", "preset": args.preset, "batch": batch, "seq": seq, "r": args.lora_r,
@@ -207,13 +202,13 @@ def main() -> None:
     ap.add_argument("--targets", default="q,v")
     ap.add_argument("--dtype", default="bf16", choices=sorted(PRECISION), help="frozen weights and compute")
     ap.add_argument("--lora_dropout", type=float, help="default: the profile's (lit-llama: 0.05)")
-    ap.add_argument("--attention", choices=["auto", "xla", "cudnn"], help="default: the profile's")
-    ap.add_argument("--remat", help="see jaxlora.model.REMAT_POLICIES; default: the profile's")
+    ap.add_argument("--attention", choices=ATTENTION_IMPLS, help="default: the profile's")
+    ap.add_argument("--remat", choices=list(REMAT_POLICIES), help="default: the profile's")
     ap.add_argument("--scan_layers", type=int, choices=[0, 1], help="1: one scan over stacked weights; 0: "
                     "per-layer weights, unrolled loop; default: the profile's")
     ap.add_argument("--scan_unroll", type=int, help="with --scan_layers 1: layers per scan step; 0 = unrolled")
     ap.add_argument("--loss_chunk", type=int, help="tokens per cross-entropy chunk (0: whole batch)")
-    ap.add_argument("--rng_impl", help="PRNG for dropout: threefry2x32 | rbg")
+    ap.add_argument("--rng_impl", choices=RNG_IMPLS, help="PRNG for dropout; default: the profile's")
     ap.add_argument("--variants", default="", help="';'-separated knob overrides, e.g. 'remat=dots;loss_chunk=2048' "
                     f"(knobs: {', '.join(sorted(KNOBS))})")
     ap.add_argument("--steps", type=int, default=10)

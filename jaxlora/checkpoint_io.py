@@ -367,7 +367,7 @@ def read_config(directory: str | os.PathLike) -> tuple[LLaMAConfig, LoRAConfig |
     return config, lora
 
 
-def _has_adapters(lora_config: LoRAConfig | None) -> bool:
+def has_adapters(lora_config: LoRAConfig | None) -> bool:
     return lora_config is not None and lora_config.r > 0 and bool(lora_config.targets)
 
 
@@ -389,7 +389,7 @@ def save_checkpoint(directory: str | os.PathLike, config: LLaMAConfig, lora_conf
     directory = Path(directory).absolute()
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} already exists; pass overwrite=True (--overwrite) to replace it")
-    if lora is not None and not _has_adapters(lora_config):
+    if lora is not None and not has_adapters(lora_config):
         raise CheckpointError(f"{directory}: adapters given but lora_config is {lora_config}")
     if params is None and lora is None:
         raise CheckpointError(f"{directory}: nothing to save (no params, no adapters)")
@@ -458,7 +458,7 @@ def load_checkpoint(directory: str | os.PathLike, param_dtype: Any = None, shard
     config, lora_config = read_config(directory)
     if not (directory / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ directory (incomplete checkpoint)")
-    has_lora = _has_adapters(lora_config)
+    has_lora = has_adapters(lora_config)
     if has_lora and not (directory / LORA_DIR).is_dir():
         raise CheckpointError(f"{directory}: config.json describes adapters ({lora_config}) but there is no "
                               f"{LORA_DIR}/ directory")

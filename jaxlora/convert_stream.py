@@ -370,7 +370,7 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
                               for k, v in adapter_config.to_dict().items() if getattr(config, k) != v)
             raise cio.CheckpointError(f"{adapters}: adapters for another model than {directory} ({diffs})")
         sources[cio.LORA_DIR] = adapters
-    has_lora = cio._has_adapters(lora_config)
+    has_lora = cio.has_adapters(lora_config)
     lora_home = sources[cio.LORA_DIR]
     lit = LLaMAConfig()  # lit-llama's model fixes these two
     for name, what in (("norm_eps", "RMSNorm epsilon"), ("rope_base", "RoPE base")):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -373,20 +374,23 @@ def canonical(model: LLaMA) -> LLaMA:
     return model if model.scan_layers and not model.split_qkv else model.clone(scan_layers=True, split_qkv=False)
 
 
+QKV_KERNEL = ("attn", "c_attn", "kernel")  # the fused q/k/v kernel, under a layer
+
+
+def qkv_in_run_layout(model: LLaMA, path: tuple, x: Any) -> Any:
+    """A leaf at `path` (ending in a layer's attn/c_attn/kernel, stacked or not) as `model`
+    reads it: with `model.split_qkv`, (..., C, 3C) -> (..., C, 3, C) (a free reshape; on a
+    device mesh the new layout moves the kernel once); anything else unchanged."""
+    if model.split_qkv and tuple(path[-3:]) == QKV_KERNEL and x.shape[-1] == 3 * model.config.n_embd:
+        return x.reshape(*x.shape[:-1], 3, model.config.n_embd)
+    return x
+
+
 def _split_qkv_kernels(model: LLaMA, tree: Mapping[str, Any]) -> dict[str, Any]:
-    """Fused c_attn kernels (..., C, 3C) as (..., C, 3, C) where `model.split_qkv` reads them so
-    (a free reshape; on a device mesh the layout change moves each kernel once)."""
     if not model.split_qkv:
         return dict(tree)
-    C = model.config.n_embd
-    out = {}
-    for name, sub in tree.items():
-        kernel = sub.get("attn", {}).get("c_attn", {}).get("kernel") if isinstance(sub, Mapping) else None
-        if kernel is not None and kernel.shape[-1] == 3 * C:
-            sub = {**sub, "attn": {**sub["attn"], "c_attn": {**sub["attn"]["c_attn"],
-                                                              "kernel": kernel.reshape(*kernel.shape[:-1], 3, C)}}}
-        out[name] = sub
-    return out
+    flat = traverse_util.flatten_dict(tree)
+    return traverse_util.unflatten_dict({path: qkv_in_run_layout(model, path, x) for path, x in flat.items()})
 
 
 def unstack_layers(tree: Mapping[str, Any], n_layer: int) -> dict[str, Any]:
@@ -432,30 +436,26 @@ def split_layers_on_device(model: LLaMA, params: Mapping[str, Any], shardings: M
     if model.scan_layers or STACKED not in params:
         if not model.split_qkv or STACKED not in params:
             return layered(model, params)
-        out = dict(params)
-        out[STACKED] = params_h = dict(params[STACKED])
-        kernel = params_h["attn"]["c_attn"]["kernel"]
-        target = shardings[STACKED]["attn"]["c_attn"]["kernel"] if shardings is not None else None
-        split = jax.jit(lambda x: x.reshape(*x.shape[:-1], 3, -1), donate_argnums=0, out_shardings=target)
-        params_h["attn"] = {**params_h["attn"], "c_attn": {**params_h["attn"]["c_attn"], "kernel": split(kernel)}}
-        return out
+        out = traverse_util.flatten_dict(params)  # scanned: only the q/k/v kernel changes layout
+        path = (STACKED,) + QKV_KERNEL
+        target = traverse_util.flatten_dict(shardings)[path] if shardings is not None else None
+        out[path] = jax.jit(lambda x: qkv_in_run_layout(model, path, x), donate_argnums=0,
+                            out_shardings=target)(out[path])
+        return traverse_util.unflatten_dict(out)
     n = model.config.n_layer
-    leaves, treedef = jax.tree.flatten(params[STACKED])
-    paths = [tuple(getattr(k, "key", k) for k in path)
-             for path, _ in jax.tree_util.tree_flatten_with_path(params[STACKED])[0]]
-    targets = jax.tree.leaves(shardings[f"{STACKED}_0"]) if shardings is not None else [None] * len(leaves)
-    pieces = []
+    flat = traverse_util.flatten_dict(params[STACKED])
+    targets = traverse_util.flatten_dict(shardings[f"{STACKED}_0"]) if shardings is not None else {}
+    pieces = {}
     with warnings.catch_warnings():  # CPU cannot donate; the copy is then transient, as documented
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-        for k, (leaf, target, path) in enumerate(zip(leaves, targets, paths)):
-            qkv = model.split_qkv and path == ("attn", "c_attn", "kernel")
-            split = jax.jit(lambda x, qkv=qkv: tuple(x[i].reshape(*x.shape[1:-1], 3, -1) if qkv else x[i]
-                                                     for i in range(n)),
+        for path in list(flat):
+            target = targets.get(path)
+            split = jax.jit(lambda x, path=path: tuple(qkv_in_run_layout(model, path, x[i]) for i in range(n)),
                             donate_argnums=0, out_shardings=None if target is None else (target,) * n)
-            pieces.append(split(leaf))
-            leaves[k] = None  # drop our reference so the donated buffer can go
+            pieces[path] = split(flat.pop(path))  # drop our reference so the donated buffer can go
     out = {k: v for k, v in params.items() if k != STACKED}
-    out.update({f"{STACKED}_{i}": jax.tree.unflatten(treedef, [p[i] for p in pieces]) for i in range(n)})
+    out.update({f"{STACKED}_{i}": traverse_util.unflatten_dict({p: v[i] for p, v in pieces.items()})
+                for i in range(n)})
     return out
 
 

@@ -2,8 +2,8 @@
 the tests, so the step that is measured is the step that ships.
 
 `build_run(args, mesh)` reads the base model's architecture, builds the model, puts the
-frozen weights straight into their shards on `mesh` (random, a jaxlora checkpoint directory
-or a lit-llama .pth; no device holds more than its shards plus one stacked weight), creates
+frozen weights straight into their shards on `mesh` (random, a jaxlora checkpoint directory,
+a lit-llama .pth or an HF directory; no device holds more than its shards plus one stacked weight), creates
 the adapters and optimizer state sharded by the same rules table, and jits the train and
 eval steps with explicit input and output shardings.
 """
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
 from jaxlora import sharding as shd
@@ -145,7 +146,7 @@ def load_params(model: LLaMA, kind: str, pretrained_path: str | None, seed: int,
         return variables["params"]
     from jaxlora.formats.hf_files import load_hf
     from jaxlora.formats.lit_files import load_lit_llama
-    leaves = {path: s for path, s in _flat(stacked).items()}
+    leaves = traverse_util.flatten_dict(stacked)
     load = load_hf if kind == "hf" else load_lit_llama
     _, _, variables = load(pretrained_path, param_dtype=param_dtype, config=model.config,
                            place=lambda leaf, path: jax.device_put(leaf, leaves[path]))
@@ -161,18 +162,14 @@ def load_base_model(pretrained_path: str | None, preset: str | None, param_dtype
                     mesh: Mesh | None = None) -> tuple[LLaMAConfig, Any, str]:
     """The frozen weights alone, e.g. for generation: (config, params (stacked layout),
     description). pretrained_path as for `train.py` (a jaxlora checkpoint directory, a lit-llama
-    .pth, an HF directory, or "none"/"random" with `preset`); with `preset` the weights must match it. Placed by
-    the rules over `mesh` as they are read (default: the first device)."""
+    .pth, an HF directory, or "none"/"random" with `preset`); with `preset` the weights must
+    match it. Placed by the rules over `mesh` as they are read (default: the first device)."""
     config, kind = read_base_config(pretrained_path, preset)
     mesh = mesh or shd.make_mesh(data=1)
-    stacked = shd.variable_shardings(LLaMA(config, param_dtype=param_dtype), mesh)["params"]
-    params = load_params(LLaMA(config, param_dtype=param_dtype), kind, pretrained_path, seed, param_dtype, stacked)
+    model = LLaMA(config, param_dtype=param_dtype)
+    stacked = shd.variable_shardings(model, mesh)["params"]
+    params = load_params(model, kind, pretrained_path, seed, param_dtype, stacked)
     return config, params, describe_base(kind, pretrained_path, preset, seed)
-
-
-def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
-    from flax.traverse_util import flatten_dict
-    return flatten_dict(tree)
 
 
 # ----------------------------------------------------------------------------- shardings

@@ -111,6 +111,13 @@ def device_memory_bytes(device: Any) -> int | None:
     return (stats or {}).get("bytes_limit")
 
 
+def peak_memory_bytes() -> int | None:
+    """The highest peak memory use of this process's devices so far (None where the backend
+    does not say, e.g. CPU)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    return max((p for p in peaks if p), default=None)
+
+
 def host_memory_bytes() -> int | None:
     """Memory the host has available now (Linux), for CPU runs."""
     try:
@@ -147,28 +154,33 @@ def default_mesh_shape(config: LLaMAConfig, devices: Sequence[Any], param_bytes:
         return need / shards <= WEIGHT_SHARE * limit
 
     per_host = sum(1 for d in devices if d.process_index == devices[0].process_index)
-    tensors = [t for t in range(2, per_host + 1) if per_host % t == 0 and n % t == 0
-               and not any(size % t for size in (config.n_head, config.n_hidden, config.padded_vocab_size))]
+    tensors = [t for t in range(2, per_host + 1) if per_host % t == 0 and n % t == 0 and not _misfit(config, 1, t)]
     for t in tensors:
         if fits(t):
             return {"data": n // t, "fsdp": 1, "tensor": t}
     t = max(tensors, default=1)
     rest = n // t
-    fsdp = next((f for f in range(2, rest + 1) if rest % f == 0 and config.n_embd % f == 0 and fits(t * f)), rest)
+    fsdp = next((f for f in range(2, rest + 1) if rest % f == 0 and not _misfit(config, f, t) and fits(t * f)), rest)
     return {"data": rest // fsdp, "fsdp": fsdp, "tensor": t}
 
 
 def check_mesh(mesh: Mesh | Mapping[str, int], config: LLaMAConfig) -> None:
     """Refuse a mesh (or a mesh shape) whose axes do not divide the model's sizes, naming both numbers."""
     shape = mesh.shape if isinstance(mesh, Mesh) else mesh
-    fsdp, tensor = shape["fsdp"], shape["tensor"]
-    sizes = {"n_head": config.n_head, "n_hidden (MLP width)": config.n_hidden,
-             "padded_vocab_size": config.padded_vocab_size}
-    for name, size in sizes.items():
+    problem = _misfit(config, shape["fsdp"], shape["tensor"])
+    if problem:
+        raise MeshError(problem)
+
+
+def _misfit(config: LLaMAConfig, fsdp: int, tensor: int) -> str | None:
+    """What the fsdp and tensor axis sizes fail to divide (None: they fit the model)."""
+    for name, size in (("n_head", config.n_head), ("n_hidden (MLP width)", config.n_hidden),
+                       ("padded_vocab_size", config.padded_vocab_size)):
         if size % tensor:
-            raise MeshError(f"tensor={tensor} does not divide {name}={size}")
+            return f"tensor={tensor} does not divide {name}={size}"
     if config.n_embd % fsdp:
-        raise MeshError(f"fsdp={fsdp} does not divide n_embd={config.n_embd}")
+        return f"fsdp={fsdp} does not divide n_embd={config.n_embd}"
+    return None
 
 
 def batch_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> int:

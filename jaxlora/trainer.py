@@ -252,9 +252,8 @@ def _finite_tree(tree: Any) -> bool:
 
 
 def _peak_memory_gib() -> float | None:
-    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
-    peaks = [p for p in peaks if p]
-    return round(max(peaks) / 2**30, 2) if peaks else None
+    peak = shd.peak_memory_bytes()
+    return round(peak / 2**30, 2) if peak else None
 
 
 def _check_memory(r: Run, a: TrainArgs, log: Callable[[str], None]) -> None:

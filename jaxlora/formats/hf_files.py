@@ -201,7 +201,7 @@ def checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
     if adapters_dir is not None:
         lora_home = Path(adapters_dir).absolute()
         lora_config = _adapters_config(config, lora_home)
-    if merged and not cio._has_adapters(lora_config):
+    if merged and not cio.has_adapters(lora_config):
         raise cio.CheckpointError(f"{lora_home}: has no adapters to merge (config.json 'lora' is null)")
     expected = cio.expected_variables(config, lora_config if merged else None)
     params = _open_item(directory, cio.PARAMS_DIR, expected[cio.PARAMS_DIR])
@@ -262,7 +262,7 @@ def save_peft_adapters(lora_tree: Any, config: LLaMAConfig, lora_config: LoRACon
     use_rslora: write PEFT's rsLoRA form (same scaling). Returns the directory."""
     from safetensors.numpy import save_file
     out_dir = Path(out_dir).absolute()
-    if not cio._has_adapters(lora_config):
+    if not cio.has_adapters(lora_config):
         raise cio.CheckpointError(f"{out_dir}: no adapters to save (lora_config {lora_config})")
     maps = hf.peft_maps(config, lora_config)
     tensors = lit_llama.tree_to_lit({"lora": jax.device_get(lora_tree)}, maps, config.n_layer)
@@ -328,7 +328,7 @@ def adapters_to_peft(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
     config, lora_config = cio.read_config(directory)
-    if not cio._has_adapters(lora_config):
+    if not cio.has_adapters(lora_config):
         raise cio.CheckpointError(f"{directory}: has no adapters (config.json 'lora' is null)")
     reader = _open_item(directory, cio.LORA_DIR, cio.expected_variables(config, lora_config)[cio.LORA_DIR])
     tree = traverse_util.unflatten_dict({p: reader.read(p) for p in reader.paths})
