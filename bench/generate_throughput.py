@@ -24,7 +24,7 @@ Fields:
                   only one row per sequence) + the whole KV cache bucket (each step attends over
                   all S slots; the new entries are written in place)
   bound_tok_s     memory-bandwidth bound per sequence = bandwidth / step_bytes, with the bandwidth
-                  measured here (`bandwidth_gbs`: a device array copy, read + write bytes / time);
+                  measured here (`bandwidth_gbs`: a sum over a device array, bytes read / time);
                   bound_frac = decode_tok_s / bound_tok_s
   --profile DIR   also traces one decode call per run: device time per step by kernel
   logit_rel       first-token logits of --logit_prompts prompts against the same weights in float32
@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 from jaxlora.config import LLaMAConfig  # noqa: E402
 from jaxlora.generate import GREEDY, NO_EOS, bucket, decode_program, prefill_program, prepare  # noqa: E402
 from jaxlora.model import LLaMA, head_logits, init_variables  # noqa: E402
+from jaxlora import quantize  # noqa: E402
 from jaxlora.quantize import DEFAULT_INT8_MATMUL, INT8_MATMULS, dense_dot, dequantize, quantize_params, weight_bytes  # noqa: E402
 from jaxlora.sharding import peak_memory_bytes  # noqa: E402
 
@@ -65,16 +66,17 @@ DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 
 
 def measure_bandwidth(nbytes: int, repeats: int = 5) -> float:
-    """Device memory bandwidth in GB/s: x + 1 over an array of nbytes (reads and writes nbytes)."""
-    x = jnp.zeros(nbytes // 2, jnp.bfloat16)
-    add = jax.jit(lambda a: a + 1)
-    add(x).block_until_ready()
+    """Device memory read bandwidth in GB/s: a sum over an array of nbytes (reads it once and
+    writes nothing, as a decode step's weight reads do)."""
+    x = jax.random.normal(jax.random.key(7), (nbytes // 2,), jnp.bfloat16)
+    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    total(x).block_until_ready()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        add(x).block_until_ready()
+        total(x).block_until_ready()
         times.append(time.perf_counter() - t)
-    return 2 * nbytes / statistics.median(times) / 1e9
+    return nbytes / statistics.median(times) / 1e9
 
 
 def step_bytes(config: LLaMAConfig, params: Any, batch: int, cache_len: int, cache_itemsize: int) -> int:
@@ -217,6 +219,9 @@ def main() -> None:
     ap.add_argument("--variants", default="bf16,int8", help="comma-separated: bf16 (weights as built), int8")
     ap.add_argument("--int8_matmul", default=DEFAULT_INT8_MATMUL, help="comma-separated int8 product formulations: "
                     f"{', '.join(INT8_MATMULS)} (several: variants int8-<name>)")
+    ap.add_argument("--min_gemm_rows", default=str(quantize.GPU_MIN_GEMM_ROWS),
+                    help="comma-separated: on GPU pad products of fewer rows to this many (1: no padding; several: "
+                    "variants <name>-rows<m>; see jaxlora.quantize.GPU_MIN_GEMM_ROWS)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="frozen weights, compute and KV cache")
     ap.add_argument("--scan_layers", type=int, default=0, choices=[0, 1],
                     help="1: layers as one scan over stacked weights; 0: per-layer weights (fastest)")
@@ -241,19 +246,24 @@ def main() -> None:
     print(f"# {jax.devices()[0].device_kind}: frozen weights {weight_bytes(base['params']) / 1e9:.2f} GB "
           f"({args.dtype}), measured bandwidth {bandwidth:.0f} GB/s", flush=True)
 
-    variants = []  # (name, int8 product formulation or None)
+    variants = []  # (name, int8 product formulation or None, GPU_MIN_GEMM_ROWS)
+    min_rows = [int(m) for m in args.min_gemm_rows.split(",")]
     for name in args.variants.split(","):
         if name == "int8":
             matmuls = args.int8_matmul.split(",")
-            variants += [("int8" if len(matmuls) == 1 else f"int8-{m}", m) for m in matmuls]
+            named = [("int8" if len(matmuls) == 1 else f"int8-{m}", m) for m in matmuls]
         else:
-            variants.append((name, None))
+            named = [(name, None)]
+        variants += [(f"{v}-rows{m}" if len(min_rows) > 1 else v, matmul, m) for v, matmul in named for m in min_rows]
     logits_of = first_logits(model) if args.logit_prompts else None
     prompts = jax.random.randint(jax.random.key(99), (args.logit_prompts or 1, args.prompt_len), 3, config.vocab_size,
                                  jnp.int32)
     reference = float32_logits(model, base["params"], prompts) if logits_of is not None else None
     rows = []
-    for variant, matmul in variants:
+    for variant, matmul, min_gemm_rows in variants:
+        quantize.GPU_MIN_GEMM_ROWS = min_gemm_rows  # read while tracing: the programs are traced afresh below
+        prefill_program.cache_clear()
+        decode_program.cache_clear()
         try:
             if matmul is None:
                 variables = base

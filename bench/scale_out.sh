@@ -4,6 +4,7 @@
 #   bash bench/scale_out.sh large   # 30B and 65B on 4 GPUs: the default layouts, 65B at 8 rows, fsdp=4
 #   bash bench/scale_out.sh two     # a 2-GPU host: 7B on 1 and 2 GPUs, 30B on 2 (fsdp=2 and tensor=2)
 #   bash bench/scale_out.sh 65b2    # 65B on 2 GPUs of >= 141 GB (H200): fsdp=2
+#   bash bench/scale_out.sh 65b80   # 65B on 2 H200s capped to 80 GB each: half of data=2 x tensor=2 on 4 H100s
 # Each run is train.py's own step (bench/train_throughput.py builds it with jaxlora.run.build_run)
 # on random bf16 weights, lit-llama's recipe settings, 4 x 256 tokens per GPU per micro-batch.
 # JSON lines go to $OUT/scale_<part>.jsonl, logs to $OUT/scale_<part>.log; a table is printed last.
@@ -49,7 +50,12 @@ case $part in
     bench 0,1 --preset 65B --shapes 4x256
     bench 0,1 --preset 65B --shapes 4x256 --mesh tensor=2
     ;;
-  *) echo "usage: $0 small|large|two|65b2"; exit 2 ;;
+  65b80)  # 2 H200s capped to an H100's usable memory: one data replica of data=2 x tensor=2 on 4 H100s
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.515   # 0.515 x 141 GB = 72.6 GB = 0.92 x an H100's 79 GB
+    bench 0,1 --preset 65B --shapes 4x256 --mesh tensor=2 --remat full
+    bench 0,1 --preset 65B --shapes 8x256 --mesh tensor=2 --remat full
+    ;;
+  *) echo "usage: $0 small|large|two|65b2|65b80"; exit 2 ;;
 esac
 
 python3 - "$rows" <<'EOF'

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.lora import MergedLoRADense
-from jaxlora.quantize import Int8Kernel, dense_dot
+from jaxlora.quantize import Int8Kernel, dense_dot, rows_padded_dot
 
 Array = jax.Array
 
@@ -226,7 +226,7 @@ class LMHead(nn.Module):
 
 @jax.custom_vjp
 def _head_logits(h: Array, kernel: Array) -> Array:
-    return jnp.dot(h, kernel, preferred_element_type=jnp.float32)
+    return rows_padded_dot(h, kernel, jnp.float32)
 
 
 def _head_logits_fwd(h: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:

@@ -23,7 +23,7 @@ from flax import traverse_util
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.generate import prepare
 from jaxlora.model import LLaMA, init_variables
-from jaxlora.quantize import Int8Kernel, dense_dot, dequantize, quantize_kernel, quantize_params
+from jaxlora.quantize import Int8Kernel, dense_dot, dequantize, quantize_kernel, quantize_params, rows_padded_dot
 
 
 def rel(a, b) -> float:
@@ -100,3 +100,15 @@ def test_bad_mode_is_named():
     with pytest.raises(ValueError, match="int8 matmul must be one of"):
         quantize_params({}, "int8", "gemv")
     assert quantize_kernel(jnp.ones((4, 4))).matmul == ("reduce" if jax.default_backend() == "gpu" else "dot")
+
+
+@pytest.mark.parametrize("shape", [(1, 24), (3, 24), (2, 1, 24), (9, 24)])
+def test_rows_padded_dot_equals_the_plain_product(shape):
+    """The GPU's few-row padding (quantize.GPU_MIN_GEMM_ROWS) changes no value and no shape."""
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+    kernel = jax.random.normal(jax.random.key(2), (24, 40), jnp.float32)
+    want = jnp.dot(x, kernel, precision="highest")
+    with jax.default_matmul_precision("highest"):
+        got = rows_padded_dot(x, kernel, jnp.float32, min_rows=8)
+    assert got.shape == want.shape == (*shape[:-1], 40)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
