@@ -10,8 +10,8 @@ one JSON line per (variant, batch), then a short table.
   python bench/generate_throughput.py --preset tiny --batches 1,2 --prompt_len 16 --new_tokens 8  # CPU smoke test
 
 Variants (--variants bf16,int8): the frozen weights as they are, or weight-only int8 kernels
-(jaxlora.quantize). --int8_matmul reduce,dot measures both formulations of the int8 product
-(variants int8-reduce, int8-dot; one formulation: int8; default auto, the backend's default).
+(jaxlora.quantize). --min_gemm_rows 1,8 measures decode products with and without the GPU's
+padding to 8 rows (variants <name>-rows1, <name>-rows8).
 
 Fields:
   compile_s       lowering + compiling the prefill and the decode program
@@ -34,9 +34,9 @@ Fields:
                   perturbation through the layers (bf16 itself: logit_rel ~0.06 on CPU; int8 ~0.18,
                   from ~0.9% per int8 matmul), and their near-uniform logits make top-1 a coin toss
                   for either; trained weights do not behave so.
-  matmul_rel_1 / matmul_rel_256   int8 only: one int8 product (lm_head, bf16 activations of 1 and
-                  256 rows) against x @ (q * scale) in float32 with the same activations: float32
-                  rounding only (<1e-5; a bf16 output would be ~2e-3). Much more: the compiled int8
+  matmul_rel_1 / matmul_rel_256   int8 only: the worst of the int8 products (every kernel shape of a
+                  layer and lm_head, bf16 activations of 1 and 256 rows) against x @ (q * scale)
+                  in float32 with the same activations: float32 rounding only (<1e-5; a bf16 output would be ~2e-3). Much more: the compiled int8
                   product is wrong on this device.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ from jaxlora.config import LLaMAConfig  # noqa: E402
 from jaxlora.generate import GREEDY, NO_EOS, bucket, decode_program, prefill_program, prepare  # noqa: E402
 from jaxlora.model import LLaMA, head_logits, init_variables  # noqa: E402
 from jaxlora import quantize  # noqa: E402
-from jaxlora.quantize import DEFAULT_INT8_MATMUL, INT8_MATMULS, dense_dot, dequantize, quantize_params, weight_bytes  # noqa: E402
+from jaxlora.quantize import dense_dot, dequantize, quantize_params, weight_bytes  # noqa: E402
 from jaxlora.sharding import peak_memory_bytes  # noqa: E402
 
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
@@ -197,15 +197,25 @@ def logit_errors(got: np.ndarray, ref: np.ndarray) -> dict:
             "top1_agree": float(np.mean(got.argmax(-1) == ref.argmax(-1)))}
 
 
-def matmul_errors(kernel: Any) -> dict:
-    """One int8 product (bf16 activations, 1 and 256 rows) against x @ dequantized kernel in float32."""
+def matmul_errors(params: Any) -> dict:
+    """Each int8 kernel shape's product (the first layer's kernels and lm_head; bf16 activations of 1
+    and 256 rows) against x @ dequantized kernel in float32: the worst relative error per row count."""
+    from jaxlora.quantize import Int8Kernel
+    kernels = {}
+    for leaf in jax.tree.leaves(params.get("h_0", params.get("h")), is_leaf=lambda x: isinstance(x, Int8Kernel)):
+        if isinstance(leaf, Int8Kernel) and leaf.q.ndim == 2:
+            kernels.setdefault(leaf.q.shape, leaf)
+    kernels.setdefault(params["lm_head"]["kernel"].q.shape, params["lm_head"]["kernel"])
+    product = jax.jit(lambda x, k: dense_dot(x, k, jnp.bfloat16, jnp.float32))
     out = {}
     for rows in (1, 256):
-        x = jax.random.normal(jax.random.key(rows), (rows, kernel.shape[0]), jnp.float32).astype(jnp.bfloat16)
-        got = jax.jit(lambda x, k: dense_dot(x, k, jnp.bfloat16, jnp.float32))(x, kernel)
-        with jax.default_matmul_precision("highest"):
-            want = jax.jit(lambda x, k: x.astype(jnp.float32) @ dequantize(k))(x, kernel)
-        out[f"matmul_rel_{rows}"] = float(f"{float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)):.3g}")
+        worst = 0.0
+        for kernel in kernels.values():
+            x = jax.random.normal(jax.random.key(rows), (rows, kernel.shape[0]), jnp.float32).astype(jnp.bfloat16)
+            with jax.default_matmul_precision("highest"):
+                want = jax.jit(lambda x, k: x.astype(jnp.float32) @ dequantize(k))(x, kernel)
+            worst = max(worst, float(jnp.linalg.norm(product(x, kernel) - want) / jnp.linalg.norm(want)))
+        out[f"matmul_rel_{rows}"] = float(f"{worst:.3g}")
     return out
 
 
@@ -217,8 +227,6 @@ def main() -> None:
     ap.add_argument("--prompt_len", type=int, default=256)
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--variants", default="bf16,int8", help="comma-separated: bf16 (weights as built), int8")
-    ap.add_argument("--int8_matmul", default=DEFAULT_INT8_MATMUL, help="comma-separated int8 product formulations: "
-                    f"{', '.join(INT8_MATMULS)} (several: variants int8-<name>)")
     ap.add_argument("--min_gemm_rows", default=str(quantize.GPU_MIN_GEMM_ROWS),
                     help="comma-separated: on GPU pad products of fewer rows to this many (1: no padding; several: "
                     "variants <name>-rows<m>; see jaxlora.quantize.GPU_MIN_GEMM_ROWS)")
@@ -246,34 +254,25 @@ def main() -> None:
     print(f"# {jax.devices()[0].device_kind}: frozen weights {weight_bytes(base['params']) / 1e9:.2f} GB "
           f"({args.dtype}), measured bandwidth {bandwidth:.0f} GB/s", flush=True)
 
-    variants = []  # (name, int8 product formulation or None, GPU_MIN_GEMM_ROWS)
     min_rows = [int(m) for m in args.min_gemm_rows.split(",")]
-    for name in args.variants.split(","):
-        if name == "int8":
-            matmuls = args.int8_matmul.split(",")
-            named = [("int8" if len(matmuls) == 1 else f"int8-{m}", m) for m in matmuls]
-        else:
-            named = [(name, None)]
-        variants += [(f"{v}-rows{m}" if len(min_rows) > 1 else v, matmul, m) for v, matmul in named for m in min_rows]
+    variants = [(f"{name}-rows{m}" if len(min_rows) > 1 else name, name, m)  # (label, bf16|int8, GPU_MIN_GEMM_ROWS)
+                for name in args.variants.split(",") for m in min_rows]
     logits_of = first_logits(model) if args.logit_prompts else None
     prompts = jax.random.randint(jax.random.key(99), (args.logit_prompts or 1, args.prompt_len), 3, config.vocab_size,
                                  jnp.int32)
     reference = float32_logits(model, base["params"], prompts) if logits_of is not None else None
     rows = []
-    for variant, matmul, min_gemm_rows in variants:
+    for variant, kind, min_gemm_rows in variants:
         quantize.GPU_MIN_GEMM_ROWS = min_gemm_rows  # read while tracing: the programs are traced afresh below
         prefill_program.cache_clear()
         decode_program.cache_clear()
         try:
-            if matmul is None:
-                variables = base
-            else:
-                variables = {"params": quantize_params(base["params"], "int8", matmul)}
+            variables = base if kind != "int8" else {"params": quantize_params(base["params"], "int8")}
             extra = {}
             if logits_of is not None:
                 extra = logit_errors(np.asarray(logits_of(variables, prompts)), reference)
-            if matmul is not None:
-                extra.update(matmul_errors(variables["params"]["lm_head"]["kernel"]))
+            if kind == "int8":
+                extra.update(matmul_errors(variables["params"]))
             for batch in map(int, args.batches.split(",")):
                 try:
                     row = {**bench_one(args, model, variables, variant, batch, bandwidth), **extra}

@@ -47,7 +47,7 @@ import numpy as np
 from jaxlora.lora import merge_lora
 from jaxlora.model import (LLaMA, STACKED, head_logits, init_cache, layered, split_layers_on_device, stack_layers,
                            unstack_layers)
-from jaxlora.quantize import DEFAULT_INT8_MATMUL, quantize_params
+from jaxlora.quantize import quantize_params
 
 Array = jax.Array
 LENGTH_MULTIPLE = 64  # prompt and cache lengths are rounded up to this, so few programs are compiled
@@ -105,11 +105,10 @@ def sample_logits(logits: Array, key: Array, sampling: Sampling) -> Array:
 # ----------------------------------------------------------------------------- preparing weights
 
 def prepare(model: LLaMA, variables: dict[str, Any], merge: bool = True, quantize: str | None = None,
-            int8_matmul: str = DEFAULT_INT8_MATMUL) -> tuple[LLaMA, dict[str, Any]]:
+            ) -> tuple[LLaMA, dict[str, Any]]:
     """The model and variables to decode with: adapters merged into the kernels (merge=True,
     functionally, once) or kept separate; kernels int8 (quantize="int8"); frozen weights in
     the layout `model` reads (per-layer for scan_layers=False, split on the device).
-    int8_matmul: "reduce" or "dot", how the int8 product is formed (see jaxlora.quantize).
 
     May consume `variables["params"]` (donated while splitting): do not use them afterwards.
     """
@@ -122,7 +121,7 @@ def prepare(model: LLaMA, variables: dict[str, Any], merge: bool = True, quantiz
     elif not has_adapters:
         model, lora = model.clone(lora=None), None
     if quantize:
-        params = quantize_params(params, quantize, int8_matmul)
+        params = quantize_params(params, quantize)
     params = split_layers_on_device(model, params)
     out = {"params": params}
     if lora is not None:

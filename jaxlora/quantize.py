@@ -8,20 +8,13 @@ The rounding error is uniform in +-scale/2, so a kernel of Gaussian weights is r
 off by ~0.9% of its norm, against ~0.2% for bf16 weights. The activations stay in the
 compute dtype (weight-only, like lit-llama's `--quantize llm.int8` in effect; no outlier
 handling). The scale is per output column, so it is applied to the product, never to the
-kernel: x @ (q * s) == (x @ q) * s. Two formulations of the product (`matmul`):
-
-- "reduce" (the default on GPU): up to REDUCE_MAX_ROWS rows (decode steps) as one
-  multiply-and-sum over the input axis, the rows innermost so that each int8 weight is read
-  from memory once whatever the batch. XLA always fuses the int8 -> float convert and the
-  multiply into the reduction, so the weights cross memory as int8 (half the bytes of bf16):
-  no GEMM, no dequantized copy. More rows (a prefill) use "dot".
-- "dot" (the default elsewhere): `x @ q.astype(dtype)` with float32 accumulation. XLA on GPU
-  may fuse the convert into a Triton GEMM's operand load; where it does not (or the GEMM is
-  poor at one row) a step reads int8, writes and re-reads a bf16 copy: slower than bf16.
-  Measured on an H200 (jax 0.11.2, 7B): 6.84 ms/step at batch 1 against bf16's 4.31, faster
-  than bf16 at batch 8. On CPU it is many times faster than "reduce".
-
-`bench/generate_throughput.py --int8_matmul reduce,dot` measures both (and their matmul error).
+kernel: x @ (q * s) == (x @ q) * s. The product is `x @ q.astype(dtype)` with float32
+accumulation: XLA on GPU fuses the int8 -> bf16 convert into its Triton GEMM's operand load, so
+the weights cross memory as int8. At one row that GEMM is poor (7B, H200, jax 0.11.2: 6.3 ms of
+matmul per step, slower than bf16's 3.7), at eight rows good (2.8 ms): decode-sized products are
+padded to GPU_MIN_GEMM_ROWS rows (`rows_padded_dot`), which makes int8 batch-1 decoding 1.2x
+bf16's (docs/benchmarks.md). A fused multiply-and-sum formulation (XLA's column reduction,
+reading int8 once) was measured too and dropped: 5.0 ms per step at batch 1.
 
 An `Int8Kernel` is a pytree (its leaves q, then scale), so it passes through jit, sharding,
 `jax.tree.map` and the stacked/per-layer layout conversions like the array it replaces; a
@@ -38,24 +31,18 @@ import jax.numpy as jnp
 
 Array = jax.Array
 QUANTIZE_MODES = ("int8",)
-INT8_MATMULS = ("auto", "reduce", "dot")  # auto: "reduce" on GPU, "dot" elsewhere (see the module doc)
-DEFAULT_INT8_MATMUL = "auto"
-# "reduce" only for decode-sized inputs: it does rows float32 multiply-adds per weight byte on the
-# vector units, which stay below the memory bound at a few rows; a prefill's many rows want the GEMM
-REDUCE_MAX_ROWS = 4
 # On GPU a product of fewer rows (a decode step) is padded to this many: XLA's GEMMs for 8 rows read
-# the kernel faster than its one-row kernels (7B, H200, 2026-11-28: bf16 3.42 vs 3.67 ms of matmul
-# per step; int8 `dot` 2.8 vs 6.3 ms), and the padding rows cost no memory traffic. 1: no padding.
+# the kernel faster than its one-row kernels (7B, H200, 2026-11-28: bf16 250.7 vs 235.5 tok/s at
+# batch 1, int8 296.1 vs 146.8), and the padding rows cost no memory traffic. 1: no padding.
 GPU_MIN_GEMM_ROWS = 8
 
 
 @flax.struct.dataclass
 class Int8Kernel:
-    """An int8 kernel (..., in, out), its float32 scales (..., out), and how to multiply by it."""
+    """An int8 kernel (..., in, out) and its float32 scales (..., out)."""
 
     q: Array
     scale: Array
-    matmul: str = flax.struct.field(pytree_node=False, default="dot")  # "reduce" or "dot"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -66,41 +53,25 @@ class Int8Kernel:
         return self.q.size * self.q.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize
 
 
-def resolve_matmul(matmul: str) -> str:
-    """An int8 product formulation by name ("auto": the one for this backend)."""
-    if matmul not in INT8_MATMULS:
-        raise ValueError(f"int8 matmul must be one of {INT8_MATMULS}, got {matmul!r}")
-    if matmul == "auto":
-        return "reduce" if jax.default_backend() == "gpu" else "dot"
-    return matmul
-
-
-def quantize_kernel(w: Array, matmul: str = DEFAULT_INT8_MATMUL) -> Int8Kernel:
+@jax.jit
+def quantize_kernel(w: Array) -> Int8Kernel:
     """Per-output-channel symmetric int8 of w (..., in, out); the reduction runs in float32."""
-    return _quantize_jit(w, resolve_matmul(matmul))
-
-
-def _quantize(w: Array, matmul: str) -> Int8Kernel:
     wf = w.astype(jnp.float32)
     scale = jnp.max(jnp.abs(wf), axis=-2) / 127.0
     scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero column: any scale represents it exactly
     q = jnp.clip(jnp.round(wf / scale[..., None, :]), -127, 127).astype(jnp.int8)
-    return Int8Kernel(q=q, scale=scale, matmul=matmul)
+    return Int8Kernel(q=q, scale=scale)
 
 
-_quantize_jit = jax.jit(_quantize, static_argnums=1)
-
-
-def quantize_params(params: Any, mode: str = "int8", matmul: str = DEFAULT_INT8_MATMUL) -> Any:
+def quantize_params(params: Any, mode: str = "int8") -> Any:
     """Every dense kernel (leaves named "kernel": the projections and lm_head) as an Int8Kernel;
     embeddings and norm scales unchanged. Leaf by leaf, on the device the leaf is on."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
-    matmul = resolve_matmul(matmul)
 
     def visit(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: (_quantize_jit(v, matmul) if k == "kernel" and not isinstance(v, (dict, Int8Kernel))
+            return {k: (quantize_kernel(v) if k == "kernel" and not isinstance(v, (dict, Int8Kernel))
                         else visit(v)) for k, v in node.items()}
         return node
     return visit(dict(params))
@@ -120,15 +91,9 @@ def rows_padded_dot(x: Array, kernel: Array, out_dtype: Any = None, min_rows: in
 
 def dense_dot(x: Array, kernel: Array | Int8Kernel, dtype: Any, out_dtype: Any = None) -> Array:
     """x @ kernel in `dtype` (accumulated to `out_dtype`, default `dtype`); an Int8Kernel's
-    product is formed as its `matmul` says, then scaled per output channel."""
+    product is scaled per output channel after the matmul."""
     if isinstance(kernel, Int8Kernel):
-        rows = math.prod(x.shape[:-1])
-        if kernel.matmul == "reduce" and rows <= REDUCE_MAX_ROWS and kernel.q.ndim == 2:
-            xt = x.reshape(rows, x.shape[-1]).astype(dtype).astype(jnp.float32).T  # (in, rows)
-            y = jnp.sum(kernel.q.astype(jnp.float32)[:, :, None] * xt[:, None, :], axis=0)  # (out, rows)
-            y = y.T.reshape(*x.shape[:-1], -1)
-        else:
-            y = rows_padded_dot(x.astype(dtype), kernel.q.astype(dtype), jnp.float32)
+        y = rows_padded_dot(x.astype(dtype), kernel.q.astype(dtype), jnp.float32)
         return (y * kernel.scale).astype(out_dtype or dtype)
     return rows_padded_dot(x.astype(dtype), kernel.astype(dtype), out_dtype)
 

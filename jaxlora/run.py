@@ -3,7 +3,8 @@ the tests, so the step that is measured is the step that ships.
 
 `build_run(args, mesh)` reads the base model's architecture, builds the model, puts the
 frozen weights straight into their shards on `mesh` (random, a jaxlora checkpoint directory,
-a lit-llama .pth or an HF directory; no device holds more than its shards plus one stacked weight), creates
+a lit-llama .pth or an HF directory; no device holds more than its shards plus, for a
+checkpoint read into per-layer weights, one stacked weight), creates
 the adapters and optimizer state sharded by the same rules table, and jits the train and
 eval steps with explicit input and output shardings.
 """
@@ -11,11 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlora import sharding as shd
 from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.model import LLaMA, canonical, init_adapters, split_layers_on_device
+from jaxlora.model import (STACKED, LLaMA, abstract_variables, canonical, init_adapters, qkv_in_run_layout,
+                           split_layers_on_device)
 from jaxlora.optim import learning_rate_schedule, make_optimizer
 from jaxlora.settings import PRECISIONS, RANDOM_BASE, TrainArgs
 from jaxlora.steps import TrainState, init_train_state, make_eval_step, make_train_step
@@ -136,9 +138,7 @@ def load_params(model: LLaMA, kind: str, pretrained_path: str | None, seed: int,
                 stacked: Any) -> Any:
     """Frozen weights (stacked layout) placed in `stacked` shardings as they are read."""
     if kind == "random":
-        init = jax.jit(lambda key: nn.unbox(canonical(model).init({"params": key}, jnp.zeros((1, 8), jnp.int32)))
-                       ["params"], out_shardings=stacked)
-        return init(jax.random.key(seed))
+        return random_params(canonical(model), seed, stacked)
     if kind == "jaxlora":
         from jaxlora import checkpoint_io
         _, _, variables = checkpoint_io.load_checkpoint(pretrained_path, param_dtype=param_dtype,
@@ -151,6 +151,43 @@ def load_params(model: LLaMA, kind: str, pretrained_path: str | None, seed: int,
     _, _, variables = load(pretrained_path, param_dtype=param_dtype, config=model.config,
                            place=lambda leaf, path: jax.device_put(leaf, leaves[path]))
     return variables["params"]
+
+
+def random_params(model: LLaMA, seed: int, shardings: Mapping[str, Any]) -> dict[str, Any]:
+    """Random frozen weights (the model's init distributions: N(0, 0.02) kernels and embedding
+    table, unit norm scales) made directly in the layout `model` reads (per-layer or stacked,
+    q/k/v split or fused), each placed in `shardings` (that layout's) by its own program: no
+    device ever holds more than its shards. (Drawing them stacked and splitting them after
+    needs a second copy of the largest stacked leaf: 15 GiB per GPU at 65B over tensor=2.)
+
+    Every layer's leaf comes from its own key (seed, leaf name, layer), so any layout, mesh
+    or device count gets the same numbers."""
+    abstract = traverse_util.flatten_dict(abstract_variables(canonical(model))["params"])  # stacked, fused q/k/v
+    targets = traverse_util.flatten_dict(shardings)
+    n = model.config.n_layer
+    out = {}
+    for path, leaf in abstract.items():
+        stacked = path[0] == STACKED
+        shape, name = (leaf.shape[1:], path[1:]) if stacked else (leaf.shape, path)
+        key = jax.random.fold_in(jax.random.key(seed), zlib.crc32("/".join(name).encode()))
+
+        def draw(key: jax.Array, layer: Any, shape: tuple = shape, path: tuple = path, dtype: Any = leaf.dtype
+                 ) -> jax.Array:
+            if path[-1] == "scale":  # RMSNorm
+                return jnp.ones(shape, dtype)
+            x = 0.02 * jax.random.normal(jax.random.fold_in(key, layer), shape, jnp.float32)
+            return qkv_in_run_layout(model, path, x.astype(dtype))
+
+        if not stacked:
+            out[path] = jax.jit(lambda k, draw=draw: draw(k, 0), out_shardings=targets[path])(key)
+        elif model.scan_layers:
+            out[path] = jax.jit(lambda k, draw=draw: jax.vmap(lambda i: draw(k, i))(jnp.arange(n)),
+                                out_shardings=targets[path])(key)
+        else:
+            one_layer = jax.jit(draw, out_shardings=targets[(f"{STACKED}_0",) + name])
+            for i in range(n):
+                out[(f"{STACKED}_{i}",) + name] = one_layer(key, i)
+    return traverse_util.unflatten_dict(out)
 
 
 def describe_base(kind: str, pretrained_path: str | None, preset: str | None, seed: int) -> str:
@@ -232,8 +269,11 @@ def build_run(a: TrainArgs, mesh: Mesh | None = None, max_steps: int | None = No
     stored = shd.variable_shardings(model, mesh)
     as_run = shd.variable_shardings(model, mesh, as_run=True)
 
-    params = load_params(model, kind, a.pretrained_path, a.seed, storage_dtype, stored["params"])
-    params = split_layers_on_device(model, params, as_run["params"])  # once; a no-op for scanned layers
+    if kind == "random":
+        params = random_params(model, a.seed, as_run["params"])
+    else:
+        params = load_params(model, kind, a.pretrained_path, a.seed, storage_dtype, stored["params"])
+        params = split_layers_on_device(model, params, as_run["params"])  # once; a no-op for scanned layers
     base_desc = describe_base(kind, a.pretrained_path, a.preset, a.seed)
 
     schedule = learning_rate_schedule(a.learning_rate, a.warmup_steps, a.schedule,

@@ -66,3 +66,29 @@ def test_train_step_with_per_layer_weights_matches_scanned():
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
+
+
+def test_random_base_weights_are_the_same_in_every_run_layout():
+    """train.py's random base (run.random_params) is drawn per layer in the layout the run reads,
+    so no device holds a stacked copy to split: the numbers must not depend on that layout."""
+    from flax import traverse_util
+
+    from jaxlora import sharding as shd
+    from jaxlora.run import random_params
+
+    config, mesh = LLaMAConfig.from_name("tiny"), shd.make_mesh(data=1)
+    reference_model = LLaMA(config, param_dtype=jnp.bfloat16)  # stacked, fused q/k/v: the stored layout
+    reference = traverse_util.flatten_dict(
+        random_params(reference_model, 3, shd.variable_shardings(reference_model, mesh)["params"]))
+    for scan_layers in (True, False):
+        for split_qkv in (False, True):
+            model = LLaMA(config, param_dtype=jnp.bfloat16, scan_layers=scan_layers, split_qkv=split_qkv)
+            params = random_params(model, 3, shd.variable_shardings(model, mesh, as_run=True)["params"])
+            flat = traverse_util.flatten_dict(layered(reference_model, params))  # back to stacked
+            assert flat.keys() == reference.keys()
+            for path, want in reference.items():
+                got = np.asarray(flat[path]).reshape(want.shape)  # (C, 3, C) -> (C, 3C) for split q/k/v
+                np.testing.assert_array_equal(got, np.asarray(want), err_msg=str((scan_layers, split_qkv, path)))
+    kernel = np.asarray(reference[("h", "attn", "c_attn", "kernel")], np.float32)
+    assert abs(kernel.std() - 0.02) < 0.002 and not np.array_equal(kernel[0], kernel[1])  # N(0, 0.02), per layer
+    assert (np.asarray(reference[("h", "rms_1", "scale")]) == 1).all()
