@@ -442,6 +442,23 @@ def _read_into(reader: ArrayTreeReader, path: Path_, shape: tuple[int, ...], sha
     return jax.make_array_from_callback(shape, sharding, shard)
 
 
+def open_item(directory: str | os.PathLike, item: str) -> tuple[LLaMAConfig, LoRAConfig | None, ArrayTreeReader]:
+    """(config, lora_config, a reader of `item`: PARAMS_DIR or LORA_DIR) of a checkpoint whose
+    stored shapes have been checked against its config.json (errors name the file and leaf)."""
+    directory = Path(directory).absolute()
+    config, lora_config = read_config(directory)
+    if not (directory / PARAMS_DIR).is_dir():
+        raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ directory (incomplete checkpoint)")
+    has_lora = has_adapters(lora_config)
+    if has_lora and not (directory / LORA_DIR).is_dir():
+        raise CheckpointError(f"{directory}: config.json describes adapters ({lora_config}) but there is no "
+                              f"{LORA_DIR}/ directory")
+    reader = ArrayTreeReader(directory / item)
+    expected = expected_variables(config, lora_config if has_lora else None)
+    check_shapes({p: s for p, (s, _) in reader.shapes().items()}, expected[item], str(reader.item_dir))
+    return config, lora_config, reader
+
+
 def load_checkpoint(directory: str | os.PathLike, param_dtype: Any = None, shardings: Any = None,
                     lora_dtype: Any = jnp.float32) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, Any]]:
     """Read a jaxlora checkpoint straight into device arrays: (config, lora_config, variables).
@@ -454,25 +471,14 @@ def load_checkpoint(directory: str | os.PathLike, param_dtype: Any = None, shard
     sharding: every process reads only the slices its addressable shards need, one leaf at a
     time, so no host holds a whole model.
     """
-    directory = Path(directory).absolute()
-    config, lora_config = read_config(directory)
-    if not (directory / PARAMS_DIR).is_dir():
-        raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ directory (incomplete checkpoint)")
-    has_lora = has_adapters(lora_config)
-    if has_lora and not (directory / LORA_DIR).is_dir():
-        raise CheckpointError(f"{directory}: config.json describes adapters ({lora_config}) but there is no "
-                              f"{LORA_DIR}/ directory")
-    expected = expected_variables(config, lora_config if has_lora else None)
     variables: dict[str, Any] = {}
-    for item in ITEMS:
-        if item == LORA_DIR and not has_lora:
+    for item in ITEMS:  # params first: its config says whether there are adapters
+        if item == LORA_DIR and not has_adapters(lora_config):
             continue
-        reader = ArrayTreeReader(directory / item)
-        stored = reader.shapes()
-        check_shapes({p: s for p, (s, _) in stored.items()}, expected[item], str(reader.item_dir))
+        config, lora_config, reader = open_item(directory, item)
         dtype = param_dtype if item == PARAMS_DIR else lora_dtype
         dtype = None if dtype is None else jnp.dtype(dtype)
         variables[item] = traverse_util.unflatten_dict({
             p: _read_into(reader, p, shape, _sharding_for(shardings, item, p), dtype)
-            for p, (shape, _) in stored.items()})
+            for p, (shape, _) in reader.shapes().items()})
     return config, lora_config, variables

@@ -377,11 +377,16 @@ def canonical(model: LLaMA) -> LLaMA:
 QKV_KERNEL = ("attn", "c_attn", "kernel")  # the fused q/k/v kernel, under a layer
 
 
+def splits_qkv(model: LLaMA, path: tuple) -> bool:
+    """Whether `model` reads the leaf at `path` (stacked or not) as (..., C, 3, C), not as stored."""
+    return model.split_qkv and tuple(path[-3:]) == QKV_KERNEL
+
+
 def qkv_in_run_layout(model: LLaMA, path: tuple, x: Any) -> Any:
     """A leaf at `path` (ending in a layer's attn/c_attn/kernel, stacked or not) as `model`
     reads it: with `model.split_qkv`, (..., C, 3C) -> (..., C, 3, C) (a free reshape; on a
     device mesh the new layout moves the kernel once); anything else unchanged."""
-    if model.split_qkv and tuple(path[-3:]) == QKV_KERNEL and x.shape[-1] == 3 * model.config.n_embd:
+    if splits_qkv(model, path) and x.shape[-1] == 3 * model.config.n_embd:
         return x.reshape(*x.shape[:-1], 3, model.config.n_embd)
     return x
 

@@ -3,8 +3,8 @@ the tests, so the step that is measured is the step that ships.
 
 `build_run(args, mesh)` reads the base model's architecture, builds the model, puts the
 frozen weights straight into their shards on `mesh` (random, a jaxlora checkpoint directory,
-a lit-llama .pth or an HF directory; no device holds more than its shards plus, for a
-checkpoint read into per-layer weights, one stacked weight), creates
+a lit-llama .pth or an HF directory, in the layout the model reads; no device holds more
+than its shards), creates
 the adapters and optimizer state sharded by the same rules table, and jits the train and
 eval steps with explicit input and output shardings.
 """
@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxlora import sharding as shd
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.model import (STACKED, LLaMA, abstract_variables, canonical, init_adapters, qkv_in_run_layout,
-                           split_layers_on_device)
+                           splits_qkv)
 from jaxlora.optim import learning_rate_schedule, make_optimizer
 from jaxlora.settings import PRECISIONS, RANDOM_BASE, TrainArgs
 from jaxlora.steps import TrainState, init_train_state, make_eval_step, make_train_step
@@ -135,22 +135,65 @@ def _check_preset(config: LLaMAConfig, preset_cfg: LLaMAConfig | None, preset: s
 
 
 def load_params(model: LLaMA, kind: str, pretrained_path: str | None, seed: int, param_dtype: Any,
-                stacked: Any) -> Any:
-    """Frozen weights (stacked layout) placed in `stacked` shardings as they are read."""
+                shardings: Mapping[str, Any]) -> dict[str, Any]:
+    """Frozen weights in the layout `model` reads (per-layer or stacked layers, q/k/v split
+    or fused), each placed in `shardings` (that layout's) as it is read: a checkpoint's stacked
+    leaf goes to the devices layer by layer, so no device holds more than its shards (splitting
+    after loading would need a second copy of the largest stacked leaf: 15 GiB per GPU for 65B
+    over tensor=2). Pass `canonical(model)` and its shardings for the stored layout."""
     if kind == "random":
-        return random_params(canonical(model), seed, stacked)
+        return random_params(model, seed, shardings)
+    targets = traverse_util.flatten_dict(shardings)
+    placed = {}
     if kind == "jaxlora":
         from jaxlora import checkpoint_io
-        _, _, variables = checkpoint_io.load_checkpoint(pretrained_path, param_dtype=param_dtype,
-                                                        shardings={"params": stacked})
-        return variables["params"]
+        _, _, reader = checkpoint_io.open_item(pretrained_path, checkpoint_io.PARAMS_DIR)
+        for path, (shape, _) in reader.shapes().items():
+            for run_path, layer in run_layout_pieces(model, path):
+                placed[run_path] = _read_in_run_layout(model, reader, path, shape, layer, targets[run_path],
+                                                       param_dtype)
+        return traverse_util.unflatten_dict(placed)
     from jaxlora.formats.hf_files import load_hf
     from jaxlora.formats.lit_files import load_lit_llama
-    leaves = traverse_util.flatten_dict(stacked)
+
+    def place(leaf: np.ndarray, path: tuple) -> None:  # a whole stacked leaf on the host, read from the file
+        for run_path, layer in run_layout_pieces(model, path):
+            piece = leaf if layer is None else leaf[layer]
+            placed[run_path] = jax.device_put(qkv_in_run_layout(model, path, piece), targets[run_path])
+
     load = load_hf if kind == "hf" else load_lit_llama
-    _, _, variables = load(pretrained_path, param_dtype=param_dtype, config=model.config,
-                           place=lambda leaf, path: jax.device_put(leaf, leaves[path]))
-    return variables["params"]
+    load(pretrained_path, param_dtype=param_dtype, config=model.config, place=place)
+    return traverse_util.unflatten_dict(placed)
+
+
+def run_layout_pieces(model: LLaMA, path: tuple) -> list[tuple[tuple, int | None]]:
+    """Where a stored leaf (stacked layers, fused q/k/v) goes in `model`'s layout:
+    [(path there, layer taken from the stacked leaf or None for all of it)]."""
+    if path[0] != STACKED or model.scan_layers:
+        return [(path, None)]
+    return [((f"{STACKED}_{i}",) + path[1:], i) for i in range(model.config.n_layer)]
+
+
+def _read_in_run_layout(model: LLaMA, reader: Any, path: tuple, shape: tuple, layer: int | None, sharding: Any,
+                        dtype: Any) -> jax.Array:
+    """A stored leaf (or one layer of it) read straight into `sharding` in `model`'s layout:
+    each process reads only the regions its devices hold (with split q/k/v, (.., C, 3, C)
+    regions of the stored (.., C, 3C) leaf: one read per q/k/v part)."""
+    lead = () if layer is None else (layer,)
+    shape, C = shape[len(lead):], model.config.n_embd
+    split = splits_qkv(model, path)
+    run_shape = (*shape[:-1], 3, C) if split else shape
+
+    def region(index: tuple[slice, ...]) -> np.ndarray:
+        if split:
+            *rest, parts, cols = index
+            start, stop, _ = cols.indices(C)
+            value = np.stack([reader.read(path, lead + tuple(rest) + (slice(g * C + start, g * C + stop),))
+                              for g in range(*parts.indices(3))], axis=-2)
+        else:
+            value = reader.read(path, lead + tuple(index))
+        return value if dtype is None else value.astype(dtype, copy=False)
+    return jax.make_array_from_callback(run_shape, sharding, region)
 
 
 def random_params(model: LLaMA, seed: int, shardings: Mapping[str, Any]) -> dict[str, Any]:
@@ -203,9 +246,8 @@ def load_base_model(pretrained_path: str | None, preset: str | None, param_dtype
     match it. Placed by the rules over `mesh` as they are read (default: the first device)."""
     config, kind = read_base_config(pretrained_path, preset)
     mesh = mesh or shd.make_mesh(data=1)
-    model = LLaMA(config, param_dtype=param_dtype)
-    stacked = shd.variable_shardings(model, mesh)["params"]
-    params = load_params(model, kind, pretrained_path, seed, param_dtype, stacked)
+    model = LLaMA(config, param_dtype=param_dtype)  # stacked layers, fused q/k/v: the stored layout
+    params = load_params(model, kind, pretrained_path, seed, param_dtype, shd.variable_shardings(model, mesh)["params"])
     return config, params, describe_base(kind, pretrained_path, preset, seed)
 
 
@@ -269,11 +311,7 @@ def build_run(a: TrainArgs, mesh: Mesh | None = None, max_steps: int | None = No
     stored = shd.variable_shardings(model, mesh)
     as_run = shd.variable_shardings(model, mesh, as_run=True)
 
-    if kind == "random":
-        params = random_params(model, a.seed, as_run["params"])
-    else:
-        params = load_params(model, kind, a.pretrained_path, a.seed, storage_dtype, stored["params"])
-        params = split_layers_on_device(model, params, as_run["params"])  # once; a no-op for scanned layers
+    params = load_params(model, kind, a.pretrained_path, a.seed, storage_dtype, as_run["params"])
     base_desc = describe_base(kind, a.pretrained_path, a.preset, a.seed)
 
     schedule = learning_rate_schedule(a.learning_rate, a.warmup_steps, a.schedule,

@@ -75,6 +75,52 @@ def test_sharded_step_matches_single_device():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
+LOAD_SCRIPT = textwrap.dedent("""
+    import os, sys, tempfile
+    from pathlib import Path
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    sys.path.insert(0, "tests")
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import traverse_util
+    from jaxlora import LLaMA, LoRAConfig, checkpoint_io, sharding as shd
+    from jaxlora.formats.lit_files import load_lit_llama
+    from jaxlora.model import layered
+    from jaxlora.run import load_params
+    from test_convert import TINY, save_lit
+
+    tmp = Path(tempfile.mkdtemp())
+    pth = save_lit(tmp / "lit", LoRAConfig(r=0))[0]
+    _, _, stored = load_lit_llama(pth)  # numpy, stacked layers, fused q/k/v
+    want = traverse_util.flatten_dict(stored["params"])
+    checkpoint_io.save_checkpoint(tmp / "ck", TINY, None, params=stored["params"])
+    mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+    for kind, source in (("lit", pth), ("jaxlora", tmp / "ck")):
+        for scan_layers in (True, False):
+            for split_qkv in (False, True):
+                model = LLaMA(TINY, param_dtype=jnp.float32, scan_layers=scan_layers, split_qkv=split_qkv,
+                              mesh=mesh, rules=shd.DEFAULT_RULES)
+                shardings = shd.variable_shardings(model, mesh, as_run=True)["params"]
+                params = load_params(model, kind, str(source), 0, jnp.float32, shardings)
+                assert jax.tree.structure(params) == jax.tree.structure(shardings)
+                for got, where in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
+                    assert got.sharding == where, (kind, scan_layers, split_qkv, got.sharding, where)
+                got = traverse_util.flatten_dict(layered(LLaMA(TINY), params))  # back to the stored layout
+                assert got.keys() == want.keys()
+                for path, value in want.items():
+                    np.testing.assert_array_equal(np.asarray(got[path]).reshape(value.shape), value,
+                                                  err_msg=str((kind, scan_layers, split_qkv, path)))
+    print("OK")
+""")
+
+
+def test_checkpoints_load_straight_into_every_run_layout():
+    """lit-llama .pth and jaxlora checkpoints go to the devices in the run's layout (per-layer or
+    stacked, q/k/v split or fused) on a 2x2x2 mesh, layer by layer, bit for bit and sharded by
+    the rules: no stacked copy is split on the device afterwards."""
+    out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- the training loop on meshes
 
 def mesh_report(kind: str, tmp_path: Path) -> dict:
