@@ -177,14 +177,21 @@ def run_layout_pieces(model: LLaMA, path: tuple) -> list[tuple[tuple, int | None
 def _read_in_run_layout(model: LLaMA, reader: Any, path: tuple, shape: tuple, layer: int | None, sharding: Any,
                         dtype: Any) -> jax.Array:
     """A stored leaf (or one layer of it) read straight into `sharding` in `model`'s layout:
-    each process reads only the regions its devices hold (with split q/k/v, (.., C, 3, C)
-    regions of the stored (.., C, 3C) leaf: one read per q/k/v part)."""
+    each process reads only the regions its devices hold, each distinct region once (with
+    split q/k/v, (.., C, 3, C) regions of the stored (.., C, 3C) leaf: one read per q/k/v part)."""
     lead = () if layer is None else (layer,)
     shape, C = shape[len(lead):], model.config.n_embd
     split = splits_qkv(model, path)
     run_shape = (*shape[:-1], 3, C) if split else shape
+    read: dict[tuple, np.ndarray] = {}  # replicas of a region are read once
 
     def region(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in read:
+            read[key] = _read_region(index)
+        return read[key]
+
+    def _read_region(index: tuple[slice, ...]) -> np.ndarray:
         if split:
             *rest, parts, cols = index
             start, stop, _ = cols.indices(C)
