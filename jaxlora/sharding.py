@@ -194,7 +194,8 @@ def variable_shardings(model: LLaMA, mesh: Mesh, rules: Sequence[tuple[str, Any]
                        as_run: bool = False) -> Any:
     """NamedShardings for {"params", "lora"}, from the model's logical axis names: in the
     stacked (stored) layout, or with as_run in the layout the model reads (per-layer weights
-    for scan_layers=False; pass those to `jaxlora.model.split_layers_on_device`)."""
+    for scan_layers=False, q/k/v split for split_qkv; pass those to `jaxlora.run.load_params`
+    or `jaxlora.model.split_layers_on_device`)."""
     return nn.logical_to_mesh_sharding(logical_axes(model, as_run), mesh, rules)
 
 
