@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Multi-GPU benchmarks for docs/benchmarks.md, on one host of 4 GPUs (the GPU machine):
 #   bash bench/scale_out.sh small   # 7B on 1, 2 and 4 GPUs at a fixed per-GPU micro-batch; 13B on 2
-#   bash bench/scale_out.sh large   # 30B and 65B on 4 GPUs: the default layouts, 65B at 8 rows, fsdp=4
+#   bash bench/scale_out.sh large   # 30B and 65B on 4 GPUs: the default layouts, 65B 2x2 and at 8 rows
 #   bash bench/scale_out.sh two     # a 2-GPU host: 7B on 1 and 2 GPUs, 30B on 2 (fsdp=2 and tensor=2)
 #   bash bench/scale_out.sh 65b2    # 65B on 2 GPUs of >= 141 GB (H200): fsdp=2
 #   bash bench/scale_out.sh 65b80   # 65B on 2 H200s capped to 80 GB each: half of data=2 x tensor=2 on 4 H100s
@@ -35,8 +35,8 @@ case $part in
     export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
     bench 0,1,2,3 --preset 30B --shapes 4x256                  # default on 80 GB: data=2 x tensor=2
     bench 0,1,2,3 --preset 65B --shapes 4x256                  # default on 80 GB: tensor=4
-    bench 0,1,2,3 --preset 65B --shapes 8x256 --remat full     # more rows per GPU: the MFU lever
-    bench 0,1,2,3 --preset 65B --shapes 4x256 --mesh fsdp=4    # expected out of memory (docs/benchmarks.md)
+    bench 0,1,2,3 --preset 65B --shapes 4x256 --mesh data=2,tensor=2  # 52% MFU per replica on capped H200s
+    bench 0,1,2,3 --preset 65B --shapes 8x256 --remat full     # more rows per GPU (OOM at tensor=2, 2026-11-28)
     ;;
   two)
     export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
