@@ -43,8 +43,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-from jaxlora.lora import merge_lora
+from jaxlora.config import LoRAConfig
+from jaxlora.lora import merged_kernel
 from jaxlora.model import (LLaMA, STACKED, head_logits, init_cache, layered, split_layers_on_device, stack_layers,
                            unstack_layers)
 from jaxlora.quantize import quantize_params
@@ -110,23 +112,44 @@ def prepare(model: LLaMA, variables: dict[str, Any], merge: bool = True, quantiz
     functionally, once) or kept separate; kernels int8 (quantize="int8"); frozen weights in
     the layout `model` reads (per-layer for scan_layers=False, split on the device).
 
-    May consume `variables["params"]` (donated while splitting): do not use them afterwards.
+    Consumes `variables["params"]` (each kernel donated to its merge, quantization and split,
+    so the peak stays near the weights' size): do not use them afterwards.
     """
     params, lora = variables["params"], variables.get("lora")
     has_adapters = model.lora is not None and model.lora.r > 0 and bool(lora)
-    if has_adapters and merge:
-        lora = stack_layers(lora) if STACKED in params else unstack_layers(lora, model.config.n_layer)
-        params = jax.jit(merge_lora, static_argnums=2)(params, lora, model.lora)
-        model, lora = model.clone(lora=None), None
-    elif not has_adapters:
-        model, lora = model.clone(lora=None), None
-    if quantize:
-        params = quantize_params(params, quantize)
+    with warnings.catch_warnings():  # CPU cannot donate; the copies are then transient
+        warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+        if has_adapters and merge:
+            lora = stack_layers(lora) if STACKED in params else unstack_layers(lora, model.config.n_layer)
+            params = _merge_consuming(params, lora, model.lora)
+            model, lora = model.clone(lora=None), None
+        elif not has_adapters:
+            model, lora = model.clone(lora=None), None
+        if quantize:
+            params = quantize_params(params, quantize, consume=True)
     params = split_layers_on_device(model, params)
     out = {"params": params}
     if lora is not None:
         out["lora"] = layered(model, lora)
     return model, out
+
+
+_merge_kernel_consuming = jax.jit(merged_kernel, static_argnums=(3, 4), donate_argnums=0)
+
+
+def _merge_consuming(params: Any, lora: Any, lora_config: LoRAConfig) -> dict[str, Any]:
+    """`jaxlora.lora.merge_lora`, one kernel at a time, each old kernel donated to its merge:
+    the peak is the weights plus one merged kernel (not plus every merged kernel: a 30B model's
+    q/k/v kernels alone are 16 GB in bf16)."""
+    flat = traverse_util.flatten_dict(dict(params))
+    flat_lora = traverse_util.flatten_dict(dict(lora))
+    for path, lora_a in flat_lora.items():
+        if path[-1] == "lora_A":
+            layer = path[:-1]
+            flat[layer + ("kernel",)] = _merge_kernel_consuming(
+                flat.pop(layer + ("kernel",)), lora_a, flat_lora[layer + ("lora_B",)],
+                lora_config.enabled(layer[-2:]), lora_config.scaling)
+    return traverse_util.unflatten_dict(flat)
 
 
 # ----------------------------------------------------------------------------- the programs

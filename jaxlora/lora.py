@@ -166,10 +166,15 @@ def merge_lora(params: Any, lora: Any, lora_config: LoRAConfig) -> Any:
         if path[-1] != "lora_A":
             continue
         layer = path[:-1]
-        kernel = flat_params[layer + ("kernel",)]
-        delta = lora_delta(lora_a, flat_lora[layer + ("lora_B",)], lora_config.enabled(layer[-2:]), lora_config.scaling)
-        merged[layer + ("kernel",)] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+        merged[layer + ("kernel",)] = merged_kernel(flat_params[layer + ("kernel",)], lora_a,
+                                                    flat_lora[layer + ("lora_B",)], lora_config.enabled(layer[-2:]),
+                                                    lora_config.scaling)
     return traverse_util.unflatten_dict(merged)
+
+
+def merged_kernel(kernel: Array, lora_a: Array, lora_b: Array, enabled: Sequence[bool], scaling: float) -> Array:
+    """One kernel with its adapter folded in: W + scaling * ΔW, summed in float32, in W's dtype."""
+    return (kernel.astype(jnp.float32) + lora_delta(lora_a, lora_b, enabled, scaling)).astype(kernel.dtype)
 
 
 def trainable_labels(lora: Any) -> Any:

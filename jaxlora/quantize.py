@@ -53,9 +53,7 @@ class Int8Kernel:
         return self.q.size * self.q.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize
 
 
-@jax.jit
-def quantize_kernel(w: Array) -> Int8Kernel:
-    """Per-output-channel symmetric int8 of w (..., in, out); the reduction runs in float32."""
+def _quantize(w: Array) -> Int8Kernel:
     wf = w.astype(jnp.float32)
     scale = jnp.max(jnp.abs(wf), axis=-2) / 127.0
     scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero column: any scale represents it exactly
@@ -63,15 +61,23 @@ def quantize_kernel(w: Array) -> Int8Kernel:
     return Int8Kernel(q=q, scale=scale)
 
 
-def quantize_params(params: Any, mode: str = "int8") -> Any:
+quantize_kernel = jax.jit(_quantize)
+quantize_kernel.__doc__ = "Per-output-channel symmetric int8 of w (..., in, out); the reduction runs in float32."
+_quantize_consuming = jax.jit(_quantize, donate_argnums=0)
+
+
+def quantize_params(params: Any, mode: str = "int8", consume: bool = False) -> Any:
     """Every dense kernel (leaves named "kernel": the projections and lm_head) as an Int8Kernel;
-    embeddings and norm scales unchanged. Leaf by leaf, on the device the leaf is on."""
+    embeddings and norm scales unchanged. Leaf by leaf, on the device the leaf is on.
+    consume: donate each float kernel to its quantization (do not use `params` afterwards): the
+    peak is then the weights plus one int8 kernel, not the weights plus all of them."""
+    quantize = _quantize_consuming if consume else quantize_kernel
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
 
     def visit(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: (quantize_kernel(v) if k == "kernel" and not isinstance(v, (dict, Int8Kernel))
+            return {k: (quantize(v) if k == "kernel" and not isinstance(v, (dict, Int8Kernel))
                         else visit(v)) for k, v in node.items()}
         return node
     return visit(dict(params))
