@@ -108,13 +108,14 @@ def run(args: argparse.Namespace) -> int:
     on_accelerator = jax.default_backend() != "cpu"
     dtype = {"auto": jnp.bfloat16 if on_accelerator else jnp.float32, "bfloat16": jnp.bfloat16,
              "float32": jnp.float32}[args.dtype]
+    scan = (not on_accelerator) if args.scan_layers is None else args.scan_layers
     t0 = time.perf_counter()
     config, lora_config, variables, desc = load_for_generation(args.checkpoint_dir, pretrained, adapters,
-                                                               args.lora_path, args.lora_alpha, param_dtype=dtype)
+                                                               args.lora_path, args.lora_alpha, param_dtype=dtype,
+                                                               scan_layers=scan)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model ({desc}) has "
                          f"vocab_size {config.vocab_size}")
-    scan = (not on_accelerator) if args.scan_layers is None else args.scan_layers
     model = LLaMA(config, lora_config, dtype=dtype, param_dtype=dtype, scan_layers=scan)
     model, variables = prepare(model, variables, merge=not args.unmerged,
                                quantize="int8" if args.quantize else None)

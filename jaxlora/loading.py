@@ -50,9 +50,12 @@ def load_adapters_dir(directory: PathLike, config: LLaMAConfig, base: str = "the
 
 def load_for_generation(checkpoint_dir: PathLike | None = None, pretrained_path: PathLike | None = None,
                         adapters: PathLike | None = None, lora_path: PathLike | None = None,
-                        lora_alpha: float = 16.0, param_dtype: Any = None,
+                        lora_alpha: float = 16.0, param_dtype: Any = None, scan_layers: bool = True,
                         ) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, Any], str]:
-    """(config, lora_config or None, {"params", "lora"?} on the device, description)."""
+    """(config, lora_config or None, {"params", "lora"?} on the device, description).
+
+    The frozen weights arrive in the layout a model with `scan_layers` reads (stacked, or one
+    array per layer, read per layer: no stacked copy to split on the device); adapters stacked."""
     if checkpoint_dir is not None and pretrained_path is not None:
         raise ValueError("give --checkpoint_dir or --pretrained_path, not both")
     if adapters is not None and lora_path is not None:
@@ -69,24 +72,19 @@ def load_for_generation(checkpoint_dir: PathLike | None = None, pretrained_path:
             raise FileNotFoundError(f"--adapters {adapters}: its base {pretrained_path!r} (config.json 'base') is "
                                     "not found; pass --checkpoint_dir or --pretrained_path")
 
+    from jaxlora.run import load_base_model
     lora_config, lora = None, None
     if checkpoint_dir is not None:
         if not cio.is_jaxlora_checkpoint(checkpoint_dir):
             raise FileNotFoundError(f"--checkpoint_dir {checkpoint_dir}: not a jaxlora checkpoint directory "
                                     f"({cio.CONFIG_FILE} and {cio.PARAMS_DIR}/); a lit-llama .pth goes to "
                                     "--pretrained_path")
-        config, lora_config, variables = cio.load_checkpoint(checkpoint_dir, param_dtype=param_dtype)
-        params, lora, desc = variables["params"], variables.get("lora"), f"jaxlora checkpoint {checkpoint_dir}"
-    elif lora_path is not None and Path(pretrained_path).is_file():
-        from jaxlora.formats.lit_files import load_lit_llama
-        config, lora_config, variables = load_lit_llama(pretrained_path, lora_path=lora_path, lora_alpha=lora_alpha,
-                                                        param_dtype=param_dtype,
-                                                        place=lambda leaf, _: jax.device_put(leaf))
-        params, lora, desc = variables["params"], variables["lora"], f"lit-llama checkpoint {pretrained_path}"
-        lora_path = None  # read
+        config, params, _ = load_base_model(checkpoint_dir, None, param_dtype, scan_layers=scan_layers)
+        desc = f"jaxlora checkpoint {checkpoint_dir}"
+        if adapters is None and lora_path is None and cio.has_adapters(cio.read_config(checkpoint_dir)[1]):
+            lora_config, lora = load_adapters_dir(checkpoint_dir, config, desc)
     else:
-        from jaxlora.run import load_base_model
-        config, params, desc = load_base_model(pretrained_path, None, param_dtype)
+        config, params, desc = load_base_model(pretrained_path, None, param_dtype, scan_layers=scan_layers)
     if adapters is not None:
         lora_config, lora = load_adapters_dir(adapters, config, desc)
         desc += f" + adapters {adapters}"

@@ -246,15 +246,17 @@ def describe_base(kind: str, pretrained_path: str | None, preset: str | None, se
 
 
 def load_base_model(pretrained_path: str | None, preset: str | None, param_dtype: Any, seed: int = 0,
-                    mesh: Mesh | None = None) -> tuple[LLaMAConfig, Any, str]:
-    """The frozen weights alone, e.g. for generation: (config, params (stacked layout),
-    description). pretrained_path as for `train.py` (a jaxlora checkpoint directory, a lit-llama
-    .pth, an HF directory, or "none"/"random" with `preset`); with `preset` the weights must
-    match it. Placed by the rules over `mesh` as they are read (default: the first device)."""
+                    mesh: Mesh | None = None, scan_layers: bool = True) -> tuple[LLaMAConfig, Any, str]:
+    """The frozen weights alone, e.g. for generation: (config, params, description).
+    pretrained_path as for `train.py` (a jaxlora checkpoint directory, a lit-llama .pth, an HF
+    directory, or "none"/"random" with `preset`); with `preset` the weights must match it.
+    Placed by the rules over `mesh` as they are read (default: the first device), in the
+    layout a model with `scan_layers` reads (stacked layers, or one array per layer)."""
     config, kind = read_base_config(pretrained_path, preset)
     mesh = mesh or shd.make_mesh(data=1)
-    model = LLaMA(config, param_dtype=param_dtype)  # stacked layers, fused q/k/v: the stored layout
-    params = load_params(model, kind, pretrained_path, seed, param_dtype, shd.variable_shardings(model, mesh)["params"])
+    model = LLaMA(config, param_dtype=param_dtype, scan_layers=scan_layers)  # fused q/k/v, as stored
+    shardings = shd.variable_shardings(model, mesh, as_run=True)["params"]
+    params = load_params(model, kind, pretrained_path, seed, param_dtype, shardings)
     return config, params, describe_base(kind, pretrained_path, preset, seed)
 
 
