@@ -36,8 +36,9 @@ Fields:
                   for either; trained weights do not behave so.
   matmul_rel_1 / matmul_rel_256   int8 only: the worst of the int8 products (every kernel shape of a
                   layer and lm_head, bf16 activations of 1 and 256 rows) against x @ (q * scale)
-                  in float32 with the same activations: float32 rounding only (<1e-5; a bf16 output would be ~2e-3). Much more: the compiled int8
-                  product is wrong on this device.
+                  in float32 with the same activations: float32 rounding only (<1e-5; a bf16
+                  output would be ~2e-3). Much more: the compiled int8 product is wrong on this
+                  device.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ from jaxlora.config import LLaMAConfig  # noqa: E402
 from jaxlora.generate import GREEDY, NO_EOS, bucket, decode_program, prefill_program, prepare  # noqa: E402
 from jaxlora.model import LLaMA, head_logits, init_variables  # noqa: E402
 from jaxlora import quantize  # noqa: E402
-from jaxlora.quantize import dense_dot, dequantize, quantize_params, weight_bytes  # noqa: E402
+from jaxlora.quantize import Int8Kernel, dense_dot, dequantize, quantize_params, weight_bytes  # noqa: E402
 from jaxlora.sharding import peak_memory_bytes  # noqa: E402
 
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
@@ -200,7 +201,6 @@ def logit_errors(got: np.ndarray, ref: np.ndarray) -> dict:
 def matmul_errors(params: Any) -> dict:
     """Each int8 kernel shape's product (the first layer's kernels and lm_head; bf16 activations of 1
     and 256 rows) against x @ dequantized kernel in float32: the worst relative error per row count."""
-    from jaxlora.quantize import Int8Kernel
     kernels = {}
     for leaf in jax.tree.leaves(params.get("h_0", params.get("h")), is_leaf=lambda x: isinstance(x, Int8Kernel)):
         if isinstance(leaf, Int8Kernel) and leaf.q.ndim == 2:

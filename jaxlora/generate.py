@@ -43,10 +43,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from jaxlora.config import LoRAConfig
-from jaxlora.lora import merged_kernel
+from jaxlora.lora import merge_lora, merged_kernel
 from jaxlora.model import (LLaMA, STACKED, head_logits, init_cache, layered, split_layers_on_device, stack_layers,
                            unstack_layers)
 from jaxlora.quantize import quantize_params
@@ -121,7 +119,7 @@ def prepare(model: LLaMA, variables: dict[str, Any], merge: bool = True, quantiz
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
         if has_adapters and merge:
             lora = stack_layers(lora) if STACKED in params else unstack_layers(lora, model.config.n_layer)
-            params = _merge_consuming(params, lora, model.lora)
+            params = merge_lora(params, lora, model.lora, kernel_merge=_merge_kernel_consuming)
             model, lora = model.clone(lora=None), None
         elif not has_adapters:
             model, lora = model.clone(lora=None), None
@@ -134,22 +132,9 @@ def prepare(model: LLaMA, variables: dict[str, Any], merge: bool = True, quantiz
     return model, out
 
 
+# one kernel at a time, each old kernel donated: the peak is the weights plus one merged kernel,
+# not plus all of them (a 30B model's q/k/v kernels alone are 16 GB in bf16)
 _merge_kernel_consuming = jax.jit(merged_kernel, static_argnums=(3, 4), donate_argnums=0)
-
-
-def _merge_consuming(params: Any, lora: Any, lora_config: LoRAConfig) -> dict[str, Any]:
-    """`jaxlora.lora.merge_lora`, one kernel at a time, each old kernel donated to its merge:
-    the peak is the weights plus one merged kernel (not plus every merged kernel: a 30B model's
-    q/k/v kernels alone are 16 GB in bf16)."""
-    flat = traverse_util.flatten_dict(dict(params))
-    flat_lora = traverse_util.flatten_dict(dict(lora))
-    for path, lora_a in flat_lora.items():
-        if path[-1] == "lora_A":
-            layer = path[:-1]
-            flat[layer + ("kernel",)] = _merge_kernel_consuming(
-                flat.pop(layer + ("kernel",)), lora_a, flat_lora[layer + ("lora_B",)],
-                lora_config.enabled(layer[-2:]), lora_config.scaling)
-    return traverse_util.unflatten_dict(flat)
 
 
 # ----------------------------------------------------------------------------- the programs

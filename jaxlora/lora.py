@@ -151,14 +151,18 @@ def lora_delta(lora_a: Array, lora_b: Array, enabled: Sequence[bool], scaling: f
     return jnp.concatenate(pieces, axis=-1)
 
 
-def merge_lora(params: Any, lora: Any, lora_config: LoRAConfig) -> Any:
+def merge_lora(params: Any, lora: Any, lora_config: LoRAConfig,
+               kernel_merge: Callable[..., Array] | None = None) -> Any:
     """New params with every adapter folded into its kernel: W + scaling * ΔW.
 
     Which output segments an adapter covers comes from the target table (`LoRAConfig.enabled`
     of the layer's module, e.g. ("attn", "c_attn")), whatever the layout above it (stacked "h"
     or per-layer "h_i"). The inputs are not modified (lit-llama merges in place on eval(); we
     never do). The sum is formed in float32 and cast back to the kernel's dtype.
+    kernel_merge: what folds one kernel (default `merged_kernel`; e.g. a jitted version that
+    donates the old kernel, for a merge whose peak is one kernel more than the weights).
     """
+    kernel_merge = kernel_merge or merged_kernel
     flat_params = traverse_util.flatten_dict(_as_dict(params))
     flat_lora = traverse_util.flatten_dict(_as_dict(lora))
     merged = dict(flat_params)
@@ -166,9 +170,9 @@ def merge_lora(params: Any, lora: Any, lora_config: LoRAConfig) -> Any:
         if path[-1] != "lora_A":
             continue
         layer = path[:-1]
-        merged[layer + ("kernel",)] = merged_kernel(flat_params[layer + ("kernel",)], lora_a,
-                                                    flat_lora[layer + ("lora_B",)], lora_config.enabled(layer[-2:]),
-                                                    lora_config.scaling)
+        merged[layer + ("kernel",)] = kernel_merge(flat_params[layer + ("kernel",)], lora_a,
+                                                   flat_lora[layer + ("lora_B",)], lora_config.enabled(layer[-2:]),
+                                                   lora_config.scaling)
     return traverse_util.unflatten_dict(merged)
 
 

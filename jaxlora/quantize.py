@@ -54,6 +54,7 @@ class Int8Kernel:
 
 
 def _quantize(w: Array) -> Int8Kernel:
+    """Per-output-channel symmetric int8 of w (..., in, out); the reduction runs in float32."""
     wf = w.astype(jnp.float32)
     scale = jnp.max(jnp.abs(wf), axis=-2) / 127.0
     scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero column: any scale represents it exactly
@@ -62,7 +63,6 @@ def _quantize(w: Array) -> Int8Kernel:
 
 
 quantize_kernel = jax.jit(_quantize)
-quantize_kernel.__doc__ = "Per-output-channel symmetric int8 of w (..., in, out); the reduction runs in float32."
 _quantize_consuming = jax.jit(_quantize, donate_argnums=0)
 
 
@@ -71,9 +71,9 @@ def quantize_params(params: Any, mode: str = "int8", consume: bool = False) -> A
     embeddings and norm scales unchanged. Leaf by leaf, on the device the leaf is on.
     consume: donate each float kernel to its quantization (do not use `params` afterwards): the
     peak is then the weights plus one int8 kernel, not the weights plus all of them."""
-    quantize = _quantize_consuming if consume else quantize_kernel
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
+    quantize = _quantize_consuming if consume else quantize_kernel
 
     def visit(node: Any) -> Any:
         if isinstance(node, dict):
