@@ -6,7 +6,7 @@
     python generate.py --checkpoint_dir checkpoints/jaxlora/7B --adapters out/lora/alpaca/adapters --quantize int8
 
 The response streams to stdout as it is generated; time to first token and tokens/s go to
-stderr. This file only parses flags; decoding is jaxlora.generate, loading jaxlora.loading.
+stderr. This file only parses flags; decoding is jaxlora.infer.decode, loading jaxlora.infer.load.
 """
 from __future__ import annotations
 
@@ -78,12 +78,15 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
-    from jaxlora import checkpoint_io, trainer
-    from jaxlora.data import generate_prompt
-    from jaxlora.generate import Sampling, generate, prepare
-    from jaxlora.loading import load_for_generation
-    from jaxlora.model import LLaMA
-    from jaxlora.tokenizer import Tokenizer
+    from jaxlora.config import ADAPTERS_DIR
+    from jaxlora.demo import DEMO_BASE, DEMO_TOKENIZER
+    from jaxlora.infer.decode import Sampling, generate, prepare
+    from jaxlora.infer.load import load_for_generation
+    from jaxlora.model.llama import LLaMA
+    from jaxlora.text.prompts import generate_prompt
+    from jaxlora.text.tokenizer import Tokenizer
+    from jaxlora.train.settings import DEMO_PROFILE
+    from jaxlora.weights import jaxlora_dir as checkpoint_io
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # checks the values
     if args.max_new_tokens < 1 or args.num_samples < 1:
@@ -92,11 +95,11 @@ def run(args: argparse.Namespace) -> int:
     demo = not any([args.checkpoint_dir, args.pretrained_path, args.adapters, args.lora_path])
     adapters, pretrained, tokenizer_path, prompt = args.adapters, args.pretrained_path, args.tokenizer_path, args.prompt
     if demo:
-        pretrained = str(trainer.DEMO_BASE)
-        demo_adapters = Path(trainer.DEMO_PROFILE["out_dir"]) / trainer.ADAPTERS_DIR
+        pretrained = str(DEMO_BASE)
+        demo_adapters = Path(DEMO_PROFILE["out_dir"]) / ADAPTERS_DIR
         adapters = str(demo_adapters) if checkpoint_io.is_adapters_dir(demo_adapters) else None
-        tokenizer_path = tokenizer_path or trainer.DEMO_PROFILE["tokenizer_path"]
-        prompt = trainer.DEMO_PROFILE["sample_instruction"] if prompt is None else prompt
+        tokenizer_path = tokenizer_path or str(DEMO_TOKENIZER)
+        prompt = DEMO_PROFILE["sample_instruction"] if prompt is None else prompt
         if adapters is None:
             print(f"demo: base model only ({demo_adapters} not found: run `python train.py` first for the "
                   "fine-tuned adapters)", file=sys.stderr)

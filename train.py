@@ -6,7 +6,7 @@
         --tokenizer_path checkpoints/lit-llama/tokenizer.model \\
         --data_path data/alpaca/alpaca_data_cleaned.json
 
-This file only parses flags; the loop is jaxlora.trainer.run.
+This file only parses flags; the loop is jaxlora.train.loop.run.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import dataclasses
 import os
 import sys
 
-from jaxlora import settings
+from jaxlora.config import ADAPTERS_DIR, LIT_LORA_FILE
+from jaxlora.train import settings
 
 DEMO, LIT = settings.DEMO_PROFILE, settings.LIT_LLAMA_RECIPE
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(settings.TrainArgs)}
-LORA_FILE, ADAPTERS_DIR = "lit-llama-lora-finetuned.pth", "adapters"
 
 EPILOG = f"""\
 defaults: every flag left out takes its value from one of two profiles.
@@ -36,7 +36,7 @@ defaults: every flag left out takes its value from one of two profiles.
 outputs in --out_dir: checkpoints/ (orbax: adapters, optimizer state, step, RNG, data position;
   the last --keep_checkpoints kept; also written on Ctrl-C), {ADAPTERS_DIR}/ (the adapters as a jaxlora
   directory: convert/to_lit_llama.py --adapters ... --merged gives a merged lit-llama checkpoint),
-  metrics.jsonl (one line per step and per evaluation), loss.png, summary.json, and {LORA_FILE}
+  metrics.jsonl (one line per step and per evaluation), loss.png, summary.json, and {LIT_LORA_FILE}
   (lit-llama's LoRA file; q,v adapters only; needs torch), peft/ (a PEFT LoRA folder for HF
   transformers and vLLM).
 
@@ -183,13 +183,13 @@ def enable_compilation_cache() -> None:
 def main(argv: list[str] | None = None) -> int:
     args, hosts = args_from_cli(argv)
     try:
-        from jaxlora import distributed
+        from jaxlora.parallel import distributed
         distributed.initialize(**hosts)  # before anything else touches JAX
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     enable_compilation_cache()
-    from jaxlora import trainer
+    from jaxlora.train import loop as trainer
     try:
         trainer.run(args)
     except trainer.NonFiniteLossError as e:

@@ -34,8 +34,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from jaxlora.config import LLaMAConfig  # noqa: E402
-from jaxlora.formats import lit_llama  # noqa: E402
-from jaxlora.formats.torch_stream import write_torch_zip  # noqa: E402
+from jaxlora.weights import lit_llama  # noqa: E402
+from jaxlora.weights.torch_zip import write_torch_zip  # noqa: E402
 
 
 def synthetic_items(config: LLaMAConfig, dtype: np.dtype, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
@@ -97,7 +97,7 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the files afterwards")
     args = p.parse_args()
 
-    from jaxlora.convert_stream import parse_dtype
+    from jaxlora.weights.convert import parse_dtype
     dtype = parse_dtype(args.dtype)
     config = LLaMAConfig.from_name(args.preset, n_layer=args.n_layer)
     work = Path(args.workdir)
@@ -121,7 +121,7 @@ def main() -> None:
 
     model_config = json.dumps(config.to_dict())
     results = {}
-    results["import_baseline"] = run_measured(["-c", "import jaxlora.convert_stream, jaxlora.model, orbax.checkpoint"])
+    results["import_baseline"] = run_measured(["-c", "import jaxlora.weights.convert, jaxlora.model.llama, orbax.checkpoint"])
     if args.cold:
         drop_from_page_cache(src)
     r = run_measured(["convert/from_lit_llama.py", "--checkpoint_path", str(src),
@@ -136,7 +136,7 @@ def main() -> None:
         print(json.dumps({name: res}), flush=True)
 
     # Spot-check the round trip: first, a middle and the last tensor, bit for bit.
-    from jaxlora.formats.torch_stream import TorchZipReader
+    from jaxlora.weights.torch_zip import TorchZipReader
     with TorchZipReader(src) as a, TorchZipReader(back) as b:
         keys = a.keys()
         assert keys == b.keys(), "key order differs after the round trip"

@@ -1,8 +1,8 @@
-"""Decoding throughput: jaxlora.generate's prefill and KV-cache decode loop on random weights.
+"""Decoding throughput: jaxlora.infer.decode's prefill and KV-cache decode loop on random weights.
 
 Builds the preset with random frozen weights on the device (bf16 by default), per-layer (the
 fast GPU layout) unless --scan_layers 1, random prompts of --prompt_len tokens, and times the
-same two programs `jaxlora.generate.generate` runs: the prefill (prompt -> KV cache + first
+same two programs `jaxlora.infer.decode.generate` runs: the prefill (prompt -> KV cache + first
 token) and the decode loop (all remaining tokens in one device call, greedy, no EOS). Prints
 one JSON line per (variant, batch), then a short table.
 
@@ -10,7 +10,7 @@ one JSON line per (variant, batch), then a short table.
   python bench/generate_throughput.py --preset tiny --batches 1,2 --prompt_len 16 --new_tokens 8  # CPU smoke test
 
 Variants (--variants bf16,int8): the frozen weights as they are, or weight-only int8 kernels
-(jaxlora.quantize). --min_gemm_rows 1,8 measures decode products with and without the GPU's
+(jaxlora.model.quantize). --min_gemm_rows 1,8 measures decode products with and without the GPU's
 padding to 8 rows (variants <name>-rows1, <name>-rows8).
 
 Fields:
@@ -57,11 +57,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxlora.config import LLaMAConfig  # noqa: E402
-from jaxlora.generate import GREEDY, NO_EOS, bucket, decode_program, prefill_program, prepare  # noqa: E402
-from jaxlora.model import LLaMA, head_logits, init_variables  # noqa: E402
-from jaxlora import quantize  # noqa: E402
-from jaxlora.quantize import Int8Kernel, dense_dot, dequantize, quantize_params, weight_bytes  # noqa: E402
-from jaxlora.sharding import peak_memory_bytes  # noqa: E402
+from jaxlora.infer.decode import GREEDY, NO_EOS, bucket, decode_program, prefill_program, prepare  # noqa: E402
+from jaxlora.model import quantize  # noqa: E402
+from jaxlora.model.layouts import init_variables  # noqa: E402
+from jaxlora.model.llama import LLaMA, head_logits  # noqa: E402
+from jaxlora.model.quantize import Int8Kernel, dense_dot, dequantize, quantize_params, weight_bytes  # noqa: E402
+from jaxlora.parallel.sharding import peak_memory_bytes  # noqa: E402
 
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 
@@ -229,7 +230,7 @@ def main() -> None:
     ap.add_argument("--variants", default="bf16,int8", help="comma-separated: bf16 (weights as built), int8")
     ap.add_argument("--min_gemm_rows", default=str(quantize.GPU_MIN_GEMM_ROWS),
                     help="comma-separated: on GPU pad products of fewer rows to this many (1: no padding; several: "
-                    "variants <name>-rows<m>; see jaxlora.quantize.GPU_MIN_GEMM_ROWS)")
+                    "variants <name>-rows<m>; see jaxlora.model.quantize.GPU_MIN_GEMM_ROWS)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="frozen weights, compute and KV cache")
     ap.add_argument("--scan_layers", type=int, default=0, choices=[0, 1],
                     help="1: layers as one scan over stacked weights; 0: per-layer weights (fastest)")

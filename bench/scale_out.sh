@@ -5,7 +5,7 @@
 #   bash bench/scale_out.sh two     # a 2-GPU host: 7B on 1 and 2 GPUs, 30B on 2 (fsdp=2 and tensor=2)
 #   bash bench/scale_out.sh 65b2    # 65B on 2 GPUs of >= 141 GB (H200): fsdp=2
 #   bash bench/scale_out.sh 65b80   # 65B on 2 H200s capped to 80 GB each: half of data=2 x tensor=2 on 4 H100s
-# Each run is train.py's own step (bench/train_throughput.py builds it with jaxlora.run.build_run)
+# Each run is train.py's own step (bench/train_throughput.py builds it with jaxlora.train.build.build_run)
 # on random bf16 weights, lit-llama's recipe settings, 4 x 256 tokens per GPU per micro-batch.
 # JSON lines go to $OUT/scale_<part>.jsonl, logs to $OUT/scale_<part>.log; a table is printed last.
 set -u

@@ -1,4 +1,4 @@
-"""LoRA training throughput: train.py's own step (`jaxlora.run.build_run`) on random weights at
+"""LoRA training throughput: train.py's own step (`jaxlora.train.build.build_run`) on random weights at
 a preset's shapes, on one device or a mesh of several.
 
 The run is built exactly as train.py builds it (same settings object, same profile defaults:
@@ -18,7 +18,7 @@ one, blocking on each (the peers' method: the host's dispatch time adds to every
   python bench/train_throughput.py --preset 65B --shapes 4x256 --mesh fsdp=4
   python bench/train_throughput.py --preset tiny --shapes 2x64 --steps 2   # CPU smoke test
 
-FLOPs per token: `jaxlora.run.flops_per_token`. MFU = tokens/s * FLOPs/token / (peak x
+FLOPs per token: `jaxlora.train.accounting.flops_per_token`. MFU = tokens/s * FLOPs/token / (peak x
 devices), the peak given by --peak_tflops (default: 989 for an H100 SXM's dense bf16).
 """
 from __future__ import annotations
@@ -35,11 +35,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from jaxlora import sharding as shd  # noqa: E402
 from jaxlora.config import LLaMAConfig  # noqa: E402
-from jaxlora.run import build_run, flops_per_token  # noqa: E402
-from jaxlora.model import ATTENTION_IMPLS, REMAT_POLICIES  # noqa: E402
-from jaxlora.settings import RNG_IMPLS, TrainArgs, resolve_args  # noqa: E402
+from jaxlora.model.llama import ATTENTION_IMPLS, REMAT_POLICIES  # noqa: E402
+from jaxlora.parallel import sharding as shd  # noqa: E402
+from jaxlora.train.accounting import flops_per_token  # noqa: E402
+from jaxlora.train.build import build_run  # noqa: E402
+from jaxlora.train.settings import RNG_IMPLS, TrainArgs, resolve_args  # noqa: E402
 
 PRECISION = {"bf16": "bf16-true", "f32": "32-true"}
 # knob name in --variants -> TrainArgs field
@@ -180,7 +181,7 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> 
 
 
 def force_prevent_cse(value: bool) -> None:
-    """Make every nn.remat in jaxlora.model use prevent_cse=value (jaxlora.model looks nn.remat up
+    """Make every nn.remat in jaxlora.model.llama use prevent_cse=value (jaxlora.model.llama looks nn.remat up
     per call), to measure what the choice does to memory and speed."""
     import flax.linen as nn
     remat = nn.remat

@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     args = p.parse_args(argv)
 
-    from jaxlora.convert_stream import release_freed_memory
-    from jaxlora.formats.hf_files import hf_to_checkpoint
+    from jaxlora.weights.convert import release_freed_memory
+    from jaxlora.weights.hf_files import hf_to_checkpoint
     release_freed_memory()
 
     def convert() -> str:

@@ -13,8 +13,8 @@ says what), 1 an unexpected failure.
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     args = p.parse_args(argv)
 
-    from jaxlora.convert_stream import USER_ERRORS, lit_to_checkpoint, release_freed_memory
+    from jaxlora.weights.convert import USER_ERRORS, lit_to_checkpoint, release_freed_memory
     release_freed_memory()
     try:
         config, lora, stats = lit_to_checkpoint(

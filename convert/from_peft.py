@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
     args = p.parse_args(argv)
 
-    from jaxlora.formats.hf_files import peft_to_adapters
+    from jaxlora.weights.hf_files import peft_to_adapters
     return _cli.run("from_peft", lambda: "wrote " + str(peft_to_adapters(args.peft_dir, args.out_dir, base=args.base,
                                                                          overwrite=args.overwrite)))
 

@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.adapters and not args.merged:
         p.error("--adapters needs --merged (unmerged adapters go to PEFT: convert/to_peft.py)")
 
-    from jaxlora.convert_stream import release_freed_memory
-    from jaxlora.formats.hf_files import checkpoint_to_hf
+    from jaxlora.weights.convert import release_freed_memory
+    from jaxlora.weights.hf_files import checkpoint_to_hf
     release_freed_memory()
 
     def convert() -> str:

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint_dir is None and (args.adapters is None or args.merged or args.base):
         p.error("--checkpoint_dir is required (only a LoRA file can be written from --adapters alone)")
 
-    from jaxlora.convert_stream import USER_ERRORS, checkpoint_to_lit, release_freed_memory
+    from jaxlora.weights.convert import USER_ERRORS, checkpoint_to_lit, release_freed_memory
     release_freed_memory()
     kind = "merged" if args.merged else "base" if args.base else "lora"
     try:

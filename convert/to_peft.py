@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
     args = p.parse_args(argv)
 
-    from jaxlora.formats.hf_files import adapters_to_peft
+    from jaxlora.weights.hf_files import adapters_to_peft
     return _cli.run("to_peft", lambda: "wrote " + str(adapters_to_peft(
         args.checkpoint_dir, args.out_dir, args.base_model_name_or_path, args.use_rslora, overwrite=args.overwrite)))
 

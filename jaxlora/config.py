@@ -11,6 +11,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# What a training run leaves in its --out_dir (train.py writes them, generate.py and the converters read them).
+ADAPTERS_DIR = "adapters"  # the final adapters as an adapters-only jaxlora directory
+LIT_LORA_FILE = "lit-llama-lora-finetuned.pth"  # lit-llama's LoRA file (generate/lora.py loads it)
+PEFT_DIR = "peft"  # the final adapters as a PEFT LoRA folder (HF transformers, vLLM)
+
 
 def find_multiple(n: int, k: int) -> int:
     """Smallest multiple of k that is >= n (lit-llama's helper)."""

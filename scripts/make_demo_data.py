@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from jaxlora.data import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, generate_prompt  # noqa: E402
-from jaxlora.tokenizer import Tokenizer  # noqa: E402
+from jaxlora.text.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, generate_prompt  # noqa: E402
+from jaxlora.text.tokenizer import Tokenizer  # noqa: E402
 
 WORDS = """
 apple table river planet garden window yellow purple orange silver forest winter summer

@@ -40,12 +40,14 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from jaxlora.config import LLaMAConfig  # noqa: E402
-from jaxlora.data import DEMO_DIR, load_records, split_records  # noqa: E402
-from jaxlora.formats.lit_files import save_lit_base  # noqa: E402
-from jaxlora.model import LLaMA, init_variables  # noqa: E402
-from jaxlora.steps import shift_targets, token_nll_sum  # noqa: E402
-from jaxlora.tokenizer import Tokenizer  # noqa: E402
-from jaxlora.trainer import DEMO_PROFILE  # noqa: E402
+from jaxlora.demo import DEMO_DIR  # noqa: E402
+from jaxlora.model.layouts import init_variables  # noqa: E402
+from jaxlora.model.llama import LLaMA  # noqa: E402
+from jaxlora.text.tokenizer import Tokenizer  # noqa: E402
+from jaxlora.train.data import load_records, split_records  # noqa: E402
+from jaxlora.train.settings import DEMO_PROFILE  # noqa: E402
+from jaxlora.train.steps import shift_targets, token_nll_sum  # noqa: E402
+from jaxlora.weights.lit_files import save_lit_base  # noqa: E402
 
 DEFAULT_OUT = DEMO_DIR / "lit-llama-demo.pth"
 
@@ -133,7 +135,7 @@ def main() -> None:
           f"passes over the corpus) in {time.time() - start:.0f}s")
 
     # A few greedy completions, to see what the base knows.
-    from jaxlora.generate import greedy_generate
+    from jaxlora.infer.decode import greedy_generate
     for text in ["The reverse of planet is", "23 plus 19 is", "The capital of Kenya is",
                  "The letters q e j f in order are", "Q: Reverse the word (rocket)\nA:"]:
         out = greedy_generate(model, {"params": params}, tokenizer.encode(text, bos=True), 12, tokenizer.eos_id)

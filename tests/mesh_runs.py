@@ -27,7 +27,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from test_train import tiny_args  # noqa: E402
 
-from jaxlora import trainer  # noqa: E402
+from jaxlora.train import loop as trainer  # noqa: E402
 
 MESHES = ("data=8", "fsdp=8", "tensor=2", "data=2,fsdp=2,tensor=2")
 ONE_DEVICE = "data=1"
@@ -37,7 +37,7 @@ def mesh_args(out: Path, mesh: str, **kw):
     # 16 samples a step, as 2 micro-batches of 8 rows on every mesh (rows split over the batch
     # shards), so that dropout draws the same masks: they depend on how a batch is split into
     # micro-batches, not on how a micro-batch is split over devices (threefry is partitionable).
-    from jaxlora import sharding as shd
+    from jaxlora.parallel import sharding as shd
     shape = shd.parse_mesh(mesh)
     shards = 8 // shape["tensor"] if shape["data"] == -1 else shape["data"] * shape["fsdp"]
     values = dict(mesh=mesh, batch_size=16, micro_batch_size=8 // shards, max_steps=4, save_interval=2,
@@ -87,10 +87,11 @@ def resume(tmp: Path) -> dict:
 def layout(tmp: Path) -> dict:
     """Each array of a 2x2x2 run against the sharding its logical axes give under the rules."""
     import flax.linen as nn
-    from jaxlora import sharding as shd
-    from jaxlora.model import logical_axes
-    from jaxlora.run import build_run
-    from jaxlora.settings import resolve_args
+
+    from jaxlora.model.layouts import logical_axes
+    from jaxlora.parallel import sharding as shd
+    from jaxlora.train.build import build_run
+    from jaxlora.train.settings import resolve_args
     r = build_run(resolve_args(mesh_args(tmp / "layout", "data=2,fsdp=2,tensor=2", scan_layers=False)))
     axes = logical_axes(r.model, as_run=True)
     expected = nn.logical_to_mesh_axes  # logical names -> mesh axes by the rules table

@@ -10,15 +10,15 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+from test_train import ROOT, _env, assert_trees_equal, reference_run, small_assets, tiny_args
 
-from jaxlora import trainer
-from jaxlora.checkpoint import Checkpointer, state_to_tree
 from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.model import LLaMA, init_variables
-from jaxlora.optim import make_optimizer
-from jaxlora.steps import init_train_state, make_train_step
-
-from test_train import _env, assert_trees_equal, reference_run, small_assets, tiny_args, ROOT
+from jaxlora.model.layouts import init_variables
+from jaxlora.model.llama import LLaMA
+from jaxlora.train import loop as trainer
+from jaxlora.train.checkpoints import Checkpointer, state_to_tree
+from jaxlora.train.optim import make_optimizer
+from jaxlora.train.steps import init_train_state, make_train_step
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -88,7 +88,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
 
     os.rename = rename
     from test_train import tiny_args
-    from jaxlora import trainer
+    from jaxlora.train import loop as trainer
     trainer.run(tiny_args(OUT, tokenizer_path=TOKENIZER, data_path=DATA))
     print("finished without being killed")
 """)

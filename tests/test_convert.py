@@ -15,18 +15,18 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_lit_state_dict
-from jaxlora import checkpoint_io as cio
-from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.convert_stream import checkpoint_to_lit, lit_to_checkpoint
-from jaxlora.formats import lit_llama
-from jaxlora.formats.lit_llama import StateDictError
-from jaxlora.formats.torch_io import tensor_to_numpy
-from jaxlora.formats.torch_stream import RowBlocks, TorchZipReader, write_torch_zip
-from jaxlora.lora import merge_lora
-from jaxlora.model import LLaMA
 from lit_reference import RefConfig, RefLLaMA
+
+from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.errors import CheckpointError, LitLoRATargetsError, StateDictError
+from jaxlora.model.llama import LLaMA
+from jaxlora.model.lora import merge_lora
+from jaxlora.weights import jaxlora_dir as cio
+from jaxlora.weights import lit_llama
+from jaxlora.weights.convert import checkpoint_to_lit, lit_to_checkpoint
+from jaxlora.weights.torch_io import tensor_to_numpy
+from jaxlora.weights.torch_zip import RowBlocks, TorchZipReader, write_torch_zip
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
@@ -106,6 +106,7 @@ def test_checkpoint_format_is_the_documented_one_and_load_checkpoint_casts(tmp_p
     # The documented format, read with tensorstore alone (no jaxlora code): index.json lists the
     # leaves; each is a zarr v2 array in the directory named by its path joined with ".".
     import json
+
     import tensorstore as ts
     index = json.loads((tmp_path / "ck" / "params" / "index.json").read_text())
     assert (index["format"], index["version"]) == ("jaxlora-arrays", 1)
@@ -158,7 +159,7 @@ def test_save_and_load_checkpoint_round_trip(tmp_path):
 SHARDED_LOAD = """
 import sys, jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxlora import checkpoint_io as cio
+from jaxlora.weights import jaxlora_dir as cio
 mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
 by_layer, replicated = NamedSharding(mesh, P("x")), NamedSharding(mesh, P())
 reads = []
@@ -197,7 +198,7 @@ def test_load_checkpoint_reads_only_the_shards_each_device_holds(tmp_path):
 
 def test_load_checkpoint_errors_name_the_directory_and_key(tmp_path):
     variables = tiny_variables(LoRAConfig(r=0, targets=()))
-    with pytest.raises(cio.CheckpointError, match=r"ck/params: h/attn/c_proj/kernel has shape \(2, 64, 32\), "
+    with pytest.raises(CheckpointError, match=r"ck/params: h/attn/c_proj/kernel has shape \(2, 64, 32\), "
                                                   r"expected \(2, 64, 64\)"):
         bad = jax.tree.map(lambda a: a, variables["params"])
         bad["h"]["attn"]["c_proj"]["kernel"] = bad["h"]["attn"]["c_proj"]["kernel"][..., :32]
@@ -206,11 +207,11 @@ def test_load_checkpoint_errors_name_the_directory_and_key(tmp_path):
     cio.save_checkpoint(tmp_path / "ck", TINY, None, variables["params"])
     # config.json that does not match the arrays
     (tmp_path / "ck" / "config.json").write_text(cio.dump_json(LLaMAConfig.from_name("tiny", n_layer=3), None))
-    with pytest.raises(cio.CheckpointError, match=r"ck/params: .*h/attn/c_attn/kernel has shape \(2, 64, 192\), "
+    with pytest.raises(CheckpointError, match=r"ck/params: .*h/attn/c_attn/kernel has shape \(2, 64, 192\), "
                                                   r"expected \(3, 64, 192\)"):
         cio.load_checkpoint(tmp_path / "ck")
     (tmp_path / "ck" / "config.json").unlink()
-    with pytest.raises(cio.CheckpointError, match=r"ck: no config\.json; not a jaxlora checkpoint"):
+    with pytest.raises(CheckpointError, match=r"ck: no config\.json; not a jaxlora checkpoint"):
         cio.load_checkpoint(tmp_path / "ck")
     assert not cio.is_jaxlora_checkpoint(tmp_path / "ck")
 
@@ -266,13 +267,13 @@ def test_merged_export_equals_base_plus_adapters(tmp_path):
 @pytest.mark.parametrize("targets", [("q", "k", "v"), ("k",)])
 def test_non_qv_adapters_are_never_a_lit_lora_file_but_export_merged(tmp_path, targets):
     """lit-llama's lora() means q and v: q,k,v or k-only adapters would load wrongly there."""
-    from jaxlora.formats.lit_files import save_lit_lora
+    from jaxlora.weights.lit_files import save_lit_lora
     lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=targets)
     variables = tiny_variables(lora, seed=6)
     cio.save_checkpoint(tmp_path / "base", TINY, None, variables["params"])
     cio.save_checkpoint(tmp_path / "adapters", TINY, lora, None, variables["lora"], base="base")
     why = r"enable_lora=\[True, False, True\].*convert/to_lit_llama\.py --checkpoint_dir BASE --adapters DIR --merged"
-    with pytest.raises(lit_llama.LitLoRATargetsError, match=why):
+    with pytest.raises(LitLoRATargetsError, match=why):
         checkpoint_to_lit(None, tmp_path / "lora.pth", kind="lora", adapters_dir=tmp_path / "adapters", progress=False)
     no_leftovers(tmp_path, "lora.pth")
     with pytest.raises(ValueError, match=why):  # what the trainer calls at the end of a run
@@ -293,7 +294,7 @@ def test_non_qv_adapters_are_never_a_lit_lora_file_but_export_merged(tmp_path, t
 
 def test_lit_lora_file_of_another_shape_is_refused(tmp_path, lit_files):
     """A LoRA file holding q,k,v (3 segments) is not lit-llama's: refused, not guessed at."""
-    from jaxlora.formats.lit_files import load_lit_llama
+    from jaxlora.weights.lit_files import load_lit_llama
     qkv_path = save_lit(tmp_path / "qkv", LoRAConfig(r=4, targets=("q", "k", "v")))[1]
     why = r"lora_A' has shape \(12, 64\) and .*lora_B' \(192, 4\); lit-llama's LoRA file always means adapters on q and v"
     with pytest.raises(StateDictError, match=why):
@@ -357,7 +358,7 @@ def test_torch_zip_reader_matches_torch_load(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_load_lit_llama_reads_tensor_by_tensor_and_matches_the_mapping(tmp_path, dtype):
-    from jaxlora.formats.lit_files import load_lit_llama
+    from jaxlora.weights.lit_files import load_lit_llama
     lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v"))
     base_path, lora_path, base, adapters, _ = save_lit(tmp_path / "lit", lora, dtype=dtype, seed=7)
     np_base = {k: tensor_to_numpy(v) for k, v in base.items()}

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxlora import checkpoint_io as cio
 from jaxlora.config import LLaMAConfig
-from jaxlora.formats import lit_llama
-from jaxlora.formats.torch_stream import TorchZipReader, write_torch_zip
+from jaxlora.weights import jaxlora_dir as cio
+from jaxlora.weights import lit_llama
+from jaxlora.weights.torch_zip import TorchZipReader, write_torch_zip
 
 ROOT = Path(__file__).resolve().parent.parent
 MARGIN = 768 << 20  # allowed above the import baseline; the file is about twice that
@@ -63,7 +63,7 @@ def test_conversion_of_a_file_larger_than_the_budget(tmp_path):
     src = tmp_path / "lit-llama.pth"
     write_torch_zip(src, synthetic_items(config))
     size = src.stat().st_size
-    baseline, _ = peak_rss("-c", "import jaxlora.convert_stream, jaxlora.model, orbax.checkpoint, tensorstore")
+    baseline, _ = peak_rss("-c", "import jaxlora.weights.convert, jaxlora.model.llama, orbax.checkpoint, tensorstore")
     budget = baseline + MARGIN
     assert budget < size, (budget, size)
 

@@ -1,4 +1,4 @@
-"""Tests for jaxlora.tokenizer and jaxlora.data (lit-llama compatibility and batching)."""
+"""Tests for jaxlora.text.tokenizer and jaxlora.train.data (lit-llama compatibility and batching)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,21 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from jaxlora.data import (
-    DEMO_DIR,
-    PROMPT_NO_INPUT,
-    PROMPT_WITH_INPUT,
+from jaxlora.demo import DEMO_DIR
+from jaxlora.errors import DataError
+from jaxlora.text.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, generate_prompt
+from jaxlora.text.tokenizer import Tokenizer
+from jaxlora.train.data import (
     Batcher,
-    DataError,
     bucket_lengths,
     count_truncated,
     eval_batches,
-    generate_prompt,
     load_prepared,
     load_records,
     prepare_records,
     prepare_sample,
     split_records,
 )
-from jaxlora.tokenizer import Tokenizer
 
 TOKENIZER_PATH = DEMO_DIR / "tokenizer.model"
 
@@ -398,7 +396,7 @@ def test_a_process_fills_and_tokenizes_only_its_rows(tokenizer: Tokenizer) -> No
     """Batcher(local=...) over lazily tokenized samples: the rows this process holds equal the
     one-process batch's, the others are padding, nothing else is tokenized, and the pad length
     and token count are the whole batch's (as agreed with the other processes)."""
-    from jaxlora.data import LazySamples, LocalRows, prepare_sample
+    from jaxlora.train.data import LazySamples, LocalRows, prepare_sample
     records = [{"instruction": f"Say {'word ' * (i % 7)}{i}.", "input": "", "output": "ok" * (i % 3 + 1)}
                for i in range(40)]
     eager = [prepare_sample(r, tokenizer, 64) for r in records]

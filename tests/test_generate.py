@@ -1,4 +1,4 @@
-"""KV-cache generation (jaxlora.generate) against full forward passes and a naive decoder.
+"""KV-cache generation (jaxlora.infer.decode) against full forward passes and a naive decoder.
 
 Tiny random model, float32. Tolerances: cached logits equal the full forward's within 1e-5
 (observed ~2e-7). int8 accuracy: tests/test_quantize.py.
@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.generate import GREEDY, Sampling, generate, greedy_generate, prepare, sample_logits
-from jaxlora.model import LLaMA, init_cache, init_variables, layered
-from jaxlora.quantize import Int8Kernel, dequantize
+from jaxlora.infer.decode import GREEDY, Sampling, generate, greedy_generate, prepare, sample_logits
+from jaxlora.model.layouts import init_variables, layered
+from jaxlora.model.llama import LLaMA, init_cache
+from jaxlora.model.quantize import Int8Kernel, dequantize
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +169,9 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
 from jaxlora import LLaMA, LLaMAConfig, LoRAConfig, init_variables
-from jaxlora.generate import greedy_generate
-from jaxlora.model import split_layers_on_device
-from jaxlora.sharding import make_mesh, variable_shardings
+from jaxlora.infer.decode import greedy_generate
+from jaxlora.model.layouts import split_layers_on_device
+from jaxlora.parallel.sharding import make_mesh, variable_shardings
 model = LLaMA(LLaMAConfig.from_name("tiny"), LoRAConfig(r=4, targets=("q", "v", "up")), scan_layers=False)
 v = init_variables(model, jax.random.key(0))
 v["lora"] = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), v["lora"])

@@ -1,4 +1,4 @@
-"""generate.py (the CLI) and jaxlora.loading on the shipped demo model: every adapter source
+"""generate.py (the CLI) and jaxlora.infer.load on the shipped demo model: every adapter source
 gives the same greedy answer, and bad input is refused with an error naming it."""
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import generate as cli  # noqa: E402
-from jaxlora.checkpoint_io import save_checkpoint  # noqa: E402
 from jaxlora.config import LLaMAConfig, LoRAConfig  # noqa: E402
-from jaxlora.data import DEMO_DIR  # noqa: E402
-from jaxlora.model import LLaMA, init_adapters  # noqa: E402
+from jaxlora.demo import DEMO_DIR  # noqa: E402
+from jaxlora.model.layouts import init_adapters  # noqa: E402
+from jaxlora.model.llama import LLaMA  # noqa: E402
+from jaxlora.weights.jaxlora_dir import save_checkpoint  # noqa: E402
 
 DEMO_BASE = DEMO_DIR / "lit-llama-demo.pth"
 GREEDY = ["--temperature", "0", "--max_new_tokens", "8"]
@@ -36,7 +37,7 @@ def adapters(tmp_path_factory):
     lora = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape), lora)
     save_checkpoint(d / "adapters", config, lora_config, None, lora, base=str(DEMO_BASE))
     pytest.importorskip("torch")
-    from jaxlora.formats.lit_files import save_lit_lora
+    from jaxlora.weights.lit_files import save_lit_lora
     save_lit_lora(lora, config, lora_config, d / "lora.pth")
     tiny = LLaMAConfig.from_name("tiny")  # adapters for another model size
     tiny_lora = init_adapters(LLaMA(tiny, lora_config), jax.random.key(2))

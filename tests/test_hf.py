@@ -13,23 +13,31 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import traverse_util
 import pytest
+from flax import traverse_util
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 from safetensors.numpy import load_file  # noqa: E402
 
-from jaxlora import checkpoint_io as cio  # noqa: E402
 from jaxlora.config import ALL_TARGETS, LLaMAConfig, LoRAConfig  # noqa: E402
-from jaxlora.formats import hf  # noqa: E402
-from jaxlora.formats.hf_files import (adapters_to_peft, checkpoint_to_hf, hf_to_checkpoint, is_hf_dir,  # noqa: E402
-                                      load_hf, load_peft_adapters, peft_to_adapters, save_peft_adapters)
-from jaxlora.formats.lit_llama import StateDictError  # noqa: E402
-from jaxlora.lora import merge_lora  # noqa: E402
-from jaxlora.model import LLaMA  # noqa: E402
-from jaxlora.tokenizer import Tokenizer  # noqa: E402
+from jaxlora.errors import HFConfigError, StateDictError  # noqa: E402
+from jaxlora.model.llama import LLaMA  # noqa: E402
+from jaxlora.model.lora import merge_lora  # noqa: E402
+from jaxlora.text.tokenizer import Tokenizer  # noqa: E402
+from jaxlora.weights import hf  # noqa: E402
+from jaxlora.weights import jaxlora_dir as cio  # noqa: E402
+from jaxlora.weights.hf_files import (  # noqa: E402
+    adapters_to_peft,
+    checkpoint_to_hf,
+    hf_to_checkpoint,
+    is_hf_dir,
+    load_hf,
+    load_peft_adapters,
+    peft_to_adapters,
+    save_peft_adapters,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "jaxlora" / "demo" / "tokenizer.model"
@@ -267,7 +275,7 @@ def edited_hf_dir(hf_dir: Path, tmp: Path, **changes) -> Path:
 def test_unsupported_hf_config_refused(hf_dir, tmp_path, changes, message):
     import from_hf
     path = edited_hf_dir(hf_dir, tmp_path, **changes)
-    with pytest.raises(hf.HFConfigError, match="config.json") as e:
+    with pytest.raises(HFConfigError, match="config.json") as e:
         load_hf(path)
     assert message in str(e.value)
     assert from_hf.main(["--hf_dir", str(path), "--out_dir", str(tmp_path / "out"), "--quiet"]) == 2
@@ -330,8 +338,8 @@ def test_train_on_an_hf_base_leaves_a_peft_folder(tmp_path):
     sys.path.insert(0, str(ROOT / "tests"))
     from test_train import small_assets, tiny_args
 
-    from jaxlora import trainer
-    from jaxlora.loading import load_adapters_dir
+    from jaxlora.train import loop as trainer
+    from jaxlora.weights.load import load_adapters_dir
     vocab = Tokenizer(small_assets()["tokenizer"]).vocab_size
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**HF_SHAPE, "vocab_size": vocab})).eval()
     randomize(model, 5)

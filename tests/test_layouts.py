@@ -1,4 +1,4 @@
-"""Stacked vs per-layer variable layouts (jaxlora.model): conversions and the train step."""
+"""Stacked vs per-layer variable layouts (jaxlora.model.llama): conversions and the train step."""
 from __future__ import annotations
 
 import jax
@@ -7,8 +7,9 @@ import numpy as np
 import optax
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.model import LLaMA, init_variables, layered, split_layers_on_device, stack_layers, unstack_layers
-from jaxlora.steps import init_train_state, make_train_step
+from jaxlora.model.layouts import init_variables, layered, split_layers_on_device, stack_layers, unstack_layers
+from jaxlora.model.llama import LLaMA
+from jaxlora.train.steps import init_train_state, make_train_step
 
 
 def _trees_equal(a, b) -> None:
@@ -73,8 +74,8 @@ def test_random_base_weights_are_the_same_in_every_run_layout():
     so no device holds a stacked copy to split: the numbers must not depend on that layout."""
     from flax import traverse_util
 
-    from jaxlora import sharding as shd
-    from jaxlora.run import random_params
+    from jaxlora.parallel import sharding as shd
+    from jaxlora.weights.load import random_params
 
     config, mesh = LLaMAConfig.from_name("tiny"), shd.make_mesh(data=1)
     reference_model = LLaMA(config, param_dtype=jnp.bfloat16)  # stacked, fused q/k/v: the stored layout

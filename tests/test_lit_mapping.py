@@ -1,16 +1,16 @@
-"""The pure lit-llama <-> jaxlora mapping (jaxlora.formats.lit_llama): exact round trips,
+"""The pure lit-llama <-> jaxlora mapping (jaxlora.weights.lit_llama): exact round trips,
 validation errors that name the key and both shapes, preset recognition, 7B sizes."""
 from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
 import pytest
-
 from conftest import random_lit_state_dict
-from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.formats import lit_llama
-from jaxlora.formats.lit_llama import StateDictError
 from lit_reference import RefConfig, RefLLaMA
+
+from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.errors import LitLoRATargetsError, StateDictError
+from jaxlora.weights import lit_llama
 
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -57,10 +57,10 @@ def test_lit_lora_file_is_only_for_q_and_v(tiny_config, targets):
     lora = LoRAConfig(r=4, targets=targets)
     _, adapters = lit_state_dict(tiny_config, lora)
     tree = lit_llama.lit_to_lora(adapters, tiny_config, lora)
-    with pytest.raises(lit_llama.LitLoRATargetsError, match=r"enable_lora=\[True, False, True\].*--adapters DIR "
+    with pytest.raises(LitLoRATargetsError, match=r"enable_lora=\[True, False, True\].*--adapters DIR "
                                                              r"--merged"):
         lit_llama.lora_to_lit(tree, tiny_config, lora)
-    assert isinstance(lit_llama.LitLoRATargetsError("x"), ValueError)  # the trainer logs ValueErrors and goes on
+    assert isinstance(LitLoRATargetsError("x"), ValueError)  # the trainer logs ValueErrors and goes on
     qv = LoRAConfig(r=4, targets=("v", "q"))
     assert list(lit_llama.lora_to_lit(lit_llama.lit_to_lora(lit_state_dict(tiny_config, qv)[1], tiny_config, qv),
                                       tiny_config, qv))[:2] == ["transformer.h.0.attn.c_attn.lora_A",

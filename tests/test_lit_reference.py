@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-
 from lit_reference import RefConfig, RefLLaMA, merge_lora_, ref_lora_delta, ref_rope
 
 TINY = RefConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=100, block_size=32)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.lora import MergedLoRADense, merge_lora
-from jaxlora.model import LLaMA, init_variables
-from jaxlora.optim import make_optimizer
-from jaxlora.steps import init_train_state, make_train_step
+from jaxlora.model.layouts import init_variables
+from jaxlora.model.llama import LLaMA
+from jaxlora.model.lora import MergedLoRADense, merge_lora
+from jaxlora.train.optim import make_optimizer
+from jaxlora.train.steps import init_train_state, make_train_step
 
 
 def randomize_lora(lora, seed=0):
@@ -135,9 +136,10 @@ def test_target_table_places_each_adapter_where_the_model_and_the_mapping_put_it
     """Each target alone: the model's adapter sits at the table's module, covers one segment, and
     the lit-llama mapping and parse_targets (PEFT names) agree with the table."""
     from flax import traverse_util
+
     from jaxlora.config import LORA_TARGETS, parse_targets
-    from jaxlora.formats import lit_llama
-    from jaxlora.model import abstract_variables
+    from jaxlora.model.layouts import abstract_variables
+    from jaxlora.weights import lit_llama
     assert parse_targets(",".join(t.peft_name for t in LORA_TARGETS.values())) == tuple(LORA_TARGETS)
     for target in LORA_TARGETS.values():
         lora = LoRAConfig(r=4, targets=(target.name,))

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_lit_state_dict
-from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.formats import lit_llama
-from jaxlora.model import LLaMA
 from lit_reference import RefConfig, RefLLaMA
+
+from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.model.llama import LLaMA
+from jaxlora.weights import lit_llama
 
 TOL = 1e-5
 
@@ -85,7 +85,7 @@ def test_remat_and_unroll_do_not_change_the_function(tiny_config, tiny_lora, rem
 
 def test_per_layer_model_matches_reference(tiny_config):
     """scan_layers=False (per-layer weights, unrolled loop) computes the same function."""
-    from jaxlora.model import layered
+    from jaxlora.model.layouts import layered
     lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v", "down"))
     ref, _, variables = build_pair(tiny_config, lora)
     model = LLaMA(tiny_config, lora, scan_layers=False, remat="dots")

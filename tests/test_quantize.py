@@ -1,4 +1,4 @@
-"""Weight-only int8 (jaxlora.quantize) against float32: the kernels, the product, the model.
+"""Weight-only int8 (jaxlora.model.quantize) against float32: the kernels, the product, the model.
 
 Tolerances, from the rounding: q = round(W / s), s = max|W[:, j]| / 127, so the error is
 uniform in +-s/2 and a Gaussian column of n rows (max ~ sqrt(2 ln n) std) is reproduced to
@@ -21,9 +21,10 @@ import pytest
 from flax import traverse_util
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.generate import prepare
-from jaxlora.model import LLaMA, init_variables
-from jaxlora.quantize import Int8Kernel, dense_dot, dequantize, quantize_kernel, quantize_params, rows_padded_dot
+from jaxlora.infer.decode import prepare
+from jaxlora.model.layouts import init_variables
+from jaxlora.model.llama import LLaMA
+from jaxlora.model.quantize import Int8Kernel, dense_dot, dequantize, quantize_kernel, quantize_params, rows_padded_dot
 
 
 def rel(a, b) -> float:

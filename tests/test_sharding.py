@@ -24,9 +24,9 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from jaxlora import LLaMA, LLaMAConfig, LoRAConfig, init_variables
-    from jaxlora.optim import make_optimizer
-    from jaxlora.sharding import make_mesh, variable_shardings, batch_sharding
-    from jaxlora.steps import init_train_state, make_train_step
+    from jaxlora.train.optim import make_optimizer
+    from jaxlora.parallel.sharding import make_mesh, variable_shardings, batch_sharding
+    from jaxlora.train.steps import init_train_state, make_train_step
 
     assert len(jax.devices()) == 8
     model = LLaMA(LLaMAConfig.from_name("tiny"), LoRAConfig(r=4, dropout=0.0, targets=("q", "v", "up")))
@@ -55,7 +55,7 @@ SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
     # Per-layer weights (scan_layers=False): split on the mesh, same result; adapters stay stacked.
-    from jaxlora.model import split_layers_on_device
+    from jaxlora.model.layouts import split_layers_on_device
     per_layer = model.clone(scan_layers=False)
     step = make_train_step(per_layer, optimizer, donate=False)
     run_sh = variable_shardings(per_layer, mesh, as_run=True)
@@ -82,10 +82,12 @@ LOAD_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, "tests")
     import jax, jax.numpy as jnp, numpy as np
     from flax import traverse_util
-    from jaxlora import LLaMA, LoRAConfig, checkpoint_io, sharding as shd
-    from jaxlora.formats.lit_files import load_lit_llama
-    from jaxlora.model import layered
-    from jaxlora.run import load_params
+    from jaxlora import LLaMA, LoRAConfig
+    from jaxlora.weights import jaxlora_dir as checkpoint_io
+    from jaxlora.parallel import sharding as shd
+    from jaxlora.weights.lit_files import load_lit_llama
+    from jaxlora.model.layouts import layered
+    from jaxlora.weights.load import load_params
     from test_convert import TINY, save_lit
 
     tmp = Path(tempfile.mkdtemp())
@@ -231,14 +233,16 @@ def test_two_processes_train_like_one(tmp_path):
     ("fsdp=0", r"axis sizes must be >= 1"),
 ])
 def test_bad_mesh_specs_are_refused(spec, pattern):
-    from jaxlora.sharding import MeshError, parse_mesh
+    from jaxlora.errors import MeshError
+    from jaxlora.parallel.sharding import parse_mesh
     with pytest.raises(MeshError, match=pattern):
         parse_mesh(spec)
 
 
 def test_meshes_that_do_not_fit_devices_or_model_fail_at_once():
     from jaxlora.config import LLaMAConfig
-    from jaxlora.sharding import MeshError, check_mesh, make_mesh
+    from jaxlora.errors import MeshError
+    from jaxlora.parallel.sharding import check_mesh, make_mesh
     devices = [object()] * 8
     with pytest.raises(MeshError, match=r"fsdp=3 x tensor=1 = 3 does not divide the 8 devices"):
         make_mesh(fsdp=3, devices=devices)
@@ -254,8 +258,8 @@ def test_meshes_that_do_not_fit_devices_or_model_fail_at_once():
 
 
 def test_batch_must_divide_over_the_batch_shards():
-    from jaxlora.run import fit_micro_batch
-    from jaxlora.sharding import MeshError
+    from jaxlora.errors import MeshError
+    from jaxlora.train.build import fit_micro_batch
     with pytest.raises(MeshError, match=r"batch_size 6 does not divide over the mesh's 4 batch shards"):
         fit_micro_batch(6, 1, 4, print)
     assert fit_micro_batch(16, 16, 4, lambda m: None) == 4  # the demo's 16-row micro-batch on 4 shards
@@ -266,7 +270,7 @@ def test_default_layout_shards_only_what_does_not_fit():
     from types import SimpleNamespace
 
     from jaxlora.config import LLaMAConfig
-    from jaxlora.sharding import default_mesh_shape
+    from jaxlora.parallel.sharding import default_mesh_shape
 
     def gpus(n, gib=80):
         stats = {"bytes_limit": gib << 30}
@@ -286,8 +290,8 @@ TP_SCRIPT = textwrap.dedent("""
     import os, re
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import numpy as np
-    from jaxlora.run import build_run
-    from jaxlora.settings import TrainArgs, resolve_args
+    from jaxlora.train.build import build_run
+    from jaxlora.train.settings import TrainArgs, resolve_args
 
     a = resolve_args(TrainArgs(preset="tiny", pretrained_path="none", tokenizer_path="-", data_path="-", out_dir="-",
                                batch_size=8, micro_batch_size=4, max_seq_length=64, precision="32-true",

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlora.steps import IGNORE_INDEX, head_logits, token_nll_sum
+from jaxlora.train.steps import IGNORE_INDEX, head_logits, token_nll_sum
 
 
 def _data(seed: int, B: int = 2, T: int = 24, C: int = 16, V: int = 40, dtype=jnp.float32):

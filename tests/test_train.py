@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,13 +20,16 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlora import trainer
-from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.data import DataError, generate_prompt
-from jaxlora.model import LLaMA, init_variables
-from jaxlora.optim import make_optimizer
-from jaxlora.steps import init_train_state, make_train_step
-from jaxlora.trainer import TrainArgs
+from jaxlora.config import ADAPTERS_DIR, LIT_LORA_FILE, LLaMAConfig, LoRAConfig
+from jaxlora.demo import DEMO_BASE
+from jaxlora.errors import DataError, InputsError, NonFiniteLossError, TrainingError
+from jaxlora.model.layouts import init_variables
+from jaxlora.model.llama import LLaMA
+from jaxlora.text.prompts import generate_prompt
+from jaxlora.train import loop as trainer
+from jaxlora.train.loop import TrainArgs
+from jaxlora.train.optim import make_optimizer
+from jaxlora.train.steps import init_train_state, make_train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +54,7 @@ def small_records() -> list[dict]:
 @functools.lru_cache(maxsize=None)
 def small_assets() -> dict[str, str]:
     """A 128-piece tokenizer and a JSON data file, in a directory shared by the test session."""
-    from jaxlora.tokenizer import Tokenizer
+    from jaxlora.text.tokenizer import Tokenizer
     d = Path(tempfile.mkdtemp(prefix="jaxlora-train-test-"))
     recs = small_records()
     (d / "data.json").write_text(json.dumps(recs))
@@ -83,7 +86,8 @@ def reference_run() -> trainer.TrainResult:
 def torch_load_numpy(path) -> dict:
     """Read a .pth with torch itself (independent of our reader) into numpy."""
     import torch
-    from jaxlora.formats.torch_io import tensor_to_numpy
+
+    from jaxlora.weights.torch_io import tensor_to_numpy
     return {k: tensor_to_numpy(v) for k, v in torch.load(path, weights_only=True).items()}
 
 
@@ -163,7 +167,7 @@ def test_resume_is_bit_identical(tmp_path):
 
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     trainer.run(tiny_args(tmp_path / "out", max_steps=1, save_interval=1))
-    with pytest.raises(trainer.TrainingError, match="--resume"):
+    with pytest.raises(TrainingError, match="--resume"):
         trainer.run(tiny_args(tmp_path / "out", max_steps=2))
 
 
@@ -178,7 +182,7 @@ def test_resume_with_other_settings_names_the_key(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from jaxlora import run as run_module
+    from jaxlora.train import build as run_module
     real = run_module.make_train_step
 
     def poisoned(model, optimizer, **kw):
@@ -197,9 +201,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setattr(run_module, "make_train_step", poisoned)
     out = tmp_path / "out"
-    with pytest.raises(trainer.NonFiniteLossError, match=r"step 3.*Last good checkpoint: step 2"):
+    with pytest.raises(NonFiniteLossError, match=r"step 3.*Last good checkpoint: step 2"):
         trainer.run(tiny_args(out, save_interval=2))
-    from jaxlora.checkpoint import Checkpointer
+    from jaxlora.train.checkpoints import Checkpointer
     assert Checkpointer(out / "checkpoints").all_steps() == [2]
     monkeypatch.setattr(run_module, "make_train_step", real)
     resumed = trainer.run(tiny_args(out, save_interval=2, resume=True))  # continues from step 2
@@ -224,7 +228,7 @@ def test_bad_data_is_a_clear_error(tmp_path, content, pattern):
 def test_every_missing_input_is_reported_at_once_and_nothing_is_written(tmp_path):
     args = tiny_args(tmp_path / "out", tokenizer_path=str(tmp_path / "tokenizer.model"),
                      data_path=str(tmp_path / "alpaca.json"), pretrained_path=str(tmp_path / "7B" / "lit-llama.pth"))
-    with pytest.raises(trainer.InputsError) as info:
+    with pytest.raises(InputsError) as info:
         trainer.run(args)
     message = str(info.value)
     assert message.startswith("3 input(s) missing")
@@ -247,8 +251,8 @@ def test_cut_samples_are_counted_and_empty_steps_warned(tmp_path, capsys):
 def test_ctrl_c_saves_the_step_in_flight_and_resume_repeats_none(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from jaxlora import run as run_module
-    from jaxlora.checkpoint import Checkpointer
+    from jaxlora.train import build as run_module
+    from jaxlora.train.checkpoints import Checkpointer
     real = run_module.make_train_step
 
     def interrupted(model, optimizer, **kw):
@@ -285,7 +289,7 @@ def test_tokenizer_that_is_not_sentencepiece(tmp_path):
 
 def test_base_checkpoint_that_does_not_match_the_preset(tmp_path):
     pytest.importorskip("torch")
-    from jaxlora.formats.lit_files import save_lit_base
+    from jaxlora.weights.lit_files import save_lit_base
     config = LLaMAConfig.from_name("tiny")
     params = init_variables(LLaMA(config), jax.random.key(0))["params"]
     save_lit_base(params, config, tmp_path / "tiny.pth")
@@ -296,7 +300,7 @@ def test_base_checkpoint_that_does_not_match_the_preset(tmp_path):
 
 
 def test_jaxlora_checkpoint_that_does_not_match_the_preset(tmp_path):
-    from jaxlora import checkpoint_io
+    from jaxlora.weights import jaxlora_dir as checkpoint_io
     config = LLaMAConfig.from_name("tiny")
     params = init_variables(LLaMA(config), jax.random.key(0))["params"]
     checkpoint_io.save_checkpoint(tmp_path / "base", config, None, params)
@@ -365,23 +369,23 @@ def test_run_writes_metrics_plot_and_lit_lora(tmp_path):
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "summary.json").read_text())["step"] == 2
     assert len(result.samples_before) == len(result.samples_after) == 2
-    sd = torch_load_numpy(out / trainer.LORA_FILE)
+    sd = torch_load_numpy(out / LIT_LORA_FILE)
     assert sorted(sd)[0] == "transformer.h.0.attn.c_attn.lora_A" and sd["transformer.h.0.attn.c_attn.lora_B"].shape == (128, 4)
 
 
 def test_adapters_dir_gives_a_merged_export_for_any_targets(tmp_path):
     """o/MLP adapters have no lit-llama LoRA file; the run's adapters/ + the base -> merged .pth."""
     pytest.importorskip("torch")
-    from jaxlora import checkpoint_io as cio
-    from jaxlora.formats import lit_llama
-    from jaxlora.lora import merge_lora
+    from jaxlora.model.lora import merge_lora
+    from jaxlora.weights import jaxlora_dir as cio
+    from jaxlora.weights import lit_llama
     config = LLaMAConfig.from_name("tiny")
     base = init_variables(LLaMA(config), jax.random.key(5))["params"]
     cio.save_checkpoint(tmp_path / "base", config, None, base)
     out = tmp_path / "out"
     result = trainer.run(tiny_args(out, max_steps=2, pretrained_path=str(tmp_path / "base"),
                                    lora_targets="q,o,down", export_lit=True, scan_layers=False))
-    assert result.lit_lora_path is None and result.adapters_dir == str(out / trainer.ADAPTERS_DIR)
+    assert result.lit_lora_path is None and result.adapters_dir == str(out / ADAPTERS_DIR)
     assert cio.is_adapters_dir(out / "adapters") and cio.read_base(out / "adapters") == str(tmp_path / "base")
     merged_pth = tmp_path / "merged.pth"
     rc = subprocess.run([sys.executable, str(ROOT / "convert" / "to_lit_llama.py"), "--checkpoint_dir",
@@ -410,8 +414,8 @@ def test_adapters_dir_gives_a_merged_export_for_any_targets(tmp_path):
 def test_demo_training_lowers_val_loss_and_improves_exact_match(tmp_path):
     """A shortened built-in demo (shipped base, tokenizer and data; fewer steps and prompts)."""
     pytest.importorskip("torch")
-    if not trainer.DEMO_BASE.is_file():
-        pytest.fail(f"{trainer.DEMO_BASE} is missing: run scripts/pretrain_demo_base.py")
+    if not DEMO_BASE.is_file():
+        pytest.fail(f"{DEMO_BASE} is missing: run scripts/pretrain_demo_base.py")
     result = trainer.run(TrainArgs(out_dir=str(tmp_path / "demo"), max_steps=120, exact_match_samples=32,
                                    eval_interval=1000, save_interval=1000, progress=False, verbose=False, plot=False))
     assert result.val_loss_after < result.val_loss_before - 0.2, (result.val_loss_before, result.val_loss_after)

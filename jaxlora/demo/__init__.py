@@ -1,1 +1,8 @@
-"""Data shipped for the built-in demo: instructions, pretraining corpus, tokenizer, base model."""
+"""The built-in demo's assets: a tiny LLaMA pretrained on `corpus.txt` (lit-llama's .pth format),
+its SentencePiece tokenizer and a small instruction set (scripts/ rebuilds them)."""
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).parent
+DEMO_BASE = DEMO_DIR / "lit-llama-demo.pth"
+DEMO_TOKENIZER = DEMO_DIR / "tokenizer.model"
+DEMO_DATA = DEMO_DIR / "instructions.json"

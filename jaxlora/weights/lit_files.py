@@ -8,10 +8,9 @@ import jax
 import numpy as np
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.formats import lit_llama
-from jaxlora.formats.torch_io import save_state_dict
-from jaxlora.formats.torch_stream import TorchZipReader
-
+from jaxlora.weights import lit_llama
+from jaxlora.weights.torch_io import save_state_dict
+from jaxlora.weights.torch_zip import TorchZipReader
 
 Place = Callable[[np.ndarray, tuple[str, ...]], Any]
 

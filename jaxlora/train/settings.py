@@ -22,9 +22,9 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 from jaxlora.config import parse_targets
-from jaxlora.data import DEMO_DIR
-from jaxlora.model import ATTENTION_IMPLS, REMAT_POLICIES
-from jaxlora.optim import SCHEDULES
+from jaxlora.demo import DEMO_BASE, DEMO_DATA, DEMO_TOKENIZER
+from jaxlora.model.llama import ATTENTION_IMPLS, REMAT_POLICIES
+from jaxlora.train.optim import SCHEDULES
 
 LIT_PRESETS = ("7b", "13b", "30b", "65b")
 PRECISIONS: dict[str, tuple[Any, Any]] = {  # name -> (compute dtype, frozen-weight storage dtype)
@@ -33,9 +33,7 @@ PRECISIONS: dict[str, tuple[Any, Any]] = {  # name -> (compute dtype, frozen-wei
     "32-true": (jnp.float32, jnp.float32),
 }
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
-DEMO_BASE = DEMO_DIR / "lit-llama-demo.pth"
 LIT_SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
-RANDOM_BASE = ("none", "random")
 
 # lit-llama's finetune/lora.py, used whenever the preset is one of LIT_PRESETS.
 LIT_LLAMA_RECIPE: dict[str, Any] = dict(
@@ -56,7 +54,7 @@ LIT_LLAMA_RECIPE: dict[str, Any] = dict(
 
 # The built-in demo: `python train.py` with no flags (about two minutes on a 2-core CPU).
 DEMO_PROFILE: dict[str, Any] = dict(
-    preset="demo", data_path=str(DEMO_DIR / "instructions.json"), tokenizer_path=str(DEMO_DIR / "tokenizer.model"),
+    preset="demo", data_path=str(DEMO_DATA), tokenizer_path=str(DEMO_TOKENIZER),
     pretrained_path=str(DEMO_BASE), out_dir="out/demo",
     lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="q,v",
     learning_rate=3e-3, weight_decay=0.01, warmup_steps=20, schedule="constant", grad_clip=0.0,
@@ -104,7 +102,7 @@ class TrainArgs:
     remat: str | None = None
     rng_impl: str | None = None
     loss_chunk: int | None = None
-    mesh: str | None = None  # 'data=D,fsdp=F,tensor=T'; None: the default layout (jaxlora.sharding)
+    mesh: str | None = None  # 'data=D,fsdp=F,tensor=T'; None: the default layout (jaxlora.parallel.sharding)
     resume: bool = False
     seed: int = 1337
     mask_inputs: bool | None = None

@@ -1,11 +1,9 @@
 """The optimizer: AdamW over the adapter tree, selected by label (optax.multi_transform)."""
 from __future__ import annotations
 
-from typing import Any
-
 import optax
 
-from jaxlora.lora import trainable_labels
+from jaxlora.model.lora import trainable_labels
 
 SCHEDULES = ("constant", "cosine", "linear")
 

@@ -1,13 +1,13 @@
 """Streaming conversion between lit-llama `.pth` files and jaxlora checkpoint directories.
 
-Both directions walk the TensorMap tables of `jaxlora.formats.lit_llama` (one map per leaf
+Both directions walk the TensorMap tables of `jaxlora.weights.lit_llama` (one map per leaf
 of ours, one lit tensor per layer) and hold at most a few single-layer tensors at a time:
 
 - `lit_to_checkpoint`: lit-llama base checkpoint (+ LoRA file) -> DIR/{config.json, params, lora}.
   Tensors are read from the torch zip by `TorchZipReader` (no mmap, so the RSS does not grow
   with the file) and written layer by layer into the checkpoint's zarr arrays.
 - `checkpoint_to_lit`: DIR -> lit-llama LoRA file, base checkpoint, or merged checkpoint
-  (adapters folded into the weights with `jaxlora.lora.merge_lora`, one layer at a time).
+  (adapters folded into the weights with `jaxlora.model.lora.merge_lora`, one layer at a time).
   For a merged export the base may also be lit-llama's own `.pth` (`LitBaseReader`).
 
 Everything is validated (keys, shapes, preset, r, layer count, existing output) before the
@@ -27,11 +27,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from jaxlora import checkpoint_io as cio
 from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.formats import lit_llama
-from jaxlora.formats.lit_llama import StateDictError, TensorMap
-from jaxlora.formats.torch_stream import RowBlocks, TorchZipReader, write_torch_zip
+from jaxlora.errors import CheckpointError, StateDictError
+from jaxlora.weights import jaxlora_dir as cio
+from jaxlora.weights import lit_llama
+from jaxlora.weights.lit_llama import TensorMap
+from jaxlora.weights.torch_zip import RowBlocks, TorchZipReader, write_torch_zip
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Bad input the converters' command lines report in one line and exit 2 for (as train.py):
@@ -280,9 +281,10 @@ KINDS = ("lora", "base", "merged")
 
 def _merge_layer(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, module: tuple[str, ...],
                  lora_config: LoRAConfig) -> np.ndarray:
-    """One layer's kernel with its adapter folded in, by jaxlora.lora.merge_lora (float32 sum)."""
+    """One layer's kernel with its adapter folded in, by jaxlora.model.lora.merge_lora (float32 sum)."""
     import jax
-    from jaxlora.lora import merge_lora
+
+    from jaxlora.model.lora import merge_lora
     params, lora = {"kernel": kernel}, {"lora_A": lora_a, "lora_B": lora_b}
     for key in reversed(module):
         params, lora = {key: params}, {key: lora}
@@ -368,7 +370,7 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
         if adapter_config != config:
             diffs = "; ".join(f"{k}: adapters {v}, base {getattr(config, k)}"
                               for k, v in adapter_config.to_dict().items() if getattr(config, k) != v)
-            raise cio.CheckpointError(f"{adapters}: adapters for another model than {directory} ({diffs})")
+            raise CheckpointError(f"{adapters}: adapters for another model than {directory} ({diffs})")
         sources[cio.LORA_DIR] = adapters
     has_lora = cio.has_adapters(lora_config)
     lora_home = sources[cio.LORA_DIR]
@@ -379,11 +381,11 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
                           f"{getattr(lit, name):g}, so it will compute this model differently", stacklevel=2)
     if kind == "lora":
         if not has_lora:
-            raise cio.CheckpointError(f"{lora_home}: has no adapters (config.json 'lora' is null); nothing to export "
+            raise CheckpointError(f"{lora_home}: has no adapters (config.json 'lora' is null); nothing to export "
                                       "as a LoRA file (use --base for the weights)")
         lit_llama.check_lit_lora_targets(lora_config)
     if kind == "merged" and not has_lora:
-        raise cio.CheckpointError(f"{lora_home}: has no adapters to merge; use --base")
+        raise CheckpointError(f"{lora_home}: has no adapters to merge; use --base")
     expected = cio.expected_variables(config, lora_config if has_lora else None)
     readers: dict[str, cio.ArrayTreeReader] = {}
     for item in (cio.PARAMS_DIR, cio.LORA_DIR) if kind == "merged" else \
@@ -393,7 +395,7 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
             continue
         where = sources[item] / item
         if not where.is_dir():
-            raise cio.CheckpointError(f"{sources[item]}: no {item}/ directory (incomplete checkpoint)")
+            raise CheckpointError(f"{sources[item]}: no {item}/ directory (incomplete checkpoint)")
         readers[item] = cio.ArrayTreeReader(where)
         stored = readers[item].shapes()
         cio.check_shapes({p: s for p, (s, _) in stored.items()}, expected[item], str(where))

@@ -20,32 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-from flax import traverse_util
-import jax.numpy as jnp
 
-from jaxlora import checkpoint_io as cio
 from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.weights import jaxlora_dir as cio
+from jaxlora.weights.lit_files import load_lit_lora
+from jaxlora.weights.load import load_adapters_dir, load_base_model
 
 PathLike = str | os.PathLike
-
-
-def load_adapters_dir(directory: PathLike, config: LLaMAConfig, base: str = "the base") -> tuple[LoRAConfig, dict]:
-    """(lora_config, float32 adapters on the device) of an adapters-only directory, checked
-    against the base's config."""
-    directory = Path(directory)
-    adapter_config, lora_config = cio.read_config(directory)
-    if adapter_config != config:
-        diffs = "; ".join(f"{k}: adapters {v}, base {getattr(config, k)}"
-                          for k, v in adapter_config.to_dict().items() if getattr(config, k) != v)
-        raise cio.CheckpointError(f"{directory}: adapters for another model size than {base} ({diffs})")
-    if lora_config is None or not (directory / cio.LORA_DIR).is_dir():
-        raise cio.CheckpointError(f"{directory}: no adapters ({cio.CONFIG_FILE} 'lora' is null or no "
-                                  f"{cio.LORA_DIR}/ directory)")
-    reader = cio.ArrayTreeReader(directory / cio.LORA_DIR)
-    stored = reader.shapes()
-    cio.check_shapes({p: s for p, (s, _) in stored.items()}, cio.expected_variables(config, lora_config)["lora"],
-                     str(directory / cio.LORA_DIR))
-    return lora_config, traverse_util.unflatten_dict({p: jnp.asarray(reader.read(p), jnp.float32) for p in stored})
 
 
 def load_for_generation(checkpoint_dir: PathLike | None = None, pretrained_path: PathLike | None = None,
@@ -72,7 +53,6 @@ def load_for_generation(checkpoint_dir: PathLike | None = None, pretrained_path:
             raise FileNotFoundError(f"--adapters {adapters}: its base {pretrained_path!r} (config.json 'base') is "
                                     "not found; pass --checkpoint_dir or --pretrained_path")
 
-    from jaxlora.run import load_base_model
     lora_config, lora = None, None
     if checkpoint_dir is not None:
         if not cio.is_jaxlora_checkpoint(checkpoint_dir):
@@ -89,7 +69,6 @@ def load_for_generation(checkpoint_dir: PathLike | None = None, pretrained_path:
         lora_config, lora = load_adapters_dir(adapters, config, desc)
         desc += f" + adapters {adapters}"
     elif lora_path is not None:
-        from jaxlora.formats.lit_files import load_lit_lora
         lora_config, lora = load_lit_lora(lora_path, config, lora_alpha, place=lambda leaf, _: jax.device_put(leaf))
         desc += f" + LoRA file {lora_path}"
     elif lora is not None:

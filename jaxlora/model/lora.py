@@ -10,7 +10,7 @@ projection); adapters exist only for the enabled segments. Adapter shapes, Flax
     lora_A: (n_enabled, in_features, r)      lora_B: (n_enabled, r, out_features / groups)
 
 which is lit-llama's MergedLinear (`lora_A` (r*n_enabled, in), `lora_B` (out/groups*n_enabled, r))
-reshaped and transposed; see `jaxlora.formats.lit_llama`. The update of segment g is
+reshaped and transposed; see `jaxlora.weights.lit_llama`. The update of segment g is
 `scaling * dropout(x) @ A_g @ B_g`, scaling = alpha / r; disabled segments get none.
 """
 from __future__ import annotations
@@ -18,13 +18,13 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from jaxlora.config import LoRAConfig
-from jaxlora.quantize import dense_dot
+from jaxlora.model.quantize import dense_dot
 
 Array = jax.Array
 LORA_COLLECTION = "lora"
@@ -89,7 +89,7 @@ class MergedLoRADense(nn.Module):
         else:
             kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                                 (in_features, self.features), self.param_dtype)
-            y = dense_dot(x, kernel, self.dtype, self.out_dtype)  # kernel may be int8 (jaxlora.quantize)
+            y = dense_dot(x, kernel, self.dtype, self.out_dtype)  # kernel may be int8 (jaxlora.model.quantize)
         if self.n_enabled == 0:
             return y
 

@@ -21,7 +21,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora.config import LLaMAConfig
-from jaxlora.model import LLaMA, logical_axes
+from jaxlora.errors import MeshError
+from jaxlora.model.layouts import logical_axes
+from jaxlora.model.llama import LLaMA
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -37,16 +39,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("lora_group", None),
     ("lora_rank", None),
-    # activations (jaxlora.model.ACT_*): rows split like the batch, features like the weights' outputs
+    # activations (jaxlora.model.llama.ACT_*): rows split like the batch, features like the weights' outputs
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
 )
-
-
-class MeshError(ValueError):
-    """A mesh that does not fit the devices or the model."""
 
 
 def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
@@ -194,8 +192,8 @@ def variable_shardings(model: LLaMA, mesh: Mesh, rules: Sequence[tuple[str, Any]
                        as_run: bool = False) -> Any:
     """NamedShardings for {"params", "lora"}, from the model's logical axis names: in the
     stacked (stored) layout, or with as_run in the layout the model reads (per-layer weights
-    for scan_layers=False, q/k/v split for split_qkv; pass those to `jaxlora.run.load_params`
-    or `jaxlora.model.split_layers_on_device`)."""
+    for scan_layers=False, q/k/v split for split_qkv; pass those to `jaxlora.weights.load.load_params`
+    or `jaxlora.model.layouts.split_layers_on_device`)."""
     return nn.logical_to_mesh_sharding(logical_axes(model, as_run), mesh, rules)
 
 

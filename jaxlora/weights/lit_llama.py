@@ -36,15 +36,12 @@ import numpy as np
 from flax import traverse_util
 
 from jaxlora.config import LORA_TARGETS, PRESETS, TARGET_MODULES, LLaMAConfig, LoRAConfig
+from jaxlora.errors import LitLoRATargetsError, StateDictError
 
 # The only target set lit-llama's LoRA file can hold (its lora(): enable_lora=[True, False, True]).
 LIT_LORA_TARGETS = ("q", "v")
 _LIT_LORA_WHY = ("lit-llama's LoRA file always means adapters on q and v: its lora() context builds "
                  "MergedLinear(..., enable_lora=[True, False, True]) whatever the file holds")
-
-
-class StateDictError(ValueError):
-    """A state dict does not match the expected keys or shapes."""
 
 
 @dataclass(frozen=True)
@@ -134,10 +131,6 @@ def lora_maps(config: LLaMAConfig, lora: LoRAConfig) -> list[TensorMap]:
         maps += [TensorMap(f"{prefix}.lora_A", (r * n, in_f), ("lora", "h", *module, "lora_A"), to_ours, to_lit),
                  TensorMap(f"{prefix}.lora_B", (seg * n, r), ("lora", "h", *module, "lora_B"), to_ours, to_lit)]
     return maps
-
-
-class LitLoRATargetsError(StateDictError):
-    """Adapters on targets other than exactly q, v: lit-llama's LoRA file cannot hold them."""
 
 
 def check_lit_lora_targets(lora: LoRAConfig) -> None:

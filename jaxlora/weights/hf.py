@@ -1,7 +1,7 @@
 """Pure mapping between Hugging Face LLaMA / PEFT LoRA state dicts and jaxlora variable trees.
 
 Values are numpy arrays; nothing here imports torch, transformers or peft. The tensors are
-described by the `TensorMap` table of `jaxlora.formats.lit_llama` (an HF key per tensor, its
+described by the `TensorMap` table of `jaxlora.weights.lit_llama` (an HF key per tensor, its
 shape, its place in our tree, the exact transforms both ways), so the same `read_tree`,
 `tree_to_lit` and `check_state_dict` serve HF as they serve lit-llama. HF's separate q/k/v
 projections each fill a `part` of our fused c_attn kernel (columns [0, C), [C, 2C), [2C, 3C)).
@@ -31,7 +31,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from jaxlora.config import ALL_TARGETS, LORA_TARGETS, TARGET_MODULES, LLaMAConfig, LoRAConfig
-from jaxlora.formats.lit_llama import TensorMap, _identity, _transpose
+from jaxlora.errors import HFConfigError
+from jaxlora.weights.lit_llama import TensorMap, _identity, _transpose
 
 _HF_SECTION = {"attn": "self_attn", "mlp": "mlp"}  # our block's sections -> HF's LlamaDecoderLayer's
 # Our LoRA target -> the HF/PEFT module under model.layers.{i} (PEFT's target_modules are the
@@ -41,10 +42,6 @@ ROPE_TARGETS = ("q", "k")  # their output rows follow HF's half-split RoPE order
 PEFT_PREFIX = "base_model.model."  # PEFT's keys: the HF model's keys under PeftModel.base_model
 NORM_EPS = 1e-5  # RMSNorm's epsilon when config.json gives none (lit-llama's)
 ROPE_THETA = 10000.0  # RoPE's base when config.json gives none
-
-
-class HFConfigError(ValueError):
-    """An HF config.json or PEFT adapter_config.json describes something jaxlora does not support."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlora.errors import CheckpointError
-from jaxlora.steps import TrainState
+from jaxlora.train.steps import TrainState
 
 __all__ = ["CheckpointError", "Checkpointer", "state_to_tree", "tree_to_state"]
 

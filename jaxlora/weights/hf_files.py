@@ -21,14 +21,21 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from jaxlora import checkpoint_io as cio
 from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.formats import hf, lit_llama
-from jaxlora.formats.hf import HFConfigError
-from jaxlora.formats.lit_files import cast_and_place
-from jaxlora.formats.safetensors_io import (ADAPTER_BIN, ADAPTER_SAFETENSORS, open_weights, parse_size,
-                                            save_sharded, tensor_sizes, weight_files)
-from jaxlora.tokenizer import Tokenizer
+from jaxlora.errors import CheckpointError, HFConfigError, StateDictError
+from jaxlora.text.tokenizer import Tokenizer
+from jaxlora.weights import hf, lit_llama
+from jaxlora.weights import jaxlora_dir as cio
+from jaxlora.weights.lit_files import cast_and_place
+from jaxlora.weights.safetensors_io import (
+    ADAPTER_BIN,
+    ADAPTER_SAFETENSORS,
+    open_weights,
+    parse_size,
+    save_sharded,
+    tensor_sizes,
+    weight_files,
+)
 
 HF_CONFIG = "config.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -54,7 +61,7 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     try:
         config = json.loads((path / HF_CONFIG).read_text())
         weight_files(path)
-    except (OSError, ValueError, lit_llama.StateDictError):
+    except (OSError, ValueError, StateDictError):
         return False
     return isinstance(config, dict) and ("model_type" in config or "architectures" in config)
 
@@ -89,7 +96,7 @@ def load_hf(hf_dir: str | os.PathLike, param_dtype: Any = None, config: LLaMACon
 
 
 def _parse_dtype(dtype: Any) -> np.dtype | None:
-    from jaxlora.convert_stream import parse_dtype
+    from jaxlora.weights.convert import parse_dtype
     return parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else np.dtype(dtype)
 
 
@@ -102,7 +109,7 @@ def hf_to_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtyp
     holds about one layer of one tensor (wte and lm_head go in blocks). dtype: storage dtype (None keeps the file's).
     Returns (config, stats).
     """
-    from jaxlora.convert_stream import Progress
+    from jaxlora.weights.convert import Progress
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
@@ -134,7 +141,7 @@ def hf_to_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtyp
 def _pieces(parts: list[lit_llama.TensorMap], n_layer: int, shape: tuple[int, ...], itemsize: int) -> list[tuple]:
     """(layer, where in our leaf, HF rows) of the pieces a leaf is written in: one per layer;
     wte and lm_head in row blocks of our chunks, so neither is ever whole in memory."""
-    from jaxlora.convert_stream import _row_layout
+    from jaxlora.weights.convert import _row_layout
     m = parts[0]
     if m.layered:
         return [(i, i, None) for i in range(n_layer)]
@@ -164,14 +171,14 @@ def _adapters_config(base: LLaMAConfig, adapters_dir: Path) -> LoRAConfig | None
     if config != base:
         diffs = "; ".join(f"{k}: adapters {v}, base {getattr(base, k)}"
                           for k, v in config.to_dict().items() if getattr(base, k) != v)
-        raise cio.CheckpointError(f"{adapters_dir}: adapters for another model ({diffs})")
+        raise CheckpointError(f"{adapters_dir}: adapters for another model ({diffs})")
     return lora_config
 
 
 def _open_item(directory: Path, item: str, expected: Mapping) -> cio.ArrayTreeReader:
     where = directory / item
     if not where.is_dir():
-        raise cio.CheckpointError(f"{directory}: no {item}/ directory (incomplete checkpoint)")
+        raise CheckpointError(f"{directory}: no {item}/ directory (incomplete checkpoint)")
     reader = cio.ArrayTreeReader(where)
     cio.check_shapes({p: s for p, (s, _) in reader.shapes().items()}, expected, str(where))
     return reader
@@ -189,7 +196,7 @@ def checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
     with model.safetensors.index.json, as transformers writes them. tokenizer_path: LLaMA's
     SentencePiece tokenizer.model, copied in with a tokenizer_config.json (AutoTokenizer loads it).
     """
-    from jaxlora.convert_stream import Progress, _merge_layer
+    from jaxlora.weights.convert import Progress, _merge_layer
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
@@ -202,7 +209,7 @@ def checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
         lora_home = Path(adapters_dir).absolute()
         lora_config = _adapters_config(config, lora_home)
     if merged and not cio.has_adapters(lora_config):
-        raise cio.CheckpointError(f"{lora_home}: has no adapters to merge (config.json 'lora' is null)")
+        raise CheckpointError(f"{lora_home}: has no adapters to merge (config.json 'lora' is null)")
     expected = cio.expected_variables(config, lora_config if merged else None)
     params = _open_item(directory, cio.PARAMS_DIR, expected[cio.PARAMS_DIR])
     lora = _open_item(lora_home, cio.LORA_DIR, expected[cio.LORA_DIR]) if merged else None
@@ -263,7 +270,7 @@ def save_peft_adapters(lora_tree: Any, config: LLaMAConfig, lora_config: LoRACon
     from safetensors.numpy import save_file
     out_dir = Path(out_dir).absolute()
     if not cio.has_adapters(lora_config):
-        raise cio.CheckpointError(f"{out_dir}: no adapters to save (lora_config {lora_config})")
+        raise CheckpointError(f"{out_dir}: no adapters to save (lora_config {lora_config})")
     maps = hf.peft_maps(config, lora_config)
     tensors = lit_llama.tree_to_lit({"lora": jax.device_get(lora_tree)}, maps, config.n_layer)
     lit_llama.check_state_dict({k: v.shape for k, v in tensors.items()}, maps, config.n_layer,
@@ -329,7 +336,7 @@ def adapters_to_peft(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
     config, lora_config = cio.read_config(directory)
     if not cio.has_adapters(lora_config):
-        raise cio.CheckpointError(f"{directory}: has no adapters (config.json 'lora' is null)")
+        raise CheckpointError(f"{directory}: has no adapters (config.json 'lora' is null)")
     reader = _open_item(directory, cio.LORA_DIR, cio.expected_variables(config, lora_config)[cio.LORA_DIR])
     tree = traverse_util.unflatten_dict({p: reader.read(p) for p in reader.paths})
     recorded = cio.read_base(directory)  # an HF base only: PEFT's loaders would try to load anything else

@@ -28,7 +28,7 @@ loop would force a device-host synchronisation at every token instead.
 Adapters: `prepare` merges them into the kernels once (functionally, `merge_lora`), or
 leaves them unmerged (each step then also runs the small LoRA matmuls: what the trainer's
 evaluation samples do, without a second copy of the weights). `prepare(quantize="int8")`
-stores the frozen kernels as int8 (`jaxlora.quantize`). Layouts: a model with
+stores the frozen kernels as int8 (`jaxlora.model.quantize`). Layouts: a model with
 scan_layers=False (the fast GPU program: every layer's weights read once per token, no
 slicing) wants per-layer frozen weights, which `prepare` makes once; stacked ones given to
 it are sliced again on every call.
@@ -44,10 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.lora import merge_lora, merged_kernel
-from jaxlora.model import (LLaMA, STACKED, head_logits, init_cache, layered, split_layers_on_device, stack_layers,
-                           unstack_layers)
-from jaxlora.quantize import quantize_params
+from jaxlora.model.layouts import layered, split_layers_on_device, stack_layers, unstack_layers
+from jaxlora.model.llama import STACKED, LLaMA, head_logits, init_cache
+from jaxlora.model.lora import merge_lora, merged_kernel
+from jaxlora.model.quantize import quantize_params
 
 Array = jax.Array
 LENGTH_MULTIPLE = 64  # prompt and cache lengths are rounded up to this, so few programs are compiled

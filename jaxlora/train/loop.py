@@ -1,13 +1,13 @@
 """The LoRA instruction fine-tuning loop behind ``train.py`` (a library: ``run(TrainArgs(...))``).
 
 One run: check every input, load the tokenizer and the instruction data (split
-train/validation deterministically), build the run on a device mesh (`jaxlora.run.build_run`:
+train/validation deterministically), build the run on a device mesh (`jaxlora.train.build.build_run`:
 frozen weights straight into their shards, sharded adapters and optimizer state, jitted
 steps); evaluate; train with one jitted step per optimizer update (gradient accumulation over
 micro-batches inside it); evaluate every ``eval_interval`` steps; save an orbax checkpoint
 every ``save_interval`` steps, at the end and on Ctrl-C; write the adapters (an adapters
 directory and lit-llama's ``lit-llama-lora-finetuned.pth``), ``metrics.jsonl``, ``loss.png``
-and ``summary.json`` into ``out_dir``. Settings and their defaults: `jaxlora.settings`.
+and ``summary.json`` into ``out_dir``. Settings and their defaults: `jaxlora.train.settings`.
 
 Resuming (``resume=True``) restores adapters, optimizer state, step, RNG key and the data
 position from the latest checkpoint in ``{out_dir}/checkpoints``, onto this run's mesh
@@ -34,37 +34,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora import distributed
-from jaxlora import sharding as shd
-from jaxlora.checkpoint import CheckpointError, Checkpointer
-from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.data import (Batcher, DataError, LazySamples, LocalRows, count_truncated, eval_batches, generate_prompt,
-                          load_prepared, load_records, prepare_records, prepare_sample, split_records)
-from jaxlora.generate import greedy_generate
-from jaxlora.run import Run, build_run, estimate_device_bytes, flops_per_token, peak_flops
-from jaxlora.settings import (DEMO_BASE, DEMO_PROFILE, LIT_LLAMA_RECIPE, LIT_PRESETS, PRECISIONS, RANDOM_BASE,
-                              RESUME_KEYS, TrainArgs, json_args, profile_for, resolve_args)
-from jaxlora.steps import TrainState
-from jaxlora.tokenizer import Tokenizer
+from jaxlora.config import ADAPTERS_DIR, LIT_LORA_FILE, PEFT_DIR, LLaMAConfig, LoRAConfig
+from jaxlora.errors import CheckpointError, DataError, InputsError, NonFiniteLossError, TrainingError
+from jaxlora.infer.decode import greedy_generate
+from jaxlora.parallel import distributed
+from jaxlora.parallel import sharding as shd
+from jaxlora.text.prompts import generate_prompt
+from jaxlora.text.tokenizer import Tokenizer
+from jaxlora.train.accounting import estimate_device_bytes, flops_per_token, peak_flops
+from jaxlora.train.build import Run, build_run
+from jaxlora.train.checkpoints import Checkpointer
+from jaxlora.train.data import (
+    Batcher,
+    LazySamples,
+    LocalRows,
+    count_truncated,
+    eval_batches,
+    load_prepared,
+    load_records,
+    prepare_records,
+    prepare_sample,
+    split_records,
+)
+from jaxlora.train.settings import (
+    DEMO_PROFILE,
+    LIT_LLAMA_RECIPE,
+    LIT_PRESETS,
+    PRECISIONS,
+    RESUME_KEYS,
+    TrainArgs,
+    json_args,
+    profile_for,
+    resolve_args,
+)
+from jaxlora.train.steps import TrainState
+from jaxlora.weights.load import RANDOM_BASE
 
 __all__ = ["TrainArgs", "TrainResult", "NonFiniteLossError", "TrainingError", "InputsError", "DEMO_PROFILE",
            "LIT_LLAMA_RECIPE", "LIT_PRESETS", "PRECISIONS", "profile_for", "resolve_args", "run", "check_inputs"]
 
-LORA_FILE = "lit-llama-lora-finetuned.pth"
-ADAPTERS_DIR = "adapters"  # the final adapters as an adapters-only jaxlora directory
-PEFT_DIR = "peft"  # the final adapters as a PEFT LoRA folder (HF transformers, vLLM)
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (bad settings for a resumed run, nothing to train on, ...)."""
-
-
-class NonFiniteLossError(TrainingError):
-    """The loss or gradient norm became NaN or infinite; nothing from that step was saved."""
-
-
-class InputsError(FileNotFoundError):
-    """One or more input files are missing; the message lists each with how to get it."""
 
 
 @dataclass
@@ -258,8 +266,8 @@ def _peak_memory_gib() -> float | None:
 
 def _check_memory(r: Run, a: TrainArgs, log: Callable[[str], None]) -> None:
     """Say where the run goes and what it needs; refuse when the weights alone cannot fit."""
-    from jaxlora.run import weight_bytes
-    from jaxlora.sharding import device_memory_bytes, host_memory_bytes
+    from jaxlora.parallel.sharding import device_memory_bytes, host_memory_bytes
+    from jaxlora.train.accounting import weight_bytes
     devices = r.mesh.devices.flat
     kind = next(iter(devices)).device_kind
     need = estimate_device_bytes(r.config, r.lora_config, a.precision, r.mesh, r.micro_rows, a.max_seq_length,
@@ -519,14 +527,14 @@ def run(args: TrainArgs) -> TrainResult:
     lora_host = distributed.to_host(state.lora)
     adapters_dir = lit_path = peft_dir = png = None
     if primary:
-        from jaxlora.checkpoint_io import save_checkpoint
+        from jaxlora.weights.jaxlora_dir import save_checkpoint
         adapters_dir = save_checkpoint(out / ADAPTERS_DIR, config, lora_config, None, lora_host, overwrite=True,
                                        base=str(a.pretrained_path))
         if a.export_lit:
-            lit_path = _export_lit(lora_host, config, lora_config, out / LORA_FILE, log)
+            lit_path = _export_lit(lora_host, config, lora_config, out / LIT_LORA_FILE, log)
         peft_dir = _export_peft(lora_host, config, lora_config, out / PEFT_DIR, a.pretrained_path, log)
         if a.plot:
-            from jaxlora.plot import plot_loss
+            from jaxlora.train.plot import plot_loss
             png = plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"LoRA fine-tuning of "
                             f"{Path(str(a.pretrained_path)).name}, r={a.lora_r} on {','.join(lora_config.targets)}")
             if png is None:
@@ -574,7 +582,7 @@ def _save_on_interrupt(state: TrainState, in_hand: tuple[int, dict], last_saved:
 def _export_lit(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path: Path,
                 log: Callable[[str], None]) -> Path | None:
     try:
-        from jaxlora.formats.lit_files import save_lit_lora
+        from jaxlora.weights.lit_files import save_lit_lora
         save_lit_lora(lora, config, lora_config, path)
     except ImportError:
         log(f"{path.name} not written: writing PyTorch files needs torch (pip install torch, or on a machine "
@@ -590,7 +598,7 @@ def _export_peft(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path: 
                  log: Callable[[str], None]) -> Path | None:
     """The adapters as a PEFT folder; base_model_name_or_path names the base when it is an HF directory."""
     try:
-        from jaxlora.formats.hf_files import is_hf_dir, save_peft_adapters
+        from jaxlora.weights.hf_files import is_hf_dir, save_peft_adapters
         name = str(Path(base).absolute()) if base and is_hf_dir(base) else None
         return save_peft_adapters(lora, config, lora_config, path, base_model_name_or_path=name)
     except ImportError:
@@ -641,7 +649,7 @@ def report(r: TrainResult) -> str:
                 prompt = s["instruction"] + (f" [{s['input']}]" if s.get("input") else "")
                 lines.append(f"  {prompt!r} -> {s['response']!r}   (expected {s['expected']!r})")
     lines.append(f"outputs in {r.out_dir}: {ADAPTERS_DIR}/, checkpoints/, metrics.jsonl, summary.json"
-                 + (", loss.png" if r.loss_png else "") + (f", {LORA_FILE}" if r.lit_lora_path else "")
+                 + (", loss.png" if r.loss_png else "") + (f", {LIT_LORA_FILE}" if r.lit_lora_path else "")
                  + (f", {PEFT_DIR}/" if r.peft_dir else ""))
     if r.adapters_dir and not r.lit_lora_path:
         lines.append(f"merged lit-llama checkpoint: python convert/to_lit_llama.py --checkpoint_dir BASE "

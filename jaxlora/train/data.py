@@ -25,15 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from jaxlora.tokenizer import Tokenizer
+from jaxlora.errors import DataError
+from jaxlora.text.prompts import generate_prompt
+from jaxlora.text.tokenizer import Tokenizer
 
 __all__ = [
-    "DEMO_DIR",
-    "PROMPT_WITH_INPUT",
-    "PROMPT_NO_INPUT",
     "IGNORE_INDEX",
     "DataError",
-    "generate_prompt",
     "load_records",
     "prepare_sample",
     "prepare_records",
@@ -47,20 +45,6 @@ __all__ = [
 
 PathLike = str | os.PathLike
 
-DEMO_DIR = Path(__file__).parent / "demo"
-"""Built-in demo assets: ``instructions.json``, ``corpus.txt``, ``tokenizer.model``."""
-
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-
 IGNORE_INDEX = -1
 """Label value ignored by the loss (lit-llama's ``IGNORE_INDEX``)."""
 
@@ -68,20 +52,6 @@ PAD_ID = 0
 """Value used to pad ``input_ids`` (lit-llama pads with 0)."""
 
 _TOKEN_KEYS = ("input_ids", "input_ids_no_response", "labels")
-
-
-class DataError(ValueError):
-    """A data file or record is malformed; the message names the file and the place."""
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-def generate_prompt(record: dict) -> str:
-    """The lit-llama Alpaca prompt for ``record``; the input template is used when ``input`` is non-empty."""
-    if record.get("input"):
-        return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
-    return PROMPT_NO_INPUT.format(instruction=record["instruction"])
 
 
 # --------------------------------------------------------------------------- raw records

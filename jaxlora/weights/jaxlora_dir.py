@@ -84,7 +84,8 @@ def is_layered(path: Path_) -> bool:
 
 def expected_variables(config: LLaMAConfig, lora_config: LoRAConfig | None) -> dict[str, dict[Path_, Any]]:
     """{"params": {path: ShapeDtypeStruct}, "lora": {...}} of the model this config describes."""
-    from jaxlora.model import LLaMA, abstract_variables
+    from jaxlora.model.layouts import abstract_variables
+    from jaxlora.model.llama import LLaMA
     abstract = abstract_variables(LLaMA(config, lora_config))
     return {item: traverse_util.flatten_dict(abstract[item]) for item in ITEMS if abstract.get(item)}
 

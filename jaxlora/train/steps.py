@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlora.data import IGNORE_INDEX
-from jaxlora.model import LLaMA, head_logits, layered
+from jaxlora.model.layouts import layered
+from jaxlora.model.llama import LLaMA, head_logits
+from jaxlora.train.data import IGNORE_INDEX
 
 Array = jax.Array
 
@@ -80,7 +81,7 @@ def token_nll_sum(hidden: Array, head_kernel: Array, targets: Array, chunk_token
 def make_loss_fn(model: LLaMA, chunk_tokens: int = 0) -> Callable[..., tuple[Array, Array]]:
     """loss_sum(lora, params, input_ids, labels, rng) -> (summed token NLL, token count).
 
-    lora and params may come in either layout (jaxlora.model.layered); for a model with
+    lora and params may come in either layout (jaxlora.model.layouts.layered); for a model with
     scan_layers=False pass params already split (split_layers_on_device), else every step
     re-slices the stacked weights."""
     use_dropout = model.lora is not None and model.lora.dropout > 0
@@ -101,7 +102,7 @@ def make_train_step(model: LLaMA, optimizer: optax.GradientTransformation, chunk
 
     batch: {"input_ids", "labels"} of shape (n_micro, micro_batch, T). metrics: loss (mean
     token NLL over the whole batch), tokens (non-ignored count), grad_norm.
-    shardings: (state, params, batch, replicated) shardings on a mesh (jaxlora.run): the
+    shardings: (state, params, batch, replicated) shardings on a mesh (jaxlora.train.build): the
     step then takes and returns exactly those; None lets jit follow its inputs.
     """
     loss_sum = make_loss_fn(model, chunk_tokens)

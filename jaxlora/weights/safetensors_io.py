@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from jaxlora.formats.lit_llama import StateDictError
-from jaxlora.formats.torch_stream import TorchZipReader
+from jaxlora.errors import StateDictError
+from jaxlora.weights.torch_zip import TorchZipReader
 
 # HF's file names (transformers' SAFE_WEIGHTS_NAME, WEIGHTS_NAME and their "<name>.index.json").
 MODEL_SAFETENSORS, MODEL_BIN = "model.safetensors", "pytorch_model.bin"

@@ -1,7 +1,7 @@
 """Writing PyTorch `.pth` state dicts from numpy, bit-exactly (bf16 included), atomically.
 
 torch is imported lazily: only code paths that write PyTorch files need it. Reading needs no
-torch: `jaxlora.formats.torch_stream.TorchZipReader`.
+torch: `jaxlora.weights.torch_zip.TorchZipReader`.
 """
 from __future__ import annotations
 

@@ -1,1 +1,0 @@
-"""Mappings between jaxlora variable trees and other formats (lit-llama; later HF/PEFT)."""

@@ -1,0 +1,161 @@
+"""One training run's compiled pieces, built once and shared by train.py, the benchmark and
+the tests, so the step that is measured is the step that ships.
+
+`build_run(args, mesh)` reads the base model's architecture, builds the model, puts the
+frozen weights straight into their shards on `mesh` (random, a jaxlora checkpoint directory,
+a lit-llama .pth or an HF directory, in the layout the model reads; no device holds more
+than its shards), creates
+the adapters and optimizer state sharded by the same rules table, and jits the train and
+eval steps with explicit input and output shardings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.errors import MeshError
+from jaxlora.model.layouts import init_adapters
+from jaxlora.model.llama import LLaMA
+from jaxlora.parallel import sharding as shd
+from jaxlora.train.optim import learning_rate_schedule, make_optimizer
+from jaxlora.train.settings import PRECISIONS, TrainArgs
+from jaxlora.train.steps import TrainState, init_train_state, make_eval_step, make_train_step
+from jaxlora.weights.load import describe_base, load_params, read_base_config
+
+__all__ = ["Run", "RunShardings", "build_run", "state_shardings", "init_lora"]
+
+
+@dataclass(frozen=True)
+class RunShardings:
+    """Where every array of a run lives: frozen weights (in the layout the model reads), the
+    train state, (n_micro, rows, T) training batches and (rows, T) evaluation batches."""
+
+    params: Any
+    state: Any
+    batch: NamedSharding
+    eval_batch: NamedSharding
+    replicated: NamedSharding
+
+
+@dataclass
+class Run:
+    """A model with its weights and state on a mesh, and the jitted steps that train it."""
+
+    config: LLaMAConfig
+    lora_config: LoRAConfig
+    model: LLaMA
+    mesh: Mesh
+    params: Any
+    state: TrainState
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    train_step: Callable[[TrainState, Any, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
+    eval_step: Callable[[Any, Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
+    shardings: RunShardings
+    base_desc: str
+    micro_rows: int  # rows of one micro-batch over the whole mesh
+
+    def batch(self, host: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A training batch (n_micro, micro_rows, T) from host arrays onto the mesh."""
+        return shd.host_to_global({k: host[k] for k in ("input_ids", "labels")}, self.shardings.batch)
+
+    def eval_batch(self, host: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """An evaluation batch (micro_rows, T) onto the mesh."""
+        return shd.host_to_global({k: host[k] for k in ("input_ids", "labels")}, self.shardings.eval_batch)
+
+
+def init_lora(model: LLaMA, seed: int) -> Any:
+    """Fresh adapters for a run's seed (stacked layout)."""
+    return init_adapters(model, jax.random.fold_in(jax.random.key(seed), 0x10A))
+
+
+# ----------------------------------------------------------------------------- shardings
+
+def state_shardings(optimizer: optax.GradientTransformation, lora_shardings: Any, mesh: Mesh) -> Any:
+    """TrainState shardings: adapters as the rules say, each optimizer moment like its adapter,
+    counters and the PRNG key replicated."""
+    abstract_lora = jax.tree.map(lambda s: jax.ShapeDtypeStruct((), jnp.float32), lora_shardings)
+    opt_state = jax.eval_shape(optimizer.init, abstract_lora)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_state, lora_shardings,
+                                          transform_non_params=lambda _: shd.replicated(mesh))
+    rep = shd.replicated(mesh)
+    return TrainState(step=rep, lora=lora_shardings, opt_state=opt_shardings, rng=rep)
+
+
+# ----------------------------------------------------------------------------- the builder
+
+def fit_micro_batch(batch_size: int, micro_batch_size: int, shards: int, log: Callable[[str], None]) -> int:
+    """Rows per batch shard per micro-batch: `micro_batch_size`, or the largest smaller one with
+    which the mesh's micro-batches fill `batch_size` exactly (a 16-sample demo batch on 4 shards:
+    4 rows each)."""
+    if batch_size % shards:
+        raise MeshError(f"batch_size {batch_size} does not divide over the mesh's {shards} batch shards "
+                            "(data x fsdp)")
+    micro = min(micro_batch_size, batch_size // shards)
+    while (batch_size // shards) % micro:
+        micro -= 1
+    if micro != micro_batch_size:
+        log(f"micro_batch_size {micro_batch_size} per batch shard x {shards} shards does not fill batch_size "
+            f"{batch_size}; using {micro}")
+    return micro
+
+def build_run(a: TrainArgs, mesh: Mesh | None = None, max_steps: int | None = None, config: LLaMAConfig | None = None,
+              log: Callable[[str], None] = lambda msg: None) -> Run:
+    """Model, sharded weights and state, and jitted steps for resolved settings `a` on `mesh`.
+
+    mesh: None builds `a.mesh` (or the default layout) over every device.
+    max_steps: the run's length (decaying schedules need it); config: an architecture to use
+    instead of the base's (the benchmark's shallower variants; random weights only).
+    """
+    compute_dtype, storage_dtype = PRECISIONS[a.precision]
+    base_config, kind = read_base_config(a.pretrained_path, a.preset)
+    if config is not None and kind != "random":
+        raise ValueError("a config override needs random base weights (--pretrained_path none)")
+    config = config or base_config
+    if mesh is None:
+        mesh = shd.mesh_from_spec(a.mesh, config, jnp.dtype(storage_dtype).itemsize)
+    if a.max_seq_length > config.block_size:
+        raise ValueError(f"max_seq_length {a.max_seq_length} exceeds the model's block_size {config.block_size}")
+    shd.check_mesh(mesh, config)
+    micro = fit_micro_batch(a.batch_size, a.micro_batch_size, shd.batch_shards(mesh), log)
+    micro_rows = micro * shd.batch_shards(mesh)
+
+    lora_config = LoRAConfig(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=a.lora_targets)
+    model = LLaMA(config, lora_config, dtype=compute_dtype, param_dtype=storage_dtype, lora_dtype=jnp.float32,
+                  attention=a.attention, remat=a.remat, scan_layers=a.scan_layers,
+                  scan_unroll=min(a.scan_unroll, config.n_layer),
+                  mesh=mesh if mesh.devices.size > 1 else None, rules=shd.DEFAULT_RULES,
+                  split_qkv=mesh.shape["tensor"] > 1)  # q/k/v split at head boundaries over tensor
+    stored = shd.variable_shardings(model, mesh)
+    as_run = shd.variable_shardings(model, mesh, as_run=True)
+
+    params = load_params(model, kind, a.pretrained_path, a.seed, storage_dtype, as_run["params"])
+    base_desc = describe_base(kind, a.pretrained_path, a.preset, a.seed)
+
+    schedule = learning_rate_schedule(a.learning_rate, a.warmup_steps, a.schedule,
+                                      total_steps=max_steps if a.schedule != "constant" else None)
+    optimizer = make_optimizer(schedule, weight_decay=a.weight_decay, grad_clip=a.grad_clip or None)
+    state_sh = state_shardings(optimizer, stored["lora"], mesh)
+    init_state = jax.jit(lambda: init_train_state(init_lora(model, a.seed), optimizer, a.seed, a.rng_impl),
+                         out_shardings=state_sh)
+    state = init_state()
+
+    rep = shd.replicated(mesh)
+    shardings = RunShardings(params=as_run["params"], state=state_sh, batch=shd.batch_sharding(mesh),
+                             eval_batch=shd.eval_batch_sharding(mesh), replicated=rep)
+    train_step = make_train_step(model, optimizer, chunk_tokens=a.loss_chunk,
+                                 shardings=(state_sh, shardings.params, shardings.batch, rep))
+    eval_step = make_eval_step(model, chunk_tokens=a.loss_chunk,
+                               shardings=(state_sh.lora, shardings.params, shardings.eval_batch, rep))
+    log(f"mesh: {shd.describe(mesh)}; micro-batch {micro} rows per batch shard "
+        f"({micro_rows} over the mesh), {a.batch_size // micro_rows} per optimizer step")
+    return Run(config=config, lora_config=lora_config, model=model, mesh=mesh, params=params, state=state,
+               optimizer=optimizer, schedule=schedule, train_step=train_step, eval_step=eval_step,
+               shardings=shardings, base_desc=base_desc, micro_rows=micro_rows)

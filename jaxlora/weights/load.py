@@ -1,0 +1,216 @@
+"""Frozen weights and adapters onto the devices, from every source jaxlora reads.
+
+Sources: random weights of a preset, a jaxlora checkpoint directory, a lit-llama `.pth`, a
+Hugging Face directory; adapters from an adapters-only directory. Weights arrive in the layout
+the model reads (`jaxlora.model.layouts`), each in its sharding, as they are read: no device
+holds more than its shards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh
+
+from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.errors import CheckpointError, StateDictError
+from jaxlora.model.layouts import abstract_variables, canonical, qkv_in_run_layout, run_layout_pieces, splits_qkv
+from jaxlora.model.llama import STACKED, LLaMA
+from jaxlora.parallel import sharding as shd
+from jaxlora.weights import hf_files, lit_llama
+from jaxlora.weights import jaxlora_dir as cio
+from jaxlora.weights.hf_files import load_hf
+from jaxlora.weights.lit_files import load_lit_llama
+from jaxlora.weights.torch_zip import TorchZipReader
+
+PathLike = str | os.PathLike
+RANDOM_BASE = ("none", "random")  # --pretrained_path values meaning: random weights of --preset
+
+
+def read_base_config(pretrained_path: str | None, preset: str | None) -> tuple[LLaMAConfig, str]:
+    """The frozen model's architecture, without reading its weights: (config, kind), kind one
+    of 'random', 'jaxlora', 'hf', 'lit'. With `preset`, the weights must match it (errors name
+    the file and key)."""
+
+    preset_cfg = LLaMAConfig.from_name(preset) if preset else None
+    if pretrained_path is None or str(pretrained_path).lower() in RANDOM_BASE:
+        if preset_cfg is None:
+            raise ValueError("random base weights need a preset (--preset)")
+        return preset_cfg, "random"
+    path = Path(pretrained_path)
+    if path.is_dir() and not cio.is_jaxlora_checkpoint(path):
+        if not hf_files.is_hf_dir(path):
+            raise FileNotFoundError(f"--pretrained_path {path}: a directory but neither a jaxlora checkpoint "
+                                    f"({cio.CONFIG_FILE} and {cio.PARAMS_DIR}/) nor a Hugging "
+                                    "Face LLaMA directory (config.json and *.safetensors or pytorch_model*.bin)")
+        config = hf_files.read_hf_config(path)
+        _check_preset(config, preset_cfg, preset, path / hf_files.HF_CONFIG)
+        return config, "hf"
+    if path.is_dir():
+        config, _ = cio.read_config(path)
+        _check_preset(config, preset_cfg, preset, path / cio.CONFIG_FILE)
+        return config, "jaxlora"
+    if not path.is_file():
+        raise FileNotFoundError(f"--pretrained_path {path}: no such file or directory")
+    with TorchZipReader(path) as reader:
+        shapes = reader.shapes()
+    if preset_cfg is None:
+        return lit_llama.infer_config(shapes, str(path)), "lit"
+    try:
+        lit_llama.check_state_dict(shapes, lit_llama.base_maps(preset_cfg), preset_cfg.n_layer, str(path))
+    except StateDictError as e:
+        c = preset_cfg
+        raise StateDictError(f"{e} -- the weights do not fit preset {preset!r} (n_layer={c.n_layer}, "
+                                       f"n_embd={c.n_embd}, padded_vocab_size={c.padded_vocab_size}); check "
+                                       "--preset") from e
+    return preset_cfg, "lit"
+
+
+def _check_preset(config: LLaMAConfig, preset_cfg: LLaMAConfig | None, preset: str | None, source: Path) -> None:
+    # the preset fixes the shape; norm epsilon and RoPE base are the weights' own (HF LLaMA-1: eps 1e-6)
+    if preset_cfg is not None and dataclasses.replace(config, norm_eps=preset_cfg.norm_eps,
+                                                      rope_base=preset_cfg.rope_base) != preset_cfg:
+        diffs = [f"{k}: checkpoint has {v}, preset {preset} has {getattr(preset_cfg, k)}"
+                 for k, v in config.to_dict().items() if getattr(preset_cfg, k) != v]
+        raise CheckpointError(f"{source}: does not match preset {preset!r} (" + "; ".join(diffs) + ")")
+
+
+def load_params(model: LLaMA, kind: str, pretrained_path: str | None, seed: int, param_dtype: Any,
+                shardings: Mapping[str, Any]) -> dict[str, Any]:
+    """Frozen weights in the layout `model` reads (per-layer or stacked layers, q/k/v split
+    or fused), each placed in `shardings` (that layout's) as it is read: a checkpoint's stacked
+    leaf goes to the devices layer by layer, so no device holds more than its shards (splitting
+    after loading would need a second copy of the largest stacked leaf: 15 GiB per GPU for 65B
+    over tensor=2). Pass `canonical(model)` and its shardings for the stored layout."""
+    if kind == "random":
+        return random_params(model, seed, shardings)
+    targets = traverse_util.flatten_dict(shardings)
+    placed = {}
+    if kind == "jaxlora":
+        _, _, reader = cio.open_item(pretrained_path, cio.PARAMS_DIR)
+        for path, (shape, _) in reader.shapes().items():
+            for run_path, layer in run_layout_pieces(model, path):
+                placed[run_path] = _read_in_run_layout(model, reader, path, shape, layer, targets[run_path],
+                                                       param_dtype)
+        return traverse_util.unflatten_dict(placed)
+
+    def place(leaf: np.ndarray, path: tuple) -> None:  # a whole stacked leaf on the host, read from the file
+        for run_path, layer in run_layout_pieces(model, path):
+            piece = leaf if layer is None else leaf[layer]
+            placed[run_path] = jax.device_put(qkv_in_run_layout(model, path, piece), targets[run_path])
+
+    load = load_hf if kind == "hf" else load_lit_llama
+    load(pretrained_path, param_dtype=param_dtype, config=model.config, place=place)
+    return traverse_util.unflatten_dict(placed)
+
+
+def _read_in_run_layout(model: LLaMA, reader: Any, path: tuple, shape: tuple, layer: int | None, sharding: Any,
+                        dtype: Any) -> jax.Array:
+    """A stored leaf (or one layer of it) read straight into `sharding` in `model`'s layout:
+    each process reads only the regions its devices hold, each distinct region once (with
+    split q/k/v, (.., C, 3, C) regions of the stored (.., C, 3C) leaf: one read per q/k/v part)."""
+    lead = () if layer is None else (layer,)
+    shape, C = shape[len(lead):], model.config.n_embd
+    split = splits_qkv(model, path)
+    run_shape = (*shape[:-1], 3, C) if split else shape
+    read: dict[tuple, np.ndarray] = {}  # replicas of a region are read once
+
+    def region(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in read:
+            read[key] = _read_region(index)
+        return read[key]
+
+    def _read_region(index: tuple[slice, ...]) -> np.ndarray:
+        if split:
+            *rest, parts, cols = index
+            start, stop, _ = cols.indices(C)
+            value = np.stack([reader.read(path, lead + tuple(rest) + (slice(g * C + start, g * C + stop),))
+                              for g in range(*parts.indices(3))], axis=-2)
+        else:
+            value = reader.read(path, lead + tuple(index))
+        return value if dtype is None else value.astype(dtype, copy=False)
+    return jax.make_array_from_callback(run_shape, sharding, region)
+
+
+def random_params(model: LLaMA, seed: int, shardings: Mapping[str, Any]) -> dict[str, Any]:
+    """Random frozen weights (the model's init distributions: N(0, 0.02) kernels and embedding
+    table, unit norm scales) made directly in the layout `model` reads (per-layer or stacked,
+    q/k/v split or fused), each placed in `shardings` (that layout's) by its own program: no
+    device ever holds more than its shards. (Drawing them stacked and splitting them after
+    needs a second copy of the largest stacked leaf: 15 GiB per GPU at 65B over tensor=2.)
+
+    Every layer's leaf comes from its own key (seed, leaf name, layer), so any layout, mesh
+    or device count gets the same numbers."""
+    abstract = traverse_util.flatten_dict(abstract_variables(canonical(model))["params"])  # stacked, fused q/k/v
+    targets = traverse_util.flatten_dict(shardings)
+    n = model.config.n_layer
+    out = {}
+    for path, leaf in abstract.items():
+        stacked = path[0] == STACKED
+        shape, name = (leaf.shape[1:], path[1:]) if stacked else (leaf.shape, path)
+        key = jax.random.fold_in(jax.random.key(seed), zlib.crc32("/".join(name).encode()))
+
+        def draw(key: jax.Array, layer: Any, shape: tuple = shape, path: tuple = path, dtype: Any = leaf.dtype
+                 ) -> jax.Array:
+            if path[-1] == "scale":  # RMSNorm
+                return jnp.ones(shape, dtype)
+            x = 0.02 * jax.random.normal(jax.random.fold_in(key, layer), shape, jnp.float32)
+            return qkv_in_run_layout(model, path, x.astype(dtype))
+
+        if not stacked:
+            out[path] = jax.jit(lambda k, draw=draw: draw(k, 0), out_shardings=targets[path])(key)
+        elif model.scan_layers:
+            out[path] = jax.jit(lambda k, draw=draw: jax.vmap(lambda i: draw(k, i))(jnp.arange(n)),
+                                out_shardings=targets[path])(key)
+        else:
+            one_layer = jax.jit(draw, out_shardings=targets[(f"{STACKED}_0",) + name])
+            for i in range(n):
+                out[(f"{STACKED}_{i}",) + name] = one_layer(key, i)
+    return traverse_util.unflatten_dict(out)
+
+
+def describe_base(kind: str, pretrained_path: str | None, preset: str | None, seed: int) -> str:
+    return {"random": f"random {preset} weights (seed {seed})", "jaxlora": f"jaxlora checkpoint {pretrained_path}",
+            "hf": f"Hugging Face model {pretrained_path}", "lit": f"lit-llama checkpoint {pretrained_path}"}[kind]
+
+
+def load_base_model(pretrained_path: str | None, preset: str | None, param_dtype: Any, seed: int = 0,
+                    mesh: Mesh | None = None, scan_layers: bool = True) -> tuple[LLaMAConfig, Any, str]:
+    """The frozen weights alone, e.g. for generation: (config, params, description).
+    pretrained_path as for `train.py` (a jaxlora checkpoint directory, a lit-llama .pth, an HF
+    directory, or "none"/"random" with `preset`); with `preset` the weights must match it.
+    Placed by the rules over `mesh` as they are read (default: the first device), in the
+    layout a model with `scan_layers` reads (stacked layers, or one array per layer)."""
+    config, kind = read_base_config(pretrained_path, preset)
+    mesh = mesh or shd.make_mesh(data=1)
+    model = LLaMA(config, param_dtype=param_dtype, scan_layers=scan_layers)  # fused q/k/v, as stored
+    shardings = shd.variable_shardings(model, mesh, as_run=True)["params"]
+    params = load_params(model, kind, pretrained_path, seed, param_dtype, shardings)
+    return config, params, describe_base(kind, pretrained_path, preset, seed)
+
+
+def load_adapters_dir(directory: PathLike, config: LLaMAConfig, base: str = "the base") -> tuple[LoRAConfig, dict]:
+    """(lora_config, float32 adapters on the device) of an adapters-only directory, checked
+    against the base's config."""
+    directory = Path(directory)
+    adapter_config, lora_config = cio.read_config(directory)
+    if adapter_config != config:
+        diffs = "; ".join(f"{k}: adapters {v}, base {getattr(config, k)}"
+                          for k, v in adapter_config.to_dict().items() if getattr(config, k) != v)
+        raise CheckpointError(f"{directory}: adapters for another model size than {base} ({diffs})")
+    if lora_config is None or not (directory / cio.LORA_DIR).is_dir():
+        raise CheckpointError(f"{directory}: no adapters ({cio.CONFIG_FILE} 'lora' is null or no "
+                                  f"{cio.LORA_DIR}/ directory)")
+    reader = cio.ArrayTreeReader(directory / cio.LORA_DIR)
+    stored = reader.shapes()
+    cio.check_shapes({p: s for p, (s, _) in stored.items()}, cio.expected_variables(config, lora_config)["lora"],
+                     str(directory / cio.LORA_DIR))
+    return lora_config, traverse_util.unflatten_dict({p: jnp.asarray(reader.read(p), jnp.float32) for p in stored})
