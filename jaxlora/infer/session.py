@@ -131,8 +131,10 @@ def prompt_text(opts: GenerateOptions, alpaca: bool, err: TextIO) -> str:
     return generate_prompt({"instruction": opts.prompt, "input": opts.input})
 
 
-def run(options: GenerateOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """The session: the samples' text on `out` (only that), everything else on `err`."""
+def run(options: GenerateOptions, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """The session: the samples' text on `out` (only that), everything else on `err`
+    (default: sys.stdout and sys.stderr as they are at the call)."""
+    out, err = out or sys.stdout, err or sys.stderr
     opts, notes = with_defaults(options)
     sampling, _, tokenizer = check_options(opts)
     for note in notes:
