@@ -57,8 +57,9 @@ def test_sample_clock_without_compiling_says_nothing_of_it():
 
 def test_text_stream_writes_only_stable_text_then_the_rest():
     pieces = {1: "he", 2: "llo", 3: "\ufffd"}  # 3: half a character until 4 arrives
-    decode = lambda ids: "".join(pieces[i] for i in ids if i in pieces).replace("\ufffd", "") if 4 not in ids \
-        else "hello é"  # noqa: E731
+
+    def decode(ids: list[int]) -> str:
+        return "hello é" if 4 in ids else "".join(pieces[i] for i in ids).replace("\ufffd", "")
     out, firsts = io.StringIO(), []
     stream = TextStream(decode, out, on_first=lambda: firsts.append(1))
     stream([np.array([1, 2])])

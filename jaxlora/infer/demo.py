@@ -27,8 +27,8 @@ def demo_note(instruction: str, input_text: str, has_adapters: bool) -> str:
     """What the demo says on stderr before it answers."""
     c = LLaMAConfig.from_name("demo")
     answer = demo_answer(instruction, input_text)
-    lines = [f"demo: a tiny LLaMA ({c.n_layer} layers, {c.n_embd} wide, a {c.vocab_size}-piece vocabulary) "
-             "pretrained on jaxlora/demo/corpus.txt in minutes on a CPU: expect wrong answers"]
+    lines = [(f"demo: a tiny LLaMA ({c.n_layer} layers, {c.n_embd} wide, a {c.vocab_size}-piece vocabulary) "
+              "pretrained on jaxlora/demo/corpus.txt in minutes on a CPU: expect wrong answers")]
     if answer is not None:
         lines.append(f"demo: the right answer is {answer!r}")
     if not has_adapters:

@@ -19,9 +19,10 @@ are refused with an error naming the file.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 
@@ -90,8 +91,8 @@ def check_sources(checkpoint_dir: PathLike | None = None, pretrained_path: PathL
         if not pretrained_path or not Path(pretrained_path).exists():
             raise FileNotFoundError(f"--adapters {adapters}: its base {pretrained_path!r} (config.json 'base') is "
                                     "not found; pass --checkpoint_dir or --pretrained_path")
-    as_str = lambda p: None if p is None else str(p)  # noqa: E731
-    return Sources(as_str(checkpoint_dir), as_str(pretrained_path), as_str(adapters), as_str(lora_path))
+    paths = (checkpoint_dir, pretrained_path, adapters, lora_path)
+    return Sources(*(None if p is None else str(p) for p in paths))
 
 
 def _tokenizer_places(start: PathLike) -> Iterator[Path]:

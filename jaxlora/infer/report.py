@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import jax
 import numpy as np
@@ -35,11 +36,11 @@ class CompileClock:
         if event in COMPILE_EVENTS:
             self.seconds += duration
 
-    def __enter__(self) -> "CompileClock":
+    def __enter__(self) -> CompileClock:
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
         return self
 
-    def __exit__(self, *_: Any) -> None:
+    def __exit__(self, *_: object) -> None:
         jax.monitoring.unregister_event_duration_listener(self._on_event)
 
 

@@ -16,7 +16,12 @@ import jax.numpy as jnp
 from jaxlora.demo import DEMO_BASE, DEMO_INSTRUCTION
 from jaxlora.infer import demo
 from jaxlora.infer.decode import Sampling, generate, prepare
-from jaxlora.infer.load import Sources, check_sources, find_tokenizer, load_for_generation
+from jaxlora.infer.load import (
+    Sources,
+    check_sources,
+    find_tokenizer,
+    load_for_generation,
+)
 from jaxlora.infer.report import CompileClock, SampleClock, TextStream
 from jaxlora.model.llama import LLaMA
 from jaxlora.text.prompts import generate_prompt
