@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.model.layouts import init_variables, layered
+from jaxlora.model.layouts import init_variables
 from jaxlora.model.llama import LLaMA
 from jaxlora.model.nf4 import NF4Kernel, dequantize_nf4
 from jaxlora.model.quantize import quantize_params
