@@ -109,28 +109,38 @@ def _quantize_absmax(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def quantize_nf4(kernel: Any, double_quant: bool = True) -> NF4Kernel:
-    """NF4 of a (..., in, out) kernel (numpy or jax, any float dtype), on the host, one (in,
-    out) matrix at a time; `in` must be a multiple of 64."""
-    w = np.asarray(kernel, np.float32)
-    if w.ndim < 2 or w.shape[-2] % BLOCK:
-        raise ValueError(f"NF4 needs the input dimension to be a multiple of {BLOCK}, got kernel shape {w.shape}")
-    lead = w.shape[:-2]
-    parts = [_quantize_matrix(m, double_quant) for m in w.reshape(-1, *w.shape[-2:])]
+    """NF4 of a (..., in, out) kernel (numpy or jax, any float dtype), each (in, out) matrix
+    quantized on its own; `in` must be a multiple of 64. The codes are computed where the
+    kernel is (on its device, by one jitted program); double quantization runs on the host
+    (the absmax values are 1/64 of the weights; their mean is taken in float64)."""
+    shape = tuple(np.shape(kernel))
+    if len(shape) < 2 or shape[-2] % BLOCK:
+        raise ValueError(f"NF4 needs the input dimension to be a multiple of {BLOCK}, got kernel shape {shape}")
+    codes, absmax = _codes_and_absmax(kernel)
+    if not double_quant:
+        return NF4Kernel(codes=codes, absmax=absmax)
+    host = np.asarray(jax.device_get(absmax))
+    parts = [_quantize_absmax(a) for a in host.reshape(-1, *host.shape[-2:])]
+    lead = host.shape[:-2]
     stacked = [np.stack(leaves).reshape(lead + np.shape(leaves[0])) for leaves in zip(*parts)]
-    return NF4Kernel(*(jnp.asarray(x) for x in stacked))
+    sharding = getattr(absmax, "sharding", None)
+    absmax_codes, scale, offset = (jax.device_put(x, sharding) if i == 0 else jnp.asarray(x)
+                                   for i, x in enumerate(stacked))
+    return NF4Kernel(codes=codes, absmax=absmax_codes, absmax_scale=scale, absmax_offset=offset)
 
 
-def _quantize_matrix(kernel: np.ndarray, double_quant: bool) -> tuple[np.ndarray, ...]:
-    """(codes, absmax[, absmax_scale, absmax_offset]) of one float32 (in, out) kernel."""
-    w = kernel.T  # (out, in): the torch weight, blocks along `in`
-    out, n_in = w.shape
-    blocks = w.reshape(out, n_in // BLOCK, BLOCK)
-    absmax = np.abs(blocks).max(axis=-1)
-    inverse = np.float32(1) / np.maximum(absmax, np.float32(1e-38))
-    scaled = np.clip(blocks * inverse[..., None], -1, 1)
-    q = _nearest(scaled.reshape(out, n_in), NF4_BOUNDS).astype(np.uint8)
-    codes = (q[:, 0::2] << 4) | q[:, 1::2]
-    return (codes,) + (_quantize_absmax(absmax) if double_quant else (absmax,))
+@jax.jit
+def _codes_and_absmax(kernel: Array) -> tuple[Array, Array]:
+    """(uint8 codes (..., out, in/2), float32 absmax (..., out, in/64)) of a (..., in, out) kernel."""
+    w = jnp.swapaxes(jnp.asarray(kernel, jnp.float32), -1, -2)  # (..., out, in): the torch weight
+    *lead, out, n_in = w.shape
+    blocks = w.reshape(*lead, out, n_in // BLOCK, BLOCK)
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    inverse = 1.0 / jnp.maximum(absmax, 1e-38)
+    scaled = jnp.clip(blocks * inverse[..., None], -1, 1).reshape(*lead, out, n_in)
+    # the interval of the sorted midpoints holding each value, a value on a midpoint going below
+    q = jnp.sum(scaled[..., None] > jnp.asarray(NF4_BOUNDS), axis=-1, dtype=jnp.uint8)
+    return (q[..., 0::2] << 4) | q[..., 1::2], absmax
 
 
 def block_absmax(kernel: NF4Kernel) -> Array:

@@ -79,7 +79,7 @@ _quantize_consuming = jax.jit(_quantize, donate_argnums=0)
 def quantize_params(params: Any, mode: str = "int8", consume: bool = False) -> Any:
     """Dense kernels (leaves named "kernel") quantized; embeddings and norm scales unchanged.
     int8: every projection and lm_head (decoding). nf4, nf4-dq: the projections of the layers
-    (QLoRA keeps lm_head in the compute dtype), quantized on the host one kernel at a time.
+    (QLoRA keeps lm_head in the compute dtype), each on its device.
     Leaf by leaf; consume: donate each float kernel to its int8 quantization (do not use
     `params` afterwards): the peak is then the weights plus one int8 kernel."""
     if mode not in QUANTIZE_MODES:
@@ -87,7 +87,7 @@ def quantize_params(params: Any, mode: str = "int8", consume: bool = False) -> A
     if mode == "int8":
         quantize, keep = (_quantize_consuming if consume else quantize_kernel), ()
     else:
-        quantize, keep = functools.partial(_quantize_nf4_on_device, double_quant=mode == "nf4-dq"), ("lm_head",)
+        quantize, keep = functools.partial(quantize_nf4, double_quant=mode == "nf4-dq"), ("lm_head",)
 
     def visit(node: Any) -> Any:
         return {k: (quantize(v) if k == "kernel" and is_float_kernel(v) else visit(v) if isinstance(v, dict) else v)
@@ -98,12 +98,6 @@ def quantize_params(params: Any, mode: str = "int8", consume: bool = False) -> A
 def is_float_kernel(x: Any) -> bool:
     """A plain (unquantized) kernel array."""
     return not isinstance(x, (dict, Int8Kernel, NF4Kernel))
-
-
-def _quantize_nf4_on_device(kernel: Array, double_quant: bool) -> NF4Kernel:
-    """NF4 of a device kernel (quantized on the host), put back on the kernel's device(s)."""
-    device = next(iter(kernel.devices())) if hasattr(kernel, "devices") else None
-    return jax.device_put(quantize_nf4(jax.device_get(kernel), double_quant), device)
 
 
 def rows_padded_dot(x: Array, kernel: Array, out_dtype: Any = None, min_rows: int | None = None) -> Array:
