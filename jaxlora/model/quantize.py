@@ -76,18 +76,19 @@ quantize_kernel = jax.jit(_quantize)
 _quantize_consuming = jax.jit(_quantize, donate_argnums=0)
 
 
-def quantize_params(params: Any, mode: str = "int8", consume: bool = False) -> Any:
+def quantize_params(params: Any, mode: str = "int8", consume: bool = False, head: bool | None = None) -> Any:
     """Dense kernels (leaves named "kernel") quantized; embeddings and norm scales unchanged.
-    int8: every projection and lm_head (decoding). nf4, nf4-dq: the projections of the layers
-    (QLoRA keeps lm_head in the compute dtype), each on its device.
-    Leaf by leaf; consume: donate each float kernel to its int8 quantization (do not use
-    `params` afterwards): the peak is then the weights plus one int8 kernel."""
+    head: quantize lm_head too (default: for int8, which decoding uses; QLoRA keeps it in the
+    compute dtype for nf4, and training keeps it for every mode). Leaf by leaf, each on its
+    device; consume: donate each float kernel to its int8 quantization (do not use `params`
+    afterwards): the peak is then the weights plus one int8 kernel."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
     if mode == "int8":
-        quantize, keep = (_quantize_consuming if consume else quantize_kernel), ()
+        quantize = _quantize_consuming if consume else quantize_kernel
     else:
-        quantize, keep = functools.partial(quantize_nf4, double_quant=mode == "nf4-dq"), ("lm_head",)
+        quantize = functools.partial(quantize_nf4, double_quant=mode == "nf4-dq")
+    keep = () if (mode == "int8" if head is None else head) else ("lm_head",)
 
     def visit(node: Any) -> Any:
         return {k: (quantize(v) if k == "kernel" and is_float_kernel(v) else visit(v) if isinstance(v, dict) else v)
@@ -113,34 +114,37 @@ def rows_padded_dot(x: Array, kernel: Array, out_dtype: Any = None, min_rows: in
 
 
 def dense_dot(x: Array, kernel: Array | Int8Kernel | NF4Kernel, dtype: Any, out_dtype: Any = None) -> Array:
-    """x @ kernel in `dtype` (accumulated to `out_dtype`, default `dtype`); an Int8Kernel's
-    product is scaled per output channel after the matmul; an NF4Kernel is dequantized in
-    `dtype` for the product (and again for its backward)."""
-    if isinstance(kernel, Int8Kernel):
-        y = rows_padded_dot(x.astype(dtype), kernel.q.astype(dtype), jnp.float32)
-        return (y * kernel.scale).astype(out_dtype or dtype)
-    if isinstance(kernel, NF4Kernel):
-        return nf4_dot(x.astype(dtype), kernel, jnp.dtype(dtype), jnp.dtype(out_dtype or dtype))
+    """x @ kernel in `dtype` (accumulated to `out_dtype`, default `dtype`). A quantized kernel
+    goes through `frozen_dot`, whose backward rebuilds the kernel instead of keeping it."""
+    if isinstance(kernel, (Int8Kernel, NF4Kernel)):
+        return frozen_dot(x.astype(dtype), kernel, jnp.dtype(dtype), jnp.dtype(out_dtype or dtype))
     return rows_padded_dot(x.astype(dtype), kernel.astype(dtype), out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def nf4_dot(x: Array, kernel: NF4Kernel, dtype: Any, out_dtype: Any) -> Array:
-    """x @ dequantize(kernel) in `dtype`; the backward dequantizes again rather than keep the
-    dequantized kernel as a residual (the frozen kernel gets no gradient)."""
+def frozen_dot(x: Array, kernel: Int8Kernel | NF4Kernel, dtype: Any, out_dtype: Any) -> Array:
+    """x @ kernel for a quantized frozen kernel. int8: x @ q in `dtype` (XLA fuses the convert
+    into the GEMM's operand load), scaled per output channel after; NF4: x @ dequantized kernel.
+    The backward (gradient for x only: the kernel is frozen) dequantizes again, so no float
+    copy of the kernel is kept between the forward and backward passes."""
+    if isinstance(kernel, Int8Kernel):
+        y = rows_padded_dot(x, kernel.q.astype(dtype), jnp.float32)
+        return (y * kernel.scale).astype(out_dtype)
     return rows_padded_dot(x, dequantize_nf4(kernel, dtype), out_dtype)
 
 
-def _nf4_dot_fwd(x: Array, kernel: NF4Kernel, dtype: Any, out_dtype: Any) -> tuple[Array, NF4Kernel]:
-    return nf4_dot(x, kernel, dtype, out_dtype), kernel
+def _frozen_dot_fwd(x: Array, kernel: Int8Kernel | NF4Kernel, dtype: Any, out_dtype: Any) -> tuple[Array, Any]:
+    return frozen_dot(x, kernel, dtype, out_dtype), kernel
 
 
-def _nf4_dot_bwd(dtype: Any, out_dtype: Any, kernel: NF4Kernel, g: Array) -> tuple[Array, None]:
-    w = dequantize_nf4(kernel, dtype)
-    return jnp.dot(g.astype(dtype), w.T, preferred_element_type=dtype), None
+def _frozen_dot_bwd(dtype: Any, out_dtype: Any, kernel: Int8Kernel | NF4Kernel, g: Array) -> tuple[Array, None]:
+    if isinstance(kernel, Int8Kernel):  # g @ (q * scale).T == (g * scale) @ q.T
+        g_scaled = (g.astype(jnp.float32) * kernel.scale).astype(dtype)
+        return jnp.dot(g_scaled, kernel.q.astype(dtype).T, preferred_element_type=dtype), None
+    return jnp.dot(g.astype(dtype), dequantize_nf4(kernel, dtype).T, preferred_element_type=dtype), None
 
 
-nf4_dot.defvjp(_nf4_dot_fwd, _nf4_dot_bwd)
+frozen_dot.defvjp(_frozen_dot_fwd, _frozen_dot_bwd)
 
 
 def dequantize(kernel: Int8Kernel) -> Array:
