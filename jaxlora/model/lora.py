@@ -24,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxlora.config import LoRAConfig
+from jaxlora.model.nf4 import NF4Kernel
 from jaxlora.model.quantize import dense_dot
 
 Array = jax.Array
@@ -87,9 +88,8 @@ class MergedLoRADense(nn.Module):
                                 (in_features, self.groups, out_g), self.param_dtype)
             y = jnp.einsum("...i,igo->...go", x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
         else:
-            kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-                                (in_features, self.features), self.param_dtype)
-            y = dense_dot(x, kernel, self.dtype, self.out_dtype)  # kernel may be int8 (jaxlora.model.quantize)
+            kernel = self._kernel(in_features)
+            y = dense_dot(x, kernel, self.dtype, self.out_dtype)  # kernel may be int8/NF4 (jaxlora.model.quantize)
         if self.n_enabled == 0:
             return y
 
@@ -105,6 +105,16 @@ class MergedLoRADense(nn.Module):
         if self.split_kernel:
             return add_to_groups(y, delta.astype(y.dtype), self.enabled)
         return add_to_segments(y, delta.astype(y.dtype), self.enabled)
+
+    def _kernel(self, in_features: int) -> Array | NF4Kernel:
+        # An NF4 kernel's leaves (codes, block scales) have other shapes than the kernel they stand
+        # for, which Flax's param() would refuse: take it as given.
+        if self.has_variable("params", "kernel"):
+            kernel = self.get_variable("params", "kernel")
+            if isinstance(kernel, NF4Kernel):
+                return kernel
+        return self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                          (in_features, self.features), self.param_dtype)
 
     def _adapter(self, name: str, init: Callable[..., Array], axes: tuple, shape: tuple) -> Array:
         # The rng is drawn lazily: only at init, never in apply.

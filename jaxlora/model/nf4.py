@@ -64,19 +64,25 @@ DYNAMIC_MAP = dynamic_map()
 
 @flax.struct.dataclass
 class NF4Kernel:
-    """A frozen (in, out) kernel in NF4. absmax is float32 (out, in/64), or with double
-    quantization uint8 codes of the same shape with `absmax_scale` (one float32 per 256 absmax
-    values, flattened row-major) and `absmax_offset` (their mean)."""
+    """A frozen (..., in, out) kernel in NF4, each (in, out) matrix quantized on its own (as
+    bitsandbytes quantizes each Linear). absmax is float32 (..., out, in/64), or with double
+    quantization uint8 codes of that shape with `absmax_scale` (one float32 per 256 absmax
+    values, row-major) and `absmax_offset` (their mean). Leading axes (stacked layers) carry
+    over to every leaf, so the layout conversions treat it like the array it replaces."""
 
-    codes: Array  # uint8 (out, in/2)
-    absmax: Array  # float32, or uint8 codes, (out, in/64)
-    absmax_scale: Array | None = None  # float32 (ceil(out*in/64/256),)
-    absmax_offset: Array | None = None  # float32 ()
+    codes: Array  # uint8 (..., out, in/2)
+    absmax: Array  # float32, or uint8 codes, (..., out, in/64)
+    absmax_scale: Array | None = None  # float32 (..., ceil(out*in/64/256))
+    absmax_offset: Array | None = None  # float32 (...)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        out, half = self.codes.shape[-2:]
-        return (2 * half, out)
+    def shape(self) -> tuple[int, ...]:
+        *lead, out, half = self.codes.shape
+        return (*lead, 2 * half, out)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
 
     @property
     def double_quantized(self) -> bool:
@@ -103,39 +109,55 @@ def _quantize_absmax(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def quantize_nf4(kernel: Any, double_quant: bool = True) -> NF4Kernel:
-    """NF4 of an (in, out) kernel (numpy or jax, any float dtype), on the host; `in` must be a
-    multiple of 64."""
-    w = np.asarray(kernel, np.float32).T  # (out, in): the torch weight, blocks along `in`
-    out, n_in = w.shape
-    if n_in % BLOCK:
-        raise ValueError(f"NF4 needs the input dimension to be a multiple of {BLOCK}, got kernel shape "
-                         f"{tuple(np.shape(kernel))}")
-    blocks = w.reshape(out, n_in // BLOCK, BLOCK)
-    absmax = np.abs(blocks).max(axis=-1)
-    inverse = np.float32(1) / np.maximum(absmax, np.float32(1e-38))
-    scaled = np.clip(blocks * inverse[..., None], -1, 1)
-    q = _nearest(scaled.reshape(out, n_in), NF4_BOUNDS).astype(np.uint8)
-    codes = (q[:, 0::2] << 4) | q[:, 1::2]
+    """NF4 of a (..., in, out) kernel (numpy or jax, any float dtype), each (in, out) matrix
+    quantized on its own; `in` must be a multiple of 64. The codes are computed where the
+    kernel is (on its device, by one jitted program); double quantization runs on the host
+    (the absmax values are 1/64 of the weights; their mean is taken in float64)."""
+    shape = tuple(np.shape(kernel))
+    if len(shape) < 2 or shape[-2] % BLOCK:
+        raise ValueError(f"NF4 needs the input dimension to be a multiple of {BLOCK}, got kernel shape {shape}")
+    codes, absmax = _codes_and_absmax(kernel)
     if not double_quant:
-        return NF4Kernel(codes=jnp.asarray(codes), absmax=jnp.asarray(absmax))
-    absmax_codes, scale, offset = _quantize_absmax(absmax)
-    return NF4Kernel(codes=jnp.asarray(codes), absmax=jnp.asarray(absmax_codes), absmax_scale=jnp.asarray(scale),
-                     absmax_offset=jnp.asarray(offset))
+        return NF4Kernel(codes=codes, absmax=absmax)
+    host = np.asarray(jax.device_get(absmax))
+    parts = [_quantize_absmax(a) for a in host.reshape(-1, *host.shape[-2:])]
+    lead = host.shape[:-2]
+    stacked = [np.stack(leaves).reshape(lead + np.shape(leaves[0])) for leaves in zip(*parts)]
+    sharding = getattr(absmax, "sharding", None)
+    absmax_codes, scale, offset = (jax.device_put(x, sharding) if i == 0 else jnp.asarray(x)
+                                   for i, x in enumerate(stacked))
+    return NF4Kernel(codes=codes, absmax=absmax_codes, absmax_scale=scale, absmax_offset=offset)
+
+
+@jax.jit
+def _codes_and_absmax(kernel: Array) -> tuple[Array, Array]:
+    """(uint8 codes (..., out, in/2), float32 absmax (..., out, in/64)) of a (..., in, out) kernel."""
+    w = jnp.swapaxes(jnp.asarray(kernel, jnp.float32), -1, -2)  # (..., out, in): the torch weight
+    *lead, out, n_in = w.shape
+    blocks = w.reshape(*lead, out, n_in // BLOCK, BLOCK)
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    inverse = 1.0 / jnp.maximum(absmax, 1e-38)
+    scaled = jnp.clip(blocks * inverse[..., None], -1, 1).reshape(*lead, out, n_in)
+    # the interval of the sorted midpoints holding each value, a value on a midpoint going below
+    q = jnp.sum(scaled[..., None] > jnp.asarray(NF4_BOUNDS), axis=-1, dtype=jnp.uint8)
+    return (q[..., 0::2] << 4) | q[..., 1::2], absmax
 
 
 def block_absmax(kernel: NF4Kernel) -> Array:
-    """The float32 (out, in/64) absmax values (decoded when double quantized)."""
+    """The float32 (..., out, in/64) absmax values (decoded when double quantized)."""
     if not kernel.double_quantized:
         return kernel.absmax
-    flat = jnp.asarray(DYNAMIC_MAP)[kernel.absmax.reshape(-1).astype(jnp.int32)]
-    scale = jnp.repeat(kernel.absmax_scale, ABSMAX_BLOCK)[:flat.shape[0]]
-    return (flat * scale + kernel.absmax_offset).reshape(kernel.absmax.shape)
+    *lead, out, blocks = kernel.absmax.shape
+    n = out * blocks
+    flat = jnp.asarray(DYNAMIC_MAP)[kernel.absmax.reshape(*lead, n).astype(jnp.int32)]
+    scale = jnp.repeat(kernel.absmax_scale, ABSMAX_BLOCK, axis=-1)[..., :n]
+    return (flat * scale + kernel.absmax_offset[..., None]).reshape(kernel.absmax.shape)
 
 
 def dequantize_nf4(kernel: NF4Kernel, dtype: Any = jnp.float32) -> Array:
-    """The (in, out) kernel in `dtype`: code value x block absmax, in float32 as bitsandbytes."""
-    out, half = kernel.codes.shape
-    q = jnp.stack([kernel.codes >> 4, kernel.codes & 0xF], axis=-1).reshape(out, 2 * half)
-    values = jnp.asarray(NF4_VALUES)[q.astype(jnp.int32)].reshape(out, -1, BLOCK)
-    w = (values * block_absmax(kernel)[..., None]).reshape(out, 2 * half)
-    return w.T.astype(dtype)
+    """The (..., in, out) kernel in `dtype`: code value x block absmax, in float32 as bitsandbytes."""
+    *lead, out, half = kernel.codes.shape
+    q = jnp.stack([kernel.codes >> 4, kernel.codes & 0xF], axis=-1).reshape(*lead, out, -1, BLOCK)
+    values = jnp.asarray(NF4_VALUES)[q.astype(jnp.int32)]
+    w = (values * block_absmax(kernel)[..., None]).reshape(*lead, out, 2 * half)
+    return jnp.swapaxes(w, -1, -2).astype(dtype)
