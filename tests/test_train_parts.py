@@ -11,10 +11,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from test_train import ROOT, _env, small_assets, tiny_args
 
@@ -102,12 +100,12 @@ def test_metrics_log_keeps_rows_up_to_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in [
         {"type": "eval", "step": 0}, {"type": "train", "step": 1}, {"type": "train", "step": 2},
         {"type": "error", "step": 2}, {"type": "train", "step": 3}]) + '{"half')
-    with MetricsLog(path, keep_until=2) as rows:
-        rows.write(type="train", step=3)
+    rows = MetricsLog(path, keep_until=2)
+    rows.write(type="train", step=3)
+    rows.close()
     assert [(r["type"], r["step"]) for r in read_metrics(path)] == [("eval", 0), ("train", 1), ("train", 2),
                                                                      ("train", 3)]
-    with MetricsLog(tmp_path / "other.jsonl", enabled=False) as rows:
-        rows.write(type="train", step=1)
+    MetricsLog(tmp_path / "other.jsonl", enabled=False).write(type="train", step=1)
     assert not (tmp_path / "other.jsonl").exists()
 
 

@@ -27,7 +27,12 @@ from jaxlora.parallel import sharding as shd
 from jaxlora.train.optim import learning_rate_schedule, make_optimizer
 from jaxlora.train.settings import PRECISIONS
 from jaxlora.train.spec import RunSpec
-from jaxlora.train.steps import TrainState, init_train_state, make_eval_step, make_train_step
+from jaxlora.train.steps import (
+    TrainState,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+)
 from jaxlora.weights.load import describe_base, load_params, read_base_config
 
 __all__ = ["Run", "RunShardings", "build_run", "state_shardings", "init_lora"]

@@ -232,9 +232,3 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.checkpointer.close()
-
-    def __enter__(self) -> "RunCheckpoints":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

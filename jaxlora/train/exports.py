@@ -9,7 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from jaxlora.config import ADAPTERS_DIR, LIT_LORA_FILE, PEFT_DIR, LLaMAConfig, LoRAConfig
+from jaxlora.config import (
+    ADAPTERS_DIR,
+    LIT_LORA_FILE,
+    PEFT_DIR,
+    LLaMAConfig,
+    LoRAConfig,
+)
 from jaxlora.parallel import distributed
 from jaxlora.train.metrics import METRICS_FILE
 from jaxlora.train.plot import plot_loss
@@ -45,7 +51,8 @@ def write_exports(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, a: Tr
     peft = export_peft(lora, config, lora_config, out / PEFT_DIR, a.pretrained_path, log)
     png = None
     if a.plot:
-        title = f"LoRA fine-tuning of {Path(str(a.pretrained_path)).name}, r={a.lora_r} on {','.join(lora_config.targets)}"
+        title = (f"LoRA fine-tuning of {Path(str(a.pretrained_path)).name}, r={a.lora_r} on "
+                 f"{','.join(lora_config.targets)}")
         png = plot_loss(out / METRICS_FILE, out / LOSS_PNG, title=title)
         if png is None:
             log(f"{LOSS_PNG} not written (matplotlib not installed: pip install 'jaxlora[plot]')")

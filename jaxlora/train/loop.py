@@ -23,6 +23,7 @@ compiling (timed and reported on its own) never falls inside it.
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,12 +37,24 @@ from jaxlora.parallel import sharding as shd
 from jaxlora.text.tokenizer import Tokenizer
 from jaxlora.train.accounting import check_memory, flops_per_token, peak_flops
 from jaxlora.train.build import Run, build_run
-from jaxlora.train.checkpoints import CHECKPOINTS_DIR, RunCheckpoints, Start, open_checkpoints, remove_checkpoints
+from jaxlora.train.checkpoints import (
+    CHECKPOINTS_DIR,
+    RunCheckpoints,
+    Start,
+    open_checkpoints,
+    remove_checkpoints,
+)
 from jaxlora.train.data import Batcher, LocalRows
 from jaxlora.train.evaluate import Evaluator
 from jaxlora.train.exports import Exports, clear_outputs, write_exports
 from jaxlora.train.inputs import check_inputs, count_steps, load_data
-from jaxlora.train.metrics import METRICS_FILE, MetricsLog, QueuedStep, StepTracker, progress_bar
+from jaxlora.train.metrics import (
+    METRICS_FILE,
+    MetricsLog,
+    QueuedStep,
+    StepTracker,
+    progress_bar,
+)
 from jaxlora.train.report import TrainResult, report, write_summary
 from jaxlora.train.settings import (
     DEMO_PROFILE,
@@ -76,15 +89,15 @@ def run(args: TrainArgs) -> TrainResult:
     batcher = make_batcher(r, a, train_samples)
     out = prepare_out_dir(a, log)  # only now that every input has been read
     # One way out, whatever stops the run: each of these closes as the with-block is left.
-    with RunCheckpoints(open_checkpoints(out, a, log)) as ckpts:
+    with closing(RunCheckpoints(open_checkpoints(out, a, log))) as ckpts:
         start = ckpts.resume(a, r.config, r.state, batcher, log)
         evaluator = Evaluator(r, tokenizer, val_samples, a, batcher.buckets)
-        with MetricsLog(out / METRICS_FILE, keep_until=start.step or None, enabled=primary) as rows:
+        with closing(MetricsLog(out / METRICS_FILE, keep_until=start.step or None, enabled=primary)) as rows:
             baseline = start.baseline or measure_baseline(evaluator, start.state.lora, rows, log)
             ckpts.meta = {"args": json_args(a), "model": r.config.to_dict(), "lora": r.lora_config.to_dict(),
                           "baseline": baseline}
             bar = progress_bar(max_steps, start.step, a.progress and primary)
-            with StepTracker(rows, r.schedule, log, ckpts.last_good, bar) as tracker:
+            with closing(StepTracker(rows, r.schedule, log, ckpts.last_good, bar)) as tracker:
                 steps = StepLoop(r, a, batcher, tracker, ckpts, evaluator, start)
                 steps.run(max_steps)
             final = evaluator(steps.hand.state.lora, full=True)

@@ -55,12 +55,6 @@ class MetricsLog:
             self._f.close()
             self._f = None
 
-    def __enter__(self) -> "MetricsLog":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
 
 class StepClock:
     """Wall time of the training steps alone: a step runs from the end of the previous step, or
@@ -157,9 +151,3 @@ class StepTracker:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-    def __enter__(self) -> "StepTracker":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
