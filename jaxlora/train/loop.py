@@ -19,6 +19,13 @@ from that step is saved; the last checkpoint on disk is the last good state.
 
 Speed is wall-clock: a step's time runs from the end of the previous step to its own end, and
 compiling (timed and reported on its own) never falls inside it.
+
+The parts, each a module with tests of its own (tests/test_train_parts.py): inputs (checks,
+data, counts), spec + build (what a run is made of, built on a mesh), evaluate (val loss,
+exact match, samples), checkpoints (refuse/resume/save), metrics (metrics.jsonl, step clock,
+progress bar, the one-step-late reads), exports (adapters, lit-llama file, PEFT, plot) and
+report (TrainResult, summary.json). This module only puts them in order (`run`) and runs the
+steps (`StepLoop`); Ctrl-C and errors leave through the same with-blocks.
 """
 from __future__ import annotations
 
