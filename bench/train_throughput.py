@@ -41,6 +41,7 @@ from jaxlora.parallel import sharding as shd  # noqa: E402
 from jaxlora.train.accounting import flops_per_token  # noqa: E402
 from jaxlora.train.build import build_run  # noqa: E402
 from jaxlora.train.settings import RNG_IMPLS, TrainArgs, resolve_args  # noqa: E402
+from jaxlora.train.spec import run_spec  # noqa: E402
 
 PRECISION = {"bf16": "bf16-true", "f32": "32-true"}
 # knob name in --variants -> TrainArgs field
@@ -104,7 +105,7 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> 
     mesh = shd.mesh_from_spec(args.mesh or None, config or base)
     a = run_settings(args, batch, seq, variant, shd.batch_shards(mesh))
     t0 = time.perf_counter()
-    run = build_run(a, mesh, config=config)
+    run = build_run(run_spec(a), mesh, config=config)
     build_s = time.perf_counter() - t0
     config = run.config
     state, params = run.state, run.params

@@ -86,7 +86,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
             raise MeshError(f"fsdp={fsdp} x tensor={tensor} = {fsdp * tensor} does not divide the {n} devices")
         data = n // (fsdp * tensor)
     size = data * fsdp * tensor
-    if size > n or n % size:
+    if size > n:
+        raise MeshError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor}: the mesh needs {size} devices, there "
+                        + (f"is {n}" if n == 1 else f"are {n}"))
+    if n % size:
         raise MeshError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {size} devices does not divide the "
                         f"{n} devices there are")
     return Mesh(np.array(devices[:size]).reshape(data, fsdp, tensor), MESH_AXES)
