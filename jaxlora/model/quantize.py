@@ -80,8 +80,9 @@ def quantize_params(params: Any, mode: str = "int8", consume: bool = False, head
     """Dense kernels (leaves named "kernel") quantized; embeddings and norm scales unchanged.
     head: quantize lm_head too (default: for int8, which decoding uses; QLoRA keeps it in the
     compute dtype for nf4, and training keeps it for every mode). Leaf by leaf, each on its
-    device; consume: donate each float kernel to its int8 quantization (do not use `params`
-    afterwards): the peak is then the weights plus one int8 kernel."""
+    device; consume: release each float kernel as soon as it is quantized (int8: donated to its
+    quantization; `params` is not usable afterwards): the peak is then the weights plus one
+    quantized kernel."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
     if mode == "int8":
@@ -91,8 +92,12 @@ def quantize_params(params: Any, mode: str = "int8", consume: bool = False, head
     keep = () if (mode == "int8" if head is None else head) else ("lm_head",)
 
     def visit(node: Any) -> Any:
-        return {k: (quantize(v) if k == "kernel" and is_float_kernel(v) else visit(v) if isinstance(v, dict) else v)
-                for k, v in node.items()}
+        out = {}
+        for k, v in node.items():
+            out[k] = quantize(v) if k == "kernel" and is_float_kernel(v) else visit(v) if isinstance(v, dict) else v
+            if consume and out[k] is not v and isinstance(node, dict):
+                node[k] = None  # drop the float kernel now, not when the whole tree is done
+        return out
     return {k: visit(v) if isinstance(v, dict) and k not in keep else v for k, v in params.items()}
 
 

@@ -23,6 +23,7 @@ from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.errors import MeshError
 from jaxlora.model.layouts import init_adapters
 from jaxlora.model.llama import LLaMA
+from jaxlora.model.quantize import quantize_params
 from jaxlora.parallel import sharding as shd
 from jaxlora.train.optim import learning_rate_schedule, make_optimizer
 from jaxlora.train.settings import PRECISIONS
@@ -115,6 +116,17 @@ def fit_micro_batch(batch_size: int, micro_batch_size: int, shards: int, log: Ca
     return micro
 
 
+def quantize_frozen(params: Any, mode: str, mesh: Mesh) -> tuple[Any, Any]:
+    """Frozen kernels quantized in place, kernel by kernel (each float kernel is dropped as soon
+    as its quantized form exists), and the shardings of the result: codes and block scales stay
+    where their kernel was (sharded like it), the small double-quantization leaves replicated."""
+    params = quantize_params(params, mode, consume=True, head=False)
+    rep = shd.replicated(mesh)
+    on_mesh = jax.tree.map(lambda x: x if x.sharding.device_set == rep.device_set else jax.device_put(x, rep),
+                           params)
+    return on_mesh, jax.tree.map(lambda x: x.sharding, on_mesh)
+
+
 def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = None,
               config: LLaMAConfig | None = None, log: Callable[[str], None] = lambda msg: None) -> Run:
     """Model, sharded weights and state, and jitted steps of run `spec` on `mesh`.
@@ -134,6 +146,9 @@ def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = N
     if layout.max_seq_length > config.block_size:
         raise ValueError(f"max_seq_length {layout.max_seq_length} exceeds the model's block_size {config.block_size}")
     shd.check_mesh(mesh, config)
+    if speed.quantize != "none" and mesh.shape["tensor"] > 1:
+        raise MeshError(f"--quantize {speed.quantize} with tensor parallelism ({shd.describe(mesh)}) is not supported "
+                        "yet: the q/k/v kernel is split on heads there; use --mesh data=N or fsdp=N")
     micro = fit_micro_batch(layout.batch_size, layout.micro_batch_size, shd.batch_shards(mesh), log)
     micro_rows = micro * shd.batch_shards(mesh)
 
@@ -145,6 +160,9 @@ def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = N
     stored = shd.variable_shardings(model, mesh)
     as_run = shd.variable_shardings(model, mesh, as_run=True)
     params = load_params(model, kind, spec.base.path, spec.seed, storage_dtype, as_run["params"])
+    params_sh = as_run["params"]
+    if speed.quantize != "none":
+        params, params_sh = quantize_frozen(params, speed.quantize, mesh)
 
     opt = spec.optimizer
     schedule = learning_rate_schedule(opt.learning_rate, opt.warmup_steps, opt.schedule,
@@ -155,7 +173,7 @@ def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = N
                          out_shardings=state_sh)
 
     rep = shd.replicated(mesh)
-    shardings = RunShardings(params=as_run["params"], state=state_sh, batch=shd.batch_sharding(mesh),
+    shardings = RunShardings(params=params_sh, state=state_sh, batch=shd.batch_sharding(mesh),
                              eval_batch=shd.eval_batch_sharding(mesh), replicated=rep)
     train_step = make_train_step(model, optimizer, chunk_tokens=speed.loss_chunk,
                                  shardings=(state_sh, shardings.params, shardings.batch, rep))

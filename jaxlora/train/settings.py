@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jaxlora.config import parse_targets
 from jaxlora.demo import DEMO_BASE, DEMO_DATA, DEMO_TOKENIZER
 from jaxlora.model.llama import ATTENTION_IMPLS, REMAT_POLICIES
+from jaxlora.model.quantize import QUANTIZE_MODES
 from jaxlora.parallel.sharding import default_mesh_shape
 from jaxlora.train.optim import SCHEDULES
 
@@ -142,6 +143,11 @@ class TrainArgs:
         "no loss on the prompt tokens (lit-llama's mask_inputs); validation loss is then over response tokens "
         "only", OPTIM)
     seed: int = setting("adapter init, dropout and data order", OPTIM, default=1337)
+    quantize: str = setting(
+        "frozen weights quantized on the device, kernel by kernel, as they are loaded: nf4 (QLoRA's 4-bit "
+        "NormalFloat, blocks of 64, ~4.5 bits a weight), nf4-dq (and the block scales in 8 bits: ~4.13 bits), "
+        "int8 (per output channel); none keeps the storage dtype. Adapters, norms, embeddings and the LM head "
+        "stay as they are", OPTIM, default="none", choices=("none",) + QUANTIZE_MODES)
     precision: str | None = setting(
         "bf16-true: bf16 frozen weights and compute (lit-llama); bf16-mixed: f32 weights, bf16 compute; "
         "32-true: all f32 (use on CPU). Adapters and optimizer state are always f32", OPTIM, choices=PRECISIONS)

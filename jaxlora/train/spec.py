@@ -43,7 +43,8 @@ class BatchLayout:
 
 @dataclass(frozen=True)
 class SpeedKnobs:
-    """How the step computes: precision, attention kernel, remat, layer loop, loss chunks, PRNG."""
+    """How the step computes: precision, attention kernel, remat, layer loop, loss chunks, PRNG, and
+    how the frozen kernels are stored (quantized or not)."""
 
     precision: str
     attention: str
@@ -52,6 +53,7 @@ class SpeedKnobs:
     scan_unroll: int
     loss_chunk: int
     rng_impl: str
+    quantize: str = "none"  # frozen kernels: none, nf4, nf4-dq, int8 (jaxlora.model.quantize)
 
 
 @dataclass(frozen=True)
@@ -73,5 +75,6 @@ def run_spec(a: TrainArgs) -> RunSpec:
         lora=LoRAConfig(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=a.lora_targets),
         optimizer=OptimizerSpec(a.learning_rate, a.weight_decay, a.warmup_steps, a.schedule, a.grad_clip),
         batch=BatchLayout(a.batch_size, a.micro_batch_size, a.max_seq_length, a.mesh),
-        speed=SpeedKnobs(a.precision, a.attention, a.remat, a.scan_layers, a.scan_unroll, a.loss_chunk, a.rng_impl),
+        speed=SpeedKnobs(a.precision, a.attention, a.remat, a.scan_layers, a.scan_unroll, a.loss_chunk, a.rng_impl,
+                         a.quantize),
         seed=a.seed)
