@@ -25,7 +25,7 @@ from jaxlora.infer.load import (
 )
 from jaxlora.infer.report import CompileClock, SampleClock, TextStream
 from jaxlora.model.llama import LLaMA
-from jaxlora.text.prompts import PromptStyle, Rendered, get_style
+from jaxlora.text.prompts import PromptStyle, Rendered, encode_prompt, get_style
 from jaxlora.text.tokenizer import TextTokenizer, open_tokenizer, read_json
 from jaxlora.weights import jaxlora_dir as cio
 
@@ -183,7 +183,7 @@ def run(options: GenerateOptions, out: TextIO | None = None, err: TextIO | None 
     style = get_style(name, tokenizer)
     print(f"prompt style: {name} ({why})", file=err)
     rendered = prompt_text(opts, style, err)
-    ids, stop_ids = tokenizer.encode(rendered.prompt, bos=rendered.bos, eos=False), style.stop_ids(tokenizer)
+    ids, stop_ids = encode_prompt(rendered, tokenizer), style.stop_ids(tokenizer)
     with CompileClock() as compile_clock:
         for i in range(opts.num_samples):
             clock = SampleClock(compile_clock)

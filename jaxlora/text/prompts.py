@@ -56,12 +56,15 @@ def generate_prompt(record: dict) -> str:
 @dataclass(frozen=True)
 class Rendered:
     """One record in a style: BOS (if `bos`) + prompt + response + the `end` token.
-    end None: the tokenizer's EOS ends the response."""
+    end None: the tokenizer's EOS ends the response. chat: a chat format, whose BOS a tokenizer
+    that reads special tokens out of text gets as text (as transformers tokenizes a rendered chat:
+    with a Metaspace "first" tokenizer no word-start mark follows it)."""
 
     prompt: str
     response: str = ""
     bos: bool = True
     end: str | None = None
+    chat: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ class Alpaca(PromptStyle):
     name = "alpaca"
 
     def render(self, record: Mapping[str, Any]) -> Rendered:
+        field_text(record, "instruction", required=True)  # a clear error, not generate_prompt's KeyError
         return Rendered(generate_prompt(record), field_text(record, "output"))
 
 
@@ -140,7 +144,7 @@ class Llama2Chat(PromptStyle):
         system = field_text(record, "system")
         content = (f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else "") + user_text(record)
         output = field_text(record, "output")
-        return Rendered(f"[INST] {content.strip()} [/INST]", f" {output.strip()} " if output else "")
+        return Rendered(f"[INST] {content.strip()} [/INST]", f" {output.strip()} " if output else "", chat=True)
 
 
 class Llama3Chat(PromptStyle):
@@ -158,7 +162,7 @@ class Llama3Chat(PromptStyle):
         system = field_text(record, "system")
         prompt = (self.message("system", system) if system else "") + self.message("user", user_text(record))
         prompt += "<|start_header_id|>assistant<|end_header_id|>\n\n"
-        return Rendered(prompt, field_text(record, "output").strip(), end="<|eot_id|>")
+        return Rendered(prompt, field_text(record, "output").strip(), end="<|eot_id|>", chat=True)
 
 
 # ----------------------------------------------------------------------------- the model's chat template
@@ -255,7 +259,7 @@ class ChatTemplate(PromptStyle):
         response, end = split_end(full[len(prompt):], self.stop_texts)
         bos_text = dict(self.variables).get("bos_token", "")
         bos = bool(bos_text) and prompt.startswith(bos_text)  # BOS as an id, as the other styles give it
-        return Rendered(prompt[len(bos_text):] if bos else prompt, response, bos, end)
+        return Rendered(prompt[len(bos_text):] if bos else prompt, response, bos, end, chat=True)
 
 
 STYLES: dict[str, type[PromptStyle]] = {s.name: s for s in (Alpaca, Plain, Llama2Chat, Llama3Chat, ChatTemplate)}
@@ -287,11 +291,26 @@ def end_id(end: str | None, tokenizer: TextTokenizer) -> int:
     return token_id
 
 
+def encode_text(rendered: Rendered, text: str, tokenizer: TextTokenizer, eos: bool = False,
+                max_length: int = -1) -> np.ndarray:
+    """`text` (the rendered prompt, or more) with the rendering's BOS: as text for a chat format
+    and a tokenizer that reads special tokens, else as an id (lit-llama's encode)."""
+    if rendered.bos and rendered.chat and tokenizer.reads_special_tokens and tokenizer.bos_id is not None:
+        return tokenizer.encode(tokenizer.token_text(tokenizer.bos_id) + text, bos=False, eos=eos,
+                                max_length=max_length)
+    return tokenizer.encode(text, bos=rendered.bos, eos=eos, max_length=max_length)
+
+
+def encode_prompt(rendered: Rendered, tokenizer: TextTokenizer, max_length: int = -1) -> np.ndarray:
+    """The ids a generation starts from: BOS and the prompt."""
+    return encode_text(rendered, rendered.prompt, tokenizer, max_length=max_length)
+
+
 def encode_rendered(rendered: Rendered, tokenizer: TextTokenizer, max_length: int = -1) -> Encoded:
     """Token ids of a rendered record, as lit-llama's prepare_sample makes them (for alpaca: the
     same ids): prompt and response encoded together, the end appended, then the cut."""
-    ids = tokenizer.encode(rendered.prompt + rendered.response, bos=rendered.bos, eos=rendered.end is None)
+    ids = encode_text(rendered, rendered.prompt + rendered.response, tokenizer, eos=rendered.end is None)
     if rendered.end is not None:
         ids = np.append(ids, np.int32(end_id(rendered.end, tokenizer))).astype(np.int32)
-    prompt_ids = tokenizer.encode(rendered.prompt, bos=rendered.bos, eos=False, max_length=max_length)
+    prompt_ids = encode_prompt(rendered, tokenizer, max_length)
     return Encoded(ids[:max_length] if max_length > 0 else ids, prompt_ids, len(ids))

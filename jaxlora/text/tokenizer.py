@@ -52,6 +52,7 @@ class TextTokenizer(Protocol):
 
     path: Path
     model_files: ModelFiles
+    reads_special_tokens: bool  # whether special tokens written in the text become their ids
 
     @property
     def bos_id(self) -> int | None: ...
@@ -177,6 +178,8 @@ def as_id_list(ids: Iterable[int] | np.ndarray) -> list[int]:
 class Tokenizer:
     """A SentencePiece model loaded from ``path`` (e.g. LLaMA's ``tokenizer.model``)."""
 
+    reads_special_tokens = False  # "<s>" in the text is three characters, as in lit-llama
+
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
         if not self.path.exists():
@@ -291,6 +294,8 @@ SentencePieceTokenizer = Tokenizer
 class HFTokenizer:
     """A Hugging Face ``tokenizer.json`` (through the ``tokenizers`` library), with BOS/EOS
     from the tokenizer_config.json / generation_config.json beside it."""
+
+    reads_special_tokens = True
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
