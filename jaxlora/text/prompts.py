@@ -207,13 +207,15 @@ def compile_template(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
-def split_end(text: str, stop_texts: tuple[str, ...]) -> tuple[str, str | None]:
-    """(response, end token): the text before the last stop token in it; what follows that token
-    (a template's separator before the next turn, e.g. ChatML's newline) is not the model's to say."""
-    found = [(text.rfind(s), len(s), s) for s in stop_texts if s and s in text]
+def split_end(text: str, output: str, special_texts: tuple[str, ...]) -> tuple[str, str | None]:
+    """(response, end token) of what a template adds for the assistant's `output`: the text up to
+    the first special token after the output; what follows that token (a template's separator
+    before the next turn, e.g. ChatML's newline) is not the model's to say."""
+    start = text.find(output.strip()) + len(output.strip()) if output.strip() in text else 0
+    found = [(pos, -len(s), s) for s in special_texts if s and (pos := text.find(s, start)) >= 0]
     if not found:
         return text, None
-    pos, _, token = max(found)
+    pos, _, token = min(found)
     return text[:pos], token
 
 
@@ -225,7 +227,7 @@ class ChatTemplate(PromptStyle):
     template: str
     source: str  # the file it came from
     variables: tuple[tuple[str, str], ...]  # bos_token, eos_token, ... as the template sees them
-    stop_texts: tuple[str, ...]  # the texts of the tokenizer's EOS ids
+    special_texts: tuple[str, ...]  # the tokenizer's special tokens: one of them ends a response
 
     name: ClassVar[str] = "chat-template"
 
@@ -236,8 +238,8 @@ class ChatTemplate(PromptStyle):
             raise TokenizerError(f"prompt style chat-template: the model ships no chat template (no chat_template in "
                                  f"{files.directory / 'tokenizer_config.json'}, no chat_template.jinja)")
         variables = tuple((k, v) for k in TEMPLATE_TOKENS if (v := files.token(k)) is not None)
-        stops = tuple(tokenizer.token_text(i) for i in tokenizer.eos_ids)
-        return cls(files.chat_template, str(files.chat_template_source), variables, stops)
+        specials = tuple(sorted(tokenizer.special_tokens))
+        return cls(files.chat_template, str(files.chat_template_source), variables, specials)
 
     def text(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         try:
@@ -252,11 +254,12 @@ class ChatTemplate(PromptStyle):
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": user_text(record)}]
         prompt = self.text(messages, add_generation_prompt=True)
-        full = self.text(messages + [{"role": "assistant", "content": field_text(record, "output")}], False)
+        output = field_text(record, "output")
+        full = self.text(messages + [{"role": "assistant", "content": output}], False)
         if not full.startswith(prompt):
             raise TokenizerError(f"{self.source}: the chat template's conversation does not begin with its "
                                  "generation prompt, so the prompt cannot be told from the response")
-        response, end = split_end(full[len(prompt):], self.stop_texts)
+        response, end = split_end(full[len(prompt):], output, self.special_texts)
         bos_text = dict(self.variables).get("bos_token", "")
         bos = bool(bos_text) and prompt.startswith(bos_text)  # BOS as an id, as the other styles give it
         return Rendered(prompt[len(bos_text):] if bos else prompt, response, bos, end, chat=True)
