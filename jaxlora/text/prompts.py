@@ -172,7 +172,7 @@ class GenerationTag(Extension):
     """{% generation %}...{% endgeneration %}: transformers marks the assistant's text with it
     (for its assistant mask); here it renders its body."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser: Any) -> list:
         next(parser.stream)

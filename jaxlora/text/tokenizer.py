@@ -30,7 +30,7 @@ import tokenizers
 
 from jaxlora.errors import TokenizerError
 
-__all__ = ["Tokenizer", "HFTokenizer", "TextTokenizer", "ModelFiles", "open_tokenizer", "tokenizer_file"]
+__all__ = ["HFTokenizer", "ModelFiles", "TextTokenizer", "Tokenizer", "open_tokenizer", "tokenizer_file"]
 
 PathLike = str | os.PathLike
 TOKENIZER_JSON = "tokenizer.json"
@@ -167,6 +167,16 @@ def with_bos_eos(ids: Sequence[int], bos_id: int | None, eos_id: int, bos: bool,
     return np.asarray(tokens, dtype=np.int32)
 
 
+def existing_file(path: PathLike, what: str) -> Path:
+    """`path`, refused by name when it is missing or not a file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{what} path is not a file: {path}")
+    return path
+
+
 def as_id_list(ids: Iterable[int] | np.ndarray) -> list[int]:
     """Ids from a list, numpy or jax array (any shape) as Python ints."""
     return [int(i) for i in np.asarray(ids).reshape(-1)]
@@ -181,11 +191,7 @@ class Tokenizer:
     reads_special_tokens = False  # "<s>" in the text is three characters, as in lit-llama
 
     def __init__(self, path: PathLike) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            raise FileNotFoundError(f"tokenizer model not found: {self.path}")
-        if not self.path.is_file():
-            raise ValueError(f"tokenizer model path is not a file: {self.path}")
+        self.path = existing_file(path, "tokenizer model")
         self.processor = spm.SentencePieceProcessor()
         try:
             self.processor.Load(str(self.path))
@@ -298,14 +304,10 @@ class HFTokenizer:
     reads_special_tokens = True
 
     def __init__(self, path: PathLike) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            raise FileNotFoundError(f"tokenizer file not found: {self.path}")
-        if not self.path.is_file():
-            raise ValueError(f"tokenizer path is not a file: {self.path}")
+        self.path = existing_file(path, "tokenizer file")
         try:
             self.backend = tokenizers.Tokenizer.from_file(str(self.path))
-        except Exception as err:  # the Rust side raises plain Exceptions for any bad file
+        except Exception as err:  # noqa: BLE001 (the Rust side raises plain Exceptions for any bad file)
             raise TokenizerError(f"not a Hugging Face tokenizer.json: {self.path} ({err})") from None
         self.backend.no_truncation()  # a file may carry settings for batching; encode returns every id
         self.backend.no_padding()
