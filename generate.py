@@ -20,8 +20,15 @@ from jaxlora.demo import DEMO_INSTRUCTION
 from jaxlora.errors import run_command
 from jaxlora.infer.load import LIT_TOKENIZER, TOKENIZER_FILE
 from jaxlora.infer.session import LIT_PROMPT, LIT_TEMPERATURE, GenerateOptions, run
+from jaxlora.text.prompts import PROMPT_STYLES
+from jaxlora.text.tokenizer import TOKENIZER_JSON
 
 D = GenerateOptions()
+
+
+def old_template_name(value: str) -> str:
+    """--template's values as --prompt_style names (none: plain)."""
+    return "plain" if value == "none" else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,9 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help=f"the instruction (default: {LIT_PROMPT!r}; with no model flags the demo's "
                    f"{DEMO_INSTRUCTION!r})")
     g.add_argument("--input", default=D.input, help="optional input (context) for the instruction")
-    g.add_argument("--template", choices=["auto", "alpaca", "none"], default=D.template,
-                   help="alpaca: wrap the prompt in lit-llama's Alpaca template and print the response; none: "
-                   "continue the raw prompt; auto (default): alpaca with adapters or the demo, else none")
+    g.add_argument("--prompt_style", choices=["auto", *PROMPT_STYLES], default=D.prompt_style,
+                   help="how the prompt is put to the model: alpaca (lit-llama's template), plain (continue the "
+                   "prompt as is), llama2-chat, llama3-chat (Meta's formats), chat-template (the model's own, from "
+                   "its tokenizer_config.json); auto (default): the adapters' style (alpaca unless their config.json "
+                   "records another) or the demo's, else the model's chat template if it ships one, else plain")
+    g.add_argument("--template", dest="prompt_style", type=old_template_name, choices=["auto", "alpaca", "plain"],
+                   help=argparse.SUPPRESS)  # the earlier flag: none is now plain
+    g.add_argument("--system", default=D.system, help="system prompt (the chat styles)")
     g = p.add_argument_group("model (none of these: the built-in demo)")
     g.add_argument("--checkpoint_dir", help="jaxlora checkpoint directory (convert/from_lit_llama.py), with its "
                    "adapters if it has them")
@@ -43,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_path", help="lit-llama LoRA file (lit-llama-lora-finetuned.pth)")
     g.add_argument("--lora_alpha", type=float, default=D.lora_alpha, help=f"alpha of --lora_path (not stored in "
                    f"the file; default {D.lora_alpha:g})")
-    g.add_argument("--tokenizer_path", help=f"SentencePiece {TOKENIZER_FILE} (default: the one that came with the "
-                   f"weights: in the adapters' or the base's directory, beside a .pth or one folder up, else "
-                   f"{LIT_TOKENIZER})")
+    g.add_argument("--tokenizer_path", help=f"default: the tokenizer of the weights, else {LIT_TOKENIZER} (looked for in the "
+                   "adapters' or the base's directory, beside a .pth and one folder up); a SentencePiece "
+                   f"{TOKENIZER_FILE}, a Hugging Face {TOKENIZER_JSON}, or a directory holding one ({TOKENIZER_JSON} "
+                   "first)")
     g.add_argument("--quantize", choices=["int8", "llm.int8"], help="weight-only int8 kernels (half the weight "
                    "bytes per token); llm.int8 is accepted as lit-llama's name")
     g.add_argument("--unmerged", action="store_true", help="apply the adapters unmerged (default: merged into "

@@ -145,3 +145,54 @@ def test_help_states_the_code_defaults(capsys):
     for fact in (repr(LIT_PROMPT), repr(DEMO_INSTRUCTION), str(LIT_TOKENIZER), f"default {LIT_TEMPERATURE}",
                  "0 or none: no limit (default 200)", "default 100", "default 1234"):
         assert fact in help_text, fact
+
+
+# ----------------------------------------------------------------------------- tokenizer.json and prompt styles
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny jaxlora checkpoint with a Llama 3-style tokenizer.json whose greedy answer to any prompt
+    is two tokens a, b ("Hello world" or its start) then <|eot_id|>, again and again: every token's
+    embedding is e0, except a's (e1) and b's (e2); the blocks add nothing; the head maps e0 -> a,
+    e1 -> b, e2 -> <|eot_id|>. Its files are a base model's (EOS <|end_of_text|> only): only a chat
+    style stops at <|eot_id|>. Returns (directory, the text of a and b)."""
+    import flax.linen as nn
+    import numpy as np
+    from test_text_prompts import LLAMA3_TEMPLATE
+    from test_text_tokenizer import train_byte_level, write_model_files
+    specials = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    tok = train_byte_level(320, specials)
+    (hello, world), eot = tok.encode("Hello world").ids[:2], tok.token_to_id("<|eot_id|>")
+    config = LLaMAConfig(block_size=256, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_embd=16)
+    shapes = nn.meta.unbox(LLaMA(config, None).init(jax.random.key(0), jax.numpy.zeros((1, 4), "int32"))["params"])
+    params = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), shapes)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: np.ones_like(x) if "scale" in jax.tree_util.keystr(path) else x, params)
+    wte, head = params["wte"]["embedding"], params["lm_head"]["kernel"]
+    wte[:, 0], wte[hello], wte[world] = 1.0, np.eye(16)[1], np.eye(16)[2]
+    head[0, hello], head[1, world], head[2, eot] = 10.0, 10.0, 10.0
+    d = save_checkpoint(tmp_path_factory.mktemp("chat") / "model", config, None, params)
+    tok.save(str(d / "tokenizer.json"))
+    write_model_files(d, {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+                          "chat_template": LLAMA3_TEMPLATE}, {"eos_token_id": tok.token_to_id("<|end_of_text|>")})
+    return d, tok.decode([hello, world])
+
+
+def test_llama3_chat_stops_at_eot_id(capsys, chat_model):
+    chat_model, answer = chat_model
+    base = [*GREEDY, "--checkpoint_dir", str(chat_model), "--prompt", "Say hello."]
+    rc, out, err = run(capsys, *base, "--prompt_style", "llama3-chat")
+    assert rc == 0, err
+    assert out == answer + "\n", out  # stopped at <|eot_id|>, which is not the tokenizer's EOS
+    assert f"tokenizer {chat_model / 'tokenizer.json'}" in err and "prompt style: llama3-chat" in err, err
+    rc, plain, err = run(capsys, *base, "--prompt_style", "plain")
+    assert rc == 0 and plain.startswith(f"{answer}<|eot_id|>{answer}"), plain  # plain stops at EOS only
+    # auto: no adapters and the model ships a chat template (Meta's Llama 3 format): that template
+    rc, auto, err = run(capsys, *base)
+    assert rc == 0 and auto == out, err
+    assert "prompt style: chat-template (the model ships a chat template" in err, err
+
+
+def test_a_style_the_tokenizer_cannot_write_is_refused(capsys):
+    rc, _, err = run(capsys, "--prompt_style", "llama3-chat", "--tokenizer_path", str(DEMO_DIR / "tokenizer.model"))
+    assert rc == 2 and "llama3-chat needs the special tokens" in err and "tokenizer.model" in err, err

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.text.tokenizer import TOKENIZER_FILES
 from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights.lit_files import load_lit_lora
 from jaxlora.weights.load import load_adapters_dir, load_base_model
@@ -114,20 +115,20 @@ def _tokenizer_places(start: PathLike) -> Iterator[Path]:
 
 
 def find_tokenizer(sources: Sources) -> Path:
-    """The tokenizer.model that belongs to these weights (see `_tokenizer_places`; adapters
-    first, then the base), else lit-llama's usual place; FileNotFoundError listing where it looked."""
+    """The tokenizer (tokenizer.json, else tokenizer.model) that belongs to these weights (see
+    `_tokenizer_places`; adapters first, then the base), else lit-llama's usual place;
+    FileNotFoundError listing where it looked."""
     looked: list[Path] = []
     starts = [s for s in (sources.adapters, sources.checkpoint_dir, sources.pretrained_path) if s is not None]
     places = [place for start in starts for place in _tokenizer_places(start)] + [LIT_TOKENIZER.parent]
-    for place in places:
-        candidate = place / TOKENIZER_FILE
+    for candidate in (place / name for place in places for name in TOKENIZER_FILES):
         if candidate in looked:
             continue
         if candidate.is_file():
             return candidate
         looked.append(candidate)
-    raise FileNotFoundError(f"no {TOKENIZER_FILE} for these weights (looked for {', '.join(map(str, looked))}); "
-                            "pass --tokenizer_path")
+    raise FileNotFoundError(f"no {' or '.join(TOKENIZER_FILES)} for these weights (looked for "
+                            f"{', '.join(map(str, looked))}); pass --tokenizer_path")
 
 
 def load_for_generation(checkpoint_dir: PathLike | None = None, pretrained_path: PathLike | None = None,

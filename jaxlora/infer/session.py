@@ -8,6 +8,7 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import jax
@@ -24,8 +25,8 @@ from jaxlora.infer.load import (
 )
 from jaxlora.infer.report import CompileClock, SampleClock, TextStream
 from jaxlora.model.llama import LLaMA
-from jaxlora.text.prompts import generate_prompt
-from jaxlora.text.tokenizer import Tokenizer
+from jaxlora.text.prompts import PromptStyle, Rendered, encode_prompt, get_style
+from jaxlora.text.tokenizer import TextTokenizer, open_tokenizer, read_json
 from jaxlora.weights import jaxlora_dir as cio
 
 LIT_PROMPT = "What food do lamas eat?"  # lit-llama's generate/lora.py default
@@ -41,7 +42,8 @@ class GenerateOptions:
 
     prompt: str | None = None
     input: str = ""
-    template: str = "auto"  # alpaca | none | auto: alpaca with adapters or the demo
+    prompt_style: str = "auto"  # a name in text.prompts.PROMPT_STYLES, or auto (see choose_style)
+    system: str = ""  # the system prompt, for the chat styles
     checkpoint_dir: str | None = None
     pretrained_path: str | None = None
     adapters: str | None = None
@@ -93,7 +95,7 @@ def with_defaults(opts: GenerateOptions) -> tuple[GenerateOptions, list[str]]:
                                temperature=LIT_TEMPERATURE if opts.temperature is None else opts.temperature), notes
 
 
-def check_options(opts: GenerateOptions) -> tuple[Sampling, Sources, Tokenizer]:
+def check_options(opts: GenerateOptions) -> tuple[Sampling, Sources, TextTokenizer]:
     """Everything checkable before the weights are read, in the order a user should hear of
     it: the settings, the weights' paths, then the tokenizer (found from the weights)."""
     sampling = Sampling(temperature=opts.temperature, top_k=parse_top_k(opts.top_k), top_p=opts.top_p)
@@ -101,12 +103,15 @@ def check_options(opts: GenerateOptions) -> tuple[Sampling, Sources, Tokenizer]:
         raise ValueError(f"--max_new_tokens and --num_samples must be >= 1, got {opts.max_new_tokens} and "
                          f"{opts.num_samples}")
     if not opts.prompt.strip():
-        raise ValueError("--prompt is empty: give an instruction (or a text to continue with --template none)")
+        raise ValueError("--prompt is empty: give an instruction (or a text to continue with --prompt_style plain)")
     sources = check_sources(opts.checkpoint_dir, opts.pretrained_path, opts.adapters, opts.lora_path)
-    return sampling, sources, Tokenizer(opts.tokenizer_path or find_tokenizer(sources))
+    tokenizer = open_tokenizer(opts.tokenizer_path or find_tokenizer(sources))
+    if opts.prompt_style != "auto":
+        get_style(opts.prompt_style, tokenizer)  # a style the tokenizer cannot write is refused now
+    return sampling, sources, tokenizer
 
 
-def load_model(opts: GenerateOptions, tokenizer: Tokenizer, err: TextIO) -> tuple[LLaMA, dict[str, Any], bool]:
+def load_model(opts: GenerateOptions, tokenizer: TextTokenizer, err: TextIO) -> tuple[LLaMA, dict[str, Any], bool]:
     """(model, variables ready to decode, whether adapters were loaded)."""
     on_accelerator = jax.default_backend() != "cpu"
     dtype = DTYPES.get(opts.dtype) or (jnp.bfloat16 if on_accelerator else jnp.float32)  # auto
@@ -127,13 +132,42 @@ def load_model(opts: GenerateOptions, tokenizer: Tokenizer, err: TextIO) -> tupl
     return model, variables, lora_config is not None
 
 
-def prompt_text(opts: GenerateOptions, alpaca: bool, err: TextIO) -> str:
-    """The text the model continues; says on `err` what it was asked."""
-    if not alpaca:
+def recorded_style(opts: GenerateOptions) -> tuple[str | None, str]:
+    """The prompt style the loaded adapters' config.json records ("prompt_style"), and that file."""
+    directory = opts.adapters or opts.checkpoint_dir
+    if directory is None:
+        return None, ""
+    path = Path(directory) / cio.CONFIG_FILE
+    return read_json(path).get("prompt_style"), str(path)
+
+
+def choose_style(opts: GenerateOptions, is_demo: bool, has_adapters: bool, tokenizer: TextTokenizer,
+                 ) -> tuple[str, str]:
+    """(style, why) for --prompt_style auto: the style adapters were trained with (lit-llama's
+    Alpaca unless they record another), the model's own chat template for a model that ships one
+    (an instruct model: tuned to it), else the prompt continued as is (lit-llama's generate.py)."""
+    if opts.prompt_style != "auto":
+        return opts.prompt_style, "--prompt_style"
+    if is_demo:
+        return "alpaca", "the demo's adapters are trained with it"
+    if has_adapters:
+        recorded, path = recorded_style(opts)
+        if recorded:
+            return recorded, f"the adapters were trained with it ({path})"
+        return "alpaca", "adapters from train.py and lit-llama are trained with lit-llama's Alpaca template"
+    files = tokenizer.model_files
+    if files.chat_template is not None:
+        return "chat-template", f"the model ships a chat template ({files.chat_template_source}) and no adapters"
+    return "plain", "a model without adapters or a chat template continues the prompt as is"
+
+
+def prompt_text(opts: GenerateOptions, style: PromptStyle, err: TextIO) -> Rendered:
+    """The prompt the model continues, in `style`; says on `err` what it was asked."""
+    if style.name == "plain" and not opts.input:
         print(f"prompt (continued as is): {opts.prompt}", file=err)
-        return opts.prompt
-    print(f"instruction: {opts.prompt}" + (f"\ninput: {opts.input}" if opts.input else ""), file=err)
-    return generate_prompt({"instruction": opts.prompt, "input": opts.input})
+    else:
+        print(f"instruction: {opts.prompt}" + (f"\ninput: {opts.input}" if opts.input else ""), file=err)
+    return style.render({"instruction": opts.prompt, "input": opts.input, "system": opts.system})
 
 
 def run(options: GenerateOptions, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -145,13 +179,16 @@ def run(options: GenerateOptions, out: TextIO | None = None, err: TextIO | None 
     for note in notes:
         print(note, file=err)
     model, variables, has_adapters = load_model(opts, tokenizer, err)
-    alpaca = opts.template == "alpaca" or (opts.template == "auto" and (options.is_demo or has_adapters))
-    ids = tokenizer.encode(prompt_text(opts, alpaca, err), bos=True, eos=False)
+    name, why = choose_style(opts, options.is_demo, has_adapters, tokenizer)
+    style = get_style(name, tokenizer)
+    print(f"prompt style: {name} ({why})", file=err)
+    rendered = prompt_text(opts, style, err)
+    ids, stop_ids = encode_prompt(rendered, tokenizer), style.stop_ids(tokenizer)
     with CompileClock() as compile_clock:
         for i in range(opts.num_samples):
             clock = SampleClock(compile_clock)
             stream = TextStream(tokenizer.decode, out, on_first=clock.first_token)
-            new = generate(model, variables, [ids], opts.max_new_tokens, sampling, eos_id=tokenizer.eos_id,
+            new = generate(model, variables, [ids], opts.max_new_tokens, sampling, eos_id=stop_ids,
                            vocab_size=tokenizer.vocab_size, seed=opts.seed + i, on_tokens=stream)[0]
             clock.stop(len(new))
             stream.finish(new)
