@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.infer.decode import greedy_generate
-from jaxlora.text.prompts import generate_prompt
-from jaxlora.text.tokenizer import Tokenizer
+from jaxlora.text.prompts import PromptStyle, encode_prompt
+from jaxlora.text.tokenizer import TextTokenizer
 from jaxlora.train.build import Run
 from jaxlora.train.data import eval_batches
 from jaxlora.train.settings import TrainArgs
@@ -54,18 +54,18 @@ def diverse(samples: Sequence[dict], n: int) -> list[dict]:
 class Evaluator:
     """Evaluates adapters of run `r` on the validation samples, as settings `a` say."""
 
-    def __init__(self, r: Run, tokenizer: Tokenizer, val_samples: Sequence[dict], a: TrainArgs,
-                 buckets: Sequence[int]) -> None:
+    def __init__(self, r: Run, tokenizer: TextTokenizer, style: PromptStyle, val_samples: Sequence[dict],
+                 a: TrainArgs, buckets: Sequence[int]) -> None:
         self.r, self.tokenizer, self.buckets = r, tokenizer, tuple(buckets)
+        self.stop_ids = style.stop_ids(tokenizer)  # the style's end of a response, and every EOS
         self.max_seq_length, self.max_new_tokens = a.max_seq_length, a.max_new_tokens
         self.val_eval = list(val_samples[:a.eval_iters * r.micro_rows])
         self.em_samples = list(val_samples[:a.exact_match_samples]) if a.exact_match_samples else []
         self.shown = diverse(self.em_samples if self.em_samples else val_samples, a.num_samples)
         self.sample_ids = None
         if a.sample_instruction:
-            prompt = generate_prompt({"instruction": a.sample_instruction, "input": ""})
             keep = r.config.block_size - a.max_new_tokens
-            self.sample_ids = tokenizer.encode(prompt, bos=True, eos=False)[-keep:]
+            self.sample_ids = encode_prompt(style.render({"instruction": a.sample_instruction}), tokenizer)[-keep:]
 
     def __call__(self, lora: Any, full: bool) -> Evaluation:
         """Validation loss and the fixed sample; with `full`, exact match and shown samples too."""
@@ -88,7 +88,7 @@ class Evaluator:
             return []
         outs = greedy_generate(self.r.model, {"params": self.r.params, "lora": lora},
                                [s["input_ids_no_response"] for s in samples], self.max_new_tokens,
-                               self.tokenizer.eos_id, vocab_size=self.tokenizer.vocab_size)
+                               self.stop_ids, vocab_size=self.tokenizer.vocab_size)
         return [self.tokenizer.decode(o).strip() for o in outs]
 
     def task_eval(self, lora: Any) -> tuple[float | None, list[dict[str, str]]]:
@@ -107,5 +107,5 @@ class Evaluator:
         if self.sample_ids is None:
             return None
         out_ids = greedy_generate(self.r.model, {"params": self.r.params, "lora": lora}, self.sample_ids,
-                                  self.max_new_tokens, self.tokenizer.eos_id, vocab_size=self.tokenizer.vocab_size)
+                                  self.max_new_tokens, self.stop_ids, vocab_size=self.tokenizer.vocab_size)
         return self.tokenizer.decode(out_ids).strip()

@@ -11,7 +11,8 @@ import numpy as np
 
 from jaxlora.errors import DataError, InputsError
 from jaxlora.parallel import distributed
-from jaxlora.text.tokenizer import Tokenizer
+from jaxlora.text.prompts import PromptStyle
+from jaxlora.text.tokenizer import TextTokenizer
 from jaxlora.train.data import (
     LazySamples,
     count_truncated,
@@ -57,7 +58,8 @@ def check_inputs(a: TrainArgs) -> None:
         raise InputsError(f"{len(missing)} input(s) missing:\n" + "\n".join(missing))
 
 
-def load_data(a: TrainArgs, tokenizer: Tokenizer, log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+def load_data(a: TrainArgs, tokenizer: TextTokenizer, style: PromptStyle, log: Callable[[str], None]
+              ) -> tuple[list[dict], list[dict]]:
     """(train samples, validation samples), tokenized. JSON/JSONL records are split here
     (deterministically, seed 42 as lit-llama's prepare_alpaca); a directory holding lit-llama's
     prepared ``train.pt`` and ``test.pt`` is used as it is."""
@@ -83,15 +85,16 @@ def load_data(a: TrainArgs, tokenizer: Tokenizer, log: Callable[[str], None]) ->
     train_recs, val_recs = split_records(records, val_size, seed=42) if val_size else (list(records), [])
     if not train_recs:
         raise DataError(f"{path}: no training records left after taking {len(val_recs)} for validation")
-    val = prepare_records(val_recs, tokenizer, a.max_seq_length, a.mask_inputs)
+    val = prepare_records(val_recs, tokenizer, a.max_seq_length, a.mask_inputs, style)
     log(f"data: {path}: {n} records -> {len(train_recs)} train / {len(val)} validation (split seed 42)")
     if jax.process_count() == 1:
-        train = prepare_records(train_recs, tokenizer, a.max_seq_length, a.mask_inputs)
+        train = prepare_records(train_recs, tokenizer, a.max_seq_length, a.mask_inputs, style)
         report_truncation(train + val, a.max_seq_length, log)
         return train, val
     # Several processes: each tokenizes only the samples its batch rows hold (as they come), and
     # a 1/P share of the records now, for the counts at start.
-    train = LazySamples(train_recs, lambda r: prepare_sample(r, tokenizer, a.max_seq_length, a.mask_inputs))
+    train = LazySamples(train_recs, lambda r: prepare_sample(r, tokenizer, a.max_seq_length, a.mask_inputs,
+                                                               style=style))
     log(f"data: {jax.process_count()} processes: each tokenizes the training samples its own batch rows hold")
     share = [train[i] for i in range(jax.process_index(), len(train), jax.process_count())]
     cut = distributed.sum_over_processes(count_truncated(share, a.max_seq_length))

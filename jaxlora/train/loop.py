@@ -41,7 +41,8 @@ import numpy as np
 from jaxlora.errors import InputsError, NonFiniteLossError, TrainingError
 from jaxlora.parallel import distributed
 from jaxlora.parallel import sharding as shd
-from jaxlora.text.tokenizer import Tokenizer
+from jaxlora.text.prompts import get_style
+from jaxlora.text.tokenizer import TextTokenizer, open_tokenizer
 from jaxlora.train.accounting import check_memory, flops_per_token, peak_flops
 from jaxlora.train.build import Run, build_run
 from jaxlora.train.checkpoints import (
@@ -88,8 +89,9 @@ def run(args: TrainArgs) -> TrainResult:
     primary = distributed.is_primary()
     log = _printer(a.verbose and primary)
     check_inputs(a)
-    tokenizer = Tokenizer(a.tokenizer_path)
-    train_samples, val_samples = load_data(a, tokenizer, log)
+    tokenizer = open_tokenizer(a.tokenizer_path)
+    style = get_style(a.prompt_style, tokenizer)
+    train_samples, val_samples = load_data(a, tokenizer, style, log)
     max_steps = count_steps(a, len(train_samples))
     r = build_run(run_spec(a), max_steps=max_steps, log=log)
     check_model(r, a, tokenizer, log)
@@ -98,7 +100,7 @@ def run(args: TrainArgs) -> TrainResult:
     # One way out, whatever stops the run: each of these closes as the with-block is left.
     with closing(RunCheckpoints(open_checkpoints(out, a, log))) as ckpts:
         start = ckpts.resume(a, r.config, r.state, batcher, log)
-        evaluator = Evaluator(r, tokenizer, val_samples, a, batcher.buckets)
+        evaluator = Evaluator(r, tokenizer, style, val_samples, a, batcher.buckets)
         with closing(MetricsLog(out / METRICS_FILE, keep_until=start.step or None, enabled=primary)) as rows:
             baseline = start.baseline or measure_baseline(evaluator, start.state.lora, rows, log)
             ckpts.meta = {"args": json_args(a), "model": r.config.to_dict(), "lora": r.lora_config.to_dict(),
@@ -122,7 +124,7 @@ def _printer(enabled: bool) -> Callable[[str], None]:
     return (lambda msg: print(msg, flush=True)) if enabled else (lambda msg: None)
 
 
-def check_model(r: Run, a: TrainArgs, tokenizer: Tokenizer, log: Callable[[str], None]) -> None:
+def check_model(r: Run, a: TrainArgs, tokenizer: TextTokenizer, log: Callable[[str], None]) -> None:
     """The tokenizer fits the model, the run fits the devices; say what is trained."""
     config, lora_config = r.config, r.lora_config
     if tokenizer.vocab_size > config.vocab_size:

@@ -25,6 +25,7 @@ from jaxlora.config import parse_targets
 from jaxlora.demo import DEMO_BASE, DEMO_DATA, DEMO_TOKENIZER
 from jaxlora.model.llama import ATTENTION_IMPLS, REMAT_POLICIES
 from jaxlora.model.quantize import QUANTIZE_MODES
+from jaxlora.text.prompts import PROMPT_STYLES
 from jaxlora.parallel.sharding import default_mesh_shape
 from jaxlora.train.optim import SCHEDULES
 
@@ -143,6 +144,12 @@ class TrainArgs:
         "no loss on the prompt tokens (lit-llama's mask_inputs); validation loss is then over response tokens "
         "only", OPTIM)
     seed: int = setting("adapter init, dropout and data order", OPTIM, default=1337)
+    prompt_style: str = setting(
+        "how a record becomes a prompt: alpaca (lit-llama's template), plain (instruction and input as they "
+        "are), llama2-chat / llama3-chat (Meta's chat formats), chat-template (the model's own, from its "
+        "tokenizer_config.json). Only the response is trained on with --mask_inputs, as with alpaca", OPTIM,
+        default="alpaca",
+        choices=PROMPT_STYLES)
     quantize: str = setting(
         "frozen weights quantized on the device, kernel by kernel, as they are loaded: nf4 (QLoRA's 4-bit "
         "NormalFloat, blocks of 64, ~4.5 bits a weight), nf4-dq (and the block scales in 8 bits: ~4.13 bits), "
@@ -259,4 +266,4 @@ def json_args(a: TrainArgs) -> dict[str, Any]:
 # another mesh (the dropout masks of rng_impl 'rbg' do depend on the mesh).
 RESUME_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "max_seq_length", "seed",
                "mask_inputs", "precision", "val_size", "learning_rate", "weight_decay", "warmup_steps", "schedule",
-               "grad_clip")
+               "grad_clip", "prompt_style", "quantize")
