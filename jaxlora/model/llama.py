@@ -391,12 +391,12 @@ class LLaMA(nn.Module):
         return x if cache is None else (x, cache)
 
 
-def lm_head_kernel(config: LLaMAConfig, params: Any) -> Any:
-    """The LM head's (n_embd, padded_vocab) kernel in `params`: the embedding table transposed
-    when the model ties them, else lm_head's own kernel."""
-    if config.tie_embeddings:
-        return params["wte"]["embedding"].T
-    return params["lm_head"]["kernel"]
+def lm_head_kernel(params: Any) -> Any:
+    """The LM head's (n_embd, padded_vocab) kernel in `params`: lm_head's own, or for a model
+    with tied embeddings (which has no lm_head) the embedding table transposed."""
+    if "lm_head" in params:
+        return params["lm_head"]["kernel"]
+    return params["wte"]["embedding"].T
 
 
 def init_cache(model: LLaMA, batch: int, length: int, dtype: Any = None) -> Any:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlora.model.layouts import layered
-from jaxlora.model.llama import LLaMA, head_logits
+from jaxlora.model.llama import LLaMA, head_logits, lm_head_kernel
 from jaxlora.train.data import IGNORE_INDEX
 
 Array = jax.Array
@@ -91,7 +91,7 @@ def make_loss_fn(model: LLaMA, chunk_tokens: int = 0) -> Callable[..., tuple[Arr
         variables = {"params": layered(model, params), "lora": layered(model, lora)}
         hidden = model.apply(variables, input_ids, deterministic=not rngs,
                              return_hidden=True, rngs=rngs)
-        return token_nll_sum(hidden, params["lm_head"]["kernel"], shift_targets(labels), chunk_tokens)
+        return token_nll_sum(hidden, lm_head_kernel(params), shift_targets(labels), chunk_tokens)
     return loss_sum
 
 
