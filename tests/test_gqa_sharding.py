@@ -30,7 +30,9 @@ SCRIPT = textwrap.dedent("""
     from jaxlora.train.steps import init_train_state, make_train_step
 
     assert len(jax.devices()) == 8
-    optimizer = make_optimizer(1e-2)
+    # lr 1e-3: Adam turns the summation-order noise of near-zero gradients into steps of up to
+    # 2 lr (pure data parallelism shows the same noise); the adapters move by ~3e-3, far above atol
+    optimizer = make_optimizer(1e-3)
     ids = jax.random.randint(jax.random.key(1), (2, 8, 32), 0, 128)
     batch = {"input_ids": ids, "labels": ids}
 
@@ -41,30 +43,31 @@ SCRIPT = textwrap.dedent("""
             state, m = step(state, params, batch)
         return state, m
 
-    for kv in (2, 1):
+    # 2 kv heads: split over tensor, per-layer weights (as on GPU); 1: replicated, scanned layers
+    for kv, spec, scan_layers in ((2, "data=2,fsdp=2,tensor=2", False), (1, "tensor=2", True)):
         config = LLaMAConfig(n_layer=2, n_head=4, n_kv_head=kv, n_embd=64, vocab_size=128, block_size=64,
                              intermediate_size=96, rope_type="llama3", rope_factor=8.0, rope_original_context=16)
         model = LLaMA(config, LoRAConfig(r=4, dropout=0.0, targets=("q", "k", "v", "o")))
         variables = init_variables(model, jax.random.key(0))
         variables["lora"] = jax.tree.map(lambda x: x + 0.05, variables["lora"])  # B != 0: k/v adapters matter
         ref_state, ref_m = run(model, variables["params"], variables["lora"], batch)
-        for spec in ("tensor=2", "data=2,fsdp=2,tensor=2"):
-            mesh = shd.mesh_from_spec(spec, config)
-            for scan_layers in (True, False):
-                sharded = model.clone(mesh=mesh, rules=shd.DEFAULT_RULES, split_qkv=True, scan_layers=scan_layers)
-                stored, run_sh = shd.variable_shardings(model, mesh), shd.variable_shardings(sharded, mesh, as_run=True)
-                params = split_layers_on_device(sharded, jax.device_put(variables["params"], stored["params"]),
-                                                run_sh["params"])
-                lora = jax.device_put(variables["lora"], stored["lora"])
-                state, m = run(sharded, params, lora, jax.device_put(batch, shd.batch_sharding(mesh)))
-                np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
-                for a, b in zip(jax.tree.leaves(state.lora), jax.tree.leaves(ref_state.lora)):
-                    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-                layer = params["h"] if scan_layers else params["h_0"]
-                kernel = layer["attn"]["c_attn"]["kernel"]  # (C, group + 2, run_kv * hs), last axis over tensor
-                run_kv = max(kv, 2)
-                assert kernel.shape[-2:] == (4 // run_kv + 2, run_kv * 16), kernel.shape
-                print("ok", kv, spec, scan_layers, float(m["loss"]))
+        mesh = shd.mesh_from_spec(spec, config)
+        sharded = model.clone(mesh=mesh, rules=shd.DEFAULT_RULES, split_qkv=True, scan_layers=scan_layers)
+        stored, run_sh = shd.variable_shardings(model, mesh), shd.variable_shardings(sharded, mesh, as_run=True)
+        params = split_layers_on_device(sharded, jax.device_put(jax.tree.map(np.array, variables["params"]),
+                                                                stored["params"]), run_sh["params"])
+        lora = jax.device_put(variables["lora"], stored["lora"])
+        state, m = run(sharded, params, lora, jax.device_put(batch, shd.batch_sharding(mesh)))
+        np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
+        for a, b, init in zip(*(jax.tree.leaves(t) for t in (state.lora, ref_state.lora, variables["lora"]))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+            assert np.max(np.abs(np.asarray(b) - np.asarray(init))) > 1e-3  # trained: the check is not vacuous
+        layer = params["h"] if scan_layers else params["h_0"]
+        kernel = layer["attn"]["c_attn"]["kernel"]  # (C, group + 2, run_kv * hs), last axis over tensor
+        run_kv = max(kv, 2)
+        assert kernel.shape[-2:] == (4 // run_kv + 2, run_kv * 16), kernel.shape
+        assert kernel.addressable_shards[0].data.shape[-1] == run_kv * 16 // 2  # whole query groups per device
+        print("ok", kv, spec, scan_layers, float(m["loss"]))
     print("OK")
 """)
 

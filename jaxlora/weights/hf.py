@@ -4,7 +4,10 @@ Values are numpy arrays; nothing here imports torch, transformers or peft. The t
 described by the `TensorMap` table of `jaxlora.weights.lit_llama` (an HF key per tensor, its
 shape, its place in our tree, the exact transforms both ways), so the same `read_tree`,
 `tree_to_lit` and `check_state_dict` serve HF as they serve lit-llama. HF's separate q/k/v
-projections each fill a `part` of our fused c_attn kernel (columns [0, C), [C, 2C), [2C, 3C)).
+projections each fill a `part` of our fused c_attn kernel (`layouts.qkv_columns`: [0, C),
+[C, C + kv), [C + kv, C + 2kv), kv = n_kv_head * head_size; kv = C without grouped-query
+attention). LlamaForCausalLM and MistralForCausalLM (without a sliding window) map alike; a
+model with tied embeddings has no lm_head.weight.
 
 RoPE: HF's Llama rotates the half-split pairs (i, i + hs/2) where we (as lit-llama and Meta)
 rotate adjacent pairs (2i, 2i+1), so the output rows of Wq and Wk, and of the q/k LoRA B
@@ -14,14 +17,15 @@ LoRA A matrices are not.
 | HF / PEFT key (layer i)                                        | HF shape | ours                                    |
 |----------------------------------------------------------------|----------|-----------------------------------------|
 | model.embed_tokens.weight                                      | (V, C)   | params/wte/embedding                    |
-| model.layers.{i}.self_attn.q_proj.weight (k, v alike)          | (C, C)   | params/h/attn/c_attn/kernel[i][:, 0:C]  |
+| model.layers.{i}.self_attn.q_proj.weight (k, v: (kv, C))       | (C, C)   | params/h/attn/c_attn/kernel[i][:, 0:C]  |
 | model.layers.{i}.mlp.gate_proj.weight (up, down, o_proj alike) | (H, C)   | params/h/mlp/c_fc1/kernel[i]            |
 | model.layers.{i}.input_layernorm.weight                        | (C,)     | params/h/rms_1/scale[i]                 |
 | lm_head.weight                                                 | (V, C)   | params/lm_head/kernel (C, V)            |
 | base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight | (r, C) | lora/h/attn/c_attn/lora_A[i][g]         |
 | base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight | (C, r) | lora/h/attn/c_attn/lora_B[i][g]         |
 
-(g: the target's place among the enabled q/k/v targets.)
+(g: the target's place among the enabled q/k/v targets; k and v permute their rows within
+n_kv_head heads, and their lora_B fills the leading kv columns of a slice as wide as q's.)
 """
 from __future__ import annotations
 
