@@ -107,8 +107,12 @@ def _unsupported(hf: Mapping[str, Any], get: Callable[..., Any], C: int, n_head:
 def _rope_fields(hf: Mapping[str, Any], get: Callable[..., Any], problems: list[str]) -> dict[str, Any]:
     """Our rope_* fields from rope_parameters (transformers >= 5) or rope_theta + rope_scaling
     (older files); an unsupported scaling is added to `problems`."""
-    params = {**dict(get("rope_scaling", {})), **dict(get("rope_parameters", {}))}
-    kind = params.get("rope_type", params.get("type", "default"))
+    scaling, parameters = dict(get("rope_scaling", {})), dict(get("rope_parameters", {}))
+    kinds = {d.get("rope_type", d.get("type", "default")) for d in (scaling, parameters)} - {"default"}
+    if len(kinds) > 1:
+        problems.append(f"rope_scaling {scaling} and rope_parameters {parameters} disagree")
+    kind = min(kinds, default="default")
+    params = {**scaling, **parameters, "rope_type": kind}
     fields: dict[str, Any] = {"rope_base": float(get("rope_theta", params.get("rope_theta", ROPE_THETA)))}
     if kind not in ROPE_TYPES:
         problems.append(f"rope scaling {kind!r} ({params}; supported: {', '.join(ROPE_TYPES)})")
@@ -120,7 +124,7 @@ def _rope_fields(hf: Mapping[str, Any], get: Callable[..., Any], problems: list[
         problems.append(f"rope scaling {kind!r} without a factor ({params})")
     keys = ROPE_KEYS if kind == "llama3" else {"factor": ROPE_KEYS["factor"]}
     # HF's default for the original context of llama3 RoPE: max_position_embeddings
-    params.setdefault("original_max_position_embeddings", get("max_position_embeddings", 8192))
+    params.setdefault("original_max_position_embeddings", get("max_position_embeddings", 2048))
     lacking = [k for k in keys if k not in params]
     if lacking and kind == "llama3":
         problems.append(f"llama3 rope scaling without {', '.join(lacking)}")
