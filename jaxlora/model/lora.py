@@ -60,8 +60,9 @@ class MergedLoRADense(nn.Module):
         last axis, every device then holds the same columns of each group (for q/k/v: whole
         heads), where a fused (in, out) kernel split evenly puts shard boundaries inside the
         groups and the compiler must move the outputs between devices to separate q, k and v.
-      run_layout: with split_kernel, an object with `run_shape` (slots, width) and `to_run`
-        (stored columns on the last axis -> (..., slots, width)), e.g. layouts.QKVLayout.
+      run_layout: with split_kernel, an object with `run_shape` (slots, width), `to_run`
+        (stored columns on the last axis -> (..., slots, width)) and `is_reshape` (whether the
+        slots are the equal groups in order), e.g. layouts.QKVLayout.
     """
 
     features: int
@@ -120,7 +121,7 @@ class MergedLoRADense(nn.Module):
         delta = delta.astype(y.dtype)
         if not self.split_kernel:
             return add_to_segments(y, delta, self.enabled, self.widths)
-        if self.run_layout is None:
+        if self.run_layout is None or self.run_layout.is_reshape:  # equal groups: add in place, no data moved
             return add_to_groups(y, delta, self.enabled)
         zeros = jnp.zeros(y.shape[:-2] + (self.features,), y.dtype)  # the update in stored column order
         return y + self.run_layout.to_run(add_to_segments(zeros, delta, self.enabled, self.widths))
