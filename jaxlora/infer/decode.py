@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.model.layouts import layered, split_layers_on_device, stack_layers, unstack_layers
-from jaxlora.model.llama import STACKED, LLaMA, head_logits, init_cache
+from jaxlora.model.llama import STACKED, LLaMA, head_logits, init_cache, lm_head_kernel
 from jaxlora.model.lora import merge_lora, merged_kernel
 from jaxlora.model.quantize import quantize_params
 
@@ -177,7 +177,7 @@ def eos_tuple(eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
 
 
 def _next_token(variables: dict[str, Any], hidden: Array, key: Array, sampling: Sampling, vocab_limit: int) -> Array:
-    logits = head_logits(hidden, variables["params"]["lm_head"]["kernel"])[:, :vocab_limit]
+    logits = head_logits(hidden, lm_head_kernel(variables["params"]))[:, :vocab_limit]
     return sample_logits(logits, key, sampling)
 
 
