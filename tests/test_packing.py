@@ -96,7 +96,7 @@ def test_packed_batcher_resumes_exactly():
 
 
 def _model(impl: str, n_kv_head: int = 4) -> tuple[LLaMA, dict, dict]:
-    config = LLaMAConfig(block_size=64, vocab_size=128, padded_vocab_size=128, n_layer=2, n_head=4, n_embd=64,
+    config = LLaMAConfig(block_size=64, vocab_size=128, padded_vocab_size=128, n_layer=1, n_head=4, n_embd=64,
                          n_kv_head=n_kv_head, intermediate_size=128)
     model = LLaMA(config, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v")), attention=impl)
     variables = init_variables(model, jax.random.key(0))
@@ -125,11 +125,10 @@ def _segment_of(row: dict, sample: dict) -> int:
     return found[0]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("n_kv_head", [4, 2])
+@pytest.mark.parametrize("impl, n_kv_head", [("xla", 4), ("xla", 2), ("pallas", 2)])  # 2: grouped k/v
 def test_packed_row_gives_each_samples_loss_and_gradient(impl, n_kv_head):
     model, params, lora = _model(impl, n_kv_head)
-    samples = _samples(3, seed=4, low=10, high=21)
+    samples = _samples(3, seed=4, low=13, high=14)  # one length: one compile alone
     row = _one_row(samples)
     loss_sum = make_loss_fn(model)
     grad = jax.jit(jax.value_and_grad(loss_sum, has_aux=True))
