@@ -17,6 +17,14 @@ one, blocking on each (the peers' method: the host's dispatch time adds to every
   python bench/train_throughput.py --preset 7B --shapes 4x256,8x512,2x2048
   python bench/train_throughput.py --preset 65B --shapes 4x256 --mesh fsdp=4
   python bench/train_throughput.py --preset tiny --shapes 2x64 --steps 2   # CPU smoke test
+  python bench/train_throughput.py --preset 7B --alpaca 2048     # real tokens/s: bucketed vs packed
+
+`--alpaca N` times real tokens/s (padding excluded) on instruction-like data instead: `alpaca_lengths`
+draws sample lengths with Alpaca's profile from a seed (most 50-300 tokens, a tail to 1,000), and
+train.py's Batcher makes the batches, as train.py would: lit-llama's recipe (128 samples a step,
+micro-batch 4, max_seq_length 256, one sample a row padded to a bucket length, samples cut at 256)
+against the same samples packed into rows of 2048 (`--alpaca_packed_rows` rows a micro-batch;
+samples cut at 2048, so that run also trains the tails the first one cuts).
 
 FLOPs per token: `jaxlora.train.accounting.flops_per_token`. MFU = tokens/s * FLOPs/token / (peak x
 devices), the peak given by --peak_tflops (default: 989 for an H100 SXM's dense bf16).
@@ -34,12 +42,14 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from jaxlora.config import LLaMAConfig  # noqa: E402
 from jaxlora.model.llama import ATTENTION_IMPLS, REMAT_POLICIES  # noqa: E402
 from jaxlora.parallel import sharding as shd  # noqa: E402
 from jaxlora.train.accounting import flops_per_token  # noqa: E402
 from jaxlora.train.build import build_run  # noqa: E402
+from jaxlora.train.data import Batcher  # noqa: E402
 from jaxlora.train.settings import RNG_IMPLS, TrainArgs, resolve_args  # noqa: E402
 from jaxlora.train.spec import run_spec  # noqa: E402
 from jaxlora.model.quantize import QUANTIZE_MODES  # noqa: E402
@@ -182,6 +192,74 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> 
     }
 
 
+def alpaca_lengths(n: int, seed: int = 0) -> np.ndarray:
+    """Token counts with Alpaca's profile (prompt + response, LLaMA tokenizer): a log-normal body
+    with a median near 130 (most samples 50-300 tokens), and one sample in 20 from a tail up to
+    1,000 tokens."""
+    rng = np.random.default_rng(seed)
+    body = rng.lognormal(np.log(130.0), 0.55, size=n)
+    tail = rng.uniform(300, 1000, size=n)
+    lengths = np.where(rng.random(n) < 0.05, tail, body)
+    return np.clip(lengths, 20, 1000).astype(int)
+
+
+def alpaca_samples(n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Random token samples of `alpaca_lengths` (labels = inputs: loss on every token)."""
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    for length in alpaca_lengths(n, seed):
+        ids = rng.integers(1, vocab, size=length, dtype=np.int32)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def bench_alpaca(args: argparse.Namespace, name: str, micro: int, seq: int, packing: bool) -> dict:
+    """Real tokens/s of train.py's step on `alpaca_samples` batched by train.py's Batcher."""
+    mesh = shd.mesh_from_spec(args.mesh or None, LLaMAConfig.from_name(args.preset))
+    shards = shd.batch_shards(mesh)
+    a = run_settings(args, micro, seq, {}, shards)
+    a.batch_size, a.packing = args.alpaca_batch, packing
+    run = build_run(run_spec(a), mesh)
+    samples = alpaca_samples(args.alpaca, run.config.vocab_size)
+    batcher = Batcher(samples, a.batch_size, micro * shards, seq, seed=0, packing=packing, shards=shards)
+    hosts = [next(batcher) for _ in range(args.warmup + args.steps)]
+    compiled, state = {}, run.state
+    t0 = time.perf_counter()
+    for host in hosts:  # every shape compiled before the clock starts (train.py: once per bucket)
+        shape = host["input_ids"].shape
+        if shape not in compiled:
+            compiled[shape] = run.train_step.lower(state, run.params, run.batch(host)).compile()
+    compile_s = time.perf_counter() - t0
+    for host in hosts[:args.warmup]:
+        state, metrics = compiled[host["input_ids"].shape](state, run.params, run.batch(host))
+    jax.block_until_ready(metrics["loss"])
+    real = padded = 0
+    t = time.perf_counter()
+    for host in hosts[args.warmup:]:  # as train.py: queue step i, then read step i-1's loss
+        previous = metrics
+        state, metrics = compiled[host["input_ids"].shape](state, run.params, run.batch(host))
+        jax.device_get(previous["loss"])
+        real += int(host["tokens"])
+        padded += int(host.get("padded", np.prod(host["input_ids"].shape)))
+    jax.block_until_ready(metrics["loss"])
+    seconds = time.perf_counter() - t
+    return {"bench": "jaxlora-alpaca", "run": name, "preset": args.preset, "samples_per_step": a.batch_size,
+            "micro_batch": micro, "max_seq_length": seq, "packing": packing, "attention": a.attention,
+            "real_tokens_per_s": round(real / seconds, 1), "padded_tokens_per_s": round(padded / seconds, 1),
+            "padding_fraction": round(1 - real / padded, 4), "step_s": round(seconds / args.steps, 4),
+            "shapes_compiled": len(compiled), "compile_s": round(compile_s, 2),
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+
+def alpaca_main(args: argparse.Namespace) -> None:
+    """lit-llama's bucketed recipe, then packing to 2048; one JSON line each and the ratio."""
+    rows = [bench_alpaca(args, "bucketed", 4, 256, False),
+            bench_alpaca(args, "packed", args.alpaca_packed_rows, args.alpaca_packed_length, True)]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    print(f"packed / bucketed real tokens/s: {rows[1]['real_tokens_per_s'] / rows[0]['real_tokens_per_s']:.2f}x")
+
+
 def force_prevent_cse(value: bool) -> None:
     """Make every nn.remat in jaxlora.model.llama use prevent_cse=value (jaxlora.model.llama looks nn.remat up
     per call), to measure what the choice does to memory and speed."""
@@ -224,9 +302,17 @@ def main() -> None:
     ap.add_argument("--peak_tflops", type=float, default=989.0)
     ap.add_argument("--prevent_cse", type=int, choices=[0, 1], help="force nn.remat's prevent_cse (an experiment; "
                     "default: the model's choice)")
+    ap.add_argument("--alpaca", type=int, default=0, help="N > 0: real tokens/s on N samples of Alpaca's length "
+                    "profile, bucketed (lit-llama's recipe) vs packed to 2048, instead of --shapes")
+    ap.add_argument("--alpaca_batch", type=int, default=128, help="samples per optimizer step (lit-llama: 128)")
+    ap.add_argument("--alpaca_packed_rows", type=int, default=1, help="rows per micro-batch when packed")
+    ap.add_argument("--alpaca_packed_length", type=int, default=2048, help="tokens per packed row")
     args = ap.parse_args()
     if args.prevent_cse is not None:
         force_prevent_cse(bool(args.prevent_cse))
+    if args.alpaca:
+        alpaca_main(args)
+        return
 
     variants = [parse_variant(v) for v in args.variants.split(";")] if args.variants else [{}]
     rows = []

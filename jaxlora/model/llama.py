@@ -27,6 +27,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.model.layouts import STACKED, QKVLayout, model_qkv_layout
@@ -41,7 +42,9 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+# "pallas": JAX's Pallas flash-attention kernel for GPUs (Triton), which takes segment ids natively;
+# run by Pallas's interpreter on other backends (slow: tests only).
 # Logical axes of activations (mapped to mesh axes by jaxlora.parallel.sharding's rules table).
 
 ACT_EMBED = ("batch", "length", "act_embed")
@@ -106,7 +109,9 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def pick_attention(impl: str, dtype: Any) -> str:
-    """'auto' -> cuDNN flash attention on a GPU with 16-bit compute, else XLA."""
+    """'auto' -> cuDNN flash attention on a GPU with 16-bit compute, else XLA. With packed
+    samples cuDNN gets the segment mask as a dense (B, 1, T, T) bias (jax.nn.dot_product_attention
+    has no segment-id argument in JAX 0.10); 'pallas' reads the segment ids themselves."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl != "auto":
@@ -190,8 +195,9 @@ class CausalSelfAttention(nn.Module):
     opts: Settings
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, deterministic: bool, cache: dict | None = None,
-                 cache_index: Array | None = None, kv_mask: Array | None = None) -> tuple[Array, dict | None]:
+    def __call__(self, x: Array, cos: Array, sin: Array, segments: Array | None, deterministic: bool,
+                 cache: dict | None = None, cache_index: Array | None = None, kv_mask: Array | None = None,
+                 ) -> tuple[Array, dict | None]:
         cfg, opts = self.opts.config, self.opts
         B, T, C = x.shape
         qkv = _dense(opts, C + 2 * cfg.kv_size, ("attn", "c_attn"), ("embed", "qkv"))(x, deterministic)
@@ -203,11 +209,34 @@ class CausalSelfAttention(nn.Module):
             cache = {name: jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2).astype(cache[name].dtype),
                                                         (0, 0, slot, 0)) for name, new in (("k", k), ("v", v))}
         if cache is None or cache_index is None:
-            impl = pick_attention(opts.attention, opts.dtype)  # k/v may have fewer heads: native GQA (cuDNN too)
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+            y = causal_attention(q, k, v, pick_attention(opts.attention, opts.dtype), segments)
         else:
             y = cached_attention(q, cache["k"], cache["v"], kv_mask)
         return _dense(opts, C, ("attn", "c_proj"), ("heads", "embed"))(y.reshape(B, T, C), deterministic), cache
+
+
+def causal_attention(q: Array, k: Array, v: Array, impl: str, segments: Array | None = None) -> Array:
+    """Causal softmax attention of q (B, T, H, hs) over k, v (B, T, K, hs), K dividing H (native
+    GQA); segments (B, T): packed samples, a token attends only to earlier tokens of its own
+    segment. impl: 'xla' or 'cudnn' (jax.nn.dot_product_attention), 'pallas'."""
+    if impl == "pallas":
+        return pallas_attention(q, k, v, segments)
+    if segments is None:  # k/v may have fewer heads: native GQA (cuDNN too)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    same = segments[:, None, :, None] == segments[:, None, None, :]  # (B, 1, T, T)
+    return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, implementation=impl)
+
+
+def pallas_attention(q: Array, k: Array, v: Array, segments: Array | None) -> Array:
+    """JAX's Pallas flash attention (GPU kernel; interpreted elsewhere) with segment ids. Its
+    kernel wants as many k/v heads as q heads: grouped k/v are repeated (HF's repeat_kv order)."""
+    H, K, T = q.shape[2], k.shape[2], q.shape[1]
+    k, v = (jnp.repeat(t, H // K, axis=2) for t in (k, v))
+    block = min(128, T)  # the kernel's blocks must divide T
+    sizes = pallas_gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=min(32, T),
+                                           block_kv_dkv=min(32, T), block_q_dq=min(32, T), block_kv_dq=min(32, T))
+    return pallas_gpu_attention.mha(q, k, v, segments, sm_scale=1.0 / math.sqrt(q.shape[-1]), causal=True,
+                                    block_sizes=sizes, interpret=jax.default_backend() != "gpu")
 
 
 def cached_attention(q: Array, k: Array, v: Array, kv_mask: Array) -> Array:
@@ -244,11 +273,11 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, cache: dict | None = None,
+    def __call__(self, x: Array, cos: Array, sin: Array, segments: Array | None = None, cache: dict | None = None,
                  cache_index: Array | None = None, kv_mask: Array | None = None) -> tuple[Array, dict | None]:
         pd = self.opts.param_dtype
         eps = self.opts.config.norm_eps
-        y, cache = CausalSelfAttention(self.opts, name="attn")(RMSNorm(eps, pd, name="rms_1")(x), cos, sin,
+        y, cache = CausalSelfAttention(self.opts, name="attn")(RMSNorm(eps, pd, name="rms_1")(x), cos, sin, segments,
                                                                self.deterministic, cache, cache_index, kv_mask)
         x = x + y
         x = x + MLP(self.opts, name="mlp")(RMSNorm(eps, pd, name="rms_2")(x), self.deterministic)
@@ -343,8 +372,12 @@ class LLaMA(nn.Module):
     @nn.compact
     def __call__(self, idx: Array, deterministic: bool = True, positions: Array | None = None,
                  return_hidden: bool = False, cache: Any = None, cache_index: Array | None = None,
-                 kv_mask: Array | None = None) -> Any:
+                 kv_mask: Array | None = None, segment_ids: Array | None = None) -> Any:
         """Token ids (B, T) -> float32 logits (B, T, padded_vocab), or final hidden states (B, T, C).
+
+        Packed samples (training): segment_ids (B, T), 1, 2, ... per sample of a row (0:
+        padding), so each token attends only within its own sample; with positions (B, T)
+        restarting at 0 per sample.
 
         Decoding: pass a KV cache (`init_cache`) and get (output, updated cache) back;
         cache_index None prefills slots 0..T-1; else the tokens go to slot cache_index (an
@@ -372,16 +405,16 @@ class LLaMA(nn.Module):
             cached = () if cache is None else (0, nn.broadcast, nn.broadcast)  # the cache is scanned like the weights
             layers = nn.scan(block, variable_axes={"params": 0, "lora": 0},
                              split_rngs={"params": True, "dropout": True},
-                             in_axes=(nn.broadcast, nn.broadcast) + cached,
+                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast) + cached,
                              length=cfg.n_layer, unroll=self.scan_unroll or cfg.n_layer,
                              metadata_params={nn.PARTITION_NAME: "layers"})
             args = () if cache is None else (cache, cache_index, kv_mask)
-            x, cache = layers(opts, deterministic, name=STACKED)(x, cos, sin, *args)
+            x, cache = layers(opts, deterministic, name=STACKED)(x, cos, sin, segment_ids, *args)
         else:
             caches = []
             for i in range(cfg.n_layer):
                 args = () if cache is None else (cache[i], cache_index, kv_mask)
-                x, layer_cache = block(opts, deterministic, name=f"{STACKED}_{i}")(x, cos, sin, *args)
+                x, layer_cache = block(opts, deterministic, name=f"{STACKED}_{i}")(x, cos, sin, segment_ids, *args)
                 caches.append(layer_cache)
             cache = None if cache is None else tuple(caches)
         x = RMSNorm(cfg.norm_eps, self.param_dtype, name="ln_f")(x)

@@ -70,8 +70,10 @@ class Run:
     micro_rows: int  # rows of one micro-batch over the whole mesh
 
     def batch(self, host: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """A training batch (n_micro, micro_rows, T) from host arrays onto the mesh."""
-        return shd.host_to_global({k: host[k] for k in ("input_ids", "labels")}, self.shardings.batch)
+        """A training batch (n_micro, micro_rows, T) from host arrays onto the mesh (packed: with its
+        segment_ids and positions)."""
+        keys = [k for k in ("input_ids", "labels", "segment_ids", "positions") if k in host]
+        return shd.host_to_global({k: host[k] for k in keys}, self.shardings.batch)
 
     def eval_batch(self, host: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """An evaluation batch (micro_rows, T) onto the mesh."""

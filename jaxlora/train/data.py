@@ -11,6 +11,13 @@ Each batch is padded to a *bucket* length (a few fixed sizes up to ``max_seq_len
 so that a jitted train step compiles only a handful of shapes. Padding values match
 lit-llama: ``input_ids`` with 0, ``labels`` with -1. Labels are *not* shifted; as in
 lit-llama, the loss compares ``logits[:, :-1]`` with ``labels[:, 1:]``.
+
+With ``packing`` the Batcher takes the same samples per batch and lays several of them end to
+end in each row of ``max_seq_length`` tokens (first-fit decreasing, ``pack_rows``), with
+``segment_ids`` (1, 2, ... per sample in its row, 0 = padding) and ``positions`` (restarting at
+0 per sample): the model attends within a segment only and the loss never predicts one
+sample's first token from the one before (``jaxlora.train.steps``), so the token-weighted loss
+of a batch is the unpacked one up to float rounding.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ __all__ = [
     "load_prepared",
     "split_records",
     "bucket_lengths",
+    "pack_rows",
     "Batcher",
     "eval_batches",
 ]
@@ -298,6 +306,42 @@ def _rows_at(samples: Mapping[int, dict], rows: int, length: int, max_seq_length
     return ids, labels
 
 
+def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """First-fit decreasing: the positions of `lengths` grouped into rows of at most `row_length`
+    tokens, longest first (ties in order of position, so the packing is deterministic); each
+    row lists its samples in the order they are laid out."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        if lengths[i] > row_length:
+            raise ValueError(f"sample of {lengths[i]} tokens does not fit a row of {row_length}: cut it first")
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), len(rows))
+        if row == len(rows):
+            rows.append([])
+            free.append(row_length)
+        rows[row].append(i)
+        free[row] -= lengths[i]
+    return rows
+
+
+def _packed_arrays(rows: Mapping[int, Sequence[dict]], n_rows: int, length: int) -> dict[str, np.ndarray]:
+    """(n_rows, length) input_ids, labels, segment_ids and positions with each listed row holding
+    its samples end to end (each already at most `length` tokens); other rows are padding."""
+    out = {"input_ids": np.full((n_rows, length), PAD_ID, np.int32),
+           "labels": np.full((n_rows, length), IGNORE_INDEX, np.int32),
+           "segment_ids": np.zeros((n_rows, length), np.int32), "positions": np.zeros((n_rows, length), np.int32)}
+    for row, samples in rows.items():
+        start = 0
+        for segment, s in enumerate(samples, start=1):
+            n = len(s["input_ids"])
+            out["input_ids"][row, start:start + n] = s["input_ids"]
+            out["labels"][row, start:start + n] = s["labels"]
+            out["segment_ids"][row, start:start + n] = segment
+            out["positions"][row, start:start + n] = np.arange(n)
+            start += n
+    return out
+
+
 class LazySamples(Sequence):
     """Records tokenized on first use and kept: in a run of several processes each tokenizes
     only the samples its own batch rows hold (`Batcher(local=...)`)."""
@@ -356,6 +400,15 @@ class Batcher:
     runs out in the middle of a batch, the batch is completed from the start of the next
     epoch's order, so every batch is full and no sample is dropped or repeated within an
     epoch. ``state()`` / ``restore()`` (or ``state=``) give exact resumption.
+
+    ``packing``: the same samples, packed (`pack_rows`) into rows of ``max_seq_length`` with
+    ``segment_ids`` and ``positions`` (see the module docstring). The batch keeps its shape
+    ``(n_micro, micro_batch_size, max_seq_length)``; the rows fill micro-batch by micro-batch,
+    so the ones past ``used_micro`` (a key, as ``padded``: the padded tokens of the used
+    micro-batches) are all padding and the train step skips them. Each of the ``shards`` batch
+    shards (contiguous blocks of ``micro_batch_size / shards`` rows of a micro-batch, as the
+    mesh splits them) packs the samples an unpacked batch would give it into its own rows, so a
+    process of a multi-host run packs (and tokenizes) only its own shards' samples.
     """
 
     def __init__(
@@ -368,6 +421,8 @@ class Batcher:
         buckets: Sequence[int] | None = None,
         state: dict | None = None,
         local: LocalRows | None = None,
+        packing: bool = False,
+        shards: int = 1,
     ) -> None:
         if not samples:
             raise ValueError("Batcher needs at least one sample")
@@ -385,6 +440,10 @@ class Batcher:
         self.seed = seed
         self.buckets = _check_buckets(buckets, max_seq_length)
         self.local = local
+        self.packing = packing
+        if micro_batch_size % shards:
+            raise ValueError(f"micro_batch_size={micro_batch_size} rows do not split into {shards} shards")
+        self.shards = shards
         self.epoch = 0
         self.position = 0
         self._order_epoch = -1
@@ -434,6 +493,8 @@ class Batcher:
 
     def __next__(self) -> dict[str, np.ndarray]:
         idx = self.next_indices()
+        if self.packing:
+            return self._packed(idx)
         L = self.max_seq_length
         if self.local is None:
             rows = {row: self.samples[i] for row, i in enumerate(idx)}
@@ -453,6 +514,36 @@ class Batcher:
             "index": idx.astype(np.int32).reshape(shape[:2]),
             "tokens": np.asarray(tokens, np.int64),  # real (unpadded) tokens of the whole batch
         }
+
+
+    def _shard_rows(self) -> np.ndarray:
+        """(shards, rows of a shard) row numbers of the flattened batch, each shard's in micro order."""
+        per = self.micro_batch_size // self.shards
+        rows = np.arange(self.batch_size).reshape(self.n_micro, self.shards, per)
+        return rows.transpose(1, 0, 2).reshape(self.shards, -1)
+
+    def _packed(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch of samples `idx` (in unpacked row order), each shard's packed into its rows."""
+        L, mine = self.max_seq_length, (lambda row: self.local is None or self.local.fill[row])
+        rows: dict[int, list[dict]] = {}
+        used, tokens = 0, 0
+        for shard in self._shard_rows():
+            if not mine(shard[0]):
+                continue
+            samples = [self.samples[idx[row]] for row in shard]
+            cut = [{"input_ids": s["input_ids"][:L], "labels": s["labels"][:L]} for s in samples]
+            packed = pack_rows([len(s["input_ids"]) for s in cut], L)
+            rows.update({int(shard[k]): [cut[i] for i in members] for k, members in enumerate(packed)})
+            used = max(used, int(shard[len(packed) - 1]) // self.micro_batch_size + 1)
+            counted = self.local is None or self.local.count[shard[0]]
+            tokens += sum(len(s["input_ids"]) for s in cut) if counted else 0
+        if self.local is not None:
+            used, tokens = self.local.agree(used, tokens)
+        shape = (self.n_micro, self.micro_batch_size, L)
+        out = {k: v.reshape(shape) for k, v in _packed_arrays(rows, self.batch_size, L).items()}
+        return {**out, "index": idx.astype(np.int32).reshape(shape[:2]), "tokens": np.asarray(tokens, np.int64),
+                "used_micro": np.asarray(used, np.int32),
+                "padded": np.asarray(used * self.micro_batch_size * L, np.int64)}
 
 
 def eval_batches(

@@ -142,7 +142,8 @@ def make_batcher(r: Run, a: TrainArgs, train_samples: Any) -> Batcher:
     if jax.process_count() > 1:
         fill, count = shd.local_rows(r.shardings.batch, a.batch_size // r.micro_rows, r.micro_rows)
         local = LocalRows(fill, count, distributed.agree_on_batch)
-    return Batcher(train_samples, a.batch_size, r.micro_rows, a.max_seq_length, seed=a.seed, local=local)
+    return Batcher(train_samples, a.batch_size, r.micro_rows, a.max_seq_length, seed=a.seed, local=local,
+                   packing=a.packing, shards=shd.batch_shards(r.mesh))
 
 
 def prepare_out_dir(a: TrainArgs, log: Callable[[str], None]) -> Path:
@@ -228,7 +229,7 @@ class StepLoop:
         compiled = self.compiled.get(shape) or self.compile(shape, batch)
         state, m = compiled(self.hand.state, self.r.params, batch)
         self.hand = InHand(step, state, self.batcher.state())
-        n_padded = int(np.prod(shape))
+        n_padded = int(host.get("padded", np.prod(shape)))  # packed: the micro-batches computed
         self.tracker.queue(QueuedStep(step, m, int(host["tokens"]), n_padded,
                                       n_padded * flops_per_token(self.r.config, shape[2]), self.batcher.epoch))
         self.tracker.flush(keep_last=True)

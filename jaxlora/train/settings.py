@@ -56,6 +56,10 @@ LIT_LLAMA_RECIPE: dict[str, Any] = dict(
     # memory), dropout masks from XLA's RngBitGenerator (+1%; masks then depend on the mesh),
     # cross-entropy in 4096-token chunks (the same speed, less memory at large batches).
     scan_layers=False, scan_unroll=1, remat="dots_no_batch", rng_impl="rbg", loss_chunk=4096,
+    # Each step's 128 samples packed into rows of max_seq_length: the same samples and token-weighted
+    # loss as lit-llama's padded micro-batches (up to float rounding), less padding computed.
+    # --no-packing: lit-llama's batches (4 samples a micro-batch, padded to a bucket length).
+    packing=True,
 )
 
 # The built-in demo: `python train.py` with no flags (about two minutes on a 2-core CPU).
@@ -68,7 +72,7 @@ DEMO_PROFILE: dict[str, Any] = dict(
     eval_interval=100, eval_iters=8, save_interval=250, val_size=200,
     precision="32-true", mask_inputs=True, exact_match_samples=50, max_new_tokens=16,
     sample_instruction="Reverse the word rocket.", scan_layers=True, scan_unroll=4, remat="none",
-    rng_impl="threefry2x32", loss_chunk=0,
+    rng_impl="threefry2x32", loss_chunk=0, packing=True,
 )
 
 
@@ -140,6 +144,11 @@ class TrainArgs:
     max_seq_length: int | None = setting(
         "tokens per sample (longer ones are truncated); batches are padded to a few bucket lengths up to this",
         OPTIM)
+    packing: bool | None = setting(
+        "several samples per row of max_seq_length (first-fit decreasing), each attending only to itself, "
+        "positions restarting per sample: the same samples per step and the same token-weighted loss, less "
+        "padding computed; micro_batch_size then counts rows. --no-packing: one sample a row, padded to a "
+        "bucket length (lit-llama's batches)", OPTIM)
     mask_inputs: bool | None = setting(
         "no loss on the prompt tokens (lit-llama's mask_inputs); validation loss is then over response tokens "
         "only", OPTIM)

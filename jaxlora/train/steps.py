@@ -5,6 +5,10 @@ plain argument (never closed over: a closure would embed them as constants). One
 consumes a batch of shape (n_micro, micro_batch, T) and accumulates gradients over the
 micro-batches with `lax.scan`; the loss is the mean over every non-ignored token of the
 whole batch (not an average of micro-batch means).
+
+A packed batch (jaxlora.train.data.Batcher(packing=True)) also carries segment_ids and
+positions: the model attends within a sample only, no target crosses from one sample to the
+next (`shift_targets`), and micro-batches of padding alone (past `used_micro`) are skipped.
 """
 from __future__ import annotations
 
@@ -39,10 +43,16 @@ def init_train_state(lora: Any, optimizer: optax.GradientTransformation, seed: i
                       rng=jax.random.key(seed, impl=rng_impl))
 
 
-def shift_targets(labels: Array) -> Array:
-    """Next-token targets aligned with positions: targets[:, t] = labels[:, t+1], last = ignore."""
+def shift_targets(labels: Array, segment_ids: Array | None = None) -> Array:
+    """Next-token targets aligned with positions: targets[:, t] = labels[:, t+1], last = ignore.
+    segment_ids (packed samples): also ignore a target in another segment than its position's
+    (a sample's last token does not predict the next sample's first)."""
     pad = jnp.full(labels.shape[:-1] + (1,), IGNORE_INDEX, labels.dtype)
-    return jnp.concatenate([labels[..., 1:], pad], axis=-1)
+    targets = jnp.concatenate([labels[..., 1:], pad], axis=-1)
+    if segment_ids is None:
+        return targets
+    same = jnp.concatenate([segment_ids[..., 1:] == segment_ids[..., :-1], pad == 0], axis=-1)
+    return jnp.where(same, targets, IGNORE_INDEX)
 
 
 # The most logits one loss chunk forms: 4096 tokens of LLaMA-1's 32,000-word vocabulary (the
@@ -87,19 +97,21 @@ def token_nll_sum(hidden: Array, head_kernel: Array, targets: Array, chunk_token
 
 
 def make_loss_fn(model: LLaMA, chunk_tokens: int = 0) -> Callable[..., tuple[Array, Array]]:
-    """loss_sum(lora, params, input_ids, labels, rng) -> (summed token NLL, token count).
+    """loss_sum(lora, params, input_ids, labels, rng, segment_ids=None, positions=None) ->
+    (summed token NLL, token count); segment_ids and positions (B, T) for packed samples.
 
     lora and params may come in either layout (jaxlora.model.layouts.layered); for a model with
     scan_layers=False pass params already split (split_layers_on_device), else every step
     re-slices the stacked weights."""
     use_dropout = model.lora is not None and model.lora.dropout > 0
 
-    def loss_sum(lora: Any, params: Any, input_ids: Array, labels: Array, rng: Array | None) -> tuple[Array, Array]:
+    def loss_sum(lora: Any, params: Any, input_ids: Array, labels: Array, rng: Array | None,
+                 segment_ids: Array | None = None, positions: Array | None = None) -> tuple[Array, Array]:
         rngs = {"dropout": rng} if use_dropout and rng is not None else {}
         variables = {"params": layered(model, params), "lora": layered(model, lora)}
-        hidden = model.apply(variables, input_ids, deterministic=not rngs,
-                             return_hidden=True, rngs=rngs)
-        return token_nll_sum(hidden, lm_head_kernel(params), shift_targets(labels), chunk_tokens)
+        hidden = model.apply(variables, input_ids, deterministic=not rngs, positions=positions,
+                             return_hidden=True, rngs=rngs, segment_ids=segment_ids)
+        return token_nll_sum(hidden, lm_head_kernel(params), shift_targets(labels, segment_ids), chunk_tokens)
     return loss_sum
 
 
@@ -108,7 +120,8 @@ def make_train_step(model: LLaMA, optimizer: optax.GradientTransformation, chunk
                     ) -> Callable[[TrainState, Any, dict[str, Array]], tuple[TrainState, dict]]:
     """A jitted train_step(state, params, batch) -> (state, metrics).
 
-    batch: {"input_ids", "labels"} of shape (n_micro, micro_batch, T). metrics: loss (mean
+    batch: {"input_ids", "labels"} of shape (n_micro, micro_batch, T); packed: also "segment_ids",
+    "positions" (same shape); its micro-batches of padding alone are skipped. metrics: loss (mean
     token NLL over the whole batch), tokens (non-ignored count), grad_norm.
     shardings: (state, params, batch, replicated) shardings on a mesh (jaxlora.train.build): the
     step then takes and returns exactly those; None lets jit follow its inputs.
@@ -122,14 +135,17 @@ def make_train_step(model: LLaMA, optimizer: optax.GradientTransformation, chunk
 
         def micro(carry: tuple, xs: tuple) -> tuple[tuple, None]:
             grads, total, count = carry
-            ids, labels, i = xs
-            (nll, cnt), g = grad_fn(state.lora, params, ids, labels, jax.random.fold_in(step_rng, i))
+            ids, labels, i, *packed = xs
+            (nll, cnt), g = grad_fn(state.lora, params, ids, labels, jax.random.fold_in(step_rng, i), *packed)
             return (jax.tree.map(jnp.add, grads, g), total + nll, count + cnt), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.lora)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (grads, total, count), _ = jax.lax.scan(micro, init, (batch["input_ids"], batch["labels"],
-                                                              jnp.arange(n_micro)))
+        xs = (batch["input_ids"], batch["labels"], jnp.arange(n_micro))
+        if "segment_ids" in batch:
+            used = jnp.any(batch["segment_ids"] > 0, axis=(1, 2))
+            xs, micro = xs + (batch["segment_ids"], batch["positions"]), skip_unused(micro, used)
+        (grads, total, count), _ = jax.lax.scan(micro, init, xs)
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
@@ -143,6 +159,14 @@ def make_train_step(model: LLaMA, optimizer: optax.GradientTransformation, chunk
     state_sh, params_sh, batch_sh, rep = shardings
     return jax.jit(train_step, in_shardings=(state_sh, params_sh, batch_sh), out_shardings=(state_sh, rep),
                    donate_argnums=donate_argnums)
+
+
+def skip_unused(micro: Callable, used: Array) -> Callable:
+    """`micro` for the micro-batches i with used[i]; for the others (padding alone) the carry
+    unchanged, nothing computed."""
+    def guarded(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+        return jax.lax.cond(used[xs[2]], micro, lambda c, _: (c, None), carry, xs)
+    return guarded
 
 
 def make_eval_step(model: LLaMA, chunk_tokens: int = 0, shardings: tuple | None = None,
