@@ -51,7 +51,7 @@ def synthetic_items(config: LLaMAConfig):
     rng = np.random.default_rng(0)
     block = rng.standard_normal(1 << 18).astype(np.float32)
     maps = {k: m for m in lit_llama.base_maps(config) for k in m.keys(config.n_layer)}
-    for n, key in enumerate(lit_llama._sorted_like_lit(maps)):
+    for n, key in enumerate(lit_llama.sorted_like_lit(maps)):
         shape = maps[key].lit_shape
         yield key, np.resize(np.roll(block, -n * 7919), int(np.prod(shape))).reshape(shape)
 

@@ -596,10 +596,10 @@ def _export_lit(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path: P
 
 def _export_peft(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path: Path, base: str | None,
                  log: Callable[[str], None]) -> Path | None:
-    """The adapters as a PEFT folder; base_model_name_or_path names the base when it is an HF directory."""
+    """The adapters as a PEFT folder; base_model_name_or_path names the base when it is a local path."""
     try:
-        from jaxlora.weights.hf_files import is_hf_dir, save_peft_adapters
-        name = str(Path(base).absolute()) if base and is_hf_dir(base) else None
+        from jaxlora.weights.hf_files import peft_base_name, save_peft_adapters
+        name = peft_base_name(base)
         return save_peft_adapters(lora, config, lora_config, path, base_model_name_or_path=name)
     except ImportError:
         log(f"{path.name}/ not written: PEFT's format needs safetensors (pip install safetensors)")

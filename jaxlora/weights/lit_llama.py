@@ -230,7 +230,7 @@ def tree_to_lit(tree: Mapping[str, Any], maps: Iterable[TensorMap], n_layer: int
                 out[key] = m.to_lit(value[i][m.part])
         else:
             out[m.lit_key] = m.to_lit(value[m.part])
-    return _sorted_like_lit(out)
+    return sorted_like_lit(out)
 
 
 def lit_to_params(state_dict: Mapping[str, np.ndarray], config: LLaMAConfig, source: str = "state dict") -> dict:
@@ -295,7 +295,7 @@ def lit_lora_config(shapes: Mapping[str, tuple[int, ...]], n_embd: int, alpha: f
     return LoRAConfig(r=r, alpha=alpha, dropout=dropout, targets=LIT_LORA_TARGETS)
 
 
-def _sorted_like_lit(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def sorted_like_lit(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """lit-llama's module order: lm_head, wte, then each layer's tensors, then ln_f."""
     def rank(key: str) -> tuple:
         if key.startswith("lm_head"):

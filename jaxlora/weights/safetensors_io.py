@@ -183,25 +183,30 @@ def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[
     return shards
 
 
-def save_sharded(directory: str | os.PathLike, sizes: Sequence[tuple[str, int]], produce: Callable[[str], np.ndarray],
-                 max_shard_bytes: int, name: str = MODEL_SAFETENSORS,
+def save_sharded(directory: str | os.PathLike, sizes: Sequence[tuple[str, int]],
+                 tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int, name: str = MODEL_SAFETENSORS,
                  progress: Callable[[str, int], None] | None = None) -> list[str]:
     """Write tensors as HF does: `name` when they fit one shard, else `model-0000k-of-0000N.safetensors`
-    and `name.index.json`. sizes: (key, bytes) in order; produce(key) computes a tensor when its
-    shard is written, so the host holds at most one shard. Returns the file names written."""
+    and `name.index.json`. sizes: (key, bytes) in order; `tensors` yields (key, tensor) in the
+    same order, consumed as each shard is written, so the host holds at most one shard. Returns
+    the file names written."""
     from safetensors.numpy import save_file
     directory = Path(directory)
     shards = plan_shards(sizes, max_shard_bytes)
     stem, ext = name.rsplit(".", 1)
     names = [name] if len(shards) == 1 else [f"{stem}-{k + 1:05d}-of-{len(shards):05d}.{ext}" for k in range(len(shards))]
+    stream = iter(tensors)
     for keys, file_name in zip(shards, names):
-        tensors = {}
+        shard = {}
         for key in keys:
-            tensors[key] = np.ascontiguousarray(produce(key))
+            got, value = next(stream)
+            if got != key:
+                raise ValueError(f"{file_name}: tensor {got!r} arrived where {key!r} was planned")
+            shard[key] = np.ascontiguousarray(value)
             if progress:
-                progress(key, tensors[key].nbytes)
-        save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
-        del tensors
+                progress(key, shard[key].nbytes)
+        save_file(shard, str(directory / file_name), metadata={"format": "pt"})
+        del shard
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(n for _, n in sizes)},
                  "weight_map": {key: file_name for keys, file_name in zip(shards, names) for key in keys}}
