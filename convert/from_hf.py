@@ -18,7 +18,7 @@ import sys
 
 import _cli
 
-from jaxlora.weights.convert import release_freed_memory
+from jaxlora.weights.engine import release_freed_memory
 from jaxlora.weights.hf_files import hf_to_checkpoint
 
 

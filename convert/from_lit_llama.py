@@ -20,7 +20,8 @@ from pathlib import Path
 import _cli
 
 from jaxlora.config import PRESETS, LLaMAConfig
-from jaxlora.weights.convert import lit_to_checkpoint, release_freed_memory
+from jaxlora.weights.convert import lit_to_checkpoint
+from jaxlora.weights.engine import release_freed_memory
 
 
 def parse_model_config(spec: str | None) -> LLaMAConfig | None:

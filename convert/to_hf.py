@@ -17,7 +17,7 @@ import sys
 
 import _cli
 
-from jaxlora.weights.convert import release_freed_memory
+from jaxlora.weights.engine import release_freed_memory
 from jaxlora.weights.hf_files import checkpoint_to_hf
 
 

@@ -22,7 +22,8 @@ import sys
 
 import _cli
 
-from jaxlora.weights.convert import checkpoint_to_lit, release_freed_memory
+from jaxlora.weights.convert import checkpoint_to_lit
+from jaxlora.weights.engine import release_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,8 @@ atexit.register(_report)
 sys.argv = sys.argv[1:]
 if sys.argv[0] == '-c':
     exec(sys.argv[1])
-else:
+else:  # as `python SCRIPT` does: the script's folder first on sys.path
+    sys.path.insert(0, __import__('os').path.dirname(__import__('os').path.abspath(sys.argv[0])))
     runpy.run_path(sys.argv[0], run_name='__main__')
 """
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import warnings
 import zipfile
@@ -47,23 +45,6 @@ from jaxlora.weights.torch_zip import RowBlocks, TorchZipReader, write_torch_zip
 
 DTYPES = ("float32", "bfloat16", "float16")
 KINDS = ("lora", "base", "merged")
-
-
-def release_freed_memory() -> None:
-    """Make glibc hand buffers of >= 1 MiB back to the OS when freed (fixed mmap threshold).
-
-    By default glibc raises its mmap threshold up to 32 MiB as buffers are freed and keeps
-    smaller freed buffers in per-thread arenas, so a converter streaming many 1-32 MiB tensors
-    through several threads (ours and tensorstore's) would see its RSS creep up with the core
-    count. The converters' command lines call this once; a no-op off glibc.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_mmap_threshold, m_arena_max = -3, -8
-        libc.mallopt(m_mmap_threshold, 1 << 20)
-        libc.mallopt(m_arena_max, 4)
-    except (OSError, AttributeError):
-        pass
 
 
 def parse_dtype(name: Any) -> np.dtype | None:

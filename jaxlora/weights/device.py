@@ -4,7 +4,8 @@ each in its sharding.
 
 Per-layer targets are built from the regions their shards hold (`jax.make_array_from_callback`).
 A stacked target is filled on the device one layer at a time (each layer placed, then written
-into the stacked buffer by a donating update), and wte / lm_head in row blocks likewise, so the
+into the stacked buffer by a donating update, waited for so that the layer's buffers go before
+the next is read), and wte / lm_head in row blocks likewise, so the
 host never holds more than one layer of one tensor (or one 64 MiB block), whatever the source,
 and a device holds its shards plus one layer's.
 What the run layout is (per-layer or stacked, q/k/v split or fused) is asked of
@@ -84,25 +85,30 @@ def updater(sharding: Any, stacked: bool) -> Any:
 
 
 def zeros(shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.Array:
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    """A zero buffer made on the devices. The zero comes in as an argument: a constant would be
+    folded by the compiler into a literal of the whole buffer, on the host."""
+    return jax.jit(lambda z: jnp.broadcast_to(z, shape), out_shardings=sharding)(np.zeros((), dtype))
 
 
 def replicated(sharding: Any) -> Any:
     return NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else sharding
 
 
+DEVICE_BLOCK_BYTES = 8 << 20  # wte / lm_head go to the devices in blocks of this (a block is held ~3 times)
+
+
 def place_blocks(reader: LeafReader, path: Path_, sharding: Any, dtype: np.dtype) -> jax.Array:
-    """An unlayered 2-D leaf (wte, lm_head) filled on the device in blocks (stored chunks)
-    along its longer axis, so the host holds one block, never the whole table."""
+    """An unlayered 2-D leaf (wte, lm_head) filled on the device in blocks along its longer
+    axis, so the host holds a few blocks, never the whole table."""
     shape = reader.shapes()[path][0]
     axis = 0 if shape[0] >= shape[1] else 1
     buf, update = zeros(shape, dtype, sharding), updater(sharding, False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-        for r0, r1 in block_rows(shape[axis], shape[1 - axis] * dtype.itemsize):
+        for r0, r1 in block_rows(shape[axis], shape[1 - axis] * dtype.itemsize, DEVICE_BLOCK_BYTES):
             where = (slice(r0, r1), slice(None)) if axis == 0 else (slice(None), slice(r0, r1))
             block = jax.device_put(reader.read(path, where).astype(dtype, copy=False), replicated(sharding))
-            buf = update(buf, block, (r0, 0) if axis == 0 else (0, r0))
+            buf = update(buf, block, (r0, 0) if axis == 0 else (0, r0)).block_until_ready()  # frees `block`
     return buf
 
 
@@ -116,7 +122,7 @@ def place_stacked(reader: LeafReader, model: LLaMA, path: Path_, sharding: Any, 
     with warnings.catch_warnings():  # CPU cannot donate: the copy is then transient
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
         for i in range(shape[0]):
-            buf = update(buf, place_direct(reader, model, path, i, per_layer, dtype), i)
+            buf = update(buf, place_direct(reader, model, path, i, per_layer, dtype), i).block_until_ready()
     return buf
 
 

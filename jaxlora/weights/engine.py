@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import ctypes
+import ctypes.util
 import sys
 import threading
 import time
@@ -55,6 +57,23 @@ class LeafReader(Protocol):
     def shapes(self) -> dict[Path_, tuple[tuple[int, ...], np.dtype]]: ...
 
     def read(self, path: Path_, where: Where = None) -> np.ndarray: ...
+
+
+def release_freed_memory() -> None:
+    """Make glibc hand buffers of >= 1 MiB back to the OS when freed (fixed mmap threshold).
+
+    By default glibc raises its mmap threshold up to 32 MiB as buffers are freed and keeps
+    smaller freed buffers in per-thread arenas, so a converter or loader streaming many 1-32 MiB tensors
+    through several threads (ours, tensorstore's, XLA's) would see its RSS creep up with the
+    core count. The converters' command lines and `load.load_params` call this; a no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold, m_arena_max = -3, -8
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+        libc.mallopt(m_arena_max, 4)
+    except (OSError, AttributeError):
+        pass
 
 
 def row_layout(m: TensorMap) -> str | None:
@@ -126,6 +145,7 @@ class MappedReader:
             key, value = self._last
             if key == (path, layer):
                 return value
+            self._last = (None, None)  # let the previous layer go before reading the next
         value = lit_llama.read_slice(self.file.read, self.parts[path], layer)
         with self._lock:
             self._last = ((path, layer), value)

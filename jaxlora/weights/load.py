@@ -29,6 +29,7 @@ from jaxlora.weights import hf_files, lit_llama
 from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights.convert import check_same_model
 from jaxlora.weights.device import to_device
+from jaxlora.weights.engine import release_freed_memory
 from jaxlora.weights.hf_files import open_hf_base
 from jaxlora.weights.lit_files import open_lit_base
 from jaxlora.weights.torch_zip import TorchZipReader
@@ -104,6 +105,7 @@ def load_params(model: LLaMA, kind: str, pretrained_path: str | None, seed: int,
     `canonical(model)` and its shardings for the stored layout."""
     if kind == "random":
         return random_params(model, seed, shardings)
+    release_freed_memory()  # freed layer buffers must go back to the OS, or the RSS creeps up
     with open_base(kind, pretrained_path, model.config) as reader:
         placed = to_device(reader, model, traverse_util.flatten_dict(shardings), param_dtype)
     return traverse_util.unflatten_dict(placed)
