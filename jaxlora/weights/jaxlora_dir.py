@@ -113,6 +113,17 @@ def plain_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
+def plain_modes(directory: Path) -> None:
+    """Give `directory` and everything under it the modes of plain writes under the umask."""
+    dir_mode, file_mode = plain_mode(directory=True), plain_mode(directory=False)
+    os.chmod(directory, dir_mode)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
+
+
 @contextlib.contextmanager
 def staged_directory(directory: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `directory`; on success rename it into place.
@@ -125,9 +136,9 @@ def staged_directory(directory: str | os.PathLike, overwrite: bool = False) -> I
         raise FileExistsError(f"{directory} already exists; pass overwrite=True (--overwrite) to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    os.chmod(tmp, plain_mode(directory=True))  # mkdtemp makes it 0700: end as a plain mkdir would
     try:
         yield tmp
+        plain_modes(tmp)  # mkdtemp's 0700 and some writers' 0600 (safetensors): end as plain writes would
         if directory.exists():
             if not overwrite:
                 raise FileExistsError(f"{directory} appeared while writing; not replacing it")
