@@ -15,38 +15,30 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import save_file
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.errors import CheckpointError, HFConfigError, StateDictError
 from jaxlora.text.tokenizer import Tokenizer
 from jaxlora.weights import hf, lit_llama
-from jaxlora.weights.torch_zip import TorchZipReader
 from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights.convert import check_new_output, check_same_model, open_checked, parse_dtype
-from jaxlora.weights.engine import (
-    MappedReader,
-    MergedView,
-    Progress,
-    entry_bytes,
-    export_entries,
-    external_tensors,
-    import_tree,
-    read_leaves,
-)
+from jaxlora.weights.engine import MappedReader, MergedView, Progress, import_tree, read_leaves
+from jaxlora.weights.engine import entry_bytes, export_entries, external_tensors
 from jaxlora.weights.safetensors_io import (
     ADAPTER_BIN,
     ADAPTER_SAFETENSORS,
     open_weights,
     parse_size,
     save_sharded,
-    tensor_sizes,
     weight_files,
 )
+from jaxlora.weights.torch_zip import TorchZipReader
 
 HF_CONFIG = "config.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -229,7 +221,6 @@ def save_peft_adapters(lora_tree: Any, config: LLaMAConfig, lora_config: LoRACon
     """Write adapters as a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors,
     float32 as stored), atomically; `PeftModel.from_pretrained(hf_base, out_dir)` loads it.
     use_rslora: write PEFT's rsLoRA form (same scaling). Returns the directory."""
-    from safetensors.numpy import save_file
     out_dir = Path(out_dir).absolute()
     if not cio.has_adapters(lora_config):
         raise CheckpointError(f"{out_dir}: no adapters to save (lora_config {lora_config})")

@@ -41,10 +41,13 @@ from typing import Any, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 from flax import traverse_util
 
 from jaxlora.config import LLaMAConfig, LoRAConfig, dump_json
 from jaxlora.errors import CheckpointError
+from jaxlora.model.layouts import abstract_variables
+from jaxlora.model.llama import LLaMA
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -65,7 +68,6 @@ Where = int | tuple[slice, ...] | None  # a whole leaf, one layer, or a region
 
 
 def _ts() -> Any:
-    import tensorstore as ts
     return ts
 
 
@@ -84,8 +86,6 @@ def is_layered(path: Path_) -> bool:
 
 def expected_variables(config: LLaMAConfig, lora_config: LoRAConfig | None) -> dict[str, dict[Path_, Any]]:
     """{"params": {path: ShapeDtypeStruct}, "lora": {...}} of the model this config describes."""
-    from jaxlora.model.layouts import abstract_variables
-    from jaxlora.model.llama import LLaMA
     abstract = abstract_variables(LLaMA(config, lora_config))
     return {item: traverse_util.flatten_dict(abstract[item]) for item in ITEMS if abstract.get(item)}
 

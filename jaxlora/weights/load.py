@@ -16,7 +16,6 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
@@ -213,6 +212,7 @@ def load_checkpoint(directory: str | os.PathLike, param_dtype: Any = None, shard
     time, so no host holds a whole model.
     """
     variables: dict[str, Any] = {}
+    lora_config = None
     for item in cio.ITEMS:  # params first: its config says whether there are adapters
         if item == cio.LORA_DIR and not cio.has_adapters(lora_config):
             continue

@@ -12,7 +12,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import jax
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from jaxlora.errors import StateDictError
 from jaxlora.weights.torch_zip import TorchZipReader
@@ -25,7 +29,6 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
 
 
 def _np_dtype(name: str) -> np.dtype:
-    import ml_dtypes
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
@@ -33,7 +36,6 @@ def _open(path: Path, framework: str) -> Any:
     """safe_open, reading with pread where safetensors offers it: pages of a memory-mapped file
     that were read stay in the process's resident set, so reading a whole checkpoint through
     the default mmap would end with its size in RSS."""
-    from safetensors import safe_open
     try:
         f = safe_open(str(path), framework=framework, backend="pread")
     except TypeError:  # safetensors < 0.8: mmap only
@@ -70,7 +72,6 @@ class SafetensorsFile:
         piece = slice(None) if rows is None else slice(*rows)
         if self._slices[key].get_dtype() != "BF16":
             return np.array(self._slices[key][piece])
-        import jax
         with jax.default_device(jax.devices("cpu")[0]):
             if self._bf16 is None:
                 self._bf16 = _open(self.path, "flax")
@@ -190,7 +191,6 @@ def save_sharded(directory: str | os.PathLike, sizes: Sequence[tuple[str, int]],
     and `name.index.json`. sizes: (key, bytes) in order; `tensors` yields (key, tensor) in the
     same order, consumed as each shard is written, so the host holds at most one shard. Returns
     the file names written."""
-    from safetensors.numpy import save_file
     directory = Path(directory)
     shards = plan_shards(sizes, max_shard_bytes)
     stem, ext = name.rsplit(".", 1)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
-from jaxlora.weights.torch_io import atomic_write
+from jaxlora.weights.torch_io import atomic_write, require_torch
 
 # torch's legacy typed-storage class names, as pickled by torch.save, and their numpy dtypes.
 STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -361,7 +361,6 @@ def write_torch_zip(path: str | os.PathLike, items: Iterable[tuple[str, "np.ndar
     torch.bfloat16) and bits. The state dict is a plain dict in `items` order, as
     `torch.save(dict)` writes it; entries are 64-byte aligned like torch's own.
     """
-    from jaxlora.weights.torch_io import require_torch
     torch = require_torch()  # only for the pickled globals, so torch.load finds the real ones
     rebuild = torch._utils._rebuild_tensor_v2
 
@@ -403,10 +402,3 @@ def write_torch_zip(path: str | os.PathLike, items: Iterable[tuple[str, "np.ndar
             os.fsync(raw.fileno())
 
     atomic_write(path, write)
-
-
-def iter_state_dict(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, array) pairs of a torch zip file, one tensor in memory at a time."""
-    with TorchZipReader(path) as reader:
-        for key in reader.keys():
-            yield key, reader.read(key)
