@@ -231,7 +231,7 @@ class TorchZipReader:
         whole = start == 0 and count == t.storage_numel
         out = np.empty(count, t.dtype)
         buf = memoryview(out.view(np.uint8))
-        got = _pread_into(self._file.fileno(), buf, offset + start * t.dtype.itemsize)
+        got = pread_into(self._file.fileno(), buf, offset + start * t.dtype.itemsize)
         if got != len(buf):
             raise ValueError(f"{self.path}: tensor {key!r} is truncated ({got} of {len(buf)} bytes)")
         if self.verify_crc and whole and zlib.crc32(buf) != info.CRC:
@@ -252,7 +252,7 @@ class TorchZipReader:
         crc, done, buf = 0, 0, bytearray(min(block, max(info.file_size, 1)))
         view = memoryview(buf)
         while done < info.file_size:
-            n = _pread_into(self._file.fileno(), view[:min(block, info.file_size - done)], offset + done)
+            n = pread_into(self._file.fileno(), view[:min(block, info.file_size - done)], offset + done)
             if n == 0:
                 raise ValueError(f"{self.path}: tensor {key!r} is truncated")
             crc = zlib.crc32(view[:n], crc)
@@ -261,7 +261,7 @@ class TorchZipReader:
             raise ValueError(f"{self.path}: tensor {key!r} is damaged (CRC mismatch)")
 
 
-def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
+def pread_into(fd: int, buf: memoryview, offset: int) -> int:
     """Fill buf from the file at offset (positional, so safe from several threads); bytes read."""
     done, step = 0, 1 << 30
     if not hasattr(os, "preadv"):  # e.g. Windows: serialise seek + read
