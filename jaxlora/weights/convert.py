@@ -1,14 +1,13 @@
-"""Streaming conversion between lit-llama `.pth` files and jaxlora checkpoint directories.
+"""lit-llama `.pth` files <-> jaxlora checkpoint directories, through the streaming engine
+(`jaxlora.weights.engine`: readers, the lit-llama mapping table, sinks), holding at most a
+few single-layer tensors at a time; and what the HF converters share with these (dtype names,
+output checks, opening a checkpoint's array trees).
 
-Both directions walk the TensorMap tables of `jaxlora.weights.lit_llama` (one map per leaf
-of ours, one lit tensor per layer) and hold at most a few single-layer tensors at a time:
-
-- `lit_to_checkpoint`: lit-llama base checkpoint (+ LoRA file) -> DIR/{config.json, params, lora}.
-  Tensors are read from the torch zip by `TorchZipReader` (no mmap, so the RSS does not grow
-  with the file) and written layer by layer into the checkpoint's zarr arrays.
+- `lit_to_checkpoint`: lit-llama base checkpoint (+ LoRA file) -> DIR/{config.json, params, lora}
+  (`MappedReader` over `TorchZipReader`, pread, no mmap -> `import_tree`).
 - `checkpoint_to_lit`: DIR -> lit-llama LoRA file, base checkpoint, or merged checkpoint
-  (adapters folded into the weights with `jaxlora.model.lora.merge_lora`, one layer at a time).
-  For a merged export the base may also be lit-llama's own `.pth` (`LitBaseReader`).
+  (adapters folded in per layer by `MergedView` -> `external_tensors` -> `write_torch_zip`).
+  For a merged export the base may also be lit-llama's own `.pth`.
 
 Everything is validated (keys, shapes, preset, r, layer count, existing output) before the
 first byte is written, and outputs appear under their final name only when complete.
