@@ -41,11 +41,13 @@ from jaxlora.parallel import sharding as shd  # noqa: E402
 from jaxlora.train.accounting import flops_per_token  # noqa: E402
 from jaxlora.train.build import build_run  # noqa: E402
 from jaxlora.train.settings import RNG_IMPLS, TrainArgs, resolve_args  # noqa: E402
+from jaxlora.train.spec import run_spec  # noqa: E402
+from jaxlora.model.quantize import QUANTIZE_MODES  # noqa: E402
 
 PRECISION = {"bf16": "bf16-true", "f32": "32-true"}
 # knob name in --variants -> TrainArgs field
 KNOBS = {"attention": "attention", "remat": "remat", "scan_unroll": "scan_unroll", "loss_chunk": "loss_chunk",
-         "rng_impl": "rng_impl", "dropout": "lora_dropout", "scan_layers": "scan_layers"}
+         "rng_impl": "rng_impl", "dropout": "lora_dropout", "scan_layers": "scan_layers", "quantize": "quantize"}
 
 
 def parse_variant(spec: str) -> dict:
@@ -84,7 +86,7 @@ def run_settings(args: argparse.Namespace, batch: int, seq: int, variant: dict, 
     values = dict(preset=args.preset, pretrained_path="none", lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
                   lora_targets=args.targets, precision=PRECISION[args.dtype], micro_batch_size=batch,
                   batch_size=batch * shards, max_seq_length=seq, mesh=args.mesh or None)
-    for flag in ("attention", "remat", "scan_unroll", "loss_chunk", "rng_impl"):
+    for flag in ("attention", "remat", "scan_unroll", "loss_chunk", "rng_impl", "quantize"):
         if getattr(args, flag) is not None:
             values[flag] = getattr(args, flag)
     if args.scan_layers is not None:
@@ -104,7 +106,7 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> 
     mesh = shd.mesh_from_spec(args.mesh or None, config or base)
     a = run_settings(args, batch, seq, variant, shd.batch_shards(mesh))
     t0 = time.perf_counter()
-    run = build_run(a, mesh, config=config)
+    run = build_run(run_spec(a), mesh, config=config)
     build_s = time.perf_counter() - t0
     config = run.config
     state, params = run.state, run.params
@@ -115,7 +117,7 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> 
         ids = jax.random.randint(k, (1, rows, seq), 0, config.vocab_size)
         batches.append(jax.device_put(ids, run.shardings.batch))
     knobs = {f: getattr(a, f) for f in ("attention", "remat", "scan_layers", "scan_unroll", "loss_chunk", "rng_impl",
-                                        "lora_dropout")}
+                                        "lora_dropout", "quantize")}
 
     t0 = time.perf_counter()
     compiled = run.train_step.lower(state, params, {"input_ids": batches[0], "labels": batches[0]}).compile()
@@ -212,6 +214,8 @@ def main() -> None:
     ap.add_argument("--rng_impl", choices=RNG_IMPLS, help="PRNG for dropout; default: the profile's")
     ap.add_argument("--variants", default="", help="';'-separated knob overrides, e.g. 'remat=dots;loss_chunk=2048' "
                     f"(knobs: {', '.join(sorted(KNOBS))})")
+    ap.add_argument("--quantize", choices=["none", *QUANTIZE_MODES], help="frozen kernels as train.py --quantize "
+                    "(default none)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", default="", help="directory: trace extra steps of each run there and "

@@ -30,6 +30,12 @@ class HFConfigError(ValueError):
     """An HF config.json or PEFT adapter_config.json describes something jaxlora does not support."""
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file (tokenizer.model, tokenizer.json, tokenizer_config.json,
+    generation_config.json, a chat template) is unreadable, or lacks a token a prompt style
+    needs; the message names the file."""
+
+
 class DataError(ValueError):
     """A data file or record is malformed; the message names the file and the place."""
 

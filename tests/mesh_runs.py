@@ -92,7 +92,8 @@ def layout(tmp: Path) -> dict:
     from jaxlora.parallel import sharding as shd
     from jaxlora.train.build import build_run
     from jaxlora.train.settings import resolve_args
-    r = build_run(resolve_args(mesh_args(tmp / "layout", "data=2,fsdp=2,tensor=2", scan_layers=False)))
+    from jaxlora.train.spec import run_spec
+    r = build_run(run_spec(resolve_args(mesh_args(tmp / "layout", "data=2,fsdp=2,tensor=2", scan_layers=False))))
     axes = logical_axes(r.model, as_run=True)
     expected = nn.logical_to_mesh_axes  # logical names -> mesh axes by the rules table
     bad, checked = [], 0

@@ -19,6 +19,7 @@ def test_generate_throughput_smoke():
     for r in rows:
         assert r["decode_tok_s"] > 0 and abs(r["total_tok_s"] - 2 * r["decode_tok_s"]) < 0.2
         assert r["ttft_s"] > 0 and r["compile_s"] > 0 and r["bound_tok_s"] > 0 and r["cache_len"] == 128
+        assert r["bandwidth_gbs"] == max(r["read_gbs"], r["copy_gbs"]) > 0
     bf16, int8 = rows
     assert int8["step_bytes"] < bf16["step_bytes"]  # int8 kernels: fewer bytes per step
     assert 0 < int8["logit_err"] < 0.2 and "top1_agree" in int8

@@ -292,11 +292,12 @@ TP_SCRIPT = textwrap.dedent("""
     import numpy as np
     from jaxlora.train.build import build_run
     from jaxlora.train.settings import TrainArgs, resolve_args
+    from jaxlora.train.spec import run_spec
 
     a = resolve_args(TrainArgs(preset="tiny", pretrained_path="none", tokenizer_path="-", data_path="-", out_dir="-",
                                batch_size=8, micro_batch_size=4, max_seq_length=64, precision="32-true",
                                mesh="data=2,tensor=4", scan_layers=False))
-    r = build_run(a, max_steps=4)
+    r = build_run(run_spec(a), max_steps=4)
     ids = np.zeros((1, 8, 64), np.int32)
     hlo = r.train_step.lower(r.state, r.params, r.batch({"input_ids": ids, "labels": ids})).compile().as_text()
     print({op: len(re.findall("= [^ ]+ " + op + "(-start)?[(]", hlo))

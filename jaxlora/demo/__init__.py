@@ -6,3 +6,6 @@ DEMO_DIR = Path(__file__).parent
 DEMO_BASE = DEMO_DIR / "lit-llama-demo.pth"
 DEMO_TOKENIZER = DEMO_DIR / "tokenizer.model"
 DEMO_DATA = DEMO_DIR / "instructions.json"
+# What `python train.py` (no flags) writes and samples, and `python generate.py` (no flags) reads and asks.
+DEMO_OUT_DIR = Path("out/demo")
+DEMO_INSTRUCTION = "Reverse the word rocket."

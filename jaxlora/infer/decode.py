@@ -37,21 +37,22 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.model.layouts import layered, split_layers_on_device, stack_layers, unstack_layers
-from jaxlora.model.llama import STACKED, LLaMA, head_logits, init_cache
+from jaxlora.model.llama import STACKED, LLaMA, head_logits, init_cache, lm_head_kernel
 from jaxlora.model.lora import merge_lora, merged_kernel
 from jaxlora.model.quantize import quantize_params
 
 Array = jax.Array
 LENGTH_MULTIPLE = 64  # prompt and cache lengths are rounded up to this, so few programs are compiled
-NO_EOS = -1
+NO_EOS: tuple[int, ...] = ()  # no stop ids: rows run to max_new_tokens
 STREAM_CHUNK = 16  # decode steps per device call when streaming
 
 
@@ -158,13 +159,31 @@ def _replicated(mesh: Any, *xs: Array) -> tuple[Array, ...]:
     return tuple(jax.lax.with_sharding_constraint(x, whole) for x in xs)
 
 
+def _is_eos(token: Array, eos_ids: tuple[int, ...]) -> Array:
+    """Which rows' tokens are one of the stop ids (a few compares: the programs' shapes do not
+    depend on how many ids there are)."""
+    done = jnp.zeros(token.shape, bool)
+    for e in eos_ids:
+        done = done | (token == e)
+    return done
+
+
+def eos_tuple(eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    """generate's eos_id argument as the programs' key: None -> (), one id -> (id,), ids -> tuple."""
+    if eos_id is None:
+        return NO_EOS
+    ids = [eos_id] if np.ndim(eos_id) == 0 else list(eos_id)
+    return tuple(dict.fromkeys(int(i) for i in ids if int(i) >= 0))
+
+
 def _next_token(variables: dict[str, Any], hidden: Array, key: Array, sampling: Sampling, vocab_limit: int) -> Array:
-    logits = head_logits(hidden, variables["params"]["lm_head"]["kernel"])[:, :vocab_limit]
+    logits = head_logits(hidden, lm_head_kernel(variables["params"]))[:, :vocab_limit]
     return sample_logits(logits, key, sampling)
 
 
 @functools.lru_cache(maxsize=32)
-def prefill_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_id: int, cache_len: int) -> Callable:
+def prefill_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_ids: tuple[int, ...],
+                    cache_len: int) -> Callable:
     """jit(prefill)(variables, tokens (B, P), lengths (B,), key) -> (state, first tokens (B,)).
 
     state = {cache, token: each row's newest token (not yet in the cache), pos: its position,
@@ -181,20 +200,21 @@ def prefill_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_id: 
         last = hidden[jnp.arange(B), lengths - 1]
         token = _next_token(variables, last, jax.random.fold_in(key, 0), sampling, vocab_limit)
         state = {"cache": cache, "token": token, "pos": lengths.astype(jnp.int32), "slot": jnp.asarray(P, jnp.int32),
-                 "valid": jnp.arange(cache_len)[None, :] < lengths[:, None], "done": token == eos_id,
+                 "valid": jnp.arange(cache_len)[None, :] < lengths[:, None], "done": _is_eos(token, eos_ids),
                  "key": key, "step": jnp.ones((), jnp.int32)}
         return state, *_replicated(mesh, token)
     return jax.jit(prefill)
 
 
 @functools.lru_cache(maxsize=32)
-def decode_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_id: int, chunk: int) -> Callable:
+def decode_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_ids: tuple[int, ...],
+                   chunk: int) -> Callable:
     """jit(decode)(variables, state, limit) -> (state, tokens (B, chunk), n): up to
     min(chunk, limit) one-token steps in a while loop, fewer once every row is done; tokens
     of finished rows (and past n) are pad (EOS). The state is donated, and each step writes
     its k/v at one slot shared by all rows (one in-place update per layer, whatever the
     rows' positions)."""
-    pad = max(eos_id, 0)
+    pad = eos_ids[0] if eos_ids else 0
     mesh, model = _for_decoding(model)
 
     def decode(variables: dict, state: dict, limit: Array) -> tuple[dict, Array, Array]:
@@ -217,7 +237,7 @@ def decode_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_id: i
             token = jnp.where(st["done"], pad, token)
             out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
             st = {"cache": cache, "token": token, "pos": st["pos"] + 1, "slot": slot + 1, "valid": valid,
-                  "done": st["done"] | (token == eos_id), "key": st["key"], "step": st["step"] + 1}
+                  "done": st["done"] | _is_eos(token, eos_ids), "key": st["key"], "step": st["step"] + 1}
             return i + 1, st, out
 
         init = (jnp.zeros((), jnp.int32), state, jnp.full((B, chunk), pad, jnp.int32))
@@ -246,15 +266,15 @@ def _as_prompts(prompt_ids: Any) -> tuple[list[np.ndarray], bool]:
 
 
 def generate(model: LLaMA, variables: dict[str, Any], prompt_ids: Any, max_new_tokens: int,
-             sampling: Sampling = GREEDY, eos_id: int | None = None, vocab_size: int | None = None,
+             sampling: Sampling = GREEDY, eos_id: int | Sequence[int] | None = None, vocab_size: int | None = None,
              seed: int = 0, chunk: int | None = None,
              on_tokens: Callable[[list[np.ndarray]], None] | None = None) -> list[np.ndarray]:
     """Continue a batch of prompts of any lengths; returns each row's new ids (1-D int32,
     without the prompt, cut before EOS).
 
-    variables: {"params", "lora"?} (see `prepare`). eos_id: a row stops at this id (not
-    included); None: never. vocab_size: only ids below it are generated (the tokenizer's
-    size; the padded vocabulary may hold ids it cannot decode); None: config.vocab_size.
+    variables: {"params", "lora"?} (see `prepare`). eos_id: a row stops at this id, or at any
+    of several (Llama 3 instruct: <|eot_id|> and <|end_of_text|>; not included); None: never.
+    vocab_size: only ids below it are generated (the tokenizer's size; the padded vocabulary may hold ids it cannot decode); None: config.vocab_size.
     seed: the sampling key (same seed, prompts and settings: same tokens). chunk: decode
     steps per device call (None: all in one call, or STREAM_CHUNK with on_tokens). on_tokens: called
     with each row's newly arrived ids (possibly empty) as they come back from the device.
@@ -271,7 +291,7 @@ def generate(model: LLaMA, variables: dict[str, Any], prompt_ids: Any, max_new_t
     outputs: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens == 0:
         return [np.zeros(0, np.int32) for _ in prompts]
-    eos = NO_EOS if eos_id is None else int(eos_id)
+    eos = eos_tuple(eos_id)
     vocab_limit = cfg.vocab_size if vocab_size is None else min(int(vocab_size), cfg.padded_vocab_size)
     P = bucket(int(lengths.max()), cfg.block_size)
     S = bucket(P + max_new_tokens)  # prompts in slots 0..P-1, generated tokens after them
@@ -287,7 +307,7 @@ def generate(model: LLaMA, variables: dict[str, Any], prompt_ids: Any, max_new_t
             for t in row.tolist():
                 if finished[b] or len(outputs[b]) + len(got) >= max_new_tokens:
                     break
-                if t == eos:
+                if t in eos:
                     finished[b] = True
                     break
                 got.append(t)
@@ -320,7 +340,7 @@ def generate(model: LLaMA, variables: dict[str, Any], prompt_ids: Any, max_new_t
 
 
 def greedy_generate(model: LLaMA, variables: Any, prompt_ids: Any, max_new_tokens: int,
-                    eos_id: int | None, vocab_size: int | None = None) -> Any:
+                    eos_id: int | Sequence[int] | None, vocab_size: int | None = None) -> Any:
     """Greedy continuation of one prompt (1-D ints) or a batch of prompts of any lengths.
 
     Adapters, if any, are applied unmerged from `variables["lora"]`. Returns the new ids

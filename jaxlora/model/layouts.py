@@ -1,24 +1,146 @@
 """Variable layouts: the one place that knows how stored variables differ from what a model reads.
 
-Stored (canonical): layers stacked on one axis under "h", q/k/v fused in one (C, 3C) kernel;
-what checkpoints, converters, the lit-llama/HF mappings and the train state hold. Run layouts:
-per-layer ("h_0" ... "h_{n-1}") for a `scan_layers=False` model, and q/k/v split at head
-boundaries, (C, 3, C), for a `split_qkv` model (tensor parallelism).
+Stored (canonical): layers stacked on one axis under "h", q/k/v fused in one kernel of
+(C, C + 2 * n_kv_head * head_size) columns [q heads | k heads | v heads] (lit-llama's (C, 3C)
+without grouped-query attention); what checkpoints, converters, the lit-llama/HF mappings and
+the train state hold. Run layouts: per-layer ("h_0" ... "h_{n-1}") for a `scan_layers=False`
+model, and q/k/v split by query group for a `split_qkv` model (tensor parallelism; `QKVLayout`).
+
+This module sits below the network (jaxlora.model.llama imports its q/k/v facts); it handles
+LLaMA models only through their attributes.
 """
 from __future__ import annotations
 
+import math
 import re
 import warnings
-from typing import Any, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
-from jaxlora.model.llama import STACKED, LLaMA
+from jaxlora.config import LLaMAConfig
+
+if TYPE_CHECKING:
+    from jaxlora.model.llama import LLaMA
 
 Array = jax.Array
+STACKED = "h"  # the scope of the stacked layers ("h_0", "h_1", ... when run per layer)
+
+# ----------------------------------------------------------------------------- q/k/v columns
+#
+# Run layout of a split q/k/v kernel: (C, group + 2, run_kv * hs), group = n_head / run_kv.
+# Along the last axis sit run_kv "query groups" of hs columns each; slot s < group of query
+# group j holds q head j * group + s, slot `group` its k head, slot group + 1 its v head. Tensor
+# parallelism splits the last axis, so a device holds whole query groups: its q heads and the
+# k/v heads they read, and attention needs no communication. Without GQA (group 1, run_kv =
+# n_head) this is lit-llama's (C, 3, C), a free reshape of the stored kernel. When the tensor
+# axis does not divide n_kv_head, the k/v heads are replicated: run_kv = lcm(n_kv_head, tensor)
+# and each k/v head appears run_kv / n_kv_head times (every device computes the k/v heads its
+# q heads read, as Megatron-LM and vLLM do).
+
+
+def qkv_columns(config: LLaMAConfig) -> dict[str, tuple[int, int]]:
+    """Column ranges [start, stop) of q, k and v in the stored fused kernel (C, C + 2 * kv_size)."""
+    q, kv = config.n_embd, config.kv_size
+    return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+
+
+def run_kv_heads(config: LLaMAConfig, tensor: int = 1) -> int:
+    """k/v heads the model runs with on a tensor axis of `tensor` devices: n_kv_head when the
+    axis divides it, else lcm(n_kv_head, tensor) (each k/v head replicated); divides n_head
+    whenever tensor does."""
+    return math.lcm(config.n_kv_head, tensor)
+
+
+@dataclass(frozen=True)
+class QKVLayout:
+    """The fused q/k/v kernel's stored columns and its split run layout (see above)."""
+
+    n_head: int
+    n_kv_head: int
+    head_size: int
+    run_kv: int  # k/v heads in the run layout (n_kv_head, or more when replicated)
+
+    @property
+    def group(self) -> int:
+        return self.n_head // self.run_kv
+
+    @property
+    def run_shape(self) -> tuple[int, int]:
+        return self.group + 2, self.run_kv * self.head_size
+
+    @cached_property
+    def index(self) -> np.ndarray:
+        """(group + 2, run_kv * hs) stored column of each run column."""
+        hs, q = self.head_size, self.n_head * self.head_size
+        j = np.arange(self.run_kv)[:, None]  # query group
+        d = np.arange(hs)[None, :]
+        kv_head = j // (self.run_kv // self.n_kv_head)  # the stored k/v head a run head copies
+        slots = [((j * self.group + s) * hs + d).reshape(-1) for s in range(self.group)]
+        slots += [(q + kv_head * hs + d).reshape(-1), (q + (self.n_kv_head + kv_head) * hs + d).reshape(-1)]
+        return np.stack(slots)
+
+    @property
+    def is_reshape(self) -> bool:
+        """Whether the run layout is a plain reshape of the stored one (no GQA, no replication)."""
+        return self.group == 1 and self.run_kv == self.n_kv_head
+
+    def to_run(self, x: Any) -> Any:
+        """(..., stored columns) -> (..., group + 2, run_kv * hs), for kernels and activations alike."""
+        if self.is_reshape:
+            return x.reshape(*x.shape[:-1], *self.run_shape)
+        return _take_columns(x, self.index)
+
+    def to_stored(self, x: Any) -> Any:
+        """The inverse of to_run (a replicated k/v column is read from its first copy)."""
+        if self.is_reshape:
+            return x.reshape(*x.shape[:-2], -1)
+        flat, index = x.reshape(*x.shape[:-2], -1), self.index.reshape(-1)
+        first = np.unique(index, return_index=True)[1]  # sorted stored columns, where each first appears
+        return _take_columns(flat, first)
+
+    def split_run(self, y: Array) -> tuple[Array, Array, Array]:
+        """Run-layout outputs (B, T, group + 2, run_kv * hs) -> q (B, T, n_head, hs), k and v
+        (B, T, run_kv, hs); q head j * group + s is slot s of query group j."""
+        B, T = y.shape[:2]
+        q = y[..., :self.group, :].reshape(B, T, self.group, self.run_kv, self.head_size).swapaxes(2, 3)
+        k, v = (y[..., s, :].reshape(B, T, self.run_kv, self.head_size) for s in (self.group, self.group + 1))
+        return q.reshape(B, T, self.n_head, self.head_size), k, v
+
+    def split_stored(self, y: Array) -> tuple[Array, Array, Array]:
+        """Stored-layout outputs (B, T, q + 2 kv columns) -> q (B, T, n_head, hs), k and v (B, T, n_kv_head, hs)."""
+        B, T = y.shape[:2]
+        q_cols = self.n_head * self.head_size
+        q, k, v = jnp.split(y, [q_cols, q_cols + self.n_kv_head * self.head_size], axis=-1)
+        return (q.reshape(B, T, self.n_head, self.head_size), k.reshape(B, T, self.n_kv_head, self.head_size),
+                v.reshape(B, T, self.n_kv_head, self.head_size))
+
+
+def _take_columns(x: Any, index: np.ndarray) -> Any:
+    """x[..., index] (index of any shape), on the host for numpy input, else on the device."""
+    if isinstance(x, np.ndarray):
+        return np.take(x, index, axis=-1)
+    return jnp.take(x, jnp.asarray(index), axis=-1)
+
+
+def qkv_layout(config: LLaMAConfig, tensor: int = 1) -> QKVLayout:
+    """The q/k/v layout of `config` on a tensor axis of `tensor` devices."""
+    return QKVLayout(config.n_head, config.n_kv_head, config.head_size, run_kv_heads(config, tensor))
+
+
+def model_tensor(model: LLaMA) -> int:
+    """The tensor-parallel size `model` runs with (1 without a mesh)."""
+    return 1 if model.mesh is None else int(dict(model.mesh.shape).get("tensor", 1))
+
+
+def model_qkv_layout(model: LLaMA) -> QKVLayout:
+    return qkv_layout(model.config, model_tensor(model) if model.split_qkv else 1)
 
 # ----------------------------------------------------------------------------- variable layouts
 #
@@ -47,10 +169,19 @@ def splits_qkv(model: LLaMA, path: tuple) -> bool:
 
 def qkv_in_run_layout(model: LLaMA, path: tuple, x: Any) -> Any:
     """A leaf at `path` (ending in a layer's attn/c_attn/kernel, stacked or not) as `model`
-    reads it: with `model.split_qkv`, (..., C, 3C) -> (..., C, 3, C) (a free reshape; on a
-    device mesh the new layout moves the kernel once); anything else unchanged."""
-    if splits_qkv(model, path) and x.shape[-1] == 3 * model.config.n_embd:
-        return x.reshape(*x.shape[:-1], 3, model.config.n_embd)
+    reads it: with `model.split_qkv`, (..., C, C + 2 kv) -> (..., C, group + 2, run_kv * hs)
+    (`QKVLayout`; without GQA (C, 3C) -> (C, 3, C), a free reshape; on a device mesh the new
+    layout moves the kernel once); anything else unchanged."""
+    cfg = model.config
+    if splits_qkv(model, path) and x.shape[-1] == cfg.n_embd + 2 * cfg.kv_size:
+        return model_qkv_layout(model).to_run(x)
+    return x
+
+
+def qkv_in_stored_layout(model: LLaMA, path: tuple, x: Any) -> Any:
+    """The inverse of qkv_in_run_layout: a leaf as it is stored."""
+    if splits_qkv(model, path) and x.ndim >= 3 and tuple(x.shape[-2:]) == model_qkv_layout(model).run_shape:
+        return model_qkv_layout(model).to_stored(x)
     return x
 
 

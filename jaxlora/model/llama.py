@@ -10,17 +10,26 @@ Differences from lit-llama, on purpose:
 - RMSNorm, RoPE, softmax and logits are computed in float32 whatever the compute dtype
   (lit-llama normalises in bf16 under bf16-true training); identical in float32.
 - RoPE angles are always float32 (lit-llama under bf16-true builds them in bf16).
+
+Beyond lit-llama (LLaMA 2/3, Mistral; all off for lit-llama's configs, whose function is
+unchanged): grouped-query attention (n_kv_head k/v heads, jax.nn.dot_product_attention's
+native GQA; the fused q/k/v kernel is (C, C + 2 * n_kv_head * hs), jaxlora.model.layouts),
+linear and llama3 RoPE scaling (HF transformers' inverse frequencies), a tied LM head (the
+embedding table transposed), the MLP width from the config.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.model.layouts import STACKED, QKVLayout, model_qkv_layout
 from jaxlora.model.lora import MergedLoRADense
 from jaxlora.model.quantize import Int8Kernel, dense_dot, rows_padded_dot
 
@@ -34,7 +43,6 @@ REMAT_POLICIES = {
 }
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # Logical axes of activations (mapped to mesh axes by jaxlora.parallel.sharding's rules table).
-STACKED = "h"  # the scope of the stacked layers ("h_0", "h_1", ... when run per layer)
 
 ACT_EMBED = ("batch", "length", "act_embed")
 ACT_HEADS = ("batch", "length", "act_heads", None)
@@ -57,11 +65,35 @@ class RMSNorm(nn.Module):
         return (scale.astype(jnp.float32) * normed).astype(x.dtype)
 
 
-def rope_angles(positions: Array, head_size: int, base: float = 10000.0) -> tuple[Array, Array]:
-    """cos and sin of pos * theta_i, theta_i = base^(-2i/hs), float32; shapes (..., T, hs/2)."""
+def rope_angles(positions: Array, head_size: int, base: float = 10000.0,
+                config: LLaMAConfig | None = None) -> tuple[Array, Array]:
+    """cos and sin of pos * theta_i, theta_i = base^(-2i/hs), float32; shapes (..., T, hs/2).
+    config: scale theta_i by its rope_type (`scaled_frequencies`)."""
     theta = 1.0 / (base ** (jnp.arange(0, head_size, 2, dtype=jnp.float32) / head_size))
+    if config is not None:
+        theta = scaled_frequencies(theta, config)
     angles = positions.astype(jnp.float32)[..., None] * theta
     return jnp.cos(angles), jnp.sin(angles)
+
+
+def scaled_frequencies(theta: Array, config: LLaMAConfig) -> Array:
+    """RoPE's inverse frequencies under config.rope_type, in float32 with the operations of HF
+    transformers' rope init functions (modeling_rope_utils): "linear" divides them all by the
+    factor; "llama3" (Llama 3.1+) divides the low frequencies (wavelength above original
+    context / low_freq_factor) by the factor, keeps the high ones (wavelength below original
+    context / high_freq_factor) and blends the band between."""
+    if config.rope_type == "default":
+        return theta
+    factor = config.rope_factor
+    if config.rope_type == "linear":
+        return theta / factor
+    low, high, context = config.rope_low_freq_factor, config.rope_high_freq_factor, config.rope_original_context
+    wavelen = 2 * math.pi / theta
+    scaled = jnp.where(wavelen > context / low, theta / factor, theta)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < context / high) & ~(wavelen > context / low)
+    return jnp.where(medium, smoothed, scaled)
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
@@ -96,6 +128,7 @@ class Settings:
     mesh: Any = None
     rules: tuple = ()
     split_qkv: bool = False
+    qkv: QKVLayout | None = None  # the q/k/v columns' layout (layouts.model_qkv_layout)
 
     def constrain(self, x: Array, axes: tuple[str | None, ...]) -> Array:
         """Pin an activation's sharding by logical axis names (a no-op without a mesh), so the
@@ -122,22 +155,30 @@ class TokenEmbedding(nn.Module):
         table = self.opts.constrain(table.astype(self.opts.dtype), ("vocab", None))
         return jnp.take(table, idx, axis=0)
 
+    def attend(self, x: Array) -> Array:
+        """float32 logits x @ table^T: the tied LM head (`head_logits`)."""
+        table = self.get_variable("params", "embedding")
+        return head_logits(x.astype(self.opts.dtype), nn.unbox(table).T)
+
 
 def _dense(opts: Settings, features: int, module: tuple[str, str], axes: tuple) -> MergedLoRADense:
     """The dense layer at `module` of a block (e.g. ("attn", "c_attn")); its adapted output
     segments come from the LoRA target table (config.LORA_TARGETS)."""
     lora = opts.lora or LoRAConfig(r=0)
     enabled = lora.enabled(module)
+    split = opts.split_qkv and len(enabled) > 1
     return MergedLoRADense(features=features, groups=len(enabled), enabled=enabled, r=lora.r, scaling=lora.scaling,
                            dropout=lora.dropout, kernel_axes=axes, dtype=opts.dtype,
                            param_dtype=opts.param_dtype, lora_dtype=opts.lora_dtype, name=module[-1],
-                           split_kernel=opts.split_qkv and len(enabled) > 1)
+                           segments=opts.config.segments(module), split_kernel=split,
+                           run_layout=opts.qkv if split else None)
 
 
 class CausalSelfAttention(nn.Module):
     """Causal self-attention; with a KV cache (decoding) it also returns the updated cache.
 
-    cache: this layer's {"k", "v"} of shape (B, n_head, S, head_size), or None (training).
+    cache: this layer's {"k", "v"} of shape (B, n_kv, S, head_size), or None (training); n_kv:
+    the k/v heads the model runs with (n_kv_head, more when replicated for tensor parallelism).
     cache_index: None: a prefill, the tokens are positions 0..T-1 (causal attention among
     them, written to the cache's slots 0..T-1). Else an int: the tokens' k/v go to slots
     cache_index..cache_index+T-1 of every row (one in-place update, whatever each row's
@@ -153,16 +194,16 @@ class CausalSelfAttention(nn.Module):
                  cache_index: Array | None = None, kv_mask: Array | None = None) -> tuple[Array, dict | None]:
         cfg, opts = self.opts.config, self.opts
         B, T, C = x.shape
-        qkv = _dense(opts, 3 * C, ("attn", "c_attn"), ("embed", "qkv"))(x, deterministic)
-        parts = [qkv[..., g, :] for g in range(3)] if opts.split_qkv else jnp.split(qkv, 3, axis=-1)
-        q, k, v = (opts.constrain(t.reshape(B, T, cfg.n_head, cfg.head_size), ACT_HEADS) for t in parts)
+        qkv = _dense(opts, C + 2 * cfg.kv_size, ("attn", "c_attn"), ("embed", "qkv"))(x, deterministic)
+        parts = opts.qkv.split_run(qkv) if opts.split_qkv else opts.qkv.split_stored(qkv)
+        q, k, v = (opts.constrain(t, ACT_HEADS) for t in parts)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             slot = 0 if cache_index is None else cache_index
             cache = {name: jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2).astype(cache[name].dtype),
                                                         (0, 0, slot, 0)) for name, new in (("k", k), ("v", v))}
         if cache is None or cache_index is None:
-            impl = pick_attention(opts.attention, opts.dtype)
+            impl = pick_attention(opts.attention, opts.dtype)  # k/v may have fewer heads: native GQA (cuDNN too)
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         else:
             y = cached_attention(q, cache["k"], cache["v"], kv_mask)
@@ -171,12 +212,17 @@ class CausalSelfAttention(nn.Module):
 
 def cached_attention(q: Array, k: Array, v: Array, kv_mask: Array) -> Array:
     """softmax(q k^T / sqrt(hs)) v over the cached slots kv_mask (B, S) marks; q (B, T, H, hs),
-    k and v (B, H, S, hs): heads before slots, so both products batch over leading axes
-    (no transposed copy of the cache per step). Scores and softmax in float32."""
-    scores = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
-    scores = jnp.where(kv_mask[:, None, None, :], scores, -jnp.inf)
+    k and v (B, K, S, hs), K dividing H (query head h reads k/v head h // (H / K), as HF's
+    repeat_kv): heads before slots, so both products batch over leading axes (no transposed
+    copy of the cache per step). Scores and softmax in float32."""
+    B, T, H, hs = q.shape
+    K = k.shape[1]
+    q = q.reshape(B, T, K, H // K, hs)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hs)
+    scores = jnp.where(kv_mask[:, None, None, None, :], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bhsd->bthd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+    y = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return y.reshape(B, T, H, hs).astype(q.dtype)
 
 
 class MLP(nn.Module):
@@ -308,10 +354,11 @@ class LLaMA(nn.Module):
         cfg = self.config
         if positions is None:
             positions = jnp.arange(idx.shape[-1])
-        cos, sin = rope_angles(positions, cfg.head_size, cfg.rope_base)
+        cos, sin = rope_angles(positions, cfg.head_size, cfg.rope_base, cfg)
         opts = Settings(cfg, self.lora, self.dtype, self.param_dtype, self.lora_dtype, self.attention, self.mesh,
-                        tuple(self.rules), self.split_qkv)
-        x = opts.constrain(TokenEmbedding(cfg.padded_vocab_size, opts, name="wte")(idx), ACT_EMBED)
+                        tuple(self.rules), self.split_qkv, model_qkv_layout(self))
+        wte = TokenEmbedding(cfg.padded_vocab_size, opts, name="wte")
+        x = opts.constrain(wte(idx), ACT_EMBED)
 
         block = Block
         if self.remat not in REMAT_POLICIES:
@@ -339,16 +386,26 @@ class LLaMA(nn.Module):
             cache = None if cache is None else tuple(caches)
         x = RMSNorm(cfg.norm_eps, self.param_dtype, name="ln_f")(x)
         if not return_hidden:
-            x = LMHead(cfg.padded_vocab_size, dtype=self.dtype, param_dtype=self.param_dtype, name="lm_head")(x)
+            x = wte.attend(x) if cfg.tie_embeddings else \
+                LMHead(cfg.padded_vocab_size, dtype=self.dtype, param_dtype=self.param_dtype, name="lm_head")(x)
         return x if cache is None else (x, cache)
+
+
+def lm_head_kernel(params: Any) -> Any:
+    """The LM head's (n_embd, padded_vocab) kernel in `params`: lm_head's own, or for a model
+    with tied embeddings (which has no lm_head) the embedding table transposed."""
+    if "lm_head" in params:
+        return params["lm_head"]["kernel"]
+    return params["wte"]["embedding"].T
 
 
 def init_cache(model: LLaMA, batch: int, length: int, dtype: Any = None) -> Any:
     """An empty KV cache of `length` slots in the layout `model` reads: {"k", "v"} of shape
-    (n_layer, B, n_head, S, head_size) for scanned layers, a tuple of per-layer {"k", "v"}
-    (B, n_head, S, head_size) otherwise (each layer's cache its own buffer, updated in place)."""
+    (n_layer, B, n_kv, S, head_size) for scanned layers, a tuple of per-layer {"k", "v"}
+    (B, n_kv, S, head_size) otherwise (each layer's cache its own buffer, updated in place);
+    n_kv: the k/v heads it runs with, n_kv_head (Llama 3 8B: 8, a quarter of n_head)."""
     cfg = model.config
-    shape = (batch, cfg.n_head, length, cfg.head_size)
+    shape = (batch, model_qkv_layout(model).run_kv, length, cfg.head_size)
     dtype = dtype or model.dtype
     if model.scan_layers:
         return {name: jnp.zeros((cfg.n_layer,) + shape, dtype) for name in ("k", "v")}

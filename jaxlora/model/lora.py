@@ -23,12 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxlora.config import LoRAConfig
+from jaxlora.config import LORA_TARGETS, LoRAConfig, segment_widths
+from jaxlora.model.nf4 import NF4Kernel
 from jaxlora.model.quantize import dense_dot
 
 Array = jax.Array
 LORA_COLLECTION = "lora"
 LORA_LEAVES = ("lora_A", "lora_B")
+_QKV_MODULE = LORA_TARGETS["q"].module  # the one dense layer with several output segments
 
 
 def lora_a_init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
@@ -49,11 +51,18 @@ class MergedLoRADense(nn.Module):
       kernel_axes: logical axis names of the kernel (in, out), for sharding rules.
       dtype: compute dtype; param_dtype: frozen kernel storage; lora_dtype: adapter storage.
       out_dtype: output dtype of the frozen matmul (default: dtype); f32 for logits.
-      split_kernel: with groups > 1, hold the kernel as (in, groups, out/groups) and return
-        (..., groups, out/groups): split over devices along its last axis, every device then
-        holds the same columns of each group (for q/k/v: whole heads), where a fused
-        (in, out) kernel split evenly puts shard boundaries inside the groups and the
-        compiler must move the outputs between devices to separate q, k and v.
+      segments: output widths of the segments (None: `groups` equal ones). Unequal segments
+        (q wider than k and v under grouped-query attention) keep one lora_B of shape
+        (n_enabled, r, widest enabled segment): a narrower segment uses its leading columns,
+        the others are never read, so they get no gradient and stay zero.
+      split_kernel: with groups > 1, hold the kernel in a run layout (`run_layout`, default
+        (in, groups, out/groups)) and return (..., *run_shape): split over devices along its
+        last axis, every device then holds the same columns of each group (for q/k/v: whole
+        heads), where a fused (in, out) kernel split evenly puts shard boundaries inside the
+        groups and the compiler must move the outputs between devices to separate q, k and v.
+      run_layout: with split_kernel, an object with `run_shape` (slots, width), `to_run`
+        (stored columns on the last axis -> (..., slots, width)) and `is_reshape` (whether the
+        slots are the equal groups in order), e.g. layouts.QKVLayout.
     """
 
     features: int
@@ -68,43 +77,64 @@ class MergedLoRADense(nn.Module):
     lora_dtype: Any = jnp.float32
     out_dtype: Any = None
     kernel_init: Callable[..., Array] = nn.initializers.normal(0.02)
+    segments: tuple[int, ...] | None = None
     split_kernel: bool = False
+    run_layout: Any = None
 
     @property
     def n_enabled(self) -> int:
         return sum(self.enabled) if self.r > 0 else 0
 
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return self.segments or (self.features // self.groups,) * self.groups
+
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
-        if len(self.enabled) != self.groups or self.features % self.groups:
-            raise ValueError(f"{self.name}: {self.groups} groups, enabled={self.enabled}, features={self.features}")
+        if len(self.enabled) != self.groups or len(self.widths) != self.groups or sum(self.widths) != self.features:
+            raise ValueError(f"{self.name}: {self.groups} groups, enabled={self.enabled}, features={self.features}, "
+                             f"segments={self.widths}")
         in_features = x.shape[-1]
-        out_g = self.features // self.groups
         in_axis, out_axis = self.kernel_axes
         x = x.astype(self.dtype)
         if self.split_kernel:
+            shape = self.run_layout.run_shape if self.run_layout is not None else (self.groups, self.widths[0])
             kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, (in_axis, None, out_axis)),
-                                (in_features, self.groups, out_g), self.param_dtype)
+                                (in_features, *shape), self.param_dtype)
             y = jnp.einsum("...i,igo->...go", x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
         else:
-            kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-                                (in_features, self.features), self.param_dtype)
-            y = dense_dot(x, kernel, self.dtype, self.out_dtype)  # kernel may be int8 (jaxlora.model.quantize)
+            kernel = self._kernel(in_features)
+            y = dense_dot(x, kernel, self.dtype, self.out_dtype)  # kernel may be int8/NF4 (jaxlora.model.quantize)
         if self.n_enabled == 0:
             return y
 
+        width = max(w for w, on in zip(self.widths, self.enabled) if on)
         lora_a = self._adapter("lora_A", lora_a_init, ("lora_group", in_axis, "lora_rank"),
                                (self.n_enabled, in_features, self.r))
         lora_b = self._adapter("lora_B", nn.initializers.zeros, ("lora_group", "lora_rank", out_axis),
-                               (self.n_enabled, self.r, out_g))
+                               (self.n_enabled, self.r, width))
 
         h = nn.Dropout(self.dropout)(x, deterministic=deterministic or self.dropout == 0.0)
         # All enabled segments in one batched matmul pair (q and v together).
         xa = jnp.einsum("...i,gir->...gr", h, lora_a.astype(self.dtype))
         delta = jnp.einsum("...gr,gro->...go", xa, lora_b.astype(self.dtype)) * jnp.asarray(self.scaling, self.dtype)
-        if self.split_kernel:
-            return add_to_groups(y, delta.astype(y.dtype), self.enabled)
-        return add_to_segments(y, delta.astype(y.dtype), self.enabled)
+        delta = delta.astype(y.dtype)
+        if not self.split_kernel:
+            return add_to_segments(y, delta, self.enabled, self.widths)
+        if self.run_layout is None or self.run_layout.is_reshape:  # equal groups: add in place, no data moved
+            return add_to_groups(y, delta, self.enabled)
+        zeros = jnp.zeros(y.shape[:-2] + (self.features,), y.dtype)  # the update in stored column order
+        return y + self.run_layout.to_run(add_to_segments(zeros, delta, self.enabled, self.widths))
+
+    def _kernel(self, in_features: int) -> Array | NF4Kernel:
+        # An NF4 kernel's leaves (codes, block scales) have other shapes than the kernel they stand
+        # for, which Flax's param() would refuse: take it as given.
+        if self.has_variable("params", "kernel"):
+            kernel = self.get_variable("params", "kernel")
+            if isinstance(kernel, NF4Kernel):
+                return kernel
+        return self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                          (in_features, self.features), self.param_dtype)
 
     def _adapter(self, name: str, init: Callable[..., Array], axes: tuple, shape: tuple) -> Array:
         # The rng is drawn lazily: only at init, never in apply.
@@ -122,32 +152,38 @@ def add_to_groups(y: Array, delta: Array, enabled: Sequence[bool]) -> Array:
                       for g, on in enumerate(enabled)], axis=-2)
 
 
-def add_to_segments(y: Array, delta: Array, enabled: Sequence[bool]) -> Array:
-    """Add delta (..., n_enabled, out_g) into the enabled segments of y (..., groups * out_g)."""
-    groups = len(enabled)
-    if all(enabled):
+def add_to_segments(y: Array, delta: Array, enabled: Sequence[bool], widths: Sequence[int] | None = None) -> Array:
+    """Add delta (..., n_enabled, w) into the enabled segments of y (..., sum(widths)); segment
+    g takes the first widths[g] columns of its delta (widths None: equal segments)."""
+    widths = tuple(widths or (y.shape[-1] // len(enabled),) * len(enabled))
+    if all(enabled) and len(set(widths)) == 1:
         return y + delta.reshape(y.shape)
-    out_g = y.shape[-1] // groups
-    pieces, k = [], 0
-    for g, on in enumerate(enabled):
-        seg = y[..., g * out_g:(g + 1) * out_g]
+    pieces, k, start = [], 0, 0
+    for width, on in zip(widths, enabled):
+        seg = y[..., start:start + width]
         if on:
-            seg = seg + delta[..., k, :]
+            seg = seg + delta[..., k, :width]
             k += 1
         pieces.append(seg)
+        start += width
     return jnp.concatenate(pieces, axis=-1)
 
 
-def lora_delta(lora_a: Array, lora_b: Array, enabled: Sequence[bool], scaling: float) -> Array:
-    """The dense update ΔW (..., in, groups * out_g) of one layer (leading layer axes allowed)."""
+def lora_delta(lora_a: Array, lora_b: Array, enabled: Sequence[bool], scaling: float,
+               widths: Sequence[int] | None = None) -> Array:
+    """The dense update ΔW (..., in, sum(widths)) of one layer (leading layer axes allowed);
+    widths None: equal segments as wide as lora_B."""
     # HIGHEST: on GPU/TPU the default float32 matmul may run in tf32/bf16 passes.
     per_group = jnp.einsum("...gir,...gro->...gio", lora_a.astype(jnp.float32), lora_b.astype(jnp.float32),
                            precision=jax.lax.Precision.HIGHEST) * scaling
-    zeros = jnp.zeros(per_group.shape[:-3] + per_group.shape[-2:], per_group.dtype)
+    widths = tuple(widths or (per_group.shape[-1],) * len(enabled))
     pieces, k = [], 0
-    for on in enabled:
-        pieces.append(per_group[..., k, :, :] if on else zeros)
-        k += int(on)
+    for width, on in zip(widths, enabled):
+        if on:
+            pieces.append(per_group[..., k, :, :width])
+            k += 1
+        else:
+            pieces.append(jnp.zeros(per_group.shape[:-3] + (per_group.shape[-2], width), per_group.dtype))
     return jnp.concatenate(pieces, axis=-1)
 
 
@@ -177,8 +213,12 @@ def merge_lora(params: Any, lora: Any, lora_config: LoRAConfig,
 
 
 def merged_kernel(kernel: Array, lora_a: Array, lora_b: Array, enabled: Sequence[bool], scaling: float) -> Array:
-    """One kernel with its adapter folded in: W + scaling * ΔW, summed in float32, in W's dtype."""
-    return (kernel.astype(jnp.float32) + lora_delta(lora_a, lora_b, enabled, scaling)).astype(kernel.dtype)
+    """One kernel (in, out) with its adapter folded in: W + scaling * ΔW, summed in float32, in
+    W's dtype. Its segments' widths follow from its shape (`config.segment_widths`: for the
+    fused q/k/v kernel, q as wide as the input)."""
+    in_f, out_f = kernel.shape[-2:]
+    widths = segment_widths(_QKV_MODULE, in_f, out_f) if len(enabled) > 1 else (out_f,)
+    return (kernel.astype(jnp.float32) + lora_delta(lora_a, lora_b, enabled, scaling, widths)).astype(kernel.dtype)
 
 
 def trainable_labels(lora: Any) -> Any:

@@ -1,5 +1,12 @@
-"""Weight-only int8 for decoding: frozen kernels stored as int8 with one float32 scale per
-output channel.
+"""Quantized frozen kernels: weight-only int8 for decoding, NF4 (QLoRA) for training and
+decoding; `dense_dot` is the one product every layer calls, whatever its kernel holds.
+
+NF4 (`jaxlora.model.nf4`): 4-bit codes and block scales; the product dequantizes the kernel in
+the compute dtype right before the matmul, and its backward does so again instead of keeping
+the dequantized kernel for the backward pass (a custom VJP): no bf16 copy of a layer's weights
+outlives its product, so the frozen weights' memory stays ~4.1-4.5 bits per weight.
+
+Int8: frozen kernels stored as int8 with one float32 scale per output channel.
 
     W (in, out)  ~  q * scale,   q = round(W / scale) in [-127, 127],   scale = max_i |W[i, :]| / 127
 
@@ -22,6 +29,7 @@ leading layer axis on q carries over to scale.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -29,8 +37,10 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from jaxlora.model.nf4 import NF4Kernel, dequantize_nf4, quantize_nf4
+
 Array = jax.Array
-QUANTIZE_MODES = ("int8",)
+QUANTIZE_MODES = ("int8", "nf4", "nf4-dq")  # nf4-dq: NF4 with double-quantized block scales (QLoRA)
 # On GPU a product of fewer rows (a decode step) is padded to this many: XLA's GEMMs for 8 rows read
 # the kernel faster than its one-row kernels (7B, H200, 2026-11-28: bf16 250.7 vs 235.5 tok/s at
 # batch 1, int8 296.1 vs 146.8), and the padding rows cost no memory traffic. 1: no padding.
@@ -66,21 +76,34 @@ quantize_kernel = jax.jit(_quantize)
 _quantize_consuming = jax.jit(_quantize, donate_argnums=0)
 
 
-def quantize_params(params: Any, mode: str = "int8", consume: bool = False) -> Any:
-    """Every dense kernel (leaves named "kernel": the projections and lm_head) as an Int8Kernel;
-    embeddings and norm scales unchanged. Leaf by leaf, on the device the leaf is on.
-    consume: donate each float kernel to its quantization (do not use `params` afterwards): the
-    peak is then the weights plus one int8 kernel, not the weights plus all of them."""
+def quantize_params(params: Any, mode: str = "int8", consume: bool = False, head: bool | None = None) -> Any:
+    """Dense kernels (leaves named "kernel") quantized; embeddings and norm scales unchanged.
+    head: quantize lm_head too (default: for int8, which decoding uses; QLoRA keeps it in the
+    compute dtype for nf4, and training keeps it for every mode). Leaf by leaf, each on its
+    device; consume: release each float kernel as soon as it is quantized (int8: donated to its
+    quantization; `params` is not usable afterwards): the peak is then the weights plus one
+    quantized kernel."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
-    quantize = _quantize_consuming if consume else quantize_kernel
+    if mode == "int8":
+        quantize = _quantize_consuming if consume else quantize_kernel
+    else:
+        quantize = functools.partial(quantize_nf4, double_quant=mode == "nf4-dq")
+    keep = () if (mode == "int8" if head is None else head) else ("lm_head",)
 
     def visit(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: (quantize(v) if k == "kernel" and not isinstance(v, (dict, Int8Kernel))
-                        else visit(v)) for k, v in node.items()}
-        return node
-    return visit(dict(params))
+        out = {}
+        for k, v in node.items():
+            out[k] = quantize(v) if k == "kernel" and is_float_kernel(v) else visit(v) if isinstance(v, dict) else v
+            if consume and out[k] is not v and isinstance(node, dict):
+                node[k] = None  # drop the float kernel now, not when the whole tree is done
+        return out
+    return {k: visit(v) if isinstance(v, dict) and k not in keep else v for k, v in params.items()}
+
+
+def is_float_kernel(x: Any) -> bool:
+    """A plain (unquantized) kernel array."""
+    return not isinstance(x, (dict, Int8Kernel, NF4Kernel))
 
 
 def rows_padded_dot(x: Array, kernel: Array, out_dtype: Any = None, min_rows: int | None = None) -> Array:
@@ -95,13 +118,38 @@ def rows_padded_dot(x: Array, kernel: Array, out_dtype: Any = None, min_rows: in
     return jnp.dot(x2, kernel, preferred_element_type=out_dtype)[:rows].reshape(*x.shape[:-1], kernel.shape[-1])
 
 
-def dense_dot(x: Array, kernel: Array | Int8Kernel, dtype: Any, out_dtype: Any = None) -> Array:
-    """x @ kernel in `dtype` (accumulated to `out_dtype`, default `dtype`); an Int8Kernel's
-    product is scaled per output channel after the matmul."""
-    if isinstance(kernel, Int8Kernel):
-        y = rows_padded_dot(x.astype(dtype), kernel.q.astype(dtype), jnp.float32)
-        return (y * kernel.scale).astype(out_dtype or dtype)
+def dense_dot(x: Array, kernel: Array | Int8Kernel | NF4Kernel, dtype: Any, out_dtype: Any = None) -> Array:
+    """x @ kernel in `dtype` (accumulated to `out_dtype`, default `dtype`). A quantized kernel
+    goes through `frozen_dot`, whose backward rebuilds the kernel instead of keeping it."""
+    if isinstance(kernel, (Int8Kernel, NF4Kernel)):
+        return frozen_dot(x.astype(dtype), kernel, jnp.dtype(dtype), jnp.dtype(out_dtype or dtype))
     return rows_padded_dot(x.astype(dtype), kernel.astype(dtype), out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def frozen_dot(x: Array, kernel: Int8Kernel | NF4Kernel, dtype: Any, out_dtype: Any) -> Array:
+    """x @ kernel for a quantized frozen kernel. int8: x @ q in `dtype` (XLA fuses the convert
+    into the GEMM's operand load), scaled per output channel after; NF4: x @ dequantized kernel.
+    The backward (gradient for x only: the kernel is frozen) dequantizes again, so no float
+    copy of the kernel is kept between the forward and backward passes."""
+    if isinstance(kernel, Int8Kernel):
+        y = rows_padded_dot(x, kernel.q.astype(dtype), jnp.float32)
+        return (y * kernel.scale).astype(out_dtype)
+    return rows_padded_dot(x, dequantize_nf4(kernel, dtype), out_dtype)
+
+
+def _frozen_dot_fwd(x: Array, kernel: Int8Kernel | NF4Kernel, dtype: Any, out_dtype: Any) -> tuple[Array, Any]:
+    return frozen_dot(x, kernel, dtype, out_dtype), kernel
+
+
+def _frozen_dot_bwd(dtype: Any, out_dtype: Any, kernel: Int8Kernel | NF4Kernel, g: Array) -> tuple[Array, None]:
+    if isinstance(kernel, Int8Kernel):  # g @ (q * scale).T == (g * scale) @ q.T
+        g_scaled = (g.astype(jnp.float32) * kernel.scale).astype(dtype)
+        return jnp.dot(g_scaled, kernel.q.astype(dtype).T, preferred_element_type=dtype), None
+    return jnp.dot(g.astype(dtype), dequantize_nf4(kernel, dtype).T, preferred_element_type=dtype), None
+
+
+frozen_dot.defvjp(_frozen_dot_fwd, _frozen_dot_bwd)
 
 
 def dequantize(kernel: Int8Kernel) -> Array:

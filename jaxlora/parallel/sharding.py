@@ -86,7 +86,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
             raise MeshError(f"fsdp={fsdp} x tensor={tensor} = {fsdp * tensor} does not divide the {n} devices")
         data = n // (fsdp * tensor)
     size = data * fsdp * tensor
-    if size > n or n % size:
+    if size > n:
+        raise MeshError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor}: the mesh needs {size} devices, there "
+                        + (f"is {n}" if n == 1 else f"are {n}"))
+    if n % size:
         raise MeshError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {size} devices does not divide the "
                         f"{n} devices there are")
     return Mesh(np.array(devices[:size]).reshape(data, fsdp, tensor), MESH_AXES)
@@ -171,11 +174,14 @@ def check_mesh(mesh: Mesh | Mapping[str, int], config: LLaMAConfig) -> None:
 
 
 def _misfit(config: LLaMAConfig, fsdp: int, tensor: int) -> str | None:
-    """What the fsdp and tensor axis sizes fail to divide (None: they fit the model)."""
+    """What the fsdp and tensor axis sizes fail to divide (None: they fit the model). The k/v
+    heads need not divide: those the tensor axis does not divide are replicated
+    (jaxlora.model.layouts.run_kv_heads), which needs only tensor to divide n_head."""
     for name, size in (("n_head", config.n_head), ("n_hidden (MLP width)", config.n_hidden),
                        ("padded_vocab_size", config.padded_vocab_size)):
         if size % tensor:
-            return f"tensor={tensor} does not divide {name}={size}"
+            kv = f" (n_kv_head={config.n_kv_head})" if name == "n_head" and config.n_kv_head != config.n_head else ""
+            return f"tensor={tensor} does not divide {name}={size}{kv}"
     if config.n_embd % fsdp:
         return f"fsdp={fsdp} does not divide n_embd={config.n_embd}"
     return None

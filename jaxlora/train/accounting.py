@@ -3,11 +3,14 @@ per-device memory estimate."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
+import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.errors import TrainingError
 from jaxlora.parallel import sharding as shd
 from jaxlora.train.settings import PRECISIONS
 
@@ -51,3 +54,27 @@ def estimate_device_bytes(config: LLaMAConfig, lora: LoRAConfig, precision: str,
     act = rows * seq * config.n_layer * config.n_embd * itemsize * per_token_layer // max(mesh.shape["tensor"], 1)
     logits = rows * seq * config.padded_vocab_size * 4 * 2 // max(mesh.shape["tensor"], 1)
     return math.ceil(weight_bytes(config, precision) / weight_shards) + 16 * lora.num_params(config) + act + logits
+
+
+def check_memory(config: LLaMAConfig, lora: LoRAConfig, precision: str, mesh: Mesh, micro_rows: int, seq: int,
+                 remat: str, log: Callable[[str], None]) -> None:
+    """Say where the run goes and what it needs; refuse when the frozen weights alone cannot fit."""
+    kind = next(iter(mesh.devices.flat)).device_kind
+    need = estimate_device_bytes(config, lora, precision, mesh, micro_rows, seq, remat)
+    weights = weight_bytes(config, precision) / (mesh.shape["fsdp"] * mesh.shape["tensor"])
+    have = shd.device_memory_bytes(jax.local_devices()[0])
+    if have is None:  # CPU devices share the host's memory
+        n = len(jax.local_devices())
+        need, weights, have = need * n, weights * n, shd.host_memory_bytes()
+        where = f"host memory ({n} CPU device(s))"
+    else:
+        where = f"memory of one {kind}"
+    log(f"memory: ~{need / 2**30:.1f} GiB needed of {have / 2**30:.1f} GiB {where} (frozen weights "
+        f"{weights / 2**30:.1f} GiB)" if have else f"memory: ~{need / 2**30:.1f} GiB needed")
+    if have and weights > have:
+        raise TrainingError(f"the frozen weights alone need {weights / 2**30:.1f} GiB of {where}, which has "
+                            f"{have / 2**30:.1f} GiB: use more devices (--mesh with fsdp/tensor), a lower "
+                            "--precision storage (bf16-true), or a smaller --preset")
+    if have and need > have:
+        log(f"warning: the estimate ({need / 2**30:.1f} GiB) exceeds {where} ({have / 2**30:.1f} GiB); the run "
+            "may run out of memory: lower --micro_batch_size, use --remat full, or shard over more devices")

@@ -1,7 +1,7 @@
 """One training run's compiled pieces, built once and shared by train.py, the benchmark and
 the tests, so the step that is measured is the step that ships.
 
-`build_run(args, mesh)` reads the base model's architecture, builds the model, puts the
+`build_run(spec, mesh)` (a `jaxlora.train.spec.RunSpec`) reads the base model's architecture, builds the model, puts the
 frozen weights straight into their shards on `mesh` (random, a jaxlora checkpoint directory,
 a lit-llama .pth or an HF directory, in the layout the model reads; no device holds more
 than its shards), creates
@@ -23,10 +23,17 @@ from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.errors import MeshError
 from jaxlora.model.layouts import init_adapters
 from jaxlora.model.llama import LLaMA
+from jaxlora.model.quantize import quantize_params
 from jaxlora.parallel import sharding as shd
 from jaxlora.train.optim import learning_rate_schedule, make_optimizer
-from jaxlora.train.settings import PRECISIONS, TrainArgs
-from jaxlora.train.steps import TrainState, init_train_state, make_eval_step, make_train_step
+from jaxlora.train.settings import PRECISIONS
+from jaxlora.train.spec import RunSpec
+from jaxlora.train.steps import (
+    TrainState,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+)
 from jaxlora.weights.load import describe_base, load_params, read_base_config
 
 __all__ = ["Run", "RunShardings", "build_run", "state_shardings", "init_lora"]
@@ -97,65 +104,84 @@ def fit_micro_batch(batch_size: int, micro_batch_size: int, shards: int, log: Ca
     4 rows each)."""
     if batch_size % shards:
         raise MeshError(f"batch_size {batch_size} does not divide over the mesh's {shards} batch shards "
-                            "(data x fsdp)")
+                        "(data x fsdp)")
     micro = min(micro_batch_size, batch_size // shards)
     while (batch_size // shards) % micro:
         micro -= 1
     if micro != micro_batch_size:
-        log(f"micro_batch_size {micro_batch_size} per batch shard x {shards} shards does not fill batch_size "
-            f"{batch_size}; using {micro}")
+        total = micro_batch_size * shards
+        why = (f"= {total} > batch_size {batch_size}" if total > batch_size
+               else f"= {total} does not divide batch_size {batch_size}")
+        log(f"micro_batch_size: {micro_batch_size} rows per shard x {shards} shards {why}; using {micro}")
     return micro
 
-def build_run(a: TrainArgs, mesh: Mesh | None = None, max_steps: int | None = None, config: LLaMAConfig | None = None,
-              log: Callable[[str], None] = lambda msg: None) -> Run:
-    """Model, sharded weights and state, and jitted steps for resolved settings `a` on `mesh`.
 
-    mesh: None builds `a.mesh` (or the default layout) over every device.
+def quantize_frozen(params: Any, mode: str, mesh: Mesh) -> tuple[Any, Any]:
+    """Frozen kernels quantized in place, kernel by kernel (each float kernel is dropped as soon
+    as its quantized form exists), and the shardings of the result: codes and block scales stay
+    where their kernel was (sharded like it), the small double-quantization leaves replicated."""
+    params = quantize_params(params, mode, consume=True, head=False)
+    rep = shd.replicated(mesh)
+    on_mesh = jax.tree.map(lambda x: x if x.sharding.device_set == rep.device_set else jax.device_put(x, rep),
+                           params)
+    return on_mesh, jax.tree.map(lambda x: x.sharding, on_mesh)
+
+
+def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = None,
+              config: LLaMAConfig | None = None, log: Callable[[str], None] = lambda msg: None) -> Run:
+    """Model, sharded weights and state, and jitted steps of run `spec` on `mesh`.
+
+    mesh: None builds `spec.batch.mesh` (or the default layout) over every device.
     max_steps: the run's length (decaying schedules need it); config: an architecture to use
     instead of the base's (the benchmark's shallower variants; random weights only).
     """
-    compute_dtype, storage_dtype = PRECISIONS[a.precision]
-    base_config, kind = read_base_config(a.pretrained_path, a.preset)
+    speed, layout = spec.speed, spec.batch
+    compute_dtype, storage_dtype = PRECISIONS[speed.precision]
+    base_config, kind = read_base_config(spec.base.path, spec.base.preset)
     if config is not None and kind != "random":
         raise ValueError("a config override needs random base weights (--pretrained_path none)")
     config = config or base_config
     if mesh is None:
-        mesh = shd.mesh_from_spec(a.mesh, config, jnp.dtype(storage_dtype).itemsize)
-    if a.max_seq_length > config.block_size:
-        raise ValueError(f"max_seq_length {a.max_seq_length} exceeds the model's block_size {config.block_size}")
+        mesh = shd.mesh_from_spec(layout.mesh, config, jnp.dtype(storage_dtype).itemsize)
+    if layout.max_seq_length > config.block_size:
+        raise ValueError(f"max_seq_length {layout.max_seq_length} exceeds the model's block_size {config.block_size}")
     shd.check_mesh(mesh, config)
-    micro = fit_micro_batch(a.batch_size, a.micro_batch_size, shd.batch_shards(mesh), log)
+    if speed.quantize != "none" and mesh.shape["tensor"] > 1:
+        raise MeshError(f"--quantize {speed.quantize} with tensor parallelism ({shd.describe(mesh)}) is not supported "
+                        "yet: the q/k/v kernel is split on heads there; use --mesh data=N or fsdp=N")
+    micro = fit_micro_batch(layout.batch_size, layout.micro_batch_size, shd.batch_shards(mesh), log)
     micro_rows = micro * shd.batch_shards(mesh)
 
-    lora_config = LoRAConfig(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=a.lora_targets)
-    model = LLaMA(config, lora_config, dtype=compute_dtype, param_dtype=storage_dtype, lora_dtype=jnp.float32,
-                  attention=a.attention, remat=a.remat, scan_layers=a.scan_layers,
-                  scan_unroll=min(a.scan_unroll, config.n_layer),
+    model = LLaMA(config, spec.lora, dtype=compute_dtype, param_dtype=storage_dtype, lora_dtype=jnp.float32,
+                  attention=speed.attention, remat=speed.remat, scan_layers=speed.scan_layers,
+                  scan_unroll=min(speed.scan_unroll, config.n_layer),
                   mesh=mesh if mesh.devices.size > 1 else None, rules=shd.DEFAULT_RULES,
                   split_qkv=mesh.shape["tensor"] > 1)  # q/k/v split at head boundaries over tensor
     stored = shd.variable_shardings(model, mesh)
     as_run = shd.variable_shardings(model, mesh, as_run=True)
+    params = load_params(model, kind, spec.base.path, spec.seed, storage_dtype, as_run["params"])
+    params_sh = as_run["params"]
+    if speed.quantize != "none":
+        params, params_sh = quantize_frozen(params, speed.quantize, mesh)
 
-    params = load_params(model, kind, a.pretrained_path, a.seed, storage_dtype, as_run["params"])
-    base_desc = describe_base(kind, a.pretrained_path, a.preset, a.seed)
-
-    schedule = learning_rate_schedule(a.learning_rate, a.warmup_steps, a.schedule,
-                                      total_steps=max_steps if a.schedule != "constant" else None)
-    optimizer = make_optimizer(schedule, weight_decay=a.weight_decay, grad_clip=a.grad_clip or None)
+    opt = spec.optimizer
+    schedule = learning_rate_schedule(opt.learning_rate, opt.warmup_steps, opt.schedule,
+                                      total_steps=max_steps if opt.schedule != "constant" else None)
+    optimizer = make_optimizer(schedule, weight_decay=opt.weight_decay, grad_clip=opt.grad_clip or None)
     state_sh = state_shardings(optimizer, stored["lora"], mesh)
-    init_state = jax.jit(lambda: init_train_state(init_lora(model, a.seed), optimizer, a.seed, a.rng_impl),
+    init_state = jax.jit(lambda: init_train_state(init_lora(model, spec.seed), optimizer, spec.seed, speed.rng_impl),
                          out_shardings=state_sh)
-    state = init_state()
 
     rep = shd.replicated(mesh)
-    shardings = RunShardings(params=as_run["params"], state=state_sh, batch=shd.batch_sharding(mesh),
+    shardings = RunShardings(params=params_sh, state=state_sh, batch=shd.batch_sharding(mesh),
                              eval_batch=shd.eval_batch_sharding(mesh), replicated=rep)
-    train_step = make_train_step(model, optimizer, chunk_tokens=a.loss_chunk,
+    train_step = make_train_step(model, optimizer, chunk_tokens=speed.loss_chunk,
                                  shardings=(state_sh, shardings.params, shardings.batch, rep))
-    eval_step = make_eval_step(model, chunk_tokens=a.loss_chunk,
+    eval_step = make_eval_step(model, chunk_tokens=speed.loss_chunk,
                                shardings=(state_sh.lora, shardings.params, shardings.eval_batch, rep))
     log(f"mesh: {shd.describe(mesh)}; micro-batch {micro} rows per batch shard "
-        f"({micro_rows} over the mesh), {a.batch_size // micro_rows} per optimizer step")
-    return Run(config=config, lora_config=lora_config, model=model, mesh=mesh, params=params, state=state,
+        f"({micro_rows} over the mesh), {layout.batch_size // micro_rows} per optimizer step")
+    return Run(config=config, lora_config=spec.lora, model=model, mesh=mesh, params=params, state=init_state(),
                optimizer=optimizer, schedule=schedule, train_step=train_step, eval_step=eval_step,
-               shardings=shardings, base_desc=base_desc, micro_rows=micro_rows)
+               shardings=shardings, base_desc=describe_base(kind, spec.base.path, spec.base.preset, spec.seed),
+               micro_rows=micro_rows)

@@ -17,18 +17,27 @@ never mistaken for a checkpoint: the previous step stays the latest, and is what
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxlora.errors import CheckpointError
+from jaxlora.config import LLaMAConfig
+from jaxlora.errors import CheckpointError, NonFiniteLossError, TrainingError
+from jaxlora.parallel import distributed
+from jaxlora.train.data import Batcher
+from jaxlora.train.settings import RESUME_KEYS, TrainArgs, json_args
 from jaxlora.train.steps import TrainState
 
-__all__ = ["CheckpointError", "Checkpointer", "state_to_tree", "tree_to_state"]
+__all__ = ["CHECKPOINTS_DIR", "CheckpointError", "Checkpointer", "RunCheckpoints", "Start", "open_checkpoints",
+           "check_resumable", "state_to_tree", "tree_to_state"]
+
+CHECKPOINTS_DIR = "checkpoints"
 
 
 def state_to_tree(state: TrainState) -> dict[str, Any]:
@@ -132,3 +141,94 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# ----------------------------------------------------------------------------- a run's checkpoints
+
+def open_checkpoints(out: Path, a: TrainArgs, log: Callable[[str], None]) -> Checkpointer:
+    """The run's Checkpointer; refuses a directory that holds another run unless --resume (or
+    --overwrite, which the caller has already acted on), and says once when --resume has
+    nothing to resume."""
+    checkpointer = Checkpointer(out / CHECKPOINTS_DIR, max_to_keep=a.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is not None and not a.resume:
+        checkpointer.close()
+        raise TrainingError(f"{checkpointer.directory} already holds checkpoints (latest: step {latest}); pass "
+                            "--resume to continue that run, --overwrite to start a new one in its place (deleting "
+                            "its checkpoints and outputs), or choose another --out_dir")
+    if a.resume and latest is None:
+        log(f"warning: --resume: no checkpoint in {checkpointer.directory}; starting a new run from step 0")
+    return checkpointer
+
+
+def remove_checkpoints(out: Path) -> None:
+    """--overwrite: the old run's checkpoints go (the primary process deletes them)."""
+    if distributed.is_primary():
+        shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
+
+
+def check_resumable(meta: dict[str, Any], a: TrainArgs, config: LLaMAConfig, where: Path) -> None:
+    """A checkpoint continues this run only with the same run-defining settings and base model."""
+    saved = meta.get("args", {})
+    mine = json_args(a)
+    keys = RESUME_KEYS + (("max_steps", "epochs") if a.schedule != "constant" else ())
+    for key in keys:
+        if key in saved and saved[key] != mine[key]:
+            raise CheckpointError(f"{where}: saved with {key}={saved[key]!r}, this run has {key}={mine[key]!r}; "
+                                  "resume with the same settings")
+    if LLaMAConfig.from_dict(meta.get("model") or {}) != config:  # (older checkpoints lack newer fields)
+        raise CheckpointError(f"{where}: saved for model {meta.get('model')}, this run's base model is "
+                              f"{config.to_dict()}")
+
+
+@dataclass
+class Start:
+    """Where a run starts: its first state and step, and the before-training evaluation
+    (None: not measured yet)."""
+
+    step: int
+    state: TrainState
+    baseline: dict[str, Any] | None = None
+
+
+class RunCheckpoints:
+    """A run's checkpoints: resume from the latest, save states with the run's metadata."""
+
+    def __init__(self, checkpointer: Checkpointer, meta: dict[str, Any] | None = None) -> None:
+        self.checkpointer = checkpointer
+        self.meta = meta or {}  # the run's settings, configs and baseline, saved with every checkpoint
+        self.last_saved: int | None = None
+
+    def resume(self, a: TrainArgs, config: LLaMAConfig, state: TrainState, batcher: Batcher,
+               log: Callable[[str], None]) -> Start:
+        """The latest checkpoint restored onto `state`'s shardings and `batcher` moved to its data
+        position, when resuming and there is one; else step 0 and `state`."""
+        ckpt = self.checkpointer
+        latest = ckpt.latest_step() if a.resume else None
+        if latest is None:
+            return Start(0, state)
+        check_resumable(ckpt.restore_meta(latest), a, config, ckpt.step_dir(latest))
+        state, meta = ckpt.restore(state, latest)
+        try:
+            batcher.restore(meta["data"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{ckpt.step_dir(latest)}: data position does not fit this data: {e}") from e
+        self.last_saved = latest
+        log(f"resumed from {ckpt.step_dir(latest)} (step {latest}, data epoch {batcher.epoch} position "
+            f"{batcher.position})")
+        return Start(latest, state, meta.get("baseline"))
+
+    def save(self, state: TrainState, step: int, data: dict[str, Any]) -> None:
+        """Checkpoint `state` (step `step`, data position `data`); non-finite adapters are refused."""
+        if not all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(distributed.to_host(state.lora))):
+            raise NonFiniteLossError(f"adapters became non-finite at step {step}; not saved. Last good checkpoint: "
+                                     f"{self.last_good()}")
+        self.checkpointer.save(state, {**self.meta, "data": data, "step": step})
+        self.last_saved = step
+
+    def last_good(self) -> str:
+        step = self.checkpointer.latest_step()
+        return "none yet" if step is None else f"step {step} in {self.checkpointer.step_dir(step)}"
+
+    def close(self) -> None:
+        self.checkpointer.close()

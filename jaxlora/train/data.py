@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from jaxlora.errors import DataError
-from jaxlora.text.prompts import generate_prompt
-from jaxlora.text.tokenizer import Tokenizer
+from jaxlora.text.prompts import DEFAULT_STYLE, PromptStyle, encode_rendered, get_style
+from jaxlora.text.tokenizer import TextTokenizer
 
 __all__ = [
     "IGNORE_INDEX",
@@ -171,12 +171,14 @@ def split_records(records: Sequence[dict], val_size: int | float, seed: int = 42
 
 def prepare_sample(
     record: dict,
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     max_length: int = 256,
     mask_inputs: bool = False,
     ignore_index: int = IGNORE_INDEX,
+    style: PromptStyle | None = None,
 ) -> dict:
-    """Tokenize one record exactly like lit-llama's ``prepare_alpaca.prepare_sample``.
+    """Tokenize one record exactly like lit-llama's ``prepare_alpaca.prepare_sample`` (with the
+    default Alpaca style; another `style` renders the record its way, same cut and masking).
 
     Returns the record's fields plus int32 arrays ``input_ids`` (prompt + output, BOS and
     EOS, truncated to ``max_length`` after EOS is appended), ``input_ids_no_response``
@@ -184,22 +186,20 @@ def prepare_sample(
     ``mask_inputs`` the prompt positions are set to ``ignore_index``), and ``num_tokens``,
     the length of ``input_ids`` before truncation (not in lit-llama's files).
     """
-    prompt = generate_prompt(record)
-    untruncated = tokenizer.encode(prompt + record["output"], bos=True, eos=True)
-    full = untruncated[:max_length] if max_length > 0 else untruncated  # as encode(..., max_length)
-    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False, max_length=max_length)
-    labels = full.copy()
+    encoded = encode_rendered((style or get_style(DEFAULT_STYLE)).render(record), tokenizer, max_length)
+    labels = encoded.input_ids.copy()
     if mask_inputs:
-        labels[: len(prompt_ids)] = ignore_index
-    return {**record, "input_ids": full, "input_ids_no_response": prompt_ids, "labels": labels,
-            "num_tokens": len(untruncated)}
+        labels[: len(encoded.prompt_ids)] = ignore_index
+    return {**record, "input_ids": encoded.input_ids, "input_ids_no_response": encoded.prompt_ids,
+            "labels": labels, "num_tokens": encoded.num_tokens}
 
 
 def prepare_records(
-    records: Sequence[dict], tokenizer: Tokenizer, max_length: int = 256, mask_inputs: bool = False
+    records: Sequence[dict], tokenizer: TextTokenizer, max_length: int = 256, mask_inputs: bool = False,
+    style: PromptStyle | None = None,
 ) -> list[dict]:
     """``prepare_sample`` applied to every record (``count_truncated`` says how many were cut)."""
-    return [prepare_sample(r, tokenizer, max_length, mask_inputs) for r in records]
+    return [prepare_sample(r, tokenizer, max_length, mask_inputs, style=style) for r in records]
 
 
 def count_truncated(samples: Sequence[dict], max_seq_length: int) -> int:

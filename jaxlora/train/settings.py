@@ -16,7 +16,7 @@ benchmark read them, so the benchmark times the step that train.py runs.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import jax.numpy as jnp
@@ -24,6 +24,9 @@ import jax.numpy as jnp
 from jaxlora.config import parse_targets
 from jaxlora.demo import DEMO_BASE, DEMO_DATA, DEMO_TOKENIZER
 from jaxlora.model.llama import ATTENTION_IMPLS, REMAT_POLICIES
+from jaxlora.model.quantize import QUANTIZE_MODES
+from jaxlora.text.prompts import PROMPT_STYLES
+from jaxlora.parallel.sharding import default_mesh_shape
 from jaxlora.train.optim import SCHEDULES
 
 LIT_PRESETS = ("7b", "13b", "30b", "65b")
@@ -33,6 +36,9 @@ PRECISIONS: dict[str, tuple[Any, Any]] = {  # name -> (compute dtype, frozen-wei
     "32-true": (jnp.float32, jnp.float32),
 }
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+# The default layout, in the words of the function that chooses it (its docstring's first paragraph).
+_MESH_DOC = " ".join(default_mesh_shape.__doc__.split("\n\n")[0].split())
+DEFAULT_MESH = _MESH_DOC[0].lower() + _MESH_DOC[1:]
 LIT_SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
 
 # lit-llama's finetune/lora.py, used whenever the preset is one of LIT_PRESETS.
@@ -66,52 +72,130 @@ DEMO_PROFILE: dict[str, Any] = dict(
 )
 
 
+# Flag groups of train.py, in the order --help shows them.
+GROUPS = ("model and files", "LoRA", "optimization", "devices and hosts", "evaluation and checkpoints")
+
+
+def setting(help: str = "", group: str = "", default: Any = None, choices: Sequence[str] | None = None,
+            negated: str | None = None, exclusive: str | None = None) -> Any:
+    """A TrainArgs field with what train.py's flag needs: its help, group and choices (checked
+    by `resolve_args` too). No help: not a flag. negated: the flag that sets a True default to
+    False (``--no_plot``). exclusive: a group of flags of which at most one may be given."""
+    meta = {"help": help, "group": group, "choices": choices, "negated": negated, "exclusive": exclusive}
+    return field(default=default, metadata=meta)
+
+
+FILES, LORA, OPTIM, DEVICES, EVAL = GROUPS
+
+
 @dataclass
 class TrainArgs:
-    """Settings of one run. None means: take the profile's value (see `profile_for`)."""
+    """Settings of one run. None means: take the profile's value (see `profile_for`).
 
-    preset: str | None = None
-    pretrained_path: str | None = None
-    tokenizer_path: str | None = None
-    data_path: str | None = None
-    out_dir: str | None = None
-    lora_r: int | None = None
-    lora_alpha: float | None = None
-    lora_dropout: float | None = None
-    lora_targets: str | Sequence[str] | None = None
-    learning_rate: float | None = None
-    weight_decay: float | None = None
-    warmup_steps: int | None = None
-    schedule: str | None = None
-    grad_clip: float | None = None
-    batch_size: int | None = None
-    micro_batch_size: int | None = None  # per batch shard (device group) of the mesh
-    max_steps: int | None = None
-    epochs: float | None = None
-    max_seq_length: int | None = None
-    eval_interval: int | None = None
-    eval_iters: int | None = None
-    save_interval: int | None = None
-    val_size: int | float | None = None
-    precision: str | None = None
-    exact_match_samples: int | None = None
-    max_new_tokens: int | None = None
-    sample_instruction: str | None = None
-    scan_layers: bool | None = None
-    scan_unroll: int | None = None
-    remat: str | None = None
-    rng_impl: str | None = None
-    loss_chunk: int | None = None
-    mesh: str | None = None  # 'data=D,fsdp=F,tensor=T'; None: the default layout (jaxlora.parallel.sharding)
-    resume: bool = False
-    seed: int = 1337
-    mask_inputs: bool | None = None
-    keep_checkpoints: int = 3
+    Each field's metadata is its train.py flag (`setting`): the CLI is generated from these."""
+
+    preset: str | None = setting(
+        "model size: 7b, 13b, 30b, 65b (lit-llama's presets; selects lit-llama's recipe as defaults), or "
+        "demo/tiny. Checked against the weights; inferred from a lit-llama checkpoint when left out with "
+        "--pretrained_path", FILES)
+    pretrained_path: str | None = setting(
+        "frozen base weights: a lit-llama .pth file (read tensor by tensor, no torch needed), a jaxlora "
+        "checkpoint directory (convert/from_lit_llama.py) or a Hugging Face LLaMA directory (config.json + "
+        "safetensors); 'none' for random weights (smoke tests)", FILES)
+    tokenizer_path: str | None = setting("SentencePiece tokenizer.model", FILES)
+    data_path: str | None = setting(
+        "Alpaca-style data: a JSON list (or JSONL) of {instruction, input, output} records, split into "
+        "train/validation here; or a directory with lit-llama's prepared train.pt and test.pt", FILES)
+    out_dir: str | None = setting("where checkpoints, metrics and the adapters go", FILES)
+    resume: bool = setting(
+        "continue the run in --out_dir from its latest checkpoint (adapters, optimizer, step, RNG and data "
+        "position), bit-identically; the run-defining flags must be the same. With no checkpoint there, a "
+        "new run starts (and says so)", FILES, default=False)
+    overwrite: bool = setting(
+        "start a new run in an --out_dir that holds one, deleting its checkpoints and outputs", FILES,
+        default=False)
+    lora_r: int | None = setting("adapter rank", LORA)
+    lora_alpha: float | None = setting("adapter scale numerator (scaling = alpha / r)", LORA)
+    lora_dropout: float | None = setting("dropout on the adapter input", LORA)
+    lora_targets: str | Sequence[str] | None = setting(
+        "comma-separated projections with adapters: q,k,v,o,gate,up,down, or 'all' (PEFT names like q_proj "
+        "also work); lit-llama's LoRA file is written for q,v only", LORA)
+    learning_rate: float | None = setting("peak AdamW learning rate", OPTIM)
+    weight_decay: float | None = setting(
+        "AdamW decoupled weight decay (lit-llama's effective value is torch's default 0.01)", OPTIM)
+    warmup_steps: int | None = setting("linear warmup from 0 over this many optimizer steps", OPTIM)
+    schedule: str | None = setting(
+        "after warmup: constant (lit-llama), or cosine/linear decay to 10% at the last step", OPTIM,
+        choices=SCHEDULES)
+    grad_clip: float | None = setting(
+        "clip the global gradient norm to this; 0 = off (lit-llama does not clip)", OPTIM)
+    batch_size: int | None = setting("samples per optimizer step", OPTIM)
+    micro_batch_size: int | None = setting(
+        "samples per forward/backward pass on each batch shard of the mesh (data x fsdp devices); gradients "
+        "are accumulated over batch_size / (micro_batch_size x shards) of them inside one jitted step", OPTIM)
+    max_steps: int | None = setting("optimizer steps to train", OPTIM, exclusive="run length")
+    epochs: float | None = setting(
+        "passes over the training data instead of --max_steps (each epoch in a new shuffled order)", OPTIM,
+        exclusive="run length")
+    max_seq_length: int | None = setting(
+        "tokens per sample (longer ones are truncated); batches are padded to a few bucket lengths up to this",
+        OPTIM)
+    mask_inputs: bool | None = setting(
+        "no loss on the prompt tokens (lit-llama's mask_inputs); validation loss is then over response tokens "
+        "only", OPTIM)
+    seed: int = setting("adapter init, dropout and data order", OPTIM, default=1337)
+    prompt_style: str = setting(
+        "how a record becomes a prompt: alpaca (lit-llama's template), plain (instruction and input as they "
+        "are), llama2-chat / llama3-chat (Meta's chat formats), chat-template (the model's own, from its "
+        "tokenizer_config.json). Only the response is trained on with --mask_inputs, as with alpaca", OPTIM,
+        default="alpaca",
+        choices=PROMPT_STYLES)
+    quantize: str = setting(
+        "frozen weights quantized on the device, kernel by kernel, as they are loaded: nf4 (QLoRA's 4-bit "
+        "NormalFloat, blocks of 64, ~4.5 bits a weight), nf4-dq (and the block scales in 8 bits: ~4.13 bits), "
+        "int8 (per output channel); none keeps the storage dtype. Adapters, norms, embeddings and the LM head "
+        "stay as they are", OPTIM, default="none", choices=("none",) + QUANTIZE_MODES)
+    precision: str | None = setting(
+        "bf16-true: bf16 frozen weights and compute (lit-llama); bf16-mixed: f32 weights, bf16 compute; "
+        "32-true: all f32 (use on CPU). Adapters and optimizer state are always f32", OPTIM, choices=PRECISIONS)
+    remat: str | None = setting(
+        "activation rematerialization per layer: none keeps everything; dots/dots_no_batch keep matmul "
+        "outputs and recompute the rest (less memory, and faster on an H100); full recomputes each layer",
+        OPTIM, choices=REMAT_POLICIES)
+    scan_layers: bool | None = setting(
+        "run the layers as one scan over stacked weights (compiles in seconds); --no-scan_layers loops over "
+        "per-layer weights (fastest on GPU, ~30 s compile per batch length at 7B on an H100)", OPTIM)
+    scan_unroll: int | None = setting("layers per scan iteration with --scan_layers; 0 unrolls the scan", OPTIM)
+    attention: str = setting(
+        "attention kernel: auto = cuDNN flash attention on a GPU with 16-bit compute, else XLA", OPTIM,
+        default="auto", choices=ATTENTION_IMPLS)
+    loss_chunk: int | None = setting(
+        "tokens per cross-entropy chunk (the float32 logits of one chunk at a time); 0 = the whole "
+        "micro-batch at once", OPTIM)
+    rng_impl: str | None = setting(
+        "PRNG of the dropout masks; rbg is cheaper on GPUs, its masks depend on the mesh", OPTIM,
+        choices=RNG_IMPLS)
+    mesh: str | None = setting(
+        "device mesh 'data=D,fsdp=F,tensor=T' (axes left out are 1; data=-1 or left out takes the devices the "
+        "others leave). data: replicas of the frozen model; fsdp: the frozen weights sharded and gathered "
+        "layer by layer; tensor: heads and MLP split (stays within a host). Default: " + DEFAULT_MESH, DEVICES)
+    val_size: int | float | None = setting(
+        "validation records split off the data (a count, or a fraction < 1); split with seed 42", EVAL)
+    eval_interval: int | None = setting("validate every this many steps", EVAL)
+    eval_iters: int | None = setting(
+        "validation micro-batches per evaluation (the same first eval_iters x micro_batch_size validation "
+        "samples each time)", EVAL)
+    save_interval: int | None = setting("checkpoint every this many steps (and at the end)", EVAL)
+    keep_checkpoints: int = setting("finished checkpoints to keep", EVAL, default=3)
+    exact_match_samples: int | None = setting(
+        "held-out prompts whose greedy response is compared with the reference before and after training; "
+        "0 = off", EVAL)
+    max_new_tokens: int | None = setting("length limit of sample generations", EVAL)
+    sample_instruction: str | None = setting("fixed instruction answered (greedily) at every evaluation", EVAL)
+    progress: bool = setting("no progress bar", EVAL, default=True, negated="no_progress")
+    plot: bool = setting("do not write loss.png", EVAL, default=True, negated="no_plot")
     num_samples: int = 3
-    attention: str = "auto"
-    progress: bool = True
     verbose: bool = True
-    plot: bool = True
     export_lit: bool = True
 
 
@@ -149,10 +233,12 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
         raise ValueError("give max_steps or epochs, not both")
     a = TrainArgs(**values)
     a.val_size = parse_val_size(a.val_size)
-    for name, allowed in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("remat", REMAT_POLICIES),
-                          ("attention", ATTENTION_IMPLS), ("rng_impl", RNG_IMPLS)):
-        if getattr(a, name) not in allowed:
-            raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(a, name)!r}")
+    for f in dataclasses.fields(TrainArgs):
+        allowed = f.metadata.get("choices")
+        if allowed is not None and getattr(a, f.name) not in allowed:
+            raise ValueError(f"{f.name} must be one of {list(allowed)}, got {getattr(a, f.name)!r}")
+    if a.resume and a.overwrite:
+        raise ValueError("give --resume (continue the run in out_dir) or --overwrite (replace it), not both")
     for name in ("batch_size", "micro_batch_size", "max_seq_length", "eval_interval", "save_interval", "eval_iters"):
         if getattr(a, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(a, name)}")
@@ -180,4 +266,4 @@ def json_args(a: TrainArgs) -> dict[str, Any]:
 # another mesh (the dropout masks of rng_impl 'rbg' do depend on the mesh).
 RESUME_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "max_seq_length", "seed",
                "mask_inputs", "precision", "val_size", "learning_rate", "weight_decay", "warmup_steps", "schedule",
-               "grad_clip")
+               "grad_clip", "prompt_style", "quantize")

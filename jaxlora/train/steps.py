@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlora.model.layouts import layered
-from jaxlora.model.llama import LLaMA, head_logits
+from jaxlora.model.llama import LLaMA, head_logits, lm_head_kernel
 from jaxlora.train.data import IGNORE_INDEX
 
 Array = jax.Array
@@ -45,13 +45,21 @@ def shift_targets(labels: Array) -> Array:
     return jnp.concatenate([labels[..., 1:], pad], axis=-1)
 
 
+# The most logits one loss chunk forms: 4096 tokens of LLaMA-1's 32,000-word vocabulary (the
+# GPU profile's loss_chunk), 0.5 GB in float32; larger vocabularies get fewer tokens a chunk.
+MAX_CHUNK_LOGITS = 4096 * 32000
+
+
 def token_nll_sum(hidden: Array, head_kernel: Array, targets: Array, chunk_tokens: int = 0) -> tuple[Array, Array]:
     """Sum of next-token cross-entropy over non-ignored targets, and their count.
 
     hidden (B, T, C) final normed states; head_kernel (C, V); targets (B, T), -1 = ignore.
     With chunk_tokens > 0 the logits are formed (and, in the backward pass, re-formed)
-    one chunk of tokens at a time, so float32 logits for the whole batch never exist.
+    one chunk of tokens at a time, so float32 logits for the whole batch never exist; a chunk
+    holds at most MAX_CHUNK_LOGITS logits (Llama 3's 128k vocabulary: ~1k tokens a chunk).
     """
+    if chunk_tokens > 0:
+        chunk_tokens = max(1, min(chunk_tokens, MAX_CHUNK_LOGITS // head_kernel.shape[-1]))
     C = hidden.shape[-1]
     h = hidden.reshape(-1, C)
     t = targets.reshape(-1)
@@ -91,7 +99,7 @@ def make_loss_fn(model: LLaMA, chunk_tokens: int = 0) -> Callable[..., tuple[Arr
         variables = {"params": layered(model, params), "lora": layered(model, lora)}
         hidden = model.apply(variables, input_ids, deterministic=not rngs,
                              return_hidden=True, rngs=rngs)
-        return token_nll_sum(hidden, params["lm_head"]["kernel"], shift_targets(labels), chunk_tokens)
+        return token_nll_sum(hidden, lm_head_kernel(params), shift_targets(labels), chunk_tokens)
     return loss_sum
 
 

@@ -98,8 +98,19 @@ def _lit_module(module: tuple[str, str]) -> str:
     return TARGET_MODULES[module][0].lit_module
 
 
+def check_lit_llama_model(config: LLaMAConfig) -> None:
+    """Raise StateDictError unless lit-llama's network computes `config` (LLaMA-1's architecture)."""
+    if not config.is_llama1:
+        raise StateDictError(
+            f"a lit-llama file cannot hold this model ({'; '.join(config.llama1_differences())}): lit-llama's "
+            "LLaMA has only multi-head attention, plain RoPE and a separate LM head, so it would compute another "
+            "function. Export it to HF transformers instead (convert/to_hf.py; adapters as a PEFT folder: "
+            "convert/to_peft.py)")
+
+
 def base_maps(config: LLaMAConfig) -> list[TensorMap]:
     """The frozen weights: lit-llama base checkpoint <-> our `params`."""
+    check_lit_llama_model(config)
     C, V = config.n_embd, config.padded_vocab_size
     maps = [
         TensorMap("transformer.wte.weight", (V, C), ("params", "wte", "embedding"), identity, identity),
@@ -118,6 +129,7 @@ def base_maps(config: LLaMAConfig) -> list[TensorMap]:
 def lora_maps(config: LLaMAConfig, lora: LoRAConfig) -> list[TensorMap]:
     """The adapters of any target set, as lit-llama LoRA layers would hold them on these modules
     (for lit-llama's own LoRA file: targets q, v only, see `check_lit_lora_targets`)."""
+    check_lit_llama_model(config)
     r, shapes = lora.r, config.dense_shapes()
     maps: list[TensorMap] = []
     for module in TARGET_MODULES:

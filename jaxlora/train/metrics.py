@@ -1,0 +1,153 @@
+"""What a run records as it trains: ``metrics.jsonl``, the step clock, and the progress bar.
+
+A step's metrics are read one step late (`StepTracker`): the next step is queued on the device
+before the host waits for this one's loss, so the device never waits for the host. A queued
+step leaves the tracker only once its row is written, so whatever stops the run (Ctrl-C in
+the middle of a read included), `StepTracker.flush` still writes every step that was trained.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import optax
+from tqdm.auto import tqdm
+
+from jaxlora.errors import NonFiniteLossError
+from jaxlora.train.plot import read_metrics
+
+__all__ = ["METRICS_FILE", "MetricsLog", "StepClock", "QueuedStep", "StepTracker", "progress_bar"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as written; the file is created by the
+    first row (a run that fails before training leaves none). Only the primary process writes.
+
+    keep_until: a resumed run's checkpoint step; the rows an interrupted run logged after it
+    (and error rows) are dropped, so every step appears once."""
+
+    def __init__(self, path: Path, keep_until: int | None = None, enabled: bool = True) -> None:
+        self.path, self.enabled, self._f = path, enabled, None
+        self._mode = "w"
+        if enabled and keep_until is not None and path.exists():
+            kept = [json.dumps(row) for row in read_metrics(path)
+                    if row.get("step", 0) <= keep_until and row.get("type") != "error"]
+            path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            self._mode = "a"
+
+    def write(self, **row: Any) -> None:
+        if not self.enabled:
+            return
+        if self._f is None:
+            self._f = open(self.path, self._mode, encoding="utf-8")
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class StepClock:
+    """Wall time of the training steps alone: a step runs from the end of the previous step, or
+    of the last thing the host did that is not training (compiling, evaluating, saving), to
+    its own end as seen by the host waiting for its metrics."""
+
+    def __init__(self) -> None:
+        self.mark = time.perf_counter()
+        self.seconds = self.real_tokens = self.padded_tokens = self.flops = 0.0
+        self.steps = 0
+
+    def pause(self) -> None:
+        self.mark = time.perf_counter()
+
+    def step_done(self, real_tokens: int, padded_tokens: int, flops: float) -> float:
+        now = time.perf_counter()
+        dt, self.mark = now - self.mark, now
+        self.seconds += dt
+        self.real_tokens += real_tokens
+        self.padded_tokens += padded_tokens
+        self.flops += flops
+        self.steps += 1
+        return dt
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm | None:
+    """A progress bar over the run's steps (None when off or nothing is left to train)."""
+    if not enabled or total <= initial:
+        return None
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
+
+
+@dataclass
+class QueuedStep:
+    """A step queued on the device whose metrics the host has not read yet."""
+
+    step: int
+    metrics: dict[str, jax.Array]
+    tokens: int  # real (non-padding) tokens
+    padded_tokens: int
+    flops: float
+    epoch: int
+
+
+class StepTracker:
+    """Reads queued steps' metrics, checks them, writes their rows and moves the progress bar."""
+
+    def __init__(self, log_rows: MetricsLog, schedule: optax.Schedule, log: Callable[[str], None],
+                 last_good: Callable[[], str], bar: tqdm | None = None) -> None:
+        self.rows, self.schedule, self.last_good, self.bar = log_rows, schedule, last_good, bar
+        self._log = log
+        self.clock = StepClock()
+        self.queued: list[QueuedStep] = []
+        self.rate: float | None = None  # smoothed tokens/s for the bar
+
+    def log(self, msg: str) -> None:
+        """A line that does not break the progress bar."""
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            self._log(msg)
+
+    def queue(self, step: QueuedStep) -> None:
+        self.queued.append(step)
+
+    def flush(self, keep_last: bool = False) -> None:
+        """Read and record the queued steps (all but the newest with keep_last), oldest first."""
+        while len(self.queued) > (1 if keep_last else 0):
+            self._record(self.queued[0])
+            self.queued.pop(0)  # only once its row is written
+
+    def _record(self, q: QueuedStep) -> None:
+        m = jax.device_get(q.metrics)
+        dt = self.clock.step_done(q.tokens, q.padded_tokens, q.flops)
+        loss, gnorm, lr = float(m["loss"]), float(m["grad_norm"]), float(self.schedule(q.step - 1))
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            self.queued.clear()  # nothing after a diverged step is worth recording
+            self.rows.write(type="error", step=q.step, loss=loss, grad_norm=gnorm)
+            raise NonFiniteLossError(
+                f"non-finite loss at step {q.step} (loss {loss}, grad norm {gnorm}, lr {lr:.3g}); the run stopped "
+                f"and nothing from this step was saved. Last good checkpoint: {self.last_good()}. Try a lower "
+                "--learning_rate or --grad_clip 1.0, then --resume.")
+        if int(m["tokens"]) == 0:
+            self.log(f"warning: step {q.step} had no loss tokens (every target masked or cut); it changed nothing")
+        self.rate = q.tokens / dt if self.rate is None else 0.8 * self.rate + 0.2 * q.tokens / dt
+        self.rows.write(type="train", step=q.step, loss=loss, lr=lr, grad_norm=gnorm, loss_tokens=int(m["tokens"]),
+                        tokens=q.tokens, padded_tokens=q.padded_tokens, seconds=round(dt, 4),
+                        tokens_per_s=round(q.tokens / dt, 1), epoch=q.epoch)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f}  lr {lr:.2e}  {self.rate:,.0f} tok/s", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
