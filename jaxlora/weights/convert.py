@@ -131,12 +131,13 @@ def lit_to_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
 # jaxlora -> lit-llama
 
 
-def check_same_model(config: LLaMAConfig, adapter_config: LLaMAConfig, adapters: Path, base: Any) -> None:
+def check_same_model(config: LLaMAConfig, adapter_config: LLaMAConfig, adapters: Path, base: Any,
+                     what: str = "model") -> None:
     """CheckpointError naming each field when adapters were trained on another model than `base`."""
     if adapter_config != config:
         diffs = "; ".join(f"{k}: adapters {v}, base {getattr(config, k)}"
                           for k, v in adapter_config.to_dict().items() if getattr(config, k) != v)
-        raise CheckpointError(f"{adapters}: adapters for another model than {base} ({diffs})")
+        raise CheckpointError(f"{adapters}: adapters for another {what} than {base} ({diffs})")
 
 
 def open_checked(directory: Path, item: str, expected: Mapping) -> cio.ArrayTreeReader:

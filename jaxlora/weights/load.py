@@ -172,7 +172,7 @@ def load_adapters_dir(directory: PathLike, config: LLaMAConfig, base: str = "the
     against the base's config."""
     directory = Path(directory)
     adapter_config, lora_config = cio.read_config(directory)
-    check_same_model(config, adapter_config, directory, base)
+    check_same_model(config, adapter_config, directory, base, what="model size")
     if lora_config is None or not (directory / cio.LORA_DIR).is_dir():
         raise CheckpointError(f"{directory}: no adapters ({cio.CONFIG_FILE} 'lora' is null or no "
                                   f"{cio.LORA_DIR}/ directory)")
