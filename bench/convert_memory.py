@@ -44,7 +44,7 @@ def synthetic_items(config: LLaMAConfig, dtype: np.dtype, seed: int = 0) -> Iter
     block = (0.02 * rng.standard_normal(1 << 20)).astype(dtype)
     maps = lit_llama.base_maps(config)
     keys = {k: m for m in maps for k in m.keys(config.n_layer)}
-    for n, key in enumerate(lit_llama._sorted_like_lit(keys)):
+    for n, key in enumerate(lit_llama.sorted_like_lit(keys)):
         shape = keys[key].lit_shape
         size = int(np.prod(shape))
         yield key, np.resize(np.roll(block, -(n * 7919)), size).reshape(shape)  # a different phase per tensor

@@ -1,5 +1,6 @@
-"""What the HF/PEFT converters' command lines share: importing jaxlora from this checkout,
-jax on the host, and one way to report bad input (exit code 2, as train.py)."""
+"""What the converters' command lines share: importing jaxlora from this checkout, jax on the
+host, and reporting through `jaxlora.errors.run_command` (the one error -> exit-code map:
+bad input 2 with one line naming the problem, Ctrl-C 130, a bug keeps its traceback)."""
 from __future__ import annotations
 
 import os
@@ -12,17 +13,19 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 # Conversion runs on the host: keep jax off the accelerators (and their memory preallocation).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-USER_ERROR = 2
+
+from jaxlora.errors import run_command  # noqa: E402  (after the path and platform set-up above)
 
 
 def run(prog: str, action: Callable[[], str | None], quiet: bool = False) -> int:
-    """Run action(); bad input (ValueError, OSError: files, keys, shapes, settings) -> message, exit 2.
-    A returned string is printed as the success message."""
-    try:
+    """Run action() through `run_command`; a returned string is printed as the success message."""
+    def report() -> None:
         done = action()
-    except (ValueError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return USER_ERROR
-    if done and not quiet:
-        print(f"{prog}: {done}", file=sys.stderr)
-    return 0
+        if done and not quiet:
+            print(f"{prog}: {done}", file=sys.stderr)
+    return run_command(prog, report, on_interrupt="interrupted; nothing was written")
+
+
+def rate(stats: dict) -> str:
+    """', 1.23 GB/s' when the move took long enough to measure, else ''."""
+    return f", {stats['gb_per_s']:.2f} GB/s" if stats.get("gb_per_s") else ""

@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-# Conversion runs on the host: keep jax off the accelerators (and their memory preallocation).
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import _cli
+
+from jaxlora.config import PRESETS, LLaMAConfig
+from jaxlora.weights.convert import lit_to_checkpoint
+from jaxlora.weights.engine import release_freed_memory
 
 
-def parse_model_config(spec: str | None) -> "LLaMAConfig | None":
+def parse_model_config(spec: str | None) -> LLaMAConfig | None:
     """None, a preset name ('7B'), or JSON of LLaMAConfig fields ('{"n_layer": 4, ...}' or a .json file)."""
-    from jaxlora.config import PRESETS, LLaMAConfig
     if spec is None:
         return None
     if spec.lower() in {k.lower() for k in PRESETS}:
@@ -58,21 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     args = p.parse_args(argv)
 
-    from jaxlora.weights.convert import USER_ERRORS, lit_to_checkpoint, release_freed_memory
     release_freed_memory()
-    try:
+
+    def convert() -> str:
         config, lora, stats = lit_to_checkpoint(
             args.checkpoint_path, args.out_dir, lora_path=args.lora_path, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, dtype=args.dtype, config=parse_model_config(args.model_config),
             overwrite=args.overwrite, progress=not args.quiet)
-    except USER_ERRORS as e:
-        print(f"from_lit_llama: error: {e}", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        print(f"from_lit_llama: wrote {args.out_dir} (n_layer={config.n_layer}, n_embd={config.n_embd}, "
-              f"lora={lora.to_dict() if lora else None}) in {stats['seconds']:.1f} s, {stats['gb_per_s']:.2f} GB/s",
-              file=sys.stderr)
-    return 0
+        return (f"wrote {args.out_dir} (n_layer={config.n_layer}, n_embd={config.n_embd}, "
+                f"lora={lora.to_dict() if lora else None}) in {stats['seconds']:.1f} s{_cli.rate(stats)}")
+    return _cli.run("from_lit_llama", convert, args.quiet)
 
 
 if __name__ == "__main__":

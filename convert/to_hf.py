@@ -1,4 +1,4 @@
-"""jaxlora checkpoint directory -> Hugging Face LlamaForCausalLM directory (safetensors).
+r"""jaxlora checkpoint directory -> Hugging Face LlamaForCausalLM directory (safetensors).
 
     python convert/to_hf.py --checkpoint_dir checkpoints/jaxlora/7B --out_dir hf/7B
     python convert/to_hf.py --checkpoint_dir checkpoints/jaxlora/7B --adapters out/lora/alpaca/adapters \
@@ -16,6 +16,9 @@ import argparse
 import sys
 
 import _cli
+
+from jaxlora.weights.engine import release_freed_memory
+from jaxlora.weights.hf_files import checkpoint_to_hf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.adapters and not args.merged:
         p.error("--adapters needs --merged (unmerged adapters go to PEFT: convert/to_peft.py)")
 
-    from jaxlora.weights.convert import release_freed_memory
-    from jaxlora.weights.hf_files import checkpoint_to_hf
     release_freed_memory()
 
     def convert() -> str:

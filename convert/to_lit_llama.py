@@ -18,15 +18,12 @@ what), 1 an unexpected failure.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-# Conversion runs on the host: keep jax off the accelerators (and their memory preallocation).
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import _cli
+
+from jaxlora.weights.convert import checkpoint_to_lit
+from jaxlora.weights.engine import release_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,19 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint_dir is None and (args.adapters is None or args.merged or args.base):
         p.error("--checkpoint_dir is required (only a LoRA file can be written from --adapters alone)")
 
-    from jaxlora.weights.convert import USER_ERRORS, checkpoint_to_lit, release_freed_memory
     release_freed_memory()
     kind = "merged" if args.merged else "base" if args.base else "lora"
-    try:
+
+    def convert() -> str:
         stats = checkpoint_to_lit(args.checkpoint_dir, args.out, kind=kind, dtype=args.dtype,
                                   overwrite=args.overwrite, progress=not args.quiet, adapters_dir=args.adapters)
-    except USER_ERRORS as e:
-        print(f"to_lit_llama: error: {e}", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        print(f"to_lit_llama: wrote {args.out} ({kind}) in {stats['seconds']:.1f} s, "
-              f"{stats['gb_per_s']:.2f} GB/s", file=sys.stderr)
-    return 0
+        return f"wrote {args.out} ({kind}) in {stats['seconds']:.1f} s{_cli.rate(stats)}"
+    return _cli.run("to_lit_llama", convert, args.quiet)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""jaxlora adapters -> a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
+r"""jaxlora adapters -> a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
 
     python convert/to_peft.py --checkpoint_dir out/lora/alpaca/adapters --out_dir out/lora/alpaca/peft \
         [--base_model_name_or_path meta-llama/Llama-2-7b-hf] [--use_rslora]
@@ -16,6 +16,8 @@ import sys
 
 import _cli
 
+from jaxlora.weights.hf_files import adapters_to_peft
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
     args = p.parse_args(argv)
 
-    from jaxlora.weights.hf_files import adapters_to_peft
     return _cli.run("to_peft", lambda: "wrote " + str(adapters_to_peft(
         args.checkpoint_dir, args.out_dir, args.base_model_name_or_path, args.use_rslora, overwrite=args.overwrite)))
 

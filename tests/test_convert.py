@@ -25,6 +25,7 @@ from jaxlora.model.lora import merge_lora
 from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights import lit_llama
 from jaxlora.weights.convert import checkpoint_to_lit, lit_to_checkpoint
+from jaxlora.weights.load import load_checkpoint
 from jaxlora.weights.torch_io import tensor_to_numpy
 from jaxlora.weights.torch_zip import RowBlocks, TorchZipReader, write_torch_zip
 
@@ -124,35 +125,35 @@ def test_checkpoint_format_is_the_documented_one_and_load_checkpoint_casts(tmp_p
         assert plain[path].dtype == ml_dtypes.bfloat16
         np.testing.assert_array_equal(plain[path], value)
     # load_checkpoint: device arrays; params keep bf16 unless cast; adapters float32 by default.
-    config, lora_config, variables = cio.load_checkpoint(tmp_path / "ck")
+    config, lora_config, variables = load_checkpoint(tmp_path / "ck")
     assert config == TINY and lora_config.r == 4
     assert isinstance(variables["params"]["wte"]["embedding"], jax.Array)
     assert variables["params"]["wte"]["embedding"].dtype == jnp.bfloat16
     assert variables["lora"]["h"]["attn"]["c_attn"]["lora_A"].dtype == jnp.float32
-    _, _, cast = cio.load_checkpoint(tmp_path / "ck", param_dtype=jnp.float32, lora_dtype=None)
+    _, _, cast = load_checkpoint(tmp_path / "ck", param_dtype=jnp.float32, lora_dtype=None)
     assert cast["params"]["h"]["attn"]["c_attn"]["kernel"].dtype == jnp.float32
     assert cast["lora"]["h"]["attn"]["c_attn"]["lora_A"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(cast["params"]["lm_head"]["kernel"]),
                                   want["lm_head"]["kernel"].astype(np.float32))
     # --dtype converts the frozen weights while converting.
     lit_to_checkpoint(base_path, tmp_path / "ck32", dtype="float32", progress=False)
-    assert cio.load_checkpoint(tmp_path / "ck32")[2]["params"]["ln_f"]["scale"].dtype == jnp.float32
+    assert load_checkpoint(tmp_path / "ck32")[2]["params"]["ln_f"]["scale"].dtype == jnp.float32
 
 
 def test_save_and_load_checkpoint_round_trip(tmp_path):
     lora = LoRAConfig(r=4, targets=("q", "v", "o"))
     variables = tiny_variables(lora)
     cio.save_checkpoint(tmp_path / "ck", TINY, lora, variables["params"], variables["lora"])
-    config, lora_config, got = cio.load_checkpoint(tmp_path / "ck")
+    config, lora_config, got = load_checkpoint(tmp_path / "ck")
     assert (config, lora_config) == (TINY, lora)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, variables)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    _, _, got = cio.load_checkpoint(tmp_path / "ck", shardings={"params": sharding})
+    _, _, got = load_checkpoint(tmp_path / "ck", shardings={"params": sharding})
     assert got["params"]["wte"]["embedding"].sharding == sharding
     with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
         cio.save_checkpoint(tmp_path / "ck", TINY, None, variables["params"])
     cio.save_checkpoint(tmp_path / "ck", TINY, None, variables["params"], overwrite=True)
-    config, lora_config, got = cio.load_checkpoint(tmp_path / "ck")
+    config, lora_config, got = load_checkpoint(tmp_path / "ck")
     assert lora_config is None and set(got) == {"params"} and not (tmp_path / "ck" / "lora").exists()
 
 
@@ -160,6 +161,7 @@ SHARDED_LOAD = """
 import sys, jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxlora.weights import jaxlora_dir as cio
+from jaxlora.weights.load import load_checkpoint
 mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
 by_layer, replicated = NamedSharding(mesh, P("x")), NamedSharding(mesh, P())
 reads = []
@@ -168,7 +170,7 @@ cio.ArrayTreeReader.read = lambda self, path, where=None: reads.append((path, wh
 stored = cio.ArrayTreeReader(sys.argv[1] + "/params").shapes()
 from flax import traverse_util
 shardings = {"params": traverse_util.unflatten_dict({p: by_layer if cio.is_layered(p) else replicated for p in stored})}
-_, _, got = cio.load_checkpoint(sys.argv[1], shardings=shardings)
+_, _, got = load_checkpoint(sys.argv[1], shardings=shardings)
 kernel = got["params"]["h"]["attn"]["c_attn"]["kernel"]
 assert kernel.sharding == by_layer and kernel.addressable_shards[1].data.shape == (1, 64, 192)
 np.save(sys.argv[1] + "/kernel.npy", np.asarray(kernel))
@@ -209,10 +211,10 @@ def test_load_checkpoint_errors_name_the_directory_and_key(tmp_path):
     (tmp_path / "ck" / "config.json").write_text(cio.dump_json(LLaMAConfig.from_name("tiny", n_layer=3), None))
     with pytest.raises(CheckpointError, match=r"ck/params: .*h/attn/c_attn/kernel has shape \(2, 64, 192\), "
                                                   r"expected \(3, 64, 192\)"):
-        cio.load_checkpoint(tmp_path / "ck")
+        load_checkpoint(tmp_path / "ck")
     (tmp_path / "ck" / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"ck: no config\.json; not a jaxlora checkpoint"):
-        cio.load_checkpoint(tmp_path / "ck")
+        load_checkpoint(tmp_path / "ck")
     assert not cio.is_jaxlora_checkpoint(tmp_path / "ck")
 
 
@@ -236,7 +238,7 @@ def test_exported_lora_file_loads_into_reference_and_logits_match(tmp_path):
     idx = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 16))
     with torch.no_grad():
         expected = fresh(torch.from_numpy(idx)).numpy()
-    config, lora_config, variables = cio.load_checkpoint(tmp_path / "ck")
+    config, lora_config, variables = load_checkpoint(tmp_path / "ck")
     got = np.asarray(LLaMA(config, lora_config).apply(variables, jnp.asarray(idx)))
     err = np.linalg.norm(got - expected) / np.linalg.norm(expected)
     assert err <= 1e-5, err
@@ -442,7 +444,7 @@ def test_unknown_shape_is_refused_unless_described(tmp_path):
         lit_to_checkpoint(base_path, tmp_path / "out", progress=False)
     no_leftovers(tmp_path, "out")
     config, _, _ = lit_to_checkpoint(base_path, tmp_path / "out", config=odd, progress=False)
-    assert cio.load_checkpoint(tmp_path / "out")[0] == odd
+    assert load_checkpoint(tmp_path / "out")[0] == odd
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path, lit_files):

@@ -34,7 +34,8 @@ atexit.register(_report)
 sys.argv = sys.argv[1:]
 if sys.argv[0] == '-c':
     exec(sys.argv[1])
-else:
+else:  # as `python SCRIPT` does: the script's folder first on sys.path
+    sys.path.insert(0, __import__('os').path.dirname(__import__('os').path.abspath(sys.argv[0])))
     runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
@@ -51,7 +52,7 @@ def synthetic_items(config: LLaMAConfig):
     rng = np.random.default_rng(0)
     block = rng.standard_normal(1 << 18).astype(np.float32)
     maps = {k: m for m in lit_llama.base_maps(config) for k in m.keys(config.n_layer)}
-    for n, key in enumerate(lit_llama._sorted_like_lit(maps)):
+    for n, key in enumerate(lit_llama.sorted_like_lit(maps)):
         shape = maps[key].lit_shape
         yield key, np.resize(np.roll(block, -n * 7919), int(np.prod(shape))).reshape(shape)
 

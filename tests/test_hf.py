@@ -28,6 +28,7 @@ from jaxlora.model.lora import merge_lora  # noqa: E402
 from jaxlora.text.tokenizer import Tokenizer  # noqa: E402
 from jaxlora.weights import hf  # noqa: E402
 from jaxlora.weights import jaxlora_dir as cio  # noqa: E402
+from jaxlora.weights.load import load_checkpoint  # noqa: E402
 from jaxlora.weights.hf_files import (  # noqa: E402
     adapters_to_peft,
     checkpoint_to_hf,
@@ -112,7 +113,7 @@ def test_hf_base_logits_and_checkpoint(hf_dir, base, tmp_path, monkeypatch):
     import from_hf
     monkeypatch.setattr(cio, "MAX_CHUNK_BYTES", 16 * 64 * 4)
     assert from_hf.main(["--hf_dir", str(hf_dir), "--out_dir", str(tmp_path / "ck"), "--quiet"]) == 0
-    ck_config, _, variables = cio.load_checkpoint(tmp_path / "ck")
+    ck_config, _, variables = load_checkpoint(tmp_path / "ck")
     assert ck_config == config
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables["params"]), params)
     _, _, placed = load_hf(hf_dir, param_dtype="bfloat16", place=lambda leaf, path: jax.device_put(leaf))

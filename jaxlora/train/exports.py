@@ -20,7 +20,7 @@ from jaxlora.parallel import distributed
 from jaxlora.train.metrics import METRICS_FILE
 from jaxlora.train.plot import plot_loss
 from jaxlora.train.settings import TrainArgs
-from jaxlora.weights.hf_files import is_hf_dir, save_peft_adapters
+from jaxlora.weights.hf_files import peft_base_name, save_peft_adapters
 from jaxlora.weights.jaxlora_dir import save_checkpoint
 from jaxlora.weights.lit_files import save_lit_lora
 
@@ -76,9 +76,9 @@ def export_lit(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path: Pa
 
 def export_peft(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path: Path, base: str | None,
                 log: Callable[[str], None]) -> Path | None:
-    """The adapters as a PEFT folder; base_model_name_or_path names the base when it is an HF directory."""
+    """The adapters as a PEFT folder; base_model_name_or_path names the base when it is a local path."""
     try:
-        name = str(Path(base).absolute()) if base and is_hf_dir(base) else None
+        name = peft_base_name(base)
         return save_peft_adapters(lora, config, lora_config, path, base_model_name_or_path=name)
     except ImportError:
         log(f"{path.name}/ not written: PEFT's format needs safetensors (pip install safetensors)")

@@ -1,14 +1,13 @@
-"""Streaming conversion between lit-llama `.pth` files and jaxlora checkpoint directories.
+"""lit-llama `.pth` files <-> jaxlora checkpoint directories, through the streaming engine
+(`jaxlora.weights.engine`: readers, the lit-llama mapping table, sinks), holding at most a
+few single-layer tensors at a time; and what the HF converters share with these (dtype names,
+output checks, opening a checkpoint's array trees).
 
-Both directions walk the TensorMap tables of `jaxlora.weights.lit_llama` (one map per leaf
-of ours, one lit tensor per layer) and hold at most a few single-layer tensors at a time:
-
-- `lit_to_checkpoint`: lit-llama base checkpoint (+ LoRA file) -> DIR/{config.json, params, lora}.
-  Tensors are read from the torch zip by `TorchZipReader` (no mmap, so the RSS does not grow
-  with the file) and written layer by layer into the checkpoint's zarr arrays.
+- `lit_to_checkpoint`: lit-llama base checkpoint (+ LoRA file) -> DIR/{config.json, params, lora}
+  (`MappedReader` over `TorchZipReader`, pread, no mmap -> `import_tree`).
 - `checkpoint_to_lit`: DIR -> lit-llama LoRA file, base checkpoint, or merged checkpoint
-  (adapters folded into the weights with `jaxlora.model.lora.merge_lora`, one layer at a time).
-  For a merged export the base may also be lit-llama's own `.pth` (`LitBaseReader`).
+  (adapters folded in per layer by `MergedView` -> `external_tensors` -> `write_torch_zip`).
+  For a merged export the base may also be lit-llama's own `.pth`.
 
 Everything is validated (keys, shapes, preset, r, layer count, existing output) before the
 first byte is written, and outputs appear under their final name only when complete.
@@ -16,176 +15,61 @@ first byte is written, and outputs appear under their final name only when compl
 from __future__ import annotations
 
 import collections
-import concurrent.futures
+import contextlib
 import os
-import sys
-import time
 import warnings
-from dataclasses import dataclass
+import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.errors import CheckpointError, StateDictError
 from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights import lit_llama
-from jaxlora.weights.lit_llama import TensorMap
+from jaxlora.weights.engine import (
+    Entry,
+    MappedReader,
+    MergedView,
+    Progress,
+    entry_bytes,
+    export_entries,
+    external_tensors,
+    import_tree,
+)
+from jaxlora.weights.lit_files import open_lit_base, open_lit_lora
 from jaxlora.weights.torch_zip import RowBlocks, TorchZipReader, write_torch_zip
 
 DTYPES = ("float32", "bfloat16", "float16")
-# Bad input the converters' command lines report in one line and exit 2 for (as train.py):
-# StateDictError, CheckpointError and argument errors are ValueErrors.
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError)
+KINDS = ("lora", "base", "merged")
 
 
-def release_freed_memory() -> None:
-    """Make glibc hand buffers of >= 1 MiB back to the OS when freed (fixed mmap threshold).
-
-    By default glibc raises its mmap threshold up to 32 MiB as buffers are freed and keeps
-    smaller freed buffers in per-thread arenas, so a converter streaming many 1-32 MiB tensors
-    through several threads (ours and tensorstore's) would see its RSS creep up with the core
-    count. The converters' command lines call this once; a no-op off glibc.
-    """
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_mmap_threshold, m_arena_max = -3, -8
-        libc.mallopt(m_mmap_threshold, 1 << 20)
-        libc.mallopt(m_arena_max, 4)
-    except (OSError, AttributeError):
-        pass
-
-
-def parse_dtype(name: str | None) -> np.dtype | None:
-    """'float32' | 'bfloat16' | 'float16' | None/'keep' -> numpy dtype (None keeps the source's)."""
+def parse_dtype(name: Any) -> np.dtype | None:
+    """'float32' | 'bfloat16' | 'float16' | None/'keep' | a dtype -> numpy dtype (None keeps the source's)."""
     if name is None or name == "keep":
         return None
+    if not isinstance(name, str):
+        return np.dtype(name)
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES} (or keep), got {name!r}")
-    import ml_dtypes
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-class Progress:
-    """Counts the pieces and bytes moved (for the returned stats) and shows them on stderr with
-    tqdm: bytes done of the total, rate and ETA, and the tensor being moved."""
-
-    def __init__(self, label: str, total_bytes: int, enabled: bool = True) -> None:
-        from tqdm import tqdm
-        self.bar = tqdm(total=total_bytes, desc=label, unit="B", unit_scale=True, unit_divisor=1000,
-                        disable=not enabled, mininterval=1.0, file=sys.stderr, dynamic_ncols=True)
-        self.pieces = self.bytes = 0
-        self.start = time.perf_counter()
-
-    def update(self, name: str, nbytes: int) -> None:
-        self.pieces += 1
-        self.bytes += nbytes
-        self.bar.set_postfix_str(name, refresh=False)
-        self.bar.update(nbytes)
-
-    def stats(self) -> dict[str, float]:
-        """Closes the bar; pieces, bytes, seconds, GB/s."""
-        self.bar.close()
-        seconds = time.perf_counter() - self.start
-        return {"pieces": self.pieces, "bytes": self.bytes, "seconds": round(seconds, 3),
-                "gb_per_s": round(self.bytes / 1e9 / max(seconds, 1e-9), 4)}
-
-
-def _prefetched(tasks: Sequence[Callable[[], Any]], sizes: Sequence[int], max_bytes: int,
-                workers: int = 2) -> Iterator[Any]:
-    """Results of `tasks` in order, computed ahead on a thread pool (preads and numpy copies
-    release the GIL) while the sizes of the results not yet consumed stay within max_bytes
-    (at least one task always runs)."""
-    if workers <= 0:
-        for task in tasks:
-            yield task()
-        return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: collections.deque = collections.deque()
-        ahead = 0
-        todo = iter(zip(tasks, sizes))
-        nxt = next(todo, None)
-        while pending or nxt is not None:
-            while nxt is not None and (not pending or (ahead + nxt[1] <= max_bytes and len(pending) <= workers)):
-                pending.append((pool.submit(nxt[0]), nxt[1]))
-                ahead += nxt[1]
-                nxt = next(todo, None)
-            future, size = pending.popleft()
-            try:
-                result = future.result()
-            except BaseException:
-                for f, _ in pending:
-                    f.cancel()
-                raise
-            ahead -= size
-            yield result
-
-
-@dataclass(frozen=True)
-class _Item:
-    """One lit-llama tensor, or a block of its rows: key, map, and where it lives in our leaf."""
-
-    key: str
-    map: TensorMap
-    where: Any = None  # None (whole leaf), int (a layer), or a tuple of slices (a block)
-    rows: tuple[int, int] | None = None  # the block's rows of the lit tensor
-    first_block: bool = False
-
-    @property
-    def label(self) -> str:
-        return self.key if self.rows is None else f"{self.key}[{self.rows[0]}:{self.rows[1]}]"
-
-
-def _items(maps: Sequence[TensorMap], n_layer: int) -> list[_Item]:
-    items = {key: _Item(key, m, i if m.layered else None) for m in maps for i, key in enumerate(m.keys(n_layer))}
-    return list(lit_llama._sorted_like_lit(items).values())  # lit-llama's own key order
-
-
-def _row_layout(m: TensorMap) -> str | None:
-    """Where the rows of a 2-D lit tensor land in ours: 'rows' (as is), 'cols' (transposed), or None."""
-    if m.layered or len(m.lit_shape) != 2:
-        return None
-    probe = np.arange(6, dtype=np.float32).reshape(2, 3)
-    out = m.to_ours(probe)
-    if out.shape == probe.shape and np.array_equal(out, probe):
-        return "rows"
-    if out.shape == probe.T.shape and np.array_equal(out, probe.T):
-        return "cols"
-    return None
-
-
-def _blocked(items: list[_Item], chunks_of: Callable[[TensorMap], tuple[int, ...] | None]) -> list[_Item]:
-    """Split unlayered 2-D tensors (wte, lm_head) into row blocks that match our leaf's chunks."""
-    out: list[_Item] = []
-    for it in items:
-        layout, chunks = _row_layout(it.map), chunks_of(it.map)
-        rows = it.map.lit_shape[0] if layout else 0
-        step = (chunks[0] if layout == "rows" else chunks[1]) if layout and chunks else rows
-        if not layout or step >= rows:
-            out.append(it)
-            continue
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            where = (slice(r0, r1), slice(None)) if layout == "rows" else (slice(None), slice(r0, r1))
-            out.append(_Item(it.key, it.map, where, (r0, r1), first_block=r0 == 0))
+def check_new_output(out: str | os.PathLike, overwrite: bool) -> Path:
+    """The absolute output path; FileExistsError when it exists and overwrite is off."""
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     return out
-
-
-def _item_bytes(it: _Item, itemsize: int) -> int:
-    rows = it.map.lit_shape[0] if it.rows is None or not it.map.lit_shape else it.rows[1] - it.rows[0]
-    return int(np.prod(it.map.lit_shape[1:], dtype=np.int64)) * rows * itemsize if it.map.lit_shape else itemsize
 
 
 def _layer_count(keys: Sequence[str]) -> int:
     return len({k.split(".")[2] for k in keys if k.startswith("transformer.h.")})
 
 
-def _check_lora_file(shapes: Mapping[str, tuple[int, ...]], config: LLaMAConfig, alpha: float, dropout: float,
-                     source: str) -> LoRAConfig:
-    lora = lit_llama.lit_lora_config(shapes, config.n_embd, alpha, dropout, source)
+def _check_lora_file(shapes: Mapping[str, tuple[int, ...]], config: LLaMAConfig, source: str) -> None:
     n_layers = _layer_count(list(shapes))
     if n_layers != config.n_layer:
         raise StateDictError(f"{source}: the LoRA file has adapters for {n_layers} layers, the base checkpoint has "
@@ -193,8 +77,26 @@ def _check_lora_file(shapes: Mapping[str, tuple[int, ...]], config: LLaMAConfig,
     ranks = {tuple(v)[1] for k, v in shapes.items() if k.endswith("lora_B") and len(v) == 2}
     if len(ranks) > 1:
         raise StateDictError(f"{source}: lora_B tensors disagree on r (ranks {sorted(ranks)}); lit-llama uses one r")
-    lit_llama.check_state_dict(shapes, lit_llama.lora_maps(config, lora), config.n_layer, source)
-    return lora
+
+
+def _open_lit_sources(checkpoint_path: Any, lora_path: Any, lora_alpha: float, lora_dropout: float,
+                      config: LLaMAConfig | None, stack: contextlib.ExitStack
+                      ) -> tuple[LLaMAConfig, LoRAConfig | None, MappedReader, MappedReader | None]:
+    with TorchZipReader(checkpoint_path) as probe:
+        lora_keys = [k for k in probe.shapes() if ".lora_" in k]
+    if lora_keys:
+        raise StateDictError(f"{checkpoint_path}: holds LoRA tensors ({lora_keys[0]}, ...); pass the base checkpoint "
+                             "as --checkpoint_path and the adapters as --lora_path")
+    config, base = open_lit_base(checkpoint_path, config)
+    stack.enter_context(base)
+    if lora_path is None:
+        return config, None, base, None
+    with TorchZipReader(lora_path) as probe:  # the layer count first: it explains a wrong file best
+        lit_llama.lit_lora_config(probe.shapes(), config.n_embd, lora_alpha, lora_dropout, str(lora_path))
+        _check_lora_file(probe.shapes(), config, str(lora_path))
+    lora_config, lora = open_lit_lora(lora_path, config, lora_alpha, lora_dropout)
+    stack.enter_context(lora)
+    return config, lora_config, base, lora
 
 
 def lit_to_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -208,125 +110,126 @@ def lit_to_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
     q, v adapters (the only ones it can mean); r comes from it, alpha (not stored by lit-llama)
     from `lora_alpha`.
     dtype: storage dtype of the frozen weights (None: keep the file's); adapters keep theirs.
-    Memory: tensors are read, transformed and written by `workers` threads with at most
-    `max_bytes_ahead` of results waiting and as much again being written; wte and lm_head are
-    moved in blocks of our chunks (<= 64 MB). So the peak stays near a few single-layer tensors.
+    Memory: the engine reads, transforms and writes on `workers` threads with at most
+    `max_bytes_ahead` of results waiting; wte and lm_head move in blocks of our chunks (<= 64 MB),
+    so the peak stays near a few single-layer tensors.
     Returns (config, lora_config, stats) with stats = pieces, bytes read, seconds, GB/s.
     """
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
-    dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else np.dtype(dtype)
-    base = TorchZipReader(checkpoint_path)
-    lora_reader = None
-    try:
-        source = str(checkpoint_path)
-        shapes = base.shapes()
-        lora_keys = [k for k in shapes if ".lora_" in k]
-        if lora_keys:
-            raise StateDictError(f"{source}: holds LoRA tensors ({lora_keys[0]}, ...); pass the base checkpoint as "
-                                 "--checkpoint_path and the adapters as --lora_path")
-        if config is None:
-            config = lit_llama.infer_config(shapes, source)
-        lit_llama.check_state_dict(shapes, lit_llama.base_maps(config), config.n_layer, source)
-        lora_config = None
-        if lora_path is not None:
-            lora_reader = TorchZipReader(lora_path)
-            lora_config = _check_lora_file(lora_reader.shapes(), config, lora_alpha, lora_dropout, str(lora_path))
-        expected = cio.expected_variables(config, lora_config)
-
-        sources = [(base, cio.PARAMS_DIR, lit_llama.base_maps(config), dtype)]
-        if lora_reader is not None:
-            sources.append((lora_reader, cio.LORA_DIR, lit_llama.lora_maps(config, lora_config), None))
-        jobs = []  # (reader, item, work items, leaves spec)
-        for reader, item, maps, cast in sources:
-            leaves = {}
-            for m in maps:
-                shape = tuple(expected[item][m.path[1:]].shape)
-                leaf_dtype = np.dtype(cast or reader.tensors[m.keys(config.n_layer)[0]].dtype)
-                leaves[m.path[1:]] = (shape, leaf_dtype, cio.default_chunks(shape, leaf_dtype.itemsize, m.layered))
-            items = _blocked(_items(maps, config.n_layer), lambda m, leaves=leaves: leaves[m.path[1:]][2])
-            jobs.append((reader, item, items, leaves))
-        total = sum(reader.nbytes() for reader, *_ in sources)
-        meter = Progress("from_lit_llama", total, progress)
+    out_dir = check_new_output(out_dir, overwrite)
+    cast = parse_dtype(dtype)
+    with contextlib.ExitStack() as stack:
+        config, lora_config, base, lora = _open_lit_sources(checkpoint_path, lora_path, lora_alpha, lora_dropout,
+                                                            config, stack)
+        sources = [(cio.PARAMS_DIR, base, cast)] + ([(cio.LORA_DIR, lora, None)] if lora is not None else [])
+        meter = Progress("from_lit_llama", sum(r.nbytes(c) for _, r, c in sources), progress)
         with cio.staged_directory(out_dir, overwrite) as tmp:
             cio.write_config(tmp, config, lora_config)
-            for reader, item, items, leaves in jobs:
-                def task(it: _Item, reader: TorchZipReader = reader, leaves: dict = leaves) -> tuple:
-                    if it.first_block:
-                        reader.verify(it.key)  # blocks skip the per-read CRC: check the record once
-                    raw = reader.read(it.key, it.rows)
-                    value = it.map.to_ours(raw).astype(leaves[it.map.path[1:]][1], copy=False)
-                    return it, value, raw.nbytes
-
-                sizes = [_item_bytes(i, reader.tensors[i.key].dtype.itemsize) for i in items]
-                with cio.ArrayTreeWriter(tmp / item, leaves, max_pending_bytes=max_bytes_ahead) as writer:
-                    for it, value, nbytes in _prefetched([lambda it=it: task(it) for it in items], sizes,
-                                                         max_bytes_ahead, workers):
-                        writer.write(it.map.path[1:], value, it.where)
-                        meter.update(it.label, nbytes)
-                        del value
-    finally:
-        base.close()
-        if lora_reader is not None:
-            lora_reader.close()
+            for item, reader, item_cast in sources:
+                import_tree(tmp / item, reader, item_cast, meter, workers, max_bytes_ahead)
     return config, lora_config, meter.stats()
-
-
 # ---------------------------------------------------------------------------------------------
 # jaxlora -> lit-llama
 
-KINDS = ("lora", "base", "merged")
+
+def check_same_model(config: LLaMAConfig, adapter_config: LLaMAConfig, adapters: Path, base: Any,
+                     what: str = "model") -> None:
+    """CheckpointError naming each field when adapters were trained on another model than `base`."""
+    if adapter_config != config:
+        diffs = "; ".join(f"{k}: adapters {v}, base {getattr(config, k)}"
+                          for k, v in adapter_config.to_dict().items() if getattr(config, k) != v)
+        raise CheckpointError(f"{adapters}: adapters for another {what} than {base} ({diffs})")
 
 
-def _merge_layer(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, module: tuple[str, ...],
-                 lora_config: LoRAConfig) -> np.ndarray:
-    """One layer's kernel with its adapter folded in, by jaxlora.model.lora.merge_lora (float32 sum)."""
-    import jax
-
-    from jaxlora.model.lora import merge_lora
-    params, lora = {"kernel": kernel}, {"lora_A": lora_a, "lora_B": lora_b}
-    for key in reversed(module):
-        params, lora = {key: params}, {key: lora}
-    cpu = jax.devices("cpu")[0]
-    with jax.default_device(cpu), jax.default_matmul_precision("highest"):
-        merged = merge_lora(params, lora, lora_config)
-    for key in module:
-        merged = merged[key]
-    return np.asarray(merged["kernel"])
+def open_checked(directory: Path, item: str, expected: Mapping) -> cio.ArrayTreeReader:
+    """The array tree `item` of a checkpoint directory, its shapes checked against `expected`."""
+    where = directory / item
+    if not where.is_dir():
+        if item == cio.PARAMS_DIR and cio.is_adapters_dir(directory):
+            raise CheckpointError(f"{directory}: an adapters-only directory (config.json and lora/, no params/); "
+                                  "pass the base model's jaxlora checkpoint as --checkpoint_dir and this "
+                                  "directory as --adapters")
+        raise CheckpointError(f"{directory}: no {item}/ directory (incomplete checkpoint)")
+    reader = cio.ArrayTreeReader(where)
+    cio.check_shapes({p: s for p, (s, _) in reader.shapes().items()}, expected, str(where))
+    return reader
 
 
-class LitBaseReader:
-    """A lit-llama base `.pth` seen as our `params` tree, read per layer: the reading side of
-    `cio.ArrayTreeReader` that `checkpoint_to_lit` uses (shapes, chunks, read)."""
+def _warn_lit_fixed(config: LLaMAConfig, source: Any) -> None:
+    lit = LLaMAConfig()  # lit-llama's model fixes these two
+    for name, what in (("norm_eps", "RMSNorm epsilon"), ("rope_base", "RoPE base")):
+        if getattr(config, name) != getattr(lit, name):
+            warnings.warn(f"{source}: {what} {getattr(config, name):g}; lit-llama's model always uses "
+                          f"{getattr(lit, name):g}, so it will compute this model differently", stacklevel=3)
 
-    def __init__(self, path: str | os.PathLike, config: LLaMAConfig) -> None:
-        self.path = Path(path)
-        self.reader = TorchZipReader(path)
-        self.n_layer = config.n_layer
-        self.maps = {m.path[1:]: m for m in lit_llama.base_maps(config)}
-        lit_llama.check_state_dict(self.reader.shapes(), self.maps.values(), self.n_layer, str(self.path))
-        ours = cio.expected_variables(config, None)[cio.PARAMS_DIR]
-        dtypes = self.reader.dtypes()
-        self._shapes = {p: (tuple(ours[p].shape), np.dtype(dtypes[m.keys(self.n_layer)[0]]))
-                        for p, m in self.maps.items()}
 
-    def shapes(self) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
-        return dict(self._shapes)
+def _lit_export_sources(checkpoint_dir: Any, kind: str, adapters_dir: Any
+                        ) -> tuple[LLaMAConfig, LoRAConfig | None, Any, Path]:
+    """(config, lora_config, a lit-llama base .pth or None, where the adapters are)."""
+    if checkpoint_dir is None and (adapters_dir is None or kind != "lora"):
+        raise ValueError(f"kind {kind!r} needs the base checkpoint directory")
+    lit_base, lora_config = None, None
+    if checkpoint_dir is not None and Path(checkpoint_dir).is_file() and not zipfile.is_zipfile(checkpoint_dir):
+        raise CheckpointError(f"{checkpoint_dir}: a file that is not a PyTorch .pth (torch zip); expected a "
+                              "jaxlora checkpoint directory (config.json, params/) or, for --merged with "
+                              "--adapters, lit-llama's base lit-llama.pth")
+    if checkpoint_dir is not None and Path(checkpoint_dir).is_file():  # lit-llama's own base .pth
+        with TorchZipReader(checkpoint_dir) as reader:
+            if kind != "merged" or adapters_dir is None:
+                raise ValueError(f"{checkpoint_dir}: a lit-llama .pth serves as the base only for a merged export "
+                                 "with --adapters; convert it first for anything else (convert/from_lit_llama.py)")
+            config = lit_llama.infer_config(reader.shapes(), str(checkpoint_dir))
+        lit_base = Path(checkpoint_dir)
+    else:
+        config, lora_config = cio.read_config(Path(checkpoint_dir if checkpoint_dir is not None else adapters_dir))
+    lora_home = Path(checkpoint_dir if adapters_dir is None else adapters_dir).absolute()
+    if adapters_dir is not None:
+        adapter_config, lora_config = cio.read_config(lora_home)
+        check_same_model(config, adapter_config, lora_home, Path(checkpoint_dir or adapters_dir).absolute())
+    return config, lora_config, lit_base, lora_home
 
-    def chunks(self, path: tuple[str, ...]) -> None:
-        return None  # whole tensors: a lit file has no chunk layout to follow
 
-    def read_lit(self, path: tuple[str, ...], where: Any = None) -> np.ndarray:
-        """The lit-llama tensor behind our leaf `path` (layer `where`), in lit-llama's layout."""
-        m = self.maps[path]
-        return self.reader.read(m.keys(self.n_layer)[where] if m.layered else m.lit_key)
+def _lit_readers(kind: str, config: LLaMAConfig, lora_config: LoRAConfig | None, lit_base: Path | None,
+                 checkpoint_dir: Any, lora_home: Path, stack: contextlib.ExitStack) -> MergedView:
+    has_lora = cio.has_adapters(lora_config)
+    if kind == "lora":
+        if not has_lora:
+            raise CheckpointError(f"{lora_home}: has no adapters (config.json 'lora' is null); nothing to export "
+                                  "as a LoRA file (use --base for the weights)")
+        lit_llama.check_lit_lora_targets(lora_config)
+    if kind == "merged" and not has_lora:
+        raise CheckpointError(f"{lora_home}: has no adapters to merge; use --base")
+    expected = cio.expected_variables(config, lora_config if has_lora else None)
+    lora = open_checked(lora_home, cio.LORA_DIR, expected[cio.LORA_DIR]) if kind != "base" else None
+    if kind == "lora":
+        return MergedView(lora)
+    if lit_base is not None:
+        params = stack.enter_context(open_lit_base(lit_base, config)[1])
+    else:
+        params = open_checked(Path(checkpoint_dir).absolute(), cio.PARAMS_DIR, expected[cio.PARAMS_DIR])
+    return MergedView(params, lora, lora_config) if kind == "merged" else MergedView(params)
 
-    def read(self, path: tuple[str, ...], where: Any = None) -> np.ndarray:
-        return self.maps[path].to_ours(self.read_lit(path, where))
 
-    def close(self) -> None:
-        self.reader.close()
+def _torch_zip_items(tensors: Iterator[tuple[Entry, np.ndarray]], entries: Sequence[Entry],
+                     dtypes: Mapping[str, np.dtype], meter: Progress) -> Iterator[tuple[str, Any]]:
+    """The torch zip sink's input: (key, array), or (key, RowBlocks) for a tensor moved in blocks."""
+    counts = collections.Counter(e.key for e in entries)
+    seen = set()
+    for e in entries:
+        if e.key in seen:
+            continue
+        seen.add(e.key)
+        if e.rows is None:
+            _, value = next(tensors)
+            meter.update(e.label, value.nbytes)
+            yield e.key, value
+            continue
+
+        def blocks(count: int = counts[e.key]) -> Iterator[np.ndarray]:
+            for _ in range(count):
+                part, value = next(tensors)
+                meter.update(part.label, value.nbytes)
+                yield value
+        yield e.key, RowBlocks(e.map.lit_shape, dtypes[e.key], blocks())
 
 
 def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.PathLike, kind: str = "lora",
@@ -340,113 +243,26 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
     as lit-llama's convert_lora_weights.py; any targets). dtype: output dtype (None keeps the
     stored one). adapters_dir: take the adapters from this adapters-only directory (what
     train.py writes) instead of checkpoint_dir's lora/; checkpoint_dir may then be None for
-    kind "lora". Returns stats (pieces, bytes written, seconds, GB/s).
+    kind "lora", or lit-llama's own base .pth for kind "merged". Returns stats (pieces, bytes
+    written, seconds, GB/s).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else np.dtype(dtype)
-    if checkpoint_dir is None and (adapters_dir is None or kind != "lora"):
-        raise ValueError(f"kind {kind!r} needs the base checkpoint directory")
-    lit_base = None
-    if checkpoint_dir is not None and Path(checkpoint_dir).is_file():  # lit-llama's own base .pth
-        if kind != "merged" or adapters_dir is None:
-            raise ValueError(f"{checkpoint_dir}: a lit-llama .pth serves as the base only for a merged export "
-                             "with --adapters; convert it first for anything else (convert/from_lit_llama.py)")
-        with TorchZipReader(checkpoint_dir) as reader:
-            config = lit_llama.infer_config(reader.shapes(), str(checkpoint_dir))
-        lit_base = Path(checkpoint_dir)
-        directory = Path(checkpoint_dir).absolute()
-        lora_config = None
-    else:
-        directory = Path(checkpoint_dir if checkpoint_dir is not None else adapters_dir).absolute()
-        config, lora_config = cio.read_config(directory)
-    sources = {cio.PARAMS_DIR: directory, cio.LORA_DIR: directory}
-    if adapters_dir is not None:
-        adapters = Path(adapters_dir).absolute()
-        adapter_config, lora_config = cio.read_config(adapters)
-        if adapter_config != config:
-            diffs = "; ".join(f"{k}: adapters {v}, base {getattr(config, k)}"
-                              for k, v in adapter_config.to_dict().items() if getattr(config, k) != v)
-            raise CheckpointError(f"{adapters}: adapters for another model than {directory} ({diffs})")
-        sources[cio.LORA_DIR] = adapters
-    has_lora = cio.has_adapters(lora_config)
-    lora_home = sources[cio.LORA_DIR]
-    lit = LLaMAConfig()  # lit-llama's model fixes these two
-    for name, what in (("norm_eps", "RMSNorm epsilon"), ("rope_base", "RoPE base")):
-        if kind != "lora" and getattr(config, name) != getattr(lit, name):
-            warnings.warn(f"{checkpoint_dir}: {what} {getattr(config, name):g}; lit-llama's model always uses "
-                          f"{getattr(lit, name):g}, so it will compute this model differently", stacklevel=2)
-    if kind == "lora":
-        if not has_lora:
-            raise CheckpointError(f"{lora_home}: has no adapters (config.json 'lora' is null); nothing to export "
-                                      "as a LoRA file (use --base for the weights)")
-        lit_llama.check_lit_lora_targets(lora_config)
-    if kind == "merged" and not has_lora:
-        raise CheckpointError(f"{lora_home}: has no adapters to merge; use --base")
-    expected = cio.expected_variables(config, lora_config if has_lora else None)
-    readers: dict[str, cio.ArrayTreeReader] = {}
-    for item in (cio.PARAMS_DIR, cio.LORA_DIR) if kind == "merged" else \
-            ((cio.LORA_DIR,) if kind == "lora" else (cio.PARAMS_DIR,)):
-        if item == cio.PARAMS_DIR and lit_base is not None:
-            readers[item] = LitBaseReader(lit_base, config)  # validates keys and shapes
-            continue
-        where = sources[item] / item
-        if not where.is_dir():
-            raise CheckpointError(f"{sources[item]}: no {item}/ directory (incomplete checkpoint)")
-        readers[item] = cio.ArrayTreeReader(where)
-        stored = readers[item].shapes()
-        cio.check_shapes({p: s for p, (s, _) in stored.items()}, expected[item], str(where))
-
-    maps = lit_llama.lora_maps(config, lora_config) if kind == "lora" else lit_llama.base_maps(config)
-    lora_paths = set(expected.get(cio.LORA_DIR, {})) if kind == "merged" else set()
-    stored_dtype = {(item, p): d for item, r in readers.items() for p, (_, d) in r.shapes().items()}
-    out_dtype = {m.path: dtype or stored_dtype[(m.path[0], m.path[1:])] for m in maps}
-    items = _blocked(_items(maps, config.n_layer), lambda m: readers[m.path[0]].chunks(m.path[1:]))
-
-    def task(it: _Item) -> tuple[_Item, np.ndarray]:
-        path, source = it.map.path[1:], readers[it.map.path[0]]
-        merge = path[-1] == "kernel" and path[:-1] + ("lora_A",) in lora_paths
-        if isinstance(source, LitBaseReader) and not merge:  # already in lit-llama's layout: no round trip
-            return it, source.read_lit(path, it.where).astype(out_dtype[it.map.path], copy=False)
-        value = source.read(path, it.where).astype(out_dtype[it.map.path], copy=False)
-        if merge:
-            # merged into the output dtype: the float32 sum is rounded once
-            lora = readers[cio.LORA_DIR]
-            value = _merge_layer(value, lora.read(path[:-1] + ("lora_A",), it.where),
-                                 lora.read(path[:-1] + ("lora_B",), it.where), path[1:-1], lora_config)
-        return it, it.map.to_lit(value)
-
-    sizes = [_item_bytes(it, out_dtype[it.map.path].itemsize) for it in items]
-    meter = Progress("to_lit_llama", sum(sizes), progress)
-
-    def stream() -> Iterator[tuple[str, np.ndarray | RowBlocks]]:
-        results = _prefetched([lambda it=it: task(it) for it in items], sizes, max_bytes_ahead, workers)
-        n = 0
-        while n < len(items):
-            it = items[n]
-            count = 1
-            while n + count < len(items) and items[n + count].key == it.key:
-                count += 1
-            n += count
-            if it.rows is None:
-                _, value = next(results)
-                meter.update(it.label, value.nbytes)
-                yield it.key, value
-            else:
-                def blocks(count: int = count) -> Iterator[np.ndarray]:
-                    for _ in range(count):
-                        part, value = next(results)
-                        meter.update(part.label, value.nbytes)
-                        yield value
-                yield it.key, RowBlocks(it.map.lit_shape, out_dtype[it.map.path], blocks())
-
-    try:
-        write_torch_zip(out, stream())
-    finally:
-        for reader in readers.values():
-            if isinstance(reader, LitBaseReader):
-                reader.close()
+    out = check_new_output(out, overwrite)
+    cast = parse_dtype(dtype)
+    if checkpoint_dir is not None and not Path(checkpoint_dir).exists():
+        raise FileNotFoundError(f"{checkpoint_dir}: no such checkpoint directory or lit-llama .pth")
+    config, lora_config, lit_base, lora_home = _lit_export_sources(checkpoint_dir, kind, adapters_dir)
+    if kind != "lora":
+        _warn_lit_fixed(config, checkpoint_dir)
+    with contextlib.ExitStack() as stack:
+        view = _lit_readers(kind, config, lora_config, lit_base, checkpoint_dir, lora_home, stack)
+        maps = lit_llama.lora_maps(config, lora_config) if kind == "lora" else lit_llama.base_maps(config)
+        stored = view.params.shapes()
+        dtypes = {key: cast or stored[m.path[1:]][1] for m in maps for key in m.keys(config.n_layer)}
+        entries = export_entries(maps, config.n_layer, lit_llama.sorted_like_lit,
+                                 max(d.itemsize for d in dtypes.values()))
+        meter = Progress("to_lit_llama", sum(entry_bytes(e, dtypes[e.key].itemsize) for e in entries), progress)
+        tensors = external_tensors(view, entries, dtypes, workers, max_bytes_ahead)
+        write_torch_zip(out, _torch_zip_items(tensors, entries, dtypes, meter))
     return meter.stats()

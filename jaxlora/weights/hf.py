@@ -2,7 +2,7 @@
 
 Values are numpy arrays; nothing here imports torch, transformers or peft. The tensors are
 described by the `TensorMap` table of `jaxlora.weights.lit_llama` (an HF key per tensor, its
-shape, its place in our tree, the exact transforms both ways), so the same `read_tree`,
+shape, its place in our tree, the exact transforms both ways), so the same streaming engine,
 `tree_to_lit` and `check_state_dict` serve HF as they serve lit-llama. HF's separate q/k/v
 projections each fill a `part` of our fused c_attn kernel (`layouts.qkv_columns`: [0, C),
 [C, C + kv), [C + kv, C + 2kv), kv = n_kv_head * head_size; kv = C without grouped-query
@@ -37,7 +37,7 @@ import numpy as np
 from jaxlora.config import ALL_TARGETS, LORA_TARGETS, ROPE_TYPES, TARGET_MODULES, LLaMAConfig, LoRAConfig
 from jaxlora.errors import HFConfigError
 from jaxlora.model.layouts import qkv_columns
-from jaxlora.weights.lit_llama import TensorMap, _identity, _transpose
+from jaxlora.weights.lit_llama import TensorMap, identity, transpose
 
 _HF_SECTION = {"attn": "self_attn", "mlp": "mlp"}  # our block's sections -> HF's LlamaDecoderLayer's
 # Our LoRA target -> the HF/PEFT module under model.layers.{i} (PEFT's target_modules are the
@@ -183,10 +183,10 @@ def _transforms(target: str, config: LLaMAConfig) -> tuple[Callable, Callable]:
     """(to_ours, to_hf) of an output-rows (out, X) HF matrix: transposed, q/k rows re-ordered
     within each of their heads (n_head for q, n_kv_head for k)."""
     if target not in ROPE_TARGETS:
-        return _transpose, _transpose
+        return transpose, transpose
     heads = config.n_head if target == "q" else config.n_kv_head
     to_interleaved, to_half = _rows_to_interleaved(heads), _rows_to_half_split(heads)
-    return (lambda a: _transpose(to_interleaved(a))), (lambda a: np.ascontiguousarray(to_half(_transpose(a))))
+    return (lambda a: transpose(to_interleaved(a))), (lambda a: np.ascontiguousarray(to_half(transpose(a))))
 
 
 def our_module(target: str) -> tuple[tuple[str, ...], int | None]:
@@ -206,14 +206,14 @@ def base_maps(config: LLaMAConfig) -> list[TensorMap]:
     when the embeddings are tied: HF's save_pretrained leaves it out)."""
     C, V = config.n_embd, config.padded_vocab_size
     maps = [
-        TensorMap("model.embed_tokens.weight", (V, C), ("params", "wte", "embedding"), _identity, _identity),
-        TensorMap("model.norm.weight", (C,), ("params", "ln_f", "scale"), _identity, _identity),
+        TensorMap("model.embed_tokens.weight", (V, C), ("params", "wte", "embedding"), identity, identity),
+        TensorMap("model.norm.weight", (C,), ("params", "ln_f", "scale"), identity, identity),
     ]
     if not config.tie_embeddings:
-        maps.append(TensorMap("lm_head.weight", (V, C), ("params", "lm_head", "kernel"), _transpose, _transpose))
+        maps.append(TensorMap("lm_head.weight", (V, C), ("params", "lm_head", "kernel"), transpose, transpose))
     for hf_name, norm in (("input_layernorm", "rms_1"), ("post_attention_layernorm", "rms_2")):
         maps.append(TensorMap(f"model.layers.{{i}}.{hf_name}.weight", (C,), ("params", "h", norm, "scale"),
-                              _identity, _identity))
+                              identity, identity))
     columns = qkv_columns(config)
     for target in ALL_TARGETS:
         module, group = our_module(target)
@@ -241,7 +241,7 @@ def peft_maps(config: LLaMAConfig, lora: LoRAConfig) -> list[TensorMap]:
         width = max(_out_in(t, config)[0] for t in enabled) if group is not None else out_f
         key = f"{PEFT_PREFIX}model.layers.{{i}}.{HF_MODULES[target]}"
         maps += [
-            TensorMap(f"{key}.lora_A.weight", (r, in_f), ("lora", "h", *module, "lora_A"), _transpose, _transpose,
+            TensorMap(f"{key}.lora_A.weight", (r, in_f), ("lora", "h", *module, "lora_A"), transpose, transpose,
                       (g,), (n, in_f, r)),
             TensorMap(f"{key}.lora_B.weight", (out_f, r), ("lora", "h", *module, "lora_B"),
                       *_transforms(target, config), (g, slice(None), slice(0, out_f)), (n, r, width)),

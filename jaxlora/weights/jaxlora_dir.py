@@ -21,8 +21,8 @@ The array tree format (ours, version 1; read and written with tensorstore's publ
 Layered leaves (under "h", a leading layer axis) are chunked one layer per chunk, and 2-D
 leaves (wte, lm_head) in blocks of <= MAX_CHUNK_BYTES, so a 65B checkpoint is written and read
 one layer (or block) of one tensor at a time: `ArrayTreeWriter` fills arrays slice by slice,
-`ArrayTreeReader` reads any slice, and `load_checkpoint` reads only the slices that each
-device's shard needs. index.json is written last: a tree without it is incomplete. Any zarr
+`ArrayTreeReader` reads any slice, and the device loader (`jaxlora.weights.load`) reads only
+the slices that each device's shard needs. index.json is written last: a tree without it is incomplete. Any zarr
 v2 reader opens the arrays (e.g. `tensorstore.open({"driver": "zarr", "kvstore": "file://ITEM/wte.embedding"})`).
 
 Every write goes to a hidden temporary directory beside the target, renamed into place when
@@ -41,10 +41,13 @@ from typing import Any, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 from flax import traverse_util
 
 from jaxlora.config import LLaMAConfig, LoRAConfig, dump_json
 from jaxlora.errors import CheckpointError
+from jaxlora.model.layouts import abstract_variables
+from jaxlora.model.llama import LLaMA
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -65,7 +68,6 @@ Where = int | tuple[slice, ...] | None  # a whole leaf, one layer, or a region
 
 
 def _ts() -> Any:
-    import tensorstore as ts
     return ts
 
 
@@ -84,8 +86,6 @@ def is_layered(path: Path_) -> bool:
 
 def expected_variables(config: LLaMAConfig, lora_config: LoRAConfig | None) -> dict[str, dict[Path_, Any]]:
     """{"params": {path: ShapeDtypeStruct}, "lora": {...}} of the model this config describes."""
-    from jaxlora.model.layouts import abstract_variables
-    from jaxlora.model.llama import LLaMA
     abstract = abstract_variables(LLaMA(config, lora_config))
     return {item: traverse_util.flatten_dict(abstract[item]) for item in ITEMS if abstract.get(item)}
 
@@ -105,6 +105,25 @@ def check_shapes(stored: Mapping[Path_, tuple[int, ...]], expected: Mapping[Path
 # Atomic directories
 
 
+def plain_mode(directory: bool) -> int:
+    """The permissions a plain mkdir / open(..., "w") gives under the current umask (0755 / 0644
+    under umask 022): what staged outputs must end with, since mkdtemp / mkstemp use 0700 / 0600."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def plain_modes(directory: Path) -> None:
+    """Give `directory` and everything under it the modes of plain writes under the umask."""
+    dir_mode, file_mode = plain_mode(directory=True), plain_mode(directory=False)
+    os.chmod(directory, dir_mode)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
+
+
 @contextlib.contextmanager
 def staged_directory(directory: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `directory`; on success rename it into place.
@@ -119,6 +138,7 @@ def staged_directory(directory: str | os.PathLike, overwrite: bool = False) -> I
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         yield tmp
+        plain_modes(tmp)  # mkdtemp's 0700 and some writers' 0600 (safetensors): end as plain writes would
         if directory.exists():
             if not overwrite:
                 raise FileExistsError(f"{directory} appeared while writing; not replacing it")
@@ -353,6 +373,9 @@ def read_base(directory: str | os.PathLike) -> str | None:
 
 def read_config(directory: str | os.PathLike) -> tuple[LLaMAConfig, LoRAConfig | None]:
     directory = Path(directory)
+    if directory.is_file():
+        raise CheckpointError(f"{directory}: a file, not a directory; expected a jaxlora checkpoint or adapters "
+                              f"directory ({CONFIG_FILE} with {PARAMS_DIR}/ or {LORA_DIR}/)")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     config_file = directory / CONFIG_FILE
@@ -408,41 +431,6 @@ def save_checkpoint(directory: str | os.PathLike, config: LLaMAConfig, lora_conf
     return directory
 
 
-def _sharding_for(shardings: Any, item: str, path: Path_) -> Any:
-    if shardings is None:
-        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    if isinstance(shardings, jax.sharding.Sharding):
-        return shardings
-    node = shardings.get(item) if isinstance(shardings, Mapping) else None
-    if isinstance(node, jax.sharding.Sharding):
-        return node
-    if node is None:
-        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    leaf = traverse_util.flatten_dict(dict(node)).get(path)
-    if leaf is None:
-        raise CheckpointError(f"shardings[{item!r}] has no entry for {_name(path)}")
-    return leaf
-
-
-def _index_key(index: tuple[slice, ...]) -> tuple:
-    return tuple((s.start, s.stop, s.step) for s in index)
-
-
-def _read_into(reader: ArrayTreeReader, path: Path_, shape: tuple[int, ...], sharding: Any, dtype: Any) -> jax.Array:
-    """Leaf `path` as a jax Array laid out by `sharding`, reading from disk only the slices that
-    this process's addressable shards hold (each distinct slice once, cast on the host)."""
-    slices: dict[tuple, np.ndarray] = {}
-
-    def shard(index: tuple[slice, ...]) -> np.ndarray:
-        key = _index_key(index)
-        if key not in slices:
-            value = reader.read(path, tuple(index))
-            slices[key] = value if dtype is None else value.astype(dtype, copy=False)
-        return slices[key]
-
-    return jax.make_array_from_callback(shape, sharding, shard)
-
-
 def open_item(directory: str | os.PathLike, item: str) -> tuple[LLaMAConfig, LoRAConfig | None, ArrayTreeReader]:
     """(config, lora_config, a reader of `item`: PARAMS_DIR or LORA_DIR) of a checkpoint whose
     stored shapes have been checked against its config.json (errors name the file and leaf)."""
@@ -458,28 +446,3 @@ def open_item(directory: str | os.PathLike, item: str) -> tuple[LLaMAConfig, LoR
     expected = expected_variables(config, lora_config if has_lora else None)
     check_shapes({p: s for p, (s, _) in reader.shapes().items()}, expected[item], str(reader.item_dir))
     return config, lora_config, reader
-
-
-def load_checkpoint(directory: str | os.PathLike, param_dtype: Any = None, shardings: Any = None,
-                    lora_dtype: Any = jnp.float32) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, Any]]:
-    """Read a jaxlora checkpoint straight into device arrays: (config, lora_config, variables).
-
-    variables = {"params": ..., "lora": ...} ("lora" only when the checkpoint has adapters).
-    param_dtype: cast the frozen weights while reading (None keeps the stored dtype).
-    lora_dtype: dtype of the adapters (default float32, the trainable dtype; None keeps stored).
-    shardings: None (first local device), one jax Sharding for every array, or
-    {"params": Sharding | tree of Shardings, "lora": ...}. Each array is placed straight into its
-    sharding: every process reads only the slices its addressable shards need, one leaf at a
-    time, so no host holds a whole model.
-    """
-    variables: dict[str, Any] = {}
-    for item in ITEMS:  # params first: its config says whether there are adapters
-        if item == LORA_DIR and not has_adapters(lora_config):
-            continue
-        config, lora_config, reader = open_item(directory, item)
-        dtype = param_dtype if item == PARAMS_DIR else lora_dtype
-        dtype = None if dtype is None else jnp.dtype(dtype)
-        variables[item] = traverse_util.unflatten_dict({
-            p: _read_into(reader, p, shape, _sharding_for(shardings, item, p), dtype)
-            for p, (shape, _) in reader.shapes().items()})
-    return config, lora_config, variables

@@ -6,46 +6,65 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights import lit_llama
+from jaxlora.weights.engine import MappedReader, read_leaves
 from jaxlora.weights.torch_io import save_state_dict
 from jaxlora.weights.torch_zip import TorchZipReader
 
 Place = Callable[[np.ndarray, tuple[str, ...]], Any]
 
 
-def cast_and_place(dtype: Any, place: Place | None) -> Place:
-    """A finished leaf cast to dtype (None keeps it), then through place(leaf, path) (None:
-    stays numpy)."""
-    def put(leaf: np.ndarray, path: tuple[str, ...]) -> Any:
-        leaf = leaf if dtype is None else leaf.astype(dtype, copy=False)
-        return place(leaf, path) if place else leaf
-    return put
+def open_lit_base(checkpoint_path: str | os.PathLike, config: LLaMAConfig | None = None,
+                  ) -> tuple[LLaMAConfig, MappedReader]:
+    """A lit-llama base `.pth` as our `params` leaves (the engine's reader): (config, reader);
+    the preset is recognised from the weights unless `config` is given. Keys and shapes are
+    checked first."""
+    file = TorchZipReader(checkpoint_path)
+    try:
+        source = str(checkpoint_path)
+        config = config or lit_llama.infer_config(file.shapes(), source)
+        expected = cio.expected_variables(config, None)[cio.PARAMS_DIR]
+        return config, MappedReader(file, lit_llama.base_maps(config), config.n_layer, expected, source)
+    except BaseException:
+        file.close()
+        raise
+
+
+def open_lit_lora(lora_path: str | os.PathLike, config: LLaMAConfig, lora_alpha: float = 16.0,
+                  lora_dropout: float = 0.05) -> tuple[LoRAConfig, MappedReader]:
+    """A lit-llama LoRA file as our `lora` leaves: (its LoRAConfig: q, v, r read from it, alpha
+    and dropout given; the reader). Other shapes are refused (StateDictError naming the key)."""
+    file = TorchZipReader(lora_path)
+    try:
+        lora_config = lit_llama.lit_lora_config(file.shapes(), config.n_embd, lora_alpha, lora_dropout,
+                                                str(lora_path))
+        expected = cio.expected_variables(config, lora_config)[cio.LORA_DIR]
+        maps = lit_llama.lora_maps(config, lora_config)
+        return lora_config, MappedReader(file, maps, config.n_layer, expected, str(lora_path))
+    except BaseException:
+        file.close()
+        raise
 
 
 def load_lit_llama(checkpoint_path: str | os.PathLike, lora_path: str | os.PathLike | None = None,
                    lora_alpha: float = 16.0, lora_dropout: float = 0.05, param_dtype: Any = None,
-                   config: LLaMAConfig | None = None,
-                   place: Callable[[np.ndarray, tuple[str, ...]], Any] | None = None,
+                   config: LLaMAConfig | None = None, place: Place | None = None,
                    ) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, Any]]:
-    """Read a lit-llama base checkpoint (and optionally a LoRA file) into {"params", "lora"}.
+    """Read a lit-llama base checkpoint (and optionally a LoRA file) into {"params", "lora"} on
+    the host (stacked leaves; for device loading use `jaxlora.weights.load.load_params`).
 
     The preset is recognised from the weights unless `config` is given. A lit-llama LoRA file
     means adapters on q and v (any other shape is refused); r is read from it; alpha is not
-    stored by lit-llama, so pass it.
-    Frozen weights keep the file's dtype unless `param_dtype` is given; adapters are float32.
-    The files are read tensor by tensor (no torch needed); each stacked leaf is passed to
-    `place(leaf, path)` when complete (path: its place in the collection, e.g. ("h", "attn",
-    "c_attn", "kernel"); e.g. `jax.device_put` to that leaf's sharding: the host then holds
-    one leaf at a time, not the checkpoint), else the variables are numpy arrays.
+    stored by lit-llama, so pass it. Frozen weights keep the file's dtype unless `param_dtype`
+    is given; adapters are float32. Each leaf goes through `place(leaf, path)` when given.
     """
-    source = str(checkpoint_path)
-    with TorchZipReader(checkpoint_path) as reader:
-        shapes = reader.shapes()
-        config = config or lit_llama.infer_config(shapes, source)
-        params = lit_llama.read_tree(reader.read, shapes, lit_llama.base_maps(config), config.n_layer, source,
-                                     place=cast_and_place(param_dtype, place)).get("params", {})
+    config, reader = open_lit_base(checkpoint_path, config)
+    with reader:
+        params = traverse_util.unflatten_dict(read_leaves(reader, param_dtype, place))
     variables: dict[str, Any] = {"params": params}
     lora_config = None
     if lora_path is not None:
@@ -54,19 +73,14 @@ def load_lit_llama(checkpoint_path: str | os.PathLike, lora_path: str | os.PathL
 
 
 def load_lit_lora(lora_path: str | os.PathLike, config: LLaMAConfig, lora_alpha: float = 16.0,
-                  lora_dropout: float = 0.05,
-                  place: Callable[[np.ndarray, tuple[str, ...]], Any] | None = None,
-                  ) -> tuple[LoRAConfig, dict[str, Any]]:
+                  lora_dropout: float = 0.05, place: Place | None = None) -> tuple[LoRAConfig, dict[str, Any]]:
     """A lit-llama LoRA file's adapters (float32) for a base of `config`: (lora_config, lora).
     The file means adapters on q and v (other shapes are refused: LitLoRATargetsError); a file
     for another model size raises StateDictError naming the file and the key. `place(leaf,
     path)` as in `load_lit_llama`."""
-    with TorchZipReader(lora_path) as reader:
-        shapes = reader.shapes()
-        lora_config = lit_llama.lit_lora_config(shapes, config.n_embd, lora_alpha, lora_dropout, str(lora_path))
-
-        lora = lit_llama.read_tree(reader.read, shapes, lit_llama.lora_maps(config, lora_config), config.n_layer,
-                                   str(lora_path), place=cast_and_place(np.float32, place)).get("lora", {})
+    lora_config, reader = open_lit_lora(lora_path, config, lora_alpha, lora_dropout)
+    with reader:
+        lora = traverse_util.unflatten_dict(read_leaves(reader, np.float32, place))
     return lora_config, lora
 
 

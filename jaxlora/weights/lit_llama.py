@@ -68,11 +68,11 @@ class TensorMap:
         return [self.lit_key.format(i=i) for i in range(n_layer)] if self.layered else [self.lit_key]
 
 
-def _identity(a: np.ndarray) -> np.ndarray:
+def identity(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _transpose(a: np.ndarray) -> np.ndarray:
+def transpose(a: np.ndarray) -> np.ndarray:
     if a.ndim != 2 or a.size < (1 << 20):
         return np.ascontiguousarray(a.T)
     # Large matrices: tile by tile, ~2x (f32) to 2.6x (bf16) faster than numpy's strided copy.
@@ -113,16 +113,16 @@ def base_maps(config: LLaMAConfig) -> list[TensorMap]:
     check_lit_llama_model(config)
     C, V = config.n_embd, config.padded_vocab_size
     maps = [
-        TensorMap("transformer.wte.weight", (V, C), ("params", "wte", "embedding"), _identity, _identity),
-        TensorMap("lm_head.weight", (V, C), ("params", "lm_head", "kernel"), _transpose, _transpose),
-        TensorMap("transformer.ln_f.scale", (C,), ("params", "ln_f", "scale"), _identity, _identity),
+        TensorMap("transformer.wte.weight", (V, C), ("params", "wte", "embedding"), identity, identity),
+        TensorMap("lm_head.weight", (V, C), ("params", "lm_head", "kernel"), transpose, transpose),
+        TensorMap("transformer.ln_f.scale", (C,), ("params", "ln_f", "scale"), identity, identity),
     ]
     for norm in ("rms_1", "rms_2"):
         maps.append(TensorMap(f"transformer.h.{{i}}.{norm}.scale", (C,), ("params", "h", norm, "scale"),
-                              _identity, _identity))
+                              identity, identity))
     for module, (in_f, out_f) in config.dense_shapes().items():
         maps.append(TensorMap(f"transformer.h.{{i}}.{_lit_module(module)}.weight", (out_f, in_f),
-                              ("params", "h", *module, "kernel"), _transpose, _transpose))
+                              ("params", "h", *module, "kernel"), transpose, transpose))
     return maps
 
 
@@ -182,14 +182,10 @@ def lit_to_tree(state_dict: Mapping[str, np.ndarray], maps: Iterable[TensorMap],
 
 
 def read_tree(read: Callable[[str], np.ndarray], shapes: Mapping[str, tuple[int, ...]], maps: Iterable[TensorMap],
-              n_layer: int, source: str = "state dict", allow_extra: bool = False,
-              place: Callable[[np.ndarray, tuple[str, ...]], Any] | None = None) -> dict[str, Any]:
-    """Our nested variables from lit-llama tensors fetched one at a time by `read(key)`.
-
-    `shapes` (every key of the source) is validated first. Each finished leaf goes through
-    `place(leaf, path)` (e.g. a cast and `jax.device_put` to the path's sharding), so with a lazy `read` the host holds at most
-    one stacked leaf, never the whole checkpoint.
-    """
+              n_layer: int, source: str = "state dict", allow_extra: bool = False) -> dict[str, Any]:
+    """Our nested variables (stacked, on the host) from external tensors fetched by `read(key)`,
+    `shapes` (every key of the source) validated first. For state dicts in memory; files go
+    through the streaming engine (`jaxlora.weights.engine`)."""
     maps = list(maps)
     check_state_dict(shapes, maps, n_layer, source, allow_extra)
     flat: dict[tuple[str, ...], Any] = {}
@@ -202,7 +198,7 @@ def read_tree(read: Callable[[str], np.ndarray], shapes: Mapping[str, tuple[int,
             leaf[0] = first
             for i in range(1, count):
                 leaf[i] = read_slice(read, parts, i)
-        flat[parts[0].path] = place(leaf, parts[0].path[1:]) if place else leaf
+        flat[parts[0].path] = leaf
     return traverse_util.unflatten_dict(flat)
 
 
@@ -242,7 +238,7 @@ def tree_to_lit(tree: Mapping[str, Any], maps: Iterable[TensorMap], n_layer: int
                 out[key] = m.to_lit(value[i][m.part])
         else:
             out[m.lit_key] = m.to_lit(value[m.part])
-    return _sorted_like_lit(out)
+    return sorted_like_lit(out)
 
 
 def lit_to_params(state_dict: Mapping[str, np.ndarray], config: LLaMAConfig, source: str = "state dict") -> dict:
@@ -307,7 +303,7 @@ def lit_lora_config(shapes: Mapping[str, tuple[int, ...]], n_embd: int, alpha: f
     return LoRAConfig(r=r, alpha=alpha, dropout=dropout, targets=LIT_LORA_TARGETS)
 
 
-def _sorted_like_lit(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def sorted_like_lit(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """lit-llama's module order: lm_head, wte, then each layer's tensors, then ln_f."""
     def rank(key: str) -> tuple:
         if key.startswith("lm_head"):

@@ -7,6 +7,7 @@ holds more than its shards.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import zlib
@@ -15,19 +16,21 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.errors import CheckpointError, StateDictError
-from jaxlora.model.layouts import abstract_variables, canonical, qkv_in_run_layout, run_layout_pieces, splits_qkv
+from jaxlora.model.layouts import abstract_variables, canonical, qkv_in_run_layout
 from jaxlora.model.llama import STACKED, LLaMA
 from jaxlora.parallel import sharding as shd
 from jaxlora.weights import hf_files, lit_llama
 from jaxlora.weights import jaxlora_dir as cio
-from jaxlora.weights.hf_files import load_hf
-from jaxlora.weights.lit_files import load_lit_llama
+from jaxlora.weights.convert import check_same_model
+from jaxlora.weights.device import to_device
+from jaxlora.weights.engine import release_freed_memory
+from jaxlora.weights.hf_files import open_hf_base
+from jaxlora.weights.lit_files import open_lit_base
 from jaxlora.weights.torch_zip import TorchZipReader
 
 PathLike = str | os.PathLike
@@ -82,62 +85,29 @@ def _check_preset(config: LLaMAConfig, preset_cfg: LLaMAConfig | None, preset: s
         raise CheckpointError(f"{source}: does not match preset {preset!r} (" + "; ".join(diffs) + ")")
 
 
+def open_base(kind: str, pretrained_path: PathLike, config: LLaMAConfig) -> Any:
+    """The engine's reader of a base's frozen weights (`params` leaves, stored layout), a context
+    manager: a jaxlora checkpoint's params/, or a lit-llama .pth / HF directory through its mapping."""
+    if kind == "jaxlora":
+        return contextlib.nullcontext(cio.open_item(pretrained_path, cio.PARAMS_DIR)[2])
+    opened = open_hf_base(pretrained_path, config) if kind == "hf" else open_lit_base(pretrained_path, config)
+    return opened[1]
+
+
 def load_params(model: LLaMA, kind: str, pretrained_path: str | None, seed: int, param_dtype: Any,
                 shardings: Mapping[str, Any]) -> dict[str, Any]:
     """Frozen weights in the layout `model` reads (per-layer or stacked layers, q/k/v split
-    or fused), each placed in `shardings` (that layout's) as it is read: a checkpoint's stacked
-    leaf goes to the devices layer by layer, so no device holds more than its shards (splitting
-    after loading would need a second copy of the largest stacked leaf: 15 GiB per GPU for 65B
-    over tensor=2). Pass `canonical(model)` and its shardings for the stored layout."""
+    or fused), each placed in `shardings` (that layout's) as it is read, through the engine's
+    device sink: the host holds about one layer of one tensor whatever the source, and a
+    stacked leaf is filled on the devices layer by layer (splitting after loading would need
+    a second copy of the largest stacked leaf: 15 GiB per GPU for 65B over tensor=2). Pass
+    `canonical(model)` and its shardings for the stored layout."""
     if kind == "random":
         return random_params(model, seed, shardings)
-    targets = traverse_util.flatten_dict(shardings)
-    placed = {}
-    if kind == "jaxlora":
-        _, _, reader = cio.open_item(pretrained_path, cio.PARAMS_DIR)
-        for path, (shape, _) in reader.shapes().items():
-            for run_path, layer in run_layout_pieces(model, path):
-                placed[run_path] = _read_in_run_layout(model, reader, path, shape, layer, targets[run_path],
-                                                       param_dtype)
-        return traverse_util.unflatten_dict(placed)
-
-    def place(leaf: np.ndarray, path: tuple) -> None:  # a whole stacked leaf on the host, read from the file
-        for run_path, layer in run_layout_pieces(model, path):
-            piece = leaf if layer is None else leaf[layer]
-            placed[run_path] = jax.device_put(qkv_in_run_layout(model, path, piece), targets[run_path])
-
-    load = load_hf if kind == "hf" else load_lit_llama
-    load(pretrained_path, param_dtype=param_dtype, config=model.config, place=place)
+    release_freed_memory()  # freed layer buffers must go back to the OS, or the RSS creeps up
+    with open_base(kind, pretrained_path, model.config) as reader:
+        placed = to_device(reader, model, traverse_util.flatten_dict(shardings), param_dtype)
     return traverse_util.unflatten_dict(placed)
-
-
-def _read_in_run_layout(model: LLaMA, reader: Any, path: tuple, shape: tuple, layer: int | None, sharding: Any,
-                        dtype: Any) -> jax.Array:
-    """A stored leaf (or one layer of it) read straight into `sharding` in `model`'s layout:
-    each process reads only the regions its devices hold, each distinct region once (with
-    split q/k/v, (.., C, 3, C) regions of the stored (.., C, 3C) leaf: one read per q/k/v part)."""
-    lead = () if layer is None else (layer,)
-    shape, C = shape[len(lead):], model.config.n_embd
-    split = splits_qkv(model, path)
-    run_shape = (*shape[:-1], 3, C) if split else shape
-    read: dict[tuple, np.ndarray] = {}  # replicas of a region are read once
-
-    def region(index: tuple[slice, ...]) -> np.ndarray:
-        key = tuple((s.start, s.stop, s.step) for s in index)
-        if key not in read:
-            read[key] = _read_region(index)
-        return read[key]
-
-    def _read_region(index: tuple[slice, ...]) -> np.ndarray:
-        if split:
-            *rest, parts, cols = index
-            start, stop, _ = cols.indices(C)
-            value = np.stack([reader.read(path, lead + tuple(rest) + (slice(g * C + start, g * C + stop),))
-                              for g in range(*parts.indices(3))], axis=-2)
-        else:
-            value = reader.read(path, lead + tuple(index))
-        return value if dtype is None else value.astype(dtype, copy=False)
-    return jax.make_array_from_callback(run_shape, sharding, region)
 
 
 def random_params(model: LLaMA, seed: int, shardings: Mapping[str, Any]) -> dict[str, Any]:
@@ -202,10 +172,7 @@ def load_adapters_dir(directory: PathLike, config: LLaMAConfig, base: str = "the
     against the base's config."""
     directory = Path(directory)
     adapter_config, lora_config = cio.read_config(directory)
-    if adapter_config != config:
-        diffs = "; ".join(f"{k}: adapters {v}, base {getattr(config, k)}"
-                          for k, v in adapter_config.to_dict().items() if getattr(config, k) != v)
-        raise CheckpointError(f"{directory}: adapters for another model size than {base} ({diffs})")
+    check_same_model(config, adapter_config, directory, base, what="model size")
     if lora_config is None or not (directory / cio.LORA_DIR).is_dir():
         raise CheckpointError(f"{directory}: no adapters ({cio.CONFIG_FILE} 'lora' is null or no "
                                   f"{cio.LORA_DIR}/ directory)")
@@ -214,3 +181,45 @@ def load_adapters_dir(directory: PathLike, config: LLaMAConfig, base: str = "the
     cio.check_shapes({p: s for p, (s, _) in stored.items()}, cio.expected_variables(config, lora_config)["lora"],
                      str(directory / cio.LORA_DIR))
     return lora_config, traverse_util.unflatten_dict({p: jnp.asarray(reader.read(p), jnp.float32) for p in stored})
+
+
+def sharding_for(shardings: Any, item: str, path: tuple) -> Any:
+    if shardings is None:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        return shardings
+    node = shardings.get(item) if isinstance(shardings, Mapping) else None
+    if isinstance(node, jax.sharding.Sharding):
+        return node
+    if node is None:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    leaf = traverse_util.flatten_dict(dict(node)).get(path)
+    if leaf is None:
+        raise CheckpointError(f"shardings[{item!r}] has no entry for {'/'.join(path)}")
+    return leaf
+
+
+def load_checkpoint(directory: str | os.PathLike, param_dtype: Any = None, shardings: Any = None,
+                    lora_dtype: Any = jnp.float32) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, Any]]:
+    """Read a jaxlora checkpoint straight into device arrays: (config, lora_config, variables).
+
+    variables = {"params": ..., "lora": ...} ("lora" only when the checkpoint has adapters).
+    param_dtype: cast the frozen weights while reading (None keeps the stored dtype).
+    lora_dtype: dtype of the adapters (default float32, the trainable dtype; None keeps stored).
+    shardings: None (first local device), one jax Sharding for every array, or
+    {"params": Sharding | tree of Shardings, "lora": ...}. Each array is placed straight into its
+    sharding: every process reads only the slices its addressable shards need, one leaf at a
+    time, so no host holds a whole model.
+    """
+    variables: dict[str, Any] = {}
+    lora_config = None
+    for item in cio.ITEMS:  # params first: its config says whether there are adapters
+        if item == cio.LORA_DIR and not cio.has_adapters(lora_config):
+            continue
+        config, lora_config, reader = cio.open_item(directory, item)
+        dtype = param_dtype if item == cio.PARAMS_DIR else lora_dtype
+        targets = {p: sharding_for(shardings, item, p) for p in reader.shapes()}
+        stored = LLaMA(config)  # stacked layers, fused q/k/v: the stored layout, read as is
+        variables[item] = traverse_util.unflatten_dict(
+            to_device(reader, stored, targets, None if dtype is None else jnp.dtype(dtype)))
+    return config, lora_config, variables

@@ -2,8 +2,9 @@
 index json, as `save_pretrained` writes them) and `pytorch_model*.bin` (torch.save zips, read by
 `TorchZipReader`, no torch needed); and a sharded safetensors writer.
 
-Reading uses `safetensors.safe_open`: numpy for float32/16; bfloat16 (which numpy cannot
-hold) through safetensors' flax loader on the CPU, giving `ml_dtypes.bfloat16` bit for bit.
+`safetensors.safe_open` validates the header and gives shapes and dtypes; tensors (or blocks
+of their rows) are read with pread at the header's offsets into fresh numpy buffers: no memory
+map whose pages would stay resident, and bfloat16 as `ml_dtypes.bfloat16` bit for bit.
 """
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from jaxlora.errors import StateDictError
-from jaxlora.weights.torch_zip import TorchZipReader
+from jaxlora.weights.torch_zip import TorchZipReader, pread_into
 
 # HF's file names (transformers' SAFE_WEIGHTS_NAME, WEIGHTS_NAME and their "<name>.index.json").
 MODEL_SAFETENSORS, MODEL_BIN = "model.safetensors", "pytorch_model.bin"
@@ -25,7 +29,6 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
 
 
 def _np_dtype(name: str) -> np.dtype:
-    import ml_dtypes
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
@@ -33,13 +36,20 @@ def _open(path: Path, framework: str) -> Any:
     """safe_open, reading with pread where safetensors offers it: pages of a memory-mapped file
     that were read stay in the process's resident set, so reading a whole checkpoint through
     the default mmap would end with its size in RSS."""
-    from safetensors import safe_open
     try:
         f = safe_open(str(path), framework=framework, backend="pread")
     except TypeError:  # safetensors < 0.8: mmap only
         f = safe_open(str(path), framework=framework)
     f.__enter__()
     return f
+
+
+def _data_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(where the data starts, {key: (begin, end) within the data}) from the file's header."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return 8 + size, {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
 
 
 class SafetensorsFile:
@@ -52,7 +62,8 @@ class SafetensorsFile:
         except Exception as e:  # safetensors raises its own error types for damaged headers
             raise StateDictError(f"{self.path}: not a readable safetensors file: {e}") from e
         self._slices = {k: self._file.get_slice(k) for k in self._file.keys()}
-        self._bf16: Any = None
+        self._start, self._offsets = _data_offsets(self.path)
+        self._fd = os.open(self.path, os.O_RDONLY)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(s.get_shape()) for k, s in self._slices.items()}
@@ -67,20 +78,23 @@ class SafetensorsFile:
         return out
 
     def read(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        piece = slice(None) if rows is None else slice(*rows)
-        if self._slices[key].get_dtype() != "BF16":
-            return np.array(self._slices[key][piece])
-        import jax
-        with jax.default_device(jax.devices("cpu")[0]):
-            if self._bf16 is None:
-                self._bf16 = _open(self.path, "flax")
-            return np.array(self._bf16.get_slice(key)[piece])
+        """The tensor (or its rows [r0, r1)) read with pread into a fresh buffer: no memory map
+        whose pages would stay resident, and bfloat16 bit for bit (ml_dtypes)."""
+        shape, dtype = tuple(self._slices[key].get_shape()), _np_dtype(_DTYPES[self._slices[key].get_dtype()])
+        begin, end = self._offsets[key]
+        r0, r1 = (0, shape[0] if shape else 1) if rows is None else rows
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        buf = np.empty((r1 - r0) * row_bytes, np.uint8)
+        if pread_into(self._fd, memoryview(buf), self._start + begin + r0 * row_bytes) != buf.nbytes \
+                or begin + r1 * row_bytes > end:
+            raise StateDictError(f"{self.path}: tensor {key!r} is truncated")
+        return buf.view(dtype).reshape(((r1 - r0,) if shape else ()) + shape[1:])
 
     def close(self) -> None:
-        for f in (self._file, self._bf16):
-            if f is not None:
-                f.__exit__(None, None, None)
-        self._file = self._bf16 = None
+        if self._file is not None:
+            self._file.__exit__(None, None, None)
+            os.close(self._fd)
+        self._file = None
 
 
 class WeightFiles:
@@ -183,25 +197,29 @@ def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[
     return shards
 
 
-def save_sharded(directory: str | os.PathLike, sizes: Sequence[tuple[str, int]], produce: Callable[[str], np.ndarray],
-                 max_shard_bytes: int, name: str = MODEL_SAFETENSORS,
+def save_sharded(directory: str | os.PathLike, sizes: Sequence[tuple[str, int]],
+                 tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int, name: str = MODEL_SAFETENSORS,
                  progress: Callable[[str, int], None] | None = None) -> list[str]:
     """Write tensors as HF does: `name` when they fit one shard, else `model-0000k-of-0000N.safetensors`
-    and `name.index.json`. sizes: (key, bytes) in order; produce(key) computes a tensor when its
-    shard is written, so the host holds at most one shard. Returns the file names written."""
-    from safetensors.numpy import save_file
+    and `name.index.json`. sizes: (key, bytes) in order; `tensors` yields (key, tensor) in the
+    same order, consumed as each shard is written, so the host holds at most one shard. Returns
+    the file names written."""
     directory = Path(directory)
     shards = plan_shards(sizes, max_shard_bytes)
     stem, ext = name.rsplit(".", 1)
     names = [name] if len(shards) == 1 else [f"{stem}-{k + 1:05d}-of-{len(shards):05d}.{ext}" for k in range(len(shards))]
+    stream = iter(tensors)
     for keys, file_name in zip(shards, names):
-        tensors = {}
+        shard = {}
         for key in keys:
-            tensors[key] = np.ascontiguousarray(produce(key))
+            got, value = next(stream)
+            if got != key:
+                raise ValueError(f"{file_name}: tensor {got!r} arrived where {key!r} was planned")
+            shard[key] = np.ascontiguousarray(value)
             if progress:
-                progress(key, tensors[key].nbytes)
-        save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
-        del tensors
+                progress(key, shard[key].nbytes)
+        save_file(shard, str(directory / file_name), metadata={"format": "pt"})
+        del shard
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(n for _, n in sizes)},
                  "weight_map": {key: file_name for keys, file_name in zip(shards, names) for key in keys}}

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
+from jaxlora.weights.jaxlora_dir import plain_mode
+
 
 def require_torch() -> Any:
     try:
@@ -48,13 +50,15 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Call write(tmp_path), then rename tmp_path to path; no half file under `path`, ever."""
+    """Call write(tmp_path), then rename tmp_path to path; no half file under `path`, ever. The
+    file ends with the permissions a plain write gives under the umask (mkstemp's are 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, plain_mode(directory=False))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

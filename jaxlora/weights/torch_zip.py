@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
-from jaxlora.weights.torch_io import atomic_write
+from jaxlora.weights.torch_io import atomic_write, require_torch
 
 # torch's legacy typed-storage class names, as pickled by torch.save, and their numpy dtypes.
 STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -231,7 +231,7 @@ class TorchZipReader:
         whole = start == 0 and count == t.storage_numel
         out = np.empty(count, t.dtype)
         buf = memoryview(out.view(np.uint8))
-        got = _pread_into(self._file.fileno(), buf, offset + start * t.dtype.itemsize)
+        got = pread_into(self._file.fileno(), buf, offset + start * t.dtype.itemsize)
         if got != len(buf):
             raise ValueError(f"{self.path}: tensor {key!r} is truncated ({got} of {len(buf)} bytes)")
         if self.verify_crc and whole and zlib.crc32(buf) != info.CRC:
@@ -252,7 +252,7 @@ class TorchZipReader:
         crc, done, buf = 0, 0, bytearray(min(block, max(info.file_size, 1)))
         view = memoryview(buf)
         while done < info.file_size:
-            n = _pread_into(self._file.fileno(), view[:min(block, info.file_size - done)], offset + done)
+            n = pread_into(self._file.fileno(), view[:min(block, info.file_size - done)], offset + done)
             if n == 0:
                 raise ValueError(f"{self.path}: tensor {key!r} is truncated")
             crc = zlib.crc32(view[:n], crc)
@@ -261,7 +261,7 @@ class TorchZipReader:
             raise ValueError(f"{self.path}: tensor {key!r} is damaged (CRC mismatch)")
 
 
-def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
+def pread_into(fd: int, buf: memoryview, offset: int) -> int:
     """Fill buf from the file at offset (positional, so safe from several threads); bytes read."""
     done, step = 0, 1 << 30
     if not hasattr(os, "preadv"):  # e.g. Windows: serialise seek + read
@@ -361,7 +361,6 @@ def write_torch_zip(path: str | os.PathLike, items: Iterable[tuple[str, "np.ndar
     torch.bfloat16) and bits. The state dict is a plain dict in `items` order, as
     `torch.save(dict)` writes it; entries are 64-byte aligned like torch's own.
     """
-    from jaxlora.weights.torch_io import require_torch
     torch = require_torch()  # only for the pickled globals, so torch.load finds the real ones
     rebuild = torch._utils._rebuild_tensor_v2
 
@@ -403,10 +402,3 @@ def write_torch_zip(path: str | os.PathLike, items: Iterable[tuple[str, "np.ndar
             os.fsync(raw.fileno())
 
     atomic_write(path, write)
-
-
-def iter_state_dict(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, array) pairs of a torch zip file, one tensor in memory at a time."""
-    with TorchZipReader(path) as reader:
-        for key in reader.keys():
-            yield key, reader.read(key)
