@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from flax.core import unfreeze
 
 from jaxlora.config import LORA_TARGETS, LoRAConfig, segment_widths
 from jaxlora.model.nf4 import NF4Kernel
@@ -230,5 +231,4 @@ def trainable_labels(lora: Any) -> Any:
 
 
 def _as_dict(tree: Any) -> Any:
-    from flax.core import unfreeze
     return unfreeze(tree) if hasattr(tree, "unfreeze") else tree

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 _CLUSTER_VARIABLES = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS")
 
@@ -51,7 +52,6 @@ def to_host(tree: Any) -> Any:
     """A tree of (possibly sharded, possibly other hosts') arrays as numpy arrays, in every process."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
@@ -60,7 +60,6 @@ def agree_on_batch(longest: int, tokens: int) -> tuple[int, int]:
     each of which knows only its own rows."""
     if jax.process_count() == 1:
         return longest, tokens
-    from jax.experimental import multihost_utils
     both = np.asarray(multihost_utils.process_allgather(np.array([longest, tokens], np.int32)))
     return int(both[:, 0].max()), int(both[:, 1].sum())
 
@@ -68,5 +67,4 @@ def agree_on_batch(longest: int, tokens: int) -> tuple[int, int]:
 def sum_over_processes(n: int) -> int:
     if jax.process_count() == 1:
         return n
-    from jax.experimental import multihost_utils
     return int(np.asarray(multihost_utils.process_allgather(np.array(n, np.int32))).sum())
