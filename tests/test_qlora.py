@@ -74,3 +74,20 @@ def test_the_backward_pass_keeps_no_dequantized_kernel(mode):
     kernel_shapes = {(L, C, 3 * C), (L, C, C), (L, C, H), (L, H, C)}  # the scanned layers' stacked kernels
     assert kernel_shapes & residual_shapes(dequantized)  # float weights: the kernels are residuals
     assert not kernel_shapes & residual_shapes(quantized)  # quantized: only codes and scales are kept
+
+
+def test_train_py_quantizes_the_frozen_kernels_while_loading():
+    from jaxlora.train.build import build_run
+    from jaxlora.train.settings import TrainArgs, resolve_args
+    from jaxlora.train.spec import run_spec
+    a = resolve_args(TrainArgs(preset="tiny", pretrained_path="none", quantize="nf4-dq", precision="32-true",
+                               batch_size=2, micro_batch_size=2, max_seq_length=32, scan_layers=False))
+    r = build_run(run_spec(a), max_steps=2)
+    kernels = {path: leaf for path, leaf in jax.tree_util.tree_flatten_with_path(
+        r.params, is_leaf=lambda x: isinstance(x, NF4Kernel))[0]}
+    quantized = [p for p, k in kernels.items() if isinstance(k, NF4Kernel)]
+    assert len(quantized) == 5 * r.config.n_layer  # every projection of every layer, and nothing else
+    assert not isinstance(r.params["lm_head"]["kernel"], NF4Kernel)
+    ids = jax.random.randint(jax.random.key(0), (1, 2, 32), 0, r.config.vocab_size)
+    state, metrics = r.train_step(r.state, r.params, r.batch({"input_ids": np.asarray(ids), "labels": np.asarray(ids)}))
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1

@@ -76,29 +76,42 @@ quantize_kernel = jax.jit(_quantize)
 _quantize_consuming = jax.jit(_quantize, donate_argnums=0)
 
 
-def quantize_params(params: Any, mode: str = "int8", consume: bool = False, head: bool | None = None) -> Any:
-    """Dense kernels (leaves named "kernel") quantized; embeddings and norm scales unchanged.
-    head: quantize lm_head too (default: for int8, which decoding uses; QLoRA keeps it in the
-    compute dtype for nf4, and training keeps it for every mode). Leaf by leaf, each on its
-    device; consume: release each float kernel as soon as it is quantized (int8: donated to its
-    quantization; `params` is not usable afterwards): the peak is then the weights plus one
-    quantized kernel."""
+def quantizes(path: tuple[str, ...], mode: str, head: bool | None = None) -> bool:
+    """Whether `mode` quantizes the params leaf at `path`: the dense kernels; lm_head only with
+    `head` (default: for int8, which decoding uses; QLoRA keeps the LM head in the compute
+    dtype, and training keeps it for every mode)."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
-    if mode == "int8":
-        quantize = _quantize_consuming if consume else quantize_kernel
-    else:
-        quantize = functools.partial(quantize_nf4, double_quant=mode == "nf4-dq")
-    keep = () if (mode == "int8" if head is None else head) else ("lm_head",)
+    with_head = mode == "int8" if head is None else head
+    return path[-1] == "kernel" and (with_head or path[0] != "lm_head")
 
-    def visit(node: Any) -> Any:
+
+def quantize_kernel_as(kernel: Array, mode: str, consume: bool = False) -> Int8Kernel | NF4Kernel:
+    """One float kernel in `mode`, on its device (consume: donate it to the int8 program)."""
+    if mode == "int8":
+        return (_quantize_consuming if consume else quantize_kernel)(kernel)
+    return quantize_nf4(kernel, double_quant=mode == "nf4-dq")
+
+
+def quantize_params(params: Any, mode: str = "int8", consume: bool = False, head: bool | None = None) -> Any:
+    """The params with every leaf `quantizes` names quantized; embeddings and norm scales
+    unchanged. Leaf by leaf, each on its device; consume: release each float kernel as soon as
+    it is quantized (int8: donated; `params` is not usable afterwards), so the peak is the
+    weights plus one quantized kernel."""
+    def visit(node: Any, prefix: tuple[str, ...]) -> Any:
         out = {}
         for k, v in node.items():
-            out[k] = quantize(v) if k == "kernel" and is_float_kernel(v) else visit(v) if isinstance(v, dict) else v
-            if consume and out[k] is not v and isinstance(node, dict):
-                node[k] = None  # drop the float kernel now, not when the whole tree is done
+            path = (*prefix, k)
+            if isinstance(v, dict):
+                out[k] = visit(v, path)
+            elif is_float_kernel(v) and quantizes(path, mode, head):
+                out[k] = quantize_kernel_as(v, mode, consume)
+                if consume and isinstance(node, dict):
+                    node[k] = None  # drop the float kernel now, not when the whole tree is done
+            else:
+                out[k] = v
         return out
-    return {k: visit(v) if isinstance(v, dict) and k not in keep else v for k, v in params.items()}
+    return visit(params, ())
 
 
 def is_float_kernel(x: Any) -> bool:

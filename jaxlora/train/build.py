@@ -23,7 +23,7 @@ from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.errors import MeshError
 from jaxlora.model.layouts import init_adapters
 from jaxlora.model.llama import LLaMA
-from jaxlora.model.quantize import quantize_params
+from jaxlora.model.quantize import quantize_kernel_as, quantizes
 from jaxlora.parallel import sharding as shd
 from jaxlora.train.optim import learning_rate_schedule, make_optimizer
 from jaxlora.train.settings import PRECISIONS
@@ -118,11 +118,17 @@ def fit_micro_batch(batch_size: int, micro_batch_size: int, shards: int, log: Ca
     return micro
 
 
-def quantize_frozen(params: Any, mode: str, mesh: Mesh) -> tuple[Any, Any]:
-    """Frozen kernels quantized in place, kernel by kernel (each float kernel is dropped as soon
-    as its quantized form exists), and the shardings of the result: codes and block scales stay
-    where their kernel was (sharded like it), the small double-quantization leaves replicated."""
-    params = quantize_params(params, mode, consume=True, head=False)
+def frozen_quantizer(mode: str) -> Callable[[tuple, Any], Any]:
+    """The loading transform of `--quantize mode`: each dense kernel (not the LM head) quantized
+    on its devices as soon as it is placed, so the float weights never exist whole."""
+    def quantize(path: tuple, leaf: Any) -> Any:
+        return quantize_kernel_as(leaf, mode) if quantizes(path, mode, head=False) else leaf
+    return quantize
+
+
+def quantized_shardings(params: Any, mesh: Mesh) -> tuple[Any, Any]:
+    """Quantized params on the mesh and their shardings: codes and block scales stay where their
+    kernel was put (sharded like it); the small double-quantization leaves go replicated."""
     rep = shd.replicated(mesh)
     on_mesh = jax.tree.map(lambda x: x if x.sharding.device_set == rep.device_set else jax.device_put(x, rep),
                            params)
@@ -161,10 +167,10 @@ def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = N
                   split_qkv=mesh.shape["tensor"] > 1)  # q/k/v split at head boundaries over tensor
     stored = shd.variable_shardings(model, mesh)
     as_run = shd.variable_shardings(model, mesh, as_run=True)
-    params = load_params(model, kind, spec.base.path, spec.seed, storage_dtype, as_run["params"])
-    params_sh = as_run["params"]
-    if speed.quantize != "none":
-        params, params_sh = quantize_frozen(params, speed.quantize, mesh)
+    quantized = speed.quantize != "none"
+    params = load_params(model, kind, spec.base.path, spec.seed, storage_dtype, as_run["params"],
+                         frozen_quantizer(speed.quantize) if quantized else None)
+    params, params_sh = quantized_shardings(params, mesh) if quantized else (params, as_run["params"])
 
     opt = spec.optimizer
     schedule = learning_rate_schedule(opt.learning_rate, opt.warmup_steps, opt.schedule,

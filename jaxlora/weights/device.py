@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -136,12 +136,13 @@ def shard_bytes(shape: tuple[int, ...], dtype: np.dtype, sharding: Any) -> int:
     return int(np.prod(sharding.shard_shape(shape), dtype=np.int64)) * dtype.itemsize
 
 
-def to_device(reader: LeafReader, model: LLaMA, targets: Mapping[Path_, Any], dtype: Any = None
-              ) -> dict[Path_, jax.Array]:
+def to_device(reader: LeafReader, model: LLaMA, targets: Mapping[Path_, Any], dtype: Any = None,
+              transform: Callable[[Path_, jax.Array], Any] | None = None) -> dict[Path_, Any]:
     """Sink: every leaf of `reader` in `model`'s run layout, {run path: array in targets[run path]}
     (targets: the flattened run-layout shardings). dtype: cast on the host (None keeps the
     stored). Shards within the host budget (a layer, or a chunk) are read directly; larger
-    ones (a stacked leaf or a whole wte on few devices) are filled on the device piece by piece."""
+    ones (a stacked leaf or a whole wte on few devices) are filled on the device piece by piece.
+    transform(run path, array): applied to each leaf once placed (e.g. quantization)."""
     placed = {}
     for path, (shape, stored_dtype) in reader.shapes().items():
         dt = np.dtype(stored_dtype if dtype is None else dtype)
@@ -157,4 +158,6 @@ def to_device(reader: LeafReader, model: LLaMA, targets: Mapping[Path_, Any], dt
                 placed[run_path] = place_blocks(reader, path, target, dt)
             else:
                 placed[run_path] = place_direct(reader, model, path, layer, target, dt)
+            if transform is not None:
+                placed[run_path] = transform(run_path, placed[run_path])
     return placed

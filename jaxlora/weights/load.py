@@ -12,7 +12,7 @@ import dataclasses
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,14 @@ from jaxlora.weights.lit_files import open_lit_base
 from jaxlora.weights.torch_zip import TorchZipReader
 
 PathLike = str | os.PathLike
+Transform = Callable[[tuple[str, ...], jax.Array], Any]  # (run path, placed leaf) -> the leaf kept
+
+
+def keep_leaf(path: tuple[str, ...], leaf: jax.Array) -> jax.Array:
+    """The identity transform: keep each placed leaf as loaded."""
+    return leaf
+
+
 RANDOM_BASE = ("none", "random")  # --pretrained_path values meaning: random weights of --preset
 
 
@@ -95,22 +103,25 @@ def open_base(kind: str, pretrained_path: PathLike, config: LLaMAConfig) -> Any:
 
 
 def load_params(model: LLaMA, kind: str, pretrained_path: str | None, seed: int, param_dtype: Any,
-                shardings: Mapping[str, Any]) -> dict[str, Any]:
+                shardings: Mapping[str, Any], transform: Transform | None = None) -> dict[str, Any]:
     """Frozen weights in the layout `model` reads (per-layer or stacked layers, q/k/v split
     or fused), each placed in `shardings` (that layout's) as it is read, through the engine's
     device sink: the host holds about one layer of one tensor whatever the source, and a
     stacked leaf is filled on the devices layer by layer (splitting after loading would need
     a second copy of the largest stacked leaf: 15 GiB per GPU for 65B over tensor=2). Pass
-    `canonical(model)` and its shardings for the stored layout."""
+    `canonical(model)` and its shardings for the stored layout. transform(run path, array):
+    applied to each leaf as soon as it is on the devices (quantization while loading: the float
+    weights never exist whole)."""
     if kind == "random":
-        return random_params(model, seed, shardings)
+        return random_params(model, seed, shardings, transform)
     release_freed_memory()  # freed layer buffers must go back to the OS, or the RSS creeps up
     with open_base(kind, pretrained_path, model.config) as reader:
-        placed = to_device(reader, model, traverse_util.flatten_dict(shardings), param_dtype)
+        placed = to_device(reader, model, traverse_util.flatten_dict(shardings), param_dtype, transform)
     return traverse_util.unflatten_dict(placed)
 
 
-def random_params(model: LLaMA, seed: int, shardings: Mapping[str, Any]) -> dict[str, Any]:
+def random_params(model: LLaMA, seed: int, shardings: Mapping[str, Any], transform: Transform | None = None
+                  ) -> dict[str, Any]:
     """Random frozen weights (the model's init distributions: N(0, 0.02) kernels and embedding
     table, unit norm scales) made directly in the layout `model` reads (per-layer or stacked,
     q/k/v split or fused), each placed in `shardings` (that layout's) by its own program: no
@@ -118,7 +129,8 @@ def random_params(model: LLaMA, seed: int, shardings: Mapping[str, Any]) -> dict
     needs a second copy of the largest stacked leaf: 15 GiB per GPU at 65B over tensor=2.)
 
     Every layer's leaf comes from its own key (seed, leaf name, layer), so any layout, mesh
-    or device count gets the same numbers."""
+    or device count gets the same numbers. transform: as `load_params`'s."""
+    transform = transform or keep_leaf
     abstract = traverse_util.flatten_dict(abstract_variables(canonical(model))["params"])  # stacked, fused q/k/v
     targets = traverse_util.flatten_dict(shardings)
     n = model.config.n_layer
@@ -136,14 +148,14 @@ def random_params(model: LLaMA, seed: int, shardings: Mapping[str, Any]) -> dict
             return qkv_in_run_layout(model, path, x.astype(dtype))
 
         if not stacked:
-            out[path] = jax.jit(lambda k, draw=draw: draw(k, 0), out_shardings=targets[path])(key)
+            out[path] = transform(path, jax.jit(lambda k, draw=draw: draw(k, 0), out_shardings=targets[path])(key))
         elif model.scan_layers:
-            out[path] = jax.jit(lambda k, draw=draw: jax.vmap(lambda i: draw(k, i))(jnp.arange(n)),
-                                out_shardings=targets[path])(key)
+            out[path] = transform(path, jax.jit(lambda k, draw=draw: jax.vmap(lambda i: draw(k, i))(jnp.arange(n)),
+                                                out_shardings=targets[path])(key))
         else:
             one_layer = jax.jit(draw, out_shardings=targets[(f"{STACKED}_0",) + name])
             for i in range(n):
-                out[(f"{STACKED}_{i}",) + name] = one_layer(key, i)
+                out[(f"{STACKED}_{i}",) + name] = transform((f"{STACKED}_{i}",) + name, one_layer(key, i))
     return traverse_util.unflatten_dict(out)
 
 
