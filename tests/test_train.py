@@ -72,7 +72,8 @@ def tiny_args(out_dir: str | os.PathLike, **overrides) -> TrainArgs:
                   learning_rate=1e-2, warmup_steps=2, batch_size=4, micro_batch_size=2, max_steps=6,
                   max_seq_length=96, eval_interval=3, eval_iters=2, save_interval=3, val_size=8,
                   precision="32-true", exact_match_samples=0, num_samples=0, max_new_tokens=4,
-                  sample_instruction="", scan_unroll=1, progress=False, verbose=False, plot=False, export_lit=False)
+                  sample_instruction="", scan_unroll=1, progress=False, verbose=False, plot=False, export_lit=False,
+                  packing=True)  # the packed loop end to end (the demo profile runs unpacked)
     values.update(overrides)
     return TrainArgs(**values)
 

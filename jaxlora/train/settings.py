@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from jaxlora.parallel.sharding import default_mesh_shape
 from jaxlora.train.optim import SCHEDULES
 
 LIT_PRESETS = ("7b", "13b", "30b", "65b")
+SMALL_PRESETS = ("demo", "tiny")  # not real models: the demo profile
 PRECISIONS: dict[str, tuple[Any, Any]] = {  # name -> (compute dtype, frozen-weight storage dtype)
     "bf16-true": (jnp.bfloat16, jnp.bfloat16),
     "bf16-mixed": (jnp.bfloat16, jnp.float32),
@@ -72,7 +74,9 @@ DEMO_PROFILE: dict[str, Any] = dict(
     eval_interval=100, eval_iters=8, save_interval=250, val_size=200,
     precision="32-true", mask_inputs=True, exact_match_samples=50, max_new_tokens=16,
     sample_instruction="Reverse the word rocket.", scan_layers=True, scan_unroll=4, remat="none",
-    rng_impl="threefry2x32", loss_chunk=0, packing=True,
+    # unpacked: its samples (~55 tokens) nearly fill its 64-token rows, so packing saves no work and
+    # its mask costs some (measured 2026-12-01: same exact match, no speed-up)
+    rng_impl="threefry2x32", loss_chunk=0, packing=False,
 )
 
 
@@ -99,9 +103,9 @@ class TrainArgs:
     Each field's metadata is its train.py flag (`setting`): the CLI is generated from these."""
 
     preset: str | None = setting(
-        "model size: 7b, 13b, 30b, 65b (lit-llama's presets; selects lit-llama's recipe as defaults), or "
-        "demo/tiny. Checked against the weights; inferred from a lit-llama checkpoint when left out with "
-        "--pretrained_path", FILES)
+        "model: 7b, 13b, 30b, 65b (lit-llama's presets, with its file locations), llama2-7b/13b/70b, "
+        "llama3.1-8b/70b, llama3.2-1b/3b, mistral-7b (each selects lit-llama's recipe as defaults, as do weights "
+        "given without a preset), or demo/tiny. Checked against the weights; read from them when left out", FILES)
     pretrained_path: str | None = setting(
         "frozen base weights: a lit-llama .pth file (read tensor by tensor, no torch needed), a jaxlora "
         "checkpoint directory (convert/from_lit_llama.py) or a Hugging Face LLaMA directory (config.json + "
@@ -208,13 +212,24 @@ class TrainArgs:
     export_lit: bool = True
 
 
-def profile_for(preset: str | None) -> dict[str, Any]:
-    """The defaults of a run: lit-llama's recipe for 7B/13B/30B/65B, the demo profile otherwise."""
-    if preset is not None and preset.lower() in LIT_PRESETS:
+def profile_for(preset: str | None, pretrained_path: str | None = None) -> dict[str, Any]:
+    """The defaults of a run. lit-llama's recipe for a real model: its presets 7B-65B (with
+    lit-llama's file locations), any other model preset (Llama 2/3, Mistral), or weights given
+    without a preset; the tokenizer of such a model defaults to its own directory (an HF model
+    ships tokenizer.json or tokenizer.model). The demo profile for the demo, tiny, or nothing."""
+    named = preset.lower() if preset else None
+    if named in LIT_PRESETS:
         prof = dict(LIT_LLAMA_RECIPE)
         prof["pretrained_path"] = prof["pretrained_path"].format(preset=preset.upper())
         return prof
-    return dict(DEMO_PROFILE)
+    real_weights = pretrained_path is not None and str(pretrained_path).lower() not in ("none", "random") \
+        and Path(pretrained_path) != DEMO_BASE
+    if named in SMALL_PRESETS or (named is None and not real_weights):
+        return dict(DEMO_PROFILE)
+    prof = {k: v for k, v in LIT_LLAMA_RECIPE.items() if k != "pretrained_path"}
+    if real_weights and Path(pretrained_path).is_dir():
+        prof["tokenizer_path"] = str(pretrained_path)
+    return prof
 
 
 def parse_val_size(value: float | int | str | None) -> int | float | None:
@@ -229,7 +244,7 @@ def parse_val_size(value: float | int | str | None) -> int | float | None:
 
 def resolve_args(args: TrainArgs) -> TrainArgs:
     """A copy of `args` with every None filled in from its profile, and checked."""
-    prof = profile_for(args.preset)
+    prof = profile_for(args.preset, args.pretrained_path)
     values = dataclasses.asdict(args)
     for name, default in prof.items():
         if values.get(name) is None:
