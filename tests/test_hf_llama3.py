@@ -48,7 +48,7 @@ CLASSES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
 
 def write_model(kind: str, settings: dict, path: Path) -> Path:
     config_cls, model_cls = CLASSES[kind]
-    model = model_cls(config_cls(**SHAPE, **settings)).eval()
+    model = model_cls(config_cls(**{**SHAPE, **settings})).eval()
     randomize(model, 0)
     model.save_pretrained(path)
     return path
@@ -186,3 +186,32 @@ def test_old_config_json_still_loads():
     config = LLaMAConfig.from_dict(old)
     assert config == LLaMAConfig.from_name("7B") and config.n_kv_head == 32 and config.n_hidden == 11008
     assert LLaMAConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_train_py_on_a_llama3_hf_directory_with_its_chat_template(tmp_path):
+    """Issue 17 end to end: train.py on a tiny random Llama 3-style HF directory (GQA, llama3
+    RoPE, a 128,256-id tokenizer.json with its chat template) trains with the chat template,
+    evaluates, samples, and leaves a PEFT folder that PEFT loads onto that directory with our
+    trained model's logits."""
+    from test_hf import hf_model
+    from test_text_prompts import LLAMA3_TEMPLATE
+    from test_text_tokenizer import llama3_dir
+    from test_train import tiny_args
+
+    from jaxlora.train import loop as trainer
+    from jaxlora.weights.load import load_adapters_dir
+    hf_dir = llama3_dir(tmp_path / "hf", LLAMA3_TEMPLATE)
+    kind, settings = CASES["llama3"]
+    write_model(kind, {**settings, "vocab_size": 128_256}, hf_dir)
+    result = trainer.run(tiny_args(tmp_path / "out", preset=None, pretrained_path=str(hf_dir), tokenizer_path=str(hf_dir),
+                                   prompt_style="chat-template", mask_inputs=True, max_steps=2, eval_interval=1,
+                                   sample_instruction="Reverse the word rocket.", max_new_tokens=3))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2]
+    evals = [r for r in rows if r["type"] == "eval"]
+    assert evals and all(r["val_loss"] is not None and r["sample"] is not None for r in evals)
+    peft_model = peft.PeftModel.from_pretrained(hf_model(hf_dir), result.peft_dir).eval()
+    config, _, variables = load_hf(hf_dir)
+    assert config.n_kv_head == 2 and config.rope_type == "llama3"
+    lora_config, lora = load_adapters_dir(tmp_path / "out" / "adapters", config, "the HF base")
+    close(our_logits(config, {"params": variables["params"], "lora": lora}, lora_config), hf_logits(peft_model))
