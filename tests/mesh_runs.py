@@ -40,8 +40,10 @@ def mesh_args(out: Path, mesh: str, **kw):
     from jaxlora.parallel import sharding as shd
     shape = shd.parse_mesh(mesh)
     shards = 8 // shape["tensor"] if shape["data"] == -1 else shape["data"] * shape["fsdp"]
+    # Unpacked: packing fills rows per batch shard, so the rows (and their dropout masks) depend on
+    # the mesh; here every mesh must see the same rows.
     values = dict(mesh=mesh, batch_size=16, micro_batch_size=8 // shards, max_steps=4, save_interval=2,
-                  eval_interval=2, lora_targets="q,v,o,up", rng_impl="threefry2x32")
+                  eval_interval=2, lora_targets="q,v,o,up", rng_impl="threefry2x32", packing=False)
     values.update(kw)
     return tiny_args(out, **values)
 
