@@ -16,7 +16,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -26,10 +26,9 @@ from flax import traverse_util
 
 from jaxlora.config import LLaMAConfig
 
-if TYPE_CHECKING:
-    from jaxlora.model.llama import LLaMA
 
 Array = jax.Array
+Model = nn.Module  # a jaxlora.model.llama.LLaMA (not imported: llama.py imports this module)
 STACKED = "h"  # the scope of the stacked layers ("h_0", "h_1", ... when run per layer)
 
 # ----------------------------------------------------------------------------- q/k/v columns
@@ -134,12 +133,12 @@ def qkv_layout(config: LLaMAConfig, tensor: int = 1) -> QKVLayout:
     return QKVLayout(config.n_head, config.n_kv_head, config.head_size, run_kv_heads(config, tensor))
 
 
-def model_tensor(model: LLaMA) -> int:
+def model_tensor(model: Model) -> int:
     """The tensor-parallel size `model` runs with (1 without a mesh)."""
     return 1 if model.mesh is None else int(dict(model.mesh.shape).get("tensor", 1))
 
 
-def model_qkv_layout(model: LLaMA) -> QKVLayout:
+def model_qkv_layout(model: Model) -> QKVLayout:
     return qkv_layout(model.config, model_tensor(model) if model.split_qkv else 1)
 
 # ----------------------------------------------------------------------------- variable layouts
@@ -153,7 +152,7 @@ def model_qkv_layout(model: LLaMA) -> QKVLayout:
 _PER_LAYER = re.compile(rf"{STACKED}_(\d+)")
 
 
-def canonical(model: LLaMA) -> LLaMA:
+def canonical(model: Model) -> Model:
     """The same model with stacked (scanned) layers and fused q/k/v kernels: the layout
     variables are stored in."""
     return model if model.scan_layers and not model.split_qkv else model.clone(scan_layers=True, split_qkv=False)
@@ -162,12 +161,12 @@ def canonical(model: LLaMA) -> LLaMA:
 QKV_KERNEL = ("attn", "c_attn", "kernel")  # the fused q/k/v kernel, under a layer
 
 
-def splits_qkv(model: LLaMA, path: tuple) -> bool:
+def splits_qkv(model: Model, path: tuple) -> bool:
     """Whether `model` reads the leaf at `path` (stacked or not) as (..., C, 3, C), not as stored."""
     return model.split_qkv and tuple(path[-3:]) == QKV_KERNEL
 
 
-def qkv_in_run_layout(model: LLaMA, path: tuple, x: Any) -> Any:
+def qkv_in_run_layout(model: Model, path: tuple, x: Any) -> Any:
     """A leaf at `path` (ending in a layer's attn/c_attn/kernel, stacked or not) as `model`
     reads it: with `model.split_qkv`, (..., C, C + 2 kv) -> (..., C, group + 2, run_kv * hs)
     (`QKVLayout`; without GQA (C, 3C) -> (C, 3, C), a free reshape; on a device mesh the new
@@ -178,14 +177,14 @@ def qkv_in_run_layout(model: LLaMA, path: tuple, x: Any) -> Any:
     return x
 
 
-def qkv_in_stored_layout(model: LLaMA, path: tuple, x: Any) -> Any:
+def qkv_in_stored_layout(model: Model, path: tuple, x: Any) -> Any:
     """The inverse of qkv_in_run_layout: a leaf as it is stored."""
     if splits_qkv(model, path) and x.ndim >= 3 and tuple(x.shape[-2:]) == model_qkv_layout(model).run_shape:
         return model_qkv_layout(model).to_stored(x)
     return x
 
 
-def _split_qkv_kernels(model: LLaMA, tree: Mapping[str, Any]) -> dict[str, Any]:
+def _split_qkv_kernels(model: Model, tree: Mapping[str, Any]) -> dict[str, Any]:
     if not model.split_qkv:
         return dict(tree)
     flat = traverse_util.flatten_dict(tree)
@@ -214,7 +213,7 @@ def stack_layers(tree: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def layered(model: LLaMA, tree: Mapping[str, Any]) -> dict[str, Any]:
+def layered(model: Model, tree: Mapping[str, Any]) -> dict[str, Any]:
     """A variable collection in the layout `model` reads, from either layout. Inside jit
     this slices stacked frozen weights on every call; convert them once beforehand with
     `split_layers_on_device` (adapters are small: converting them per step costs nothing)."""
@@ -222,7 +221,7 @@ def layered(model: LLaMA, tree: Mapping[str, Any]) -> dict[str, Any]:
     return _split_qkv_kernels(model, tree)
 
 
-def split_layers_on_device(model: LLaMA, params: Mapping[str, Any], shardings: Mapping[str, Any] | None = None,
+def split_layers_on_device(model: Model, params: Mapping[str, Any], shardings: Mapping[str, Any] | None = None,
                            ) -> dict[str, Any]:
     """Frozen weights in `model`'s layout, converted on the device one stacked leaf at a time.
 
@@ -258,26 +257,26 @@ def split_layers_on_device(model: LLaMA, params: Mapping[str, Any], shardings: M
     return out
 
 
-def init_variables(model: LLaMA, rng: Array, seq_len: int = 8) -> dict[str, Any]:
+def init_variables(model: Model, rng: Array, seq_len: int = 8) -> dict[str, Any]:
     """Random {"params", "lora"} in the stacked layout, unboxed (plain arrays), built inside jit."""
     dummy = jnp.zeros((1, seq_len), jnp.int32)
     return jax.jit(lambda key: nn.unbox(canonical(model).init({"params": key}, dummy)))(rng)
 
 
-def init_adapters(model: LLaMA, rng: Array) -> dict[str, Any]:
+def init_adapters(model: Model, rng: Array) -> dict[str, Any]:
     """Fresh adapters (A random, B zero), stacked layout; the frozen weights' initialisers are
     dropped by XLA (their results are unused), so nothing of the base's size is allocated."""
     dummy = jnp.zeros((1, 8), jnp.int32)
     return jax.jit(lambda key: nn.unbox(canonical(model).init({"params": key}, dummy)).get("lora", {}))(rng)
 
 
-def abstract_variables(model: LLaMA) -> dict[str, Any]:
+def abstract_variables(model: Model) -> dict[str, Any]:
     """Shapes and dtypes of every variable, stacked layout (jax.ShapeDtypeStruct), allocating nothing."""
     return nn.unbox(jax.eval_shape(lambda: canonical(model).init({"params": jax.random.key(0)},
                                                                  jnp.zeros((1, 8), jnp.int32))))
 
 
-def logical_axes(model: LLaMA, as_run: bool = False) -> dict[str, Any]:
+def logical_axes(model: Model, as_run: bool = False) -> dict[str, Any]:
     """PartitionSpecs of logical axis names for every variable (for sharding rules): stacked
     layout, or with as_run the layout the model reads (per-layer for scan_layers=False)."""
     source = model if as_run else canonical(model)
@@ -285,7 +284,7 @@ def logical_axes(model: LLaMA, as_run: bool = False) -> dict[str, Any]:
     return nn.get_partition_spec(boxed)
 
 
-def run_layout_pieces(model: LLaMA, path: tuple) -> list[tuple[tuple, int | None]]:
+def run_layout_pieces(model: Model, path: tuple) -> list[tuple[tuple, int | None]]:
     """Where a stored leaf (stacked layers, fused q/k/v) goes in `model`'s layout:
     [(path there, layer taken from the stacked leaf or None for all of it)]."""
     if path[0] != STACKED or model.scan_layers:
