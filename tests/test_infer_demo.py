@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-INFER = Path(__file__).resolve().parents[1] / "jaxlora" / "infer"
-MAX_LINES = 80
 
 
 def test_demo_facts_agree_with_the_training_demo():

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 from jaxlora.config import parse_targets
-from jaxlora.demo import DEMO_BASE, DEMO_DATA, DEMO_TOKENIZER
+from jaxlora.demo import DEMO_BASE, DEMO_DATA, DEMO_INSTRUCTION, DEMO_OUT_DIR, DEMO_TOKENIZER
 from jaxlora.model.llama import ATTENTION_IMPLS, REMAT_POLICIES
 from jaxlora.model.quantize import QUANTIZE_MODES
 from jaxlora.text.prompts import PROMPT_STYLES
@@ -67,13 +67,13 @@ LIT_LLAMA_RECIPE: dict[str, Any] = dict(
 # The built-in demo: `python train.py` with no flags (about two minutes on a 2-core CPU).
 DEMO_PROFILE: dict[str, Any] = dict(
     preset="demo", data_path=str(DEMO_DATA), tokenizer_path=str(DEMO_TOKENIZER),
-    pretrained_path=str(DEMO_BASE), out_dir="out/demo",
+    pretrained_path=str(DEMO_BASE), out_dir=str(DEMO_OUT_DIR),
     lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="q,v",
     learning_rate=3e-3, weight_decay=0.01, warmup_steps=20, schedule="constant", grad_clip=0.0,
     batch_size=16, micro_batch_size=16, max_steps=500, max_seq_length=64,
     eval_interval=100, eval_iters=8, save_interval=250, val_size=200,
     precision="32-true", mask_inputs=True, exact_match_samples=50, max_new_tokens=16,
-    sample_instruction="Reverse the word rocket.", scan_layers=True, scan_unroll=4, remat="none",
+    sample_instruction=DEMO_INSTRUCTION, scan_layers=True, scan_unroll=4, remat="none",
     # unpacked: its samples (~55 tokens) nearly fill its 64-token rows, so packing saves no work and
     # its mask costs some (measured 2026-12-01: same exact match, no speed-up)
     rng_impl="threefry2x32", loss_chunk=0, packing=False,
