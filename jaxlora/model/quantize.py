@@ -76,12 +76,16 @@ quantize_kernel = jax.jit(_quantize)
 _quantize_consuming = jax.jit(_quantize, donate_argnums=0)
 
 
+def check_mode(mode: str) -> None:
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
+
+
 def quantizes(path: tuple[str, ...], mode: str, head: bool | None = None) -> bool:
     """Whether `mode` quantizes the params leaf at `path`: the dense kernels; lm_head only with
     `head` (default: for int8, which decoding uses; QLoRA keeps the LM head in the compute
     dtype, and training keeps it for every mode)."""
-    if mode not in QUANTIZE_MODES:
-        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
+    check_mode(mode)
     with_head = mode == "int8" if head is None else head
     return path[-1] == "kernel" and (with_head or path[0] != "lm_head")
 
@@ -98,6 +102,8 @@ def quantize_params(params: Any, mode: str = "int8", consume: bool = False, head
     unchanged. Leaf by leaf, each on its device; consume: release each float kernel as soon as
     it is quantized (int8: donated; `params` is not usable afterwards), so the peak is the
     weights plus one quantized kernel."""
+    check_mode(mode)
+
     def visit(node: Any, prefix: tuple[str, ...]) -> Any:
         out = {}
         for k, v in node.items():
