@@ -177,13 +177,6 @@ def qkv_in_run_layout(model: Model, path: tuple, x: Any) -> Any:
     return x
 
 
-def qkv_in_stored_layout(model: Model, path: tuple, x: Any) -> Any:
-    """The inverse of qkv_in_run_layout: a leaf as it is stored."""
-    if splits_qkv(model, path) and x.ndim >= 3 and tuple(x.shape[-2:]) == model_qkv_layout(model).run_shape:
-        return model_qkv_layout(model).to_stored(x)
-    return x
-
-
 def _split_qkv_kernels(model: Model, tree: Mapping[str, Any]) -> dict[str, Any]:
     if not model.split_qkv:
         return dict(tree)

@@ -110,7 +110,9 @@ class TrainArgs:
         "frozen base weights: a lit-llama .pth file (read tensor by tensor, no torch needed), a jaxlora "
         "checkpoint directory (convert/from_lit_llama.py) or a Hugging Face LLaMA directory (config.json + "
         "safetensors); 'none' for random weights (smoke tests)", FILES)
-    tokenizer_path: str | None = setting("SentencePiece tokenizer.model", FILES)
+    tokenizer_path: str | None = setting(
+        "SentencePiece tokenizer.model, HF tokenizer.json, or a model directory holding one (a real model's "
+        "own directory by default)", FILES)
     data_path: str | None = setting(
         "Alpaca-style data: a JSON list (or JSONL) of {instruction, input, output} records, split into "
         "train/validation here; or a directory with lit-llama's prepared train.pt and test.pt", FILES)
