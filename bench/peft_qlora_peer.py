@@ -30,6 +30,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import version
 
 import torch
 from torch import nn
@@ -212,7 +213,7 @@ def bench(args: argparse.Namespace, batch: int, seq: int) -> dict:
     row = {"peer": f"peft+bnb-{args.quant}" + ("+compile" if args.compile else ""), "preset": args.preset,
            "quant": args.quant, "targets": ",".join(args.targets), "batch": batch, "seq": seq, "r": args.lora_r,
            "grad_ckpt": args.grad_ckpt, "compile": args.compile, "bitsandbytes": bitsandbytes.__version__,
-           "torch": torch.__version__}
+           "peft": version("peft"), "transformers": version("transformers"), "torch": torch.__version__}
     if args.quant == "int8":
         row["int8_threshold"] = args.int8_threshold
     row["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -225,6 +226,7 @@ def bench(args: argparse.Namespace, batch: int, seq: int) -> dict:
         row.update(facts, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
         if device.type == "cuda":  # the build's peak (the quantizer's) apart from training's
             row["build_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            torch.cuda.empty_cache()  # so that peak_reserved_gib counts training's blocks, not the quantizer's
             torch.cuda.reset_peak_memory_stats(device)
         runner = torch.compile(model) if args.compile else model
         step_s, first_s, loss = time_steps(runner, batch, seq, PRESETS[args.preset][5], args.steps, args.warmup,
