@@ -51,10 +51,10 @@ several devices and hosts: the run spans every device JAX sees (--mesh). The def
   Several hosts: start the same command on each with --coordinator_address HOST:PORT
   --num_processes N --process_id I (or under SLURM / on a TPU pod slice, with none of them).
 
-GPU memory: before JAX starts, train.py estimates the run's memory per GPU; when JAX's default share
-  (75%) is too small and the card is not, it sets {memory.FRACTION_VAR} (unless you did) and says so;
-  when the card is too small, it stops before loading anything. {memory.CARDS_VAR}=MiB[,MiB...]
-  gives the cards' memory where nvidia-smi cannot.
+GPU memory: before JAX starts, train.py estimates the run's memory per GPU. When JAX's default
+  share (75%) is too small and the card is not, it sets {memory.FRACTION_VAR}
+  (unless you did) and says so; when the card is too small, it stops before loading anything.
+  {memory.CARDS_VAR}=MiB[,MiB...] gives the cards' memory where nvidia-smi cannot.
 """
 
 

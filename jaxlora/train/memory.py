@@ -81,7 +81,8 @@ def jax_gpu_plugin() -> bool:
     """Whether this JAX can run on NVIDIA GPUs (a CUDA plugin is installed), without importing it."""
     spec = importlib.util.find_spec("jax_plugins")  # a namespace package: finding it imports nothing
     paths = list(spec.submodule_search_locations or []) if spec else []
-    return any("cuda" in m.name for m in pkgutil.iter_modules(paths))
+    return any("cuda" in m.name for m in pkgutil.iter_modules(paths)) or any(
+        importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
 
 
 def visible_gpus(env: Mapping[str, str]) -> list[int] | None:
