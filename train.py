@@ -23,7 +23,7 @@ import jax
 from jaxlora.config import ADAPTERS_DIR, LIT_LORA_FILE
 from jaxlora.errors import run_command
 from jaxlora.parallel import distributed
-from jaxlora.train import cli, loop, settings
+from jaxlora.train import cli, loop, memory, settings
 
 DEMO = settings.DEMO_PROFILE
 
@@ -50,6 +50,11 @@ several devices and hosts: the run spans every device JAX sees (--mesh). The def
 {textwrap.fill(settings.DEFAULT_MESH.capitalize(), 96, initial_indent="  ", subsequent_indent="  ")}
   Several hosts: start the same command on each with --coordinator_address HOST:PORT
   --num_processes N --process_id I (or under SLURM / on a TPU pod slice, with none of them).
+
+GPU memory: before JAX starts, train.py estimates the run's memory per GPU. When JAX's default
+  share (75%) is too small and the card is not, it sets {memory.FRACTION_VAR}
+  (unless you did) and says so; when the card is too small, it stops before loading anything.
+  {memory.CARDS_VAR}=MiB[,MiB...] gives the cards' memory where nvidia-smi cannot.
 """
 
 
@@ -93,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: settings.TrainArgs, hosts: dict) -> None:
+    # Before JAX starts its GPU backend, which reads the allocator's share once: 65B on one 141 GB
+    # card needs more than the default 75% (jaxlora.train.memory).
+    primary = hosts["process_id"] in (None, 0)
+    memory.prepare_device_memory(args, hosts["num_processes"], lambda msg: print(msg, flush=True) if primary else None)
     distributed.initialize(**hosts)  # before anything else touches JAX
     enable_compilation_cache()
     loop.run(args)

@@ -26,8 +26,9 @@ micro-batch 4, max_seq_length 256, one sample a row padded to a bucket length, s
 against the same samples packed into rows of 2048 (`--alpaca_packed_rows` rows a micro-batch;
 samples cut at 2048, so that run also trains the tails the first one cuts).
 
-FLOPs per token: `jaxlora.train.accounting.flops_per_token`. MFU = tokens/s * FLOPs/token / (peak x
-devices), the peak given by --peak_tflops (default: 989 for an H100 SXM's dense bf16).
+FLOPs per token and MFU: `jaxlora.train.accounting.flops_per_token` and `mfu` (train.py reports
+with the same two): MFU = tokens/s * FLOPs/token / (peak x devices), the peak the device kind's
+dense bf16 figure (`accounting.PEAK_TFLOPS`: 989 TFLOP/s for an H100 or H200) or --peak_tflops.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ import numpy as np  # noqa: E402
 from jaxlora.config import LLaMAConfig  # noqa: E402
 from jaxlora.model.llama import ATTENTION_IMPLS, REMAT_POLICIES  # noqa: E402
 from jaxlora.parallel import sharding as shd  # noqa: E402
-from jaxlora.train.accounting import flops_per_token  # noqa: E402
+from jaxlora.train.accounting import flops_per_token, mfu  # noqa: E402
 from jaxlora.train.build import build_run  # noqa: E402
 from jaxlora.train.data import Batcher  # noqa: E402
 from jaxlora.train.settings import RNG_IMPLS, TrainArgs, resolve_args  # noqa: E402
@@ -184,12 +185,17 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> 
         "tokens_per_s_synced": round(tokens / synced_s, 1),
         "tokens_per_s_queued": round(tokens / queued_s, 1),
         "dispatch_ms": round(1e3 * statistics.median(dispatch), 2),
-        "mfu": round(tok_s * flops_per_token(config, seq) / (args.peak_tflops * 1e12 * n_dev), 4),
+        "mfu": _round(mfu(tok_s * flops_per_token(config, seq), jax.devices()[0].device_kind, n_dev,
+                          args.peak_tflops), 4),
         "peak_gib": round(peak / 2**30, 2) if peak else None,
         "compiled_gib": round(compiled_bytes / 2**30, 2) if compiled_bytes else None,
         "compile_s": round(compile_s, 2), "build_s": round(build_s, 2), "loss": round(float(metrics["loss"]), 4),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
     }
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
 
 
 def alpaca_lengths(n: int, seed: int = 0) -> np.ndarray:
@@ -233,20 +239,24 @@ def bench_alpaca(args: argparse.Namespace, name: str, micro: int, seq: int, pack
     for host in hosts[:args.warmup]:
         state, metrics = compiled[host["input_ids"].shape](state, run.params, run.batch(host))
     jax.block_until_ready(metrics["loss"])
-    real = padded = 0
+    real = padded = flops = 0
     t = time.perf_counter()
     for host in hosts[args.warmup:]:  # as train.py: queue step i, then read step i-1's loss
         previous = metrics
         state, metrics = compiled[host["input_ids"].shape](state, run.params, run.batch(host))
         jax.device_get(previous["loss"])
         real += int(host["tokens"])
-        padded += int(host.get("padded", np.prod(host["input_ids"].shape)))
+        step_padded = int(host.get("padded", np.prod(host["input_ids"].shape)))
+        padded += step_padded
+        flops += step_padded * flops_per_token(run.config, host["input_ids"].shape[2])
     jax.block_until_ready(metrics["loss"])
     seconds = time.perf_counter() - t
+    util = mfu(flops / seconds, jax.devices()[0].device_kind, mesh.devices.size, args.peak_tflops)
     return {"bench": "jaxlora-alpaca", "run": name, "preset": args.preset, "samples_per_step": a.batch_size,
             "micro_batch": micro, "max_seq_length": seq, "packing": packing, "attention": a.attention,
             "real_tokens_per_s": round(real / seconds, 1), "padded_tokens_per_s": round(padded / seconds, 1),
-            "padding_fraction": round(1 - real / padded, 4), "step_s": round(seconds / args.steps, 4),
+            "padding_fraction": round(1 - real / padded, 4), "mfu": _round(util, 4),
+            "step_s": round(seconds / args.steps, 4),
             "shapes_compiled": len(compiled), "compile_s": round(compile_s, 2),
             "device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
@@ -299,7 +309,8 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="directory: trace extra steps of each run there and "
                     "print where the device time goes (bench/profile_summary.py)")
     ap.add_argument("--profile_steps", type=int, default=3)
-    ap.add_argument("--peak_tflops", type=float, default=989.0)
+    ap.add_argument("--peak_tflops", type=float, help="dense bf16 TFLOP/s of one device, for MFU (default: the "
+                    "device kind's, jaxlora.train.accounting.PEAK_TFLOPS; none known for CPUs: MFU null)")
     ap.add_argument("--prevent_cse", type=int, choices=[0, 1], help="force nn.remat's prevent_cse (an experiment; "
                     "default: the model's choice)")
     ap.add_argument("--alpaca", type=int, default=0, help="N > 0: real tokens/s on N samples of Alpaca's length "

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_train_throughput_smoke(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--preset", "tiny",
-                          "--shapes", "2x64", "--steps", "1", "--warmup", "1", "--profile", str(tmp_path),
+                          "--shapes", "2x64", "--steps", "1", "--warmup", "1", "--peak_tflops", "1", "--profile", str(tmp_path),
                           "--profile_steps", "1"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]

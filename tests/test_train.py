@@ -25,8 +25,12 @@ from jaxlora.demo import DEMO_BASE
 from jaxlora.errors import DataError, InputsError, NonFiniteLossError, TrainingError
 from jaxlora.model.layouts import init_variables
 from jaxlora.model.llama import LLaMA
-from jaxlora.text.prompts import generate_prompt
+from jaxlora.text.prompts import generate_prompt, get_style
+from jaxlora.text.tokenizer import open_tokenizer
 from jaxlora.train import loop as trainer
+from jaxlora.train.build import fit_micro_batch
+from jaxlora.train.data import Batcher
+from jaxlora.train.inputs import load_data
 from jaxlora.train.loop import TrainArgs
 from jaxlora.train.optim import make_optimizer
 from jaxlora.train.steps import init_train_state, make_train_step
@@ -164,6 +168,37 @@ def test_resume_is_bit_identical(tmp_path):
     ref_rows = [json.loads(line) for line in (Path(ref.out_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["type"] == "train"] == list(range(1, 7))
     assert [r["loss"] for r in rows if r["type"] == "train"] == [r["loss"] for r in ref_rows if r["type"] == "train"]
+
+
+# ----------------------------------------------------------------------------- speed
+
+def test_printed_speed_counts_the_batches_real_tokens_and_leaves_out_the_warmup_step():
+    """tokens/s = the batches' non-padding tokens (counted here from their segment ids) over the
+    timed steps' seconds; the first step after compiling is timed but not counted (the
+    benchmark's warm-up); the printed line says the same numbers."""
+    ref = reference_run()
+    a = trainer.resolve_args(tiny_args(ref.out_dir))
+    tokenizer = open_tokenizer(a.tokenizer_path)
+    train, _ = load_data(a, tokenizer, get_style(a.prompt_style, tokenizer), lambda msg: None)
+    shards = jax.device_count()  # the default layout: data parallel over every device
+    batcher = Batcher(train, a.batch_size, fit_micro_batch(a.batch_size, a.micro_batch_size, shards, print) * shards,
+                      a.max_seq_length, seed=a.seed, packing=True, shards=shards)
+    real = [int((next(batcher)["segment_ids"] > 0).sum()) for _ in range(ref.step)]
+    rows = [json.loads(line) for line in (Path(ref.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["type"] == "train"]
+    assert [r["tokens"] for r in train_rows] == real
+    assert [r.get("warmup", False) for r in train_rows] == [True] + [False] * (ref.step - 1)
+    assert (ref.timed_steps, ref.warmup_steps) == (ref.step - 1, 1)
+    timed = train_rows[1:]
+    seconds = sum(r["seconds"] for r in timed)  # each rounded to 0.1 ms
+    assert ref.train_seconds == pytest.approx(seconds, abs=0.01)
+    assert ref.tokens_per_second == pytest.approx(sum(real[1:]) / seconds, rel=0.01)
+    assert ref.padded_tokens_per_second == pytest.approx(sum(r["padded_tokens"] for r in timed) / seconds, rel=0.01)
+    assert ref.mfu is None  # no known peak for a CPU
+    speed = next(line for line in trainer.report(ref).splitlines() if line.startswith("speed"))
+    assert (f"{ref.tokens_per_second:,.0f} real tokens/s, {ref.padded_tokens_per_second:,.0f} with padding over "
+            f"{ref.step - 1} steps ({ref.train_seconds:.1f}s; the first step after each of 1 compilation not "
+            "counted)") in speed, speed
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):

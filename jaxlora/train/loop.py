@@ -18,7 +18,8 @@ A non-finite loss or gradient norm stops the run with `NonFiniteLossError` befor
 from that step is saved; the last checkpoint on disk is the last good state.
 
 Speed is wall-clock: a step's time runs from the end of the previous step to its own end, and
-compiling (timed and reported on its own) never falls inside it.
+compiling (timed and reported on its own) never falls inside it; the first step of each newly
+compiled program is a warm-up, left out of the speed and MFU as the benchmark leaves out its own.
 
 The parts, each a module with tests of its own (tests/test_train_parts.py): inputs (checks,
 data, counts), spec + build (what a run is made of, built on a mesh), evaluate (val loss,
@@ -43,7 +44,7 @@ from jaxlora.parallel import distributed
 from jaxlora.parallel import sharding as shd
 from jaxlora.text.prompts import get_style
 from jaxlora.text.tokenizer import TextTokenizer, open_tokenizer
-from jaxlora.train.accounting import check_memory, flops_per_token, peak_flops
+from jaxlora.train.accounting import check_memory, flops_per_token, mfu
 from jaxlora.train.build import Run, build_run
 from jaxlora.train.checkpoints import (
     CHECKPOINTS_DIR,
@@ -130,7 +131,8 @@ def check_model(r: Run, a: TrainArgs, tokenizer: TextTokenizer, log: Callable[[s
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer {a.tokenizer_path} has {tokenizer.vocab_size} pieces but the model "
                          f"({r.base_desc}) has vocab_size {config.vocab_size}")
-    check_memory(config, lora_config, a.precision, r.mesh, r.micro_rows, a.max_seq_length, a.remat, log)
+    check_memory(config, lora_config, run_spec(a).speed, r.mesh, r.micro_rows // shd.batch_shards(r.mesh),
+                 a.max_seq_length, log)
     log(f"model: {r.base_desc}: {config.num_params():,} frozen parameters ({a.precision}), "
         f"{lora_config.num_params(config):,} trainable (LoRA r={a.lora_r}, alpha={a.lora_alpha:g}, "
         f"targets {','.join(lora_config.targets)})")
@@ -226,12 +228,14 @@ class StepLoop:
         host = next(self.batcher)
         batch = self.r.batch(host)
         shape = host["input_ids"].shape
+        fresh = shape not in self.compiled  # its first run is a warm-up step, not counted in the speed
         compiled = self.compiled.get(shape) or self.compile(shape, batch)
         state, m = compiled(self.hand.state, self.r.params, batch)
         self.hand = InHand(step, state, self.batcher.state())
         n_padded = int(host.get("padded", np.prod(shape)))  # packed: the micro-batches computed
         self.tracker.queue(QueuedStep(step, m, int(host["tokens"]), n_padded,
-                                      n_padded * flops_per_token(self.r.config, shape[2]), self.batcher.epoch))
+                                      n_padded * flops_per_token(self.r.config, shape[2]), self.batcher.epoch,
+                                      warmup=fresh))
         self.tracker.flush(keep_last=True)
 
     def compile(self, shape: tuple, batch: dict) -> Any:
@@ -278,7 +282,8 @@ def summarize(r: Run, a: TrainArgs, start: Start, steps: StepLoop, baseline: dic
     clock = steps.tracker.clock
     seconds = clock.seconds
     per_s = (lambda n: round(n / seconds, 1) if seconds > 0 else None)
-    peak = peak_flops(next(iter(r.mesh.devices.flat)).device_kind)
+    util = mfu(clock.flops / seconds, next(iter(r.mesh.devices.flat)).device_kind, r.mesh.devices.size) \
+        if seconds > 0 else None
     peak_mem = shd.peak_memory_bytes()
     text = (lambda p: str(p) if p else None)
     return TrainResult(
@@ -289,7 +294,7 @@ def summarize(r: Run, a: TrainArgs, start: Start, steps: StepLoop, baseline: dic
         train_seconds=round(seconds, 2), compile_seconds=round(steps.compile_seconds, 2),
         total_seconds=round(total_seconds, 2),
         tokens_per_second=per_s(clock.real_tokens), padded_tokens_per_second=per_s(clock.padded_tokens),
-        mfu=round(clock.flops / seconds / (peak * r.mesh.devices.size), 4) if peak and seconds > 0 else None,
+        timed_steps=clock.steps, warmup_steps=clock.warmup_steps, mfu=round(util, 4) if util is not None else None,
         peak_memory_gib=round(peak_mem / 2**30, 2) if peak_mem else None, mesh=repr(dict(r.mesh.shape)),
         lit_lora_path=text(exports.lit_lora_path), adapters_dir=text(exports.adapters_dir),
         peft_dir=text(exports.peft_dir), loss_png=text(exports.loss_png), lora=lora)

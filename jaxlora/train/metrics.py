@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import optax
 from tqdm.auto import tqdm
 
@@ -24,6 +25,7 @@ from jaxlora.train.plot import read_metrics
 __all__ = ["METRICS_FILE", "MetricsLog", "StepClock", "QueuedStep", "StepTracker", "progress_bar"]
 
 METRICS_FILE = "metrics.jsonl"
+LR_BLOCK = 1024  # learning rates evaluated at a time (`StepTracker.learning_rate`)
 
 
 class MetricsLog:
@@ -59,19 +61,27 @@ class MetricsLog:
 class StepClock:
     """Wall time of the training steps alone: a step runs from the end of the previous step, or
     of the last thing the host did that is not training (compiling, evaluating, saving), to
-    its own end as seen by the host waiting for its metrics."""
+    its own end as seen by the host waiting for its metrics.
+
+    The totals (speed, MFU) leave out warm-up steps, the first run of each newly compiled
+    program, which pays one-time costs (autotuning, buffer allocation, CUDA graph capture), as
+    bench/train_throughput.py leaves out its warm-up steps."""
 
     def __init__(self) -> None:
         self.mark = time.perf_counter()
         self.seconds = self.real_tokens = self.padded_tokens = self.flops = 0.0
-        self.steps = 0
+        self.steps = self.warmup_steps = 0
 
     def pause(self) -> None:
         self.mark = time.perf_counter()
 
-    def step_done(self, real_tokens: int, padded_tokens: int, flops: float) -> float:
+    def step_done(self, real_tokens: int, padded_tokens: int, flops: float, warmup: bool = False) -> float:
+        """Record a step that just ended; its seconds (counted in the totals unless `warmup`)."""
         now = time.perf_counter()
         dt, self.mark = now - self.mark, now
+        if warmup:
+            self.warmup_steps += 1
+            return dt
         self.seconds += dt
         self.real_tokens += real_tokens
         self.padded_tokens += padded_tokens
@@ -97,6 +107,7 @@ class QueuedStep:
     padded_tokens: int
     flops: float
     epoch: int
+    warmup: bool = False  # the first run of a newly compiled program: not counted in the speed
 
 
 class StepTracker:
@@ -106,9 +117,11 @@ class StepTracker:
                  last_good: Callable[[], str], bar: tqdm | None = None) -> None:
         self.rows, self.schedule, self.last_good, self.bar = log_rows, schedule, last_good, bar
         self._log = log
-        self.clock = StepClock()
         self.queued: list[QueuedStep] = []
         self.rate: float | None = None  # smoothed tokens/s for the bar
+        self._lrs, self._lr_start = np.zeros(0), 0
+        self.learning_rate(0)  # its first evaluation compiles: before any step is timed
+        self.clock = StepClock()
 
     def log(self, msg: str) -> None:
         """A line that does not break the progress bar."""
@@ -116,6 +129,17 @@ class StepTracker:
             self.bar.write(msg)
         else:
             self._log(msg)
+
+    def learning_rate(self, index: int) -> float:
+        """The schedule's value at optimizer update `index` (0-based), from a host table filled
+        LR_BLOCK updates at a time: evaluating it on the device at every step would wait there
+        behind the step queued after this one, and the device would then idle while the host
+        prepares the next."""
+        if not self._lr_start <= index < self._lr_start + len(self._lrs):
+            self._lr_start = index - index % LR_BLOCK
+            indices = np.arange(self._lr_start, self._lr_start + LR_BLOCK)
+            self._lrs = np.broadcast_to(np.asarray(jax.device_get(self.schedule(indices))), indices.shape)
+        return float(self._lrs[index - self._lr_start])
 
     def queue(self, step: QueuedStep) -> None:
         self.queued.append(step)
@@ -128,8 +152,8 @@ class StepTracker:
 
     def _record(self, q: QueuedStep) -> None:
         m = jax.device_get(q.metrics)
-        dt = self.clock.step_done(q.tokens, q.padded_tokens, q.flops)
-        loss, gnorm, lr = float(m["loss"]), float(m["grad_norm"]), float(self.schedule(q.step - 1))
+        dt = self.clock.step_done(q.tokens, q.padded_tokens, q.flops, q.warmup)
+        loss, gnorm, lr = float(m["loss"]), float(m["grad_norm"]), self.learning_rate(q.step - 1)
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             self.queued.clear()  # nothing after a diverged step is worth recording
             self.rows.write(type="error", step=q.step, loss=loss, grad_norm=gnorm)
@@ -139,12 +163,14 @@ class StepTracker:
                 "--learning_rate or --grad_clip 1.0, then --resume.")
         if int(m["tokens"]) == 0:
             self.log(f"warning: step {q.step} had no loss tokens (every target masked or cut); it changed nothing")
-        self.rate = q.tokens / dt if self.rate is None else 0.8 * self.rate + 0.2 * q.tokens / dt
+        if not q.warmup:
+            self.rate = q.tokens / dt if self.rate is None else 0.8 * self.rate + 0.2 * q.tokens / dt
         self.rows.write(type="train", step=q.step, loss=loss, lr=lr, grad_norm=gnorm, loss_tokens=int(m["tokens"]),
                         tokens=q.tokens, padded_tokens=q.padded_tokens, seconds=round(dt, 4),
-                        tokens_per_s=round(q.tokens / dt, 1), epoch=q.epoch)
+                        tokens_per_s=round(q.tokens / dt, 1), epoch=q.epoch, **({"warmup": True} if q.warmup else {}))
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f}  lr {lr:.2e}  {self.rate:,.0f} tok/s", refresh=False)
+            rate = f"  {self.rate:,.0f} tok/s" if self.rate is not None else ""
+            self.bar.set_postfix_str(f"loss {loss:.4f}  lr {lr:.2e}{rate}", refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:

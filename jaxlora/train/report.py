@@ -35,9 +35,11 @@ class TrainResult:
     train_seconds: float = 0.0
     compile_seconds: float = 0.0
     total_seconds: float = 0.0  # this run's wall time, loading included
-    tokens_per_second: float | None = None  # real (non-padding) tokens over the steps' wall time
+    tokens_per_second: float | None = None  # real (non-padding) tokens over the timed steps' wall time
     padded_tokens_per_second: float | None = None  # what the devices computed, padding included
-    mfu: float | None = None
+    timed_steps: int = 0  # the steps the speed counts
+    warmup_steps: int = 0  # first runs of newly compiled programs, left out of the speed
+    mfu: float | None = None  # FLOPs of the padded tokens (accounting.flops_per_token) over the devices' peak
     peak_memory_gib: float | None = None  # the largest of any local device
     mesh: str | None = None
     lit_lora_path: str | None = None
@@ -72,13 +74,22 @@ def _header(r: TrainResult) -> str:
     return f"=== LoRA fine-tuning: {steps}, {r.total_seconds:.0f}s ==="
 
 
+def _speed(r: TrainResult) -> str:
+    warm = (f"the first step after each of {r.warmup_steps} compilation{'s' if r.warmup_steps != 1 else ''} not "
+            "counted")
+    if r.tokens_per_second is None:
+        return f"not measured: every step was the first after a compilation ({warm})"
+    return (f"{r.tokens_per_second:,.0f} real tokens/s, {r.padded_tokens_per_second:,.0f} with padding"
+            + (f", MFU {r.mfu:.1%}" if r.mfu is not None else "") + f" over {r.timed_steps} step"
+            + ("s" if r.timed_steps != 1 else "") + f" ({r.train_seconds:.1f}s; {warm})")
+
+
 def report(r: TrainResult) -> str:
     """The human-readable summary printed at the end of a run."""
     lines = ["", _header(r)]
-    if r.tokens_per_second:
-        lines.append(f"speed             {r.tokens_per_second:,.0f} tokens/s ({r.padded_tokens_per_second:,.0f} with "
-                     f"padding) over {r.train_seconds:.1f}s of steps" + (f", MFU {r.mfu:.1%}" if r.mfu else "")
-                     + (f", peak {r.peak_memory_gib} GiB per device" if r.peak_memory_gib else "")
+    if r.tokens_per_second is not None or r.warmup_steps:
+        lines.append(f"speed             {_speed(r)}" + (f"; peak {r.peak_memory_gib} GiB per device"
+                                                         if r.peak_memory_gib else "")
                      + f"; compiling {r.compile_seconds:.1f}s")
     lines.append(f"validation loss   before {_fmt(r.val_loss_before)}   after {_fmt(r.val_loss_after)}")
     if r.exact_match_before is not None and r.exact_match_after is not None:
