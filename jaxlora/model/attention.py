@@ -187,8 +187,9 @@ def _splash_kernel(heads: int, length: int, interpret: bool) -> Any:
     """A splash kernel for (heads, length), built in the trace that calls it: its mask tables are
     that trace's constants (a kernel kept across traces would carry their tracers out)."""
     block = next(b for b in (512, 256, SPLASH_LANES) if length % b == 0)
+    # the fused backward: one kernel for dq, dk and dv (one pass over the blocks, not two)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+                              block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
     mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
