@@ -17,7 +17,10 @@ from jaxlora.train.steps import init_train_state, make_loss_fn, make_train_step
 # float32 on CPU: a packed row sums its attention and loss in another order and shape than the
 # samples alone; measured differences are ~1e-7 relative, the bound is 1e-5 (losses) / 1e-4 (grads).
 RTOL, GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-4, 1e-6
-IMPLS = ("xla", "pallas")  # the implementations that run on CPU (pallas through its interpreter)
+# the implementations that run on CPU (Pallas kernels through their interpreter); splash's losses and
+# gradients on packed rows: tests/test_attention_impls.py (the model-level test below passes with
+# ("splash", 2) too, measured 2026-12-02, but costs ~13 s of CI)
+IMPLS = ("xla", "pallas", "splash")
 
 
 def _samples(n: int, seed: int = 0, low: int = 3, high: int = 30, vocab: int = 128) -> list[dict]:

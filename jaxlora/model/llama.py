@@ -1,6 +1,7 @@
 """LLaMA in Flax Linen, computing lit-llama's function.
 
-Read top to bottom: RMSNorm, RoPE, attention, MLP, Block, LLaMA. Parameter names follow
+Read top to bottom: RMSNorm, RoPE, attention (its kernels: jaxlora.model.attention), MLP, Block,
+LLaMA. Parameter names follow
 lit-llama's state dict (wte, h.{i}.rms_1, attn.c_attn, attn.c_proj, rms_2, mlp.c_fc1,
 mlp.c_fc2, mlp.c_proj, ln_f, lm_head), with the layers stacked on a leading axis by
 `nn.scan`: lit-llama's `transformer.h.{i}.attn.c_attn.weight` is our
@@ -19,17 +20,21 @@ embedding table transposed), the MLP width from the config.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
-
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.model.attention import (  # ATTENTION_IMPLS: re-exported, the CLI's choices (train.settings, bench)
+    ATTENTION_IMPLS,  # noqa: F401
+    cached_attention,
+    causal_attention,
+    pick_attention,
+)
 from jaxlora.model.layouts import STACKED, QKVLayout, model_qkv_layout
 from jaxlora.model.lora import MergedLoRADense
 from jaxlora.model.quantize import Int8Kernel, dense_dot, rows_padded_dot
@@ -42,9 +47,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
-# "pallas": JAX's Pallas flash-attention kernel for GPUs (Triton), which takes segment ids natively;
-# run by Pallas's interpreter on other backends (slow: tests only).
 # Logical axes of activations (mapped to mesh axes by jaxlora.parallel.sharding's rules table).
 
 ACT_EMBED = ("batch", "length", "act_embed")
@@ -106,18 +108,6 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
     rotated = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
     return rotated.reshape(x.shape).astype(x.dtype)
-
-
-def pick_attention(impl: str, dtype: Any) -> str:
-    """'auto' -> cuDNN flash attention on a GPU with 16-bit compute, else XLA. With packed
-    samples cuDNN gets the segment mask as a dense (B, 1, T, T) bias (jax.nn.dot_product_attention
-    has no segment-id argument in JAX 0.10); 'pallas' reads the segment ids themselves."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 
 @dataclass(frozen=True)
@@ -215,45 +205,6 @@ class CausalSelfAttention(nn.Module):
         return _dense(opts, C, ("attn", "c_proj"), ("heads", "embed"))(y.reshape(B, T, C), deterministic), cache
 
 
-def causal_attention(q: Array, k: Array, v: Array, impl: str, segments: Array | None = None) -> Array:
-    """Causal softmax attention of q (B, T, H, hs) over k, v (B, T, K, hs), K dividing H (native
-    GQA); segments (B, T): packed samples, a token attends only to earlier tokens of its own
-    segment. impl: 'xla' or 'cudnn' (jax.nn.dot_product_attention), 'pallas'."""
-    if impl == "pallas":
-        return pallas_attention(q, k, v, segments)
-    if segments is None:  # k/v may have fewer heads: native GQA (cuDNN too)
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-    same = segments[:, None, :, None] == segments[:, None, None, :]  # (B, 1, T, T)
-    return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, implementation=impl)
-
-
-def pallas_attention(q: Array, k: Array, v: Array, segments: Array | None) -> Array:
-    """JAX's Pallas flash attention (GPU kernel; interpreted elsewhere) with segment ids. Its
-    kernel wants as many k/v heads as q heads: grouped k/v are repeated (HF's repeat_kv order)."""
-    H, K, T = q.shape[2], k.shape[2], q.shape[1]
-    k, v = (jnp.repeat(t, H // K, axis=2) for t in (k, v))
-    block = min(128, T)  # the kernel's blocks must divide T
-    sizes = pallas_gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=min(32, T),
-                                           block_kv_dkv=min(32, T), block_q_dq=min(32, T), block_kv_dq=min(32, T))
-    return pallas_gpu_attention.mha(q, k, v, segments, sm_scale=1.0 / math.sqrt(q.shape[-1]), causal=True,
-                                    block_sizes=sizes, interpret=jax.default_backend() != "gpu")
-
-
-def cached_attention(q: Array, k: Array, v: Array, kv_mask: Array) -> Array:
-    """softmax(q k^T / sqrt(hs)) v over the cached slots kv_mask (B, S) marks; q (B, T, H, hs),
-    k and v (B, K, S, hs), K dividing H (query head h reads k/v head h // (H / K), as HF's
-    repeat_kv): heads before slots, so both products batch over leading axes (no transposed
-    copy of the cache per step). Scores and softmax in float32."""
-    B, T, H, hs = q.shape
-    K = k.shape[1]
-    q = q.reshape(B, T, K, H // K, hs)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hs)
-    scores = jnp.where(kv_mask[:, None, None, None, :], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    y = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return y.reshape(B, T, H, hs).astype(q.dtype)
-
-
 class MLP(nn.Module):
     opts: Settings
 
@@ -340,7 +291,7 @@ class LLaMA(nn.Module):
       config: architecture. lora: adapter settings (None or r=0: no adapters).
       dtype: compute dtype (activations, matmul inputs). param_dtype: frozen weight storage.
       lora_dtype: adapter storage (keep float32).
-      attention: 'auto' | 'xla' | 'cudnn'. remat: a key of REMAT_POLICIES.
+      attention: a name of ATTENTION_IMPLS (jaxlora.model.attention). remat: a key of REMAT_POLICIES.
       scan_layers: True: the layers are one `nn.scan` over weights stacked on a leading axis
         (variables under "h"; quick to compile). False: a Python loop of per-layer blocks
         h_0 ... h_{n-1}, each with its own weights: no loop and no per-layer slicing of
