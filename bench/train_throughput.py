@@ -262,12 +262,18 @@ def bench_alpaca(args: argparse.Namespace, name: str, micro: int, seq: int, pack
 
 
 def alpaca_main(args: argparse.Namespace) -> None:
-    """lit-llama's bucketed recipe, then packing to 2048; one JSON line each and the ratio."""
-    rows = [bench_alpaca(args, "bucketed", 4, 256, False),
-            bench_alpaca(args, "packed", args.alpaca_packed_rows, args.alpaca_packed_length, True)]
-    for row in rows:
-        print(json.dumps(row), flush=True)
-    print(f"packed / bucketed real tokens/s: {rows[1]['real_tokens_per_s'] / rows[0]['real_tokens_per_s']:.2f}x")
+    """lit-llama's bucketed recipe, then packing to 2048 (those of --alpaca_runs); one JSON line each
+    and, with both, the ratio."""
+    runs = {"bucketed": (4, 256, False), "packed": (args.alpaca_packed_rows, args.alpaca_packed_length, True)}
+    rows = {}
+    for name in args.alpaca_runs.split(","):
+        if name not in runs:
+            raise ValueError(f"--alpaca_runs: unknown run {name!r}; known: {sorted(runs)}")
+        rows[name] = bench_alpaca(args, name, *runs[name])
+        print(json.dumps(rows[name]), flush=True)
+    if len(rows) == 2:
+        ratio = rows["packed"]["real_tokens_per_s"] / rows["bucketed"]["real_tokens_per_s"]
+        print(f"packed / bucketed real tokens/s: {ratio:.2f}x")
 
 
 def force_prevent_cse(value: bool) -> None:
@@ -318,6 +324,7 @@ def main() -> None:
     ap.add_argument("--alpaca_batch", type=int, default=128, help="samples per optimizer step (lit-llama: 128)")
     ap.add_argument("--alpaca_packed_rows", type=int, default=1, help="rows per micro-batch when packed")
     ap.add_argument("--alpaca_packed_length", type=int, default=2048, help="tokens per packed row")
+    ap.add_argument("--alpaca_runs", default="bucketed,packed", help="which of bucketed,packed to time")
     args = ap.parse_args()
     if args.prevent_cse is not None:
         force_prevent_cse(bool(args.prevent_cse))
