@@ -119,11 +119,13 @@ def config_from_litgpt(raw: Mapping[str, Any], source: str = MODEL_CONFIG) -> LL
     rope = _rope_fields(cfg, get, problems)
     if problems:
         raise LitgptConfigError(f"{source}: cannot convert this litgpt model: " + "; ".join(problems))
-    vocab = int(get("vocab_size"))
-    padded = cfg.get("padded_vocab_size") or -(-vocab // int(get("padding_multiple"))) * int(get("padding_multiple"))
+    vocab, multiple = int(get("vocab_size")), int(get("padding_multiple"))
+    # The embedding table's rows: litgpt's vocab_size is the tokenizer's base vocabulary (Llama 3's
+    # 128000), but its 256 special tokens are ids the model reads too, and train.py checks the
+    # tokenizer against our vocab_size.
+    padded = int(cfg.get("padded_vocab_size") or -(-vocab // multiple) * multiple)
     try:
-        return LLaMAConfig(block_size=int(get("block_size")), vocab_size=min(vocab, int(padded)),
-                           padded_vocab_size=int(padded), n_layer=int(get("n_layer")), n_head=n_head, n_embd=C,
+        return LLaMAConfig(block_size=int(get("block_size")), vocab_size=padded, padded_vocab_size=padded, n_layer=int(get("n_layer")), n_head=n_head, n_embd=C,
                            n_kv_head=int(cfg.get("n_query_groups") or n_head),
                            intermediate_size=int(cfg["intermediate_size"]), norm_eps=float(get("norm_eps")), **rope)
     except ValueError as e:
@@ -270,7 +272,8 @@ def _group_order(config: LLaMAConfig) -> tuple[Callable, Callable]:
 
     def to_plain(a: np.ndarray) -> np.ndarray:
         g = a.reshape(groups, per + 2, hs, -1)
-        return np.concatenate([g[:, :per].reshape(-1, a.shape[1]), g[:, per], g[:, per + 1]])
+        return np.concatenate([g[:, :per].reshape(-1, a.shape[1]), g[:, per].reshape(-1, a.shape[1]),
+                               g[:, per + 1].reshape(-1, a.shape[1])])
 
     def to_interleaved(a: np.ndarray) -> np.ndarray:
         q = a[:config.n_embd].reshape(groups, per, hs, -1)
