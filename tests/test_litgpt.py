@@ -25,12 +25,13 @@ from litgpt.config import Config  # noqa: E402
 from litgpt.model import GPT  # noqa: E402
 from litgpt.utils import save_config  # noqa: E402
 
-from jaxlora.config import ALL_TARGETS, LLaMAConfig, LoRAConfig  # noqa: E402
+from jaxlora.config import ALL_TARGETS, LITGPT_LORA_DIR, LLaMAConfig, LoRAConfig  # noqa: E402
 from jaxlora.errors import CheckpointError, LitgptConfigError  # noqa: E402
 from jaxlora.weights import jaxlora_dir as cio  # noqa: E402
 from jaxlora.weights import litgpt as lg  # noqa: E402
 from jaxlora.weights.litgpt_files import adapters_to_litgpt, is_litgpt_dir, read_litgpt_config  # noqa: E402
 from jaxlora.model.llama import LLaMA  # noqa: E402
+from jaxlora.train.exports import RUN_OUTPUTS, export_litgpt  # noqa: E402
 from jaxlora.weights.load import load_base_model, load_checkpoint, read_base_config  # noqa: E402
 
 from test_hf import TOKENS, close, random_adapters  # noqa: E402
@@ -181,6 +182,17 @@ def test_litgpt_merges_our_lora_checkpoint(base, converted, tmp_path):
     model = GPT(Config.from_file(tmp_path / "final" / lg.MODEL_CONFIG))
     model.load_state_dict(torch.load(tmp_path / "final" / lg.BASE_FILE), strict=True)
     close(logits_of(model), our_logits(config, {**converted[2], "lora": adapters}, lora))
+    # train.py leaves the same as OUT_DIR/litgpt-lora when its base is a litgpt directory (only then)
+    assert LITGPT_LORA_DIR in RUN_OUTPUTS  # --overwrite clears it
+    said = []
+    assert export_litgpt(tmp_path / "adapters", str(converted[0]), tmp_path / "none", said.append) is None
+    run = export_litgpt(tmp_path / "adapters", str(base[0]), tmp_path / "run" / LITGPT_LORA_DIR, said.append)
+    ours, cli = (torch.load(d / lg.LORA_FILE)["model"] for d in (run, tmp_path / "final"))
+    assert list(ours) == list(cli) and all(torch.equal(ours[k], cli[k]) for k in cli) and str(run) in said[0]
+    partial = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "gate"))
+    cio.save_checkpoint(tmp_path / "partial", config, partial, None, random_adapters(config, partial))
+    assert export_litgpt(tmp_path / "partial", str(base[0]), tmp_path / "p-out", said.append) is None
+    assert "not written" in said[-1] and "lora_mlp" in said[-1] and not (tmp_path / "p-out").exists()
 
 
 def test_merged_export_and_tied_embeddings(converted, tmp_path):
@@ -290,3 +302,4 @@ def test_lora_settings_litgpt_cannot_express(base, tmp_path, capsys):
     cio.save_checkpoint(tmp_path / "ad", config, LoRAConfig(r=2), None, random_adapters(config, LoRAConfig(r=2)))
     with pytest.raises(CheckpointError, match="--base_dir"):
         adapters_to_litgpt(tmp_path / "ad", tmp_path / "lora-out")
+
