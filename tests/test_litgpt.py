@@ -18,23 +18,27 @@ import pytest
 import yaml
 
 torch = pytest.importorskip("torch")
-litgpt = pytest.importorskip("litgpt", reason="litgpt is the reference here (.ci/run installs it: "
-                                              "pip install litgpt && pip install 'huggingface-hub>=1.31')")
+pytest.importorskip("litgpt", reason="litgpt is the reference here (.ci/run installs it: "
+                                     "pip install litgpt && pip install 'huggingface-hub>=1.31')")
 import litgpt.lora  # noqa: E402
 from litgpt.config import Config  # noqa: E402
 from litgpt.model import GPT  # noqa: E402
 from litgpt.utils import save_config  # noqa: E402
+from test_hf import TOKENS, close, random_adapters  # noqa: E402
 
 from jaxlora.config import ALL_TARGETS, LITGPT_LORA_DIR, LLaMAConfig, LoRAConfig  # noqa: E402
 from jaxlora.errors import CheckpointError, LitgptConfigError  # noqa: E402
-from jaxlora.weights import jaxlora_dir as cio  # noqa: E402
-from jaxlora.weights import litgpt as lg  # noqa: E402
-from jaxlora.weights.litgpt_files import adapters_to_litgpt, is_litgpt_dir, read_litgpt_config  # noqa: E402
 from jaxlora.model.llama import LLaMA  # noqa: E402
 from jaxlora.train.exports import RUN_OUTPUTS, export_litgpt  # noqa: E402
+from jaxlora.weights import jaxlora_dir as cio  # noqa: E402
+from jaxlora.weights import litgpt as lg  # noqa: E402
+from jaxlora.weights.hf_files import model_config_of  # noqa: E402
+from jaxlora.weights.litgpt_files import (  # noqa: E402
+    adapters_to_litgpt,
+    is_litgpt_dir,
+    read_litgpt_config,
+)
 from jaxlora.weights.load import load_base_model, load_checkpoint, read_base_config  # noqa: E402
-
-from test_hf import TOKENS, close, random_adapters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # head size 32 and an original context of 64: llama3 scaling keeps, blends and divides frequencies
@@ -118,11 +122,14 @@ def test_export_loads_strictly_in_litgpt(base, converted, tmp_path):
     np.testing.assert_array_equal(logits_of(model), base[1])
     assert read_litgpt_config(tmp_path / "back") == converted[1] == read_litgpt_config(base[0])
     assert (tmp_path / "back" / "tokenizer.model").is_file()
+    assert __import__("to_litgpt").main(["--checkpoint_dir", str(converted[0]), "--out_dir", str(tmp_path / "x"),
+                                         "--tokenizer_dir", str(tmp_path / "nowhere"), "--quiet"]) == 2
 
 
 def test_pretrained_path_takes_a_litgpt_dir(base, converted):
     assert is_litgpt_dir(base[0]) and not is_litgpt_dir(converted[0])
     assert read_base_config(str(base[0]), None) == (converted[1], "litgpt")
+    assert model_config_of(base[0]) == converted[1]  # from_peft's base of a run on a litgpt directory
     config, params, desc = load_base_model(str(base[0]), None, np.float32)
     assert config == converted[1] and desc.startswith("litgpt checkpoint")
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(converted[2]["params"]))

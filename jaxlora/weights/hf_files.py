@@ -30,6 +30,7 @@ from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights.convert import check_new_output, checkpoint_view, open_checked, parse_dtype
 from jaxlora.weights.engine import MappedReader, Progress, import_tree, read_leaves
 from jaxlora.weights.engine import entry_bytes, export_entries, external_tensors
+from jaxlora.weights.litgpt_files import is_litgpt_dir, read_litgpt_config
 from jaxlora.weights.safetensors_io import (
     ADAPTER_BIN,
     ADAPTER_SAFETENSORS,
@@ -234,8 +235,10 @@ def load_peft_adapters(peft_dir: str | os.PathLike, config: LLaMAConfig) -> tupl
 
 def model_config_of(base: str | os.PathLike) -> LLaMAConfig:
     """The LLaMAConfig of a base given as an HF directory, a jaxlora checkpoint/adapters directory,
-    or lit-llama's base .pth."""
+    a litgpt directory, or lit-llama's base .pth."""
     path = Path(base)
+    if is_litgpt_dir(path):
+        return read_litgpt_config(path)
     if path.is_file():
         with TorchZipReader(path) as reader:
             return lit_llama.infer_config(reader.shapes(), str(path))

@@ -167,8 +167,7 @@ def config_to_litgpt(config: LLaMAConfig, name: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": name, "block_size": config.block_size, "vocab_size": config.vocab_size,
         "padded_vocab_size": config.padded_vocab_size, "n_layer": config.n_layer, "n_head": config.n_head,
-        "n_embd": config.n_embd, "n_query_groups": config.n_kv_head, "head_size": config.head_size,
-        "intermediate_size": config.n_hidden, "norm_class_name": "RMSNorm", "norm_eps": config.norm_eps,
+        "n_embd": config.n_embd, "n_query_groups": config.n_kv_head, "intermediate_size": config.n_hidden, "norm_class_name": "RMSNorm", "norm_eps": config.norm_eps,
         "mlp_class_name": "LLaMAMLP", "parallel_residual": False, "bias": False, "rotary_percentage": 1.0,
         "rope_base": _plain(config.rope_base),
     }

@@ -213,6 +213,8 @@ def checkpoint_to_litgpt(checkpoint_dir: str | os.PathLike, out_dir: str | os.Pa
     out_dir = check_new_output(out_dir, overwrite)
     cast = parse_dtype(dtype)
     directory = Path(checkpoint_dir).absolute()
+    if tokenizer_dir is not None and not any((Path(tokenizer_dir) / n).is_file() for n in TOKENIZER_FILES[:2]):
+        raise FileNotFoundError(f"--tokenizer_dir {tokenizer_dir}: no {' or '.join(TOKENIZER_FILES[:2])} there")
     view, config = checkpoint_view(directory, adapters_dir, merged)
     with cio.staged_directory(out_dir, overwrite) as tmp:
         export_torch_zip(view, litgpt.base_maps(config), config.n_layer, litgpt.litgpt_order, cast,
