@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.lora and not (args.adapters or args.checkpoint_dir):
         p.error("--lora needs --adapters (or --checkpoint_dir with lora/)")
+    if args.lora and args.adapters and args.checkpoint_dir:
+        p.error("--lora takes the adapters from --adapters or from --checkpoint_dir's lora/, not both")
     if not args.lora and not args.checkpoint_dir:
         p.error("--checkpoint_dir is required (only --lora works from --adapters alone)")
     if args.adapters and not (args.merged or args.lora):

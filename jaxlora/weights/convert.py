@@ -1,7 +1,8 @@
 """lit-llama `.pth` files <-> jaxlora checkpoint directories, through the streaming engine
 (`jaxlora.weights.engine`: readers, the lit-llama mapping table, sinks), holding at most a
-few single-layer tensors at a time; and what the HF converters share with these (dtype names,
-output checks, opening a checkpoint's array trees).
+few single-layer tensors at a time; and what the HF and litgpt converters share with these
+(dtype names, output checks, opening a checkpoint's array trees or its merged view:
+`checkpoint_view`, writing a torch.save file tensor by tensor: `export_torch_zip`).
 
 - `lit_to_checkpoint`: lit-llama base checkpoint (+ LoRA file) -> DIR/{config.json, params, lora}
   (`MappedReader` over `TorchZipReader`, pread, no mmap -> `import_tree`).
