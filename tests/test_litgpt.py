@@ -23,7 +23,7 @@ pytest.importorskip("litgpt", reason="litgpt is the reference here (.ci/run inst
 import litgpt.lora  # noqa: E402
 from litgpt.config import Config  # noqa: E402
 from litgpt.model import GPT  # noqa: E402
-from litgpt.utils import save_config  # noqa: E402
+from litgpt.utils import incremental_save, save_config  # noqa: E402
 from test_hf import TOKENS, close, random_adapters  # noqa: E402
 
 from jaxlora.config import ALL_TARGETS, LITGPT_LORA_DIR, LLaMAConfig, LoRAConfig  # noqa: E402
@@ -84,12 +84,14 @@ def convert(script: str, *args) -> None:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """(litgpt directory, its GPT's logits), saved as `litgpt download` leaves one."""
+    """(litgpt directory, its GPT's logits), saved as `litgpt download` leaves one (with a
+    SentencePiece tokenizer standing in)."""
     path = tmp_path_factory.mktemp("litgpt") / "tiny-llama3"
     path.mkdir()
     model = GPT(Config(**SHAPE))
     randomize(model, 0)
-    torch.save(model.state_dict(), path / lg.BASE_FILE)
+    with incremental_save(path / lg.BASE_FILE) as saver:  # as litgpt's convert_hf_checkpoint writes it
+        saver.save({k: saver.store_early(v) for k, v in model.state_dict().items()})
     save_config(model.config, path)
     shutil.copyfile(ROOT / "jaxlora" / "demo" / "tokenizer.model", path / "tokenizer.model")
     (path / "tokenizer_config.json").write_text("{}")
