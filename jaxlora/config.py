@@ -15,6 +15,7 @@ from typing import Any
 ADAPTERS_DIR = "adapters"  # the final adapters as an adapters-only jaxlora directory
 LIT_LORA_FILE = "lit-llama-lora-finetuned.pth"  # lit-llama's LoRA file (generate/lora.py loads it)
 PEFT_DIR = "peft"  # the final adapters as a PEFT LoRA folder (HF transformers, vLLM)
+LITGPT_LORA_DIR = "litgpt-lora"  # and as a litgpt LoRA checkpoint, when the base is a litgpt directory
 
 
 def find_multiple(n: int, k: int) -> int:

@@ -30,6 +30,12 @@ class HFConfigError(ValueError):
     """An HF config.json or PEFT adapter_config.json describes something jaxlora does not support."""
 
 
+class LitgptConfigError(ValueError):
+    """A litgpt model_config.yaml or hyperparameters.yaml describes something jaxlora does not
+    compute (a non-LLaMA architecture, a LoRA on the LM head), or adapters that litgpt's LoRA
+    switches cannot express; the message names the file and the key."""
+
+
 class TokenizerError(ValueError):
     """A tokenizer file (tokenizer.model, tokenizer.json, tokenizer_config.json,
     generation_config.json, a chat template) is unreadable, or lacks a token a prompt style

@@ -1,5 +1,5 @@
 """What a finished run leaves for others: the adapters as a jaxlora directory, lit-llama's LoRA
-file, a PEFT folder and the loss plot; and `clear_outputs`, which --overwrite uses to remove
+file, a PEFT folder, a litgpt LoRA checkpoint (on a litgpt base) and the loss plot; and `clear_outputs`, which --overwrite uses to remove
 an old run's outputs. Optional writers (torch, safetensors, matplotlib) that are missing, or
 a format that cannot hold these adapters, skip their file with a line saying why."""
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any, Callable
 from jaxlora.config import (
     ADAPTERS_DIR,
     LIT_LORA_FILE,
+    LITGPT_LORA_DIR,
     PEFT_DIR,
     LLaMAConfig,
     LoRAConfig,
@@ -23,12 +24,13 @@ from jaxlora.train.settings import TrainArgs
 from jaxlora.weights.hf_files import peft_base_name, save_peft_adapters
 from jaxlora.weights.jaxlora_dir import save_checkpoint
 from jaxlora.weights.lit_files import save_lit_lora
+from jaxlora.weights.litgpt_files import adapters_to_litgpt, is_litgpt_dir
 
 __all__ = ["LOSS_PNG", "SUMMARY_FILE", "RUN_OUTPUTS", "Exports", "write_exports", "clear_outputs"]
 
 LOSS_PNG, SUMMARY_FILE = "loss.png", "summary.json"
 # Everything a run writes into out_dir besides its checkpoints.
-RUN_OUTPUTS = (ADAPTERS_DIR, LIT_LORA_FILE, PEFT_DIR, LOSS_PNG, METRICS_FILE, SUMMARY_FILE)
+RUN_OUTPUTS = (ADAPTERS_DIR, LIT_LORA_FILE, PEFT_DIR, LITGPT_LORA_DIR, LOSS_PNG, METRICS_FILE, SUMMARY_FILE)
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Exports:
     lit_lora_path: Path | None = None
     peft_dir: Path | None = None
     loss_png: Path | None = None
+    litgpt_lora_dir: Path | None = None
 
 
 def write_exports(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, a: TrainArgs,
@@ -49,6 +52,7 @@ def write_exports(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, a: Tr
                                base=str(a.pretrained_path))
     lit = export_lit(lora, config, lora_config, out / LIT_LORA_FILE, log) if a.export_lit else None
     peft = export_peft(lora, config, lora_config, out / PEFT_DIR, a.pretrained_path, log)
+    litgpt = export_litgpt(Path(adapters), a.pretrained_path, out / LITGPT_LORA_DIR, log)
     png = None
     if a.plot:
         title = (f"LoRA fine-tuning of {Path(str(a.pretrained_path)).name}, r={a.lora_r} on "
@@ -56,7 +60,7 @@ def write_exports(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, a: Tr
         png = plot_loss(out / METRICS_FILE, out / LOSS_PNG, title=title)
         if png is None:
             log(f"{LOSS_PNG} not written (matplotlib not installed: pip install 'jaxlora[plot]')")
-    return Exports(Path(adapters), lit, peft, png)
+    return Exports(Path(adapters), lit, peft, png, litgpt)
 
 
 def export_lit(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path: Path,
@@ -85,6 +89,23 @@ def export_peft(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, path: P
     except ValueError as e:
         log(f"{path.name}/ not written: {e}")
     return None
+
+
+def export_litgpt(adapters: Path, base: str | None, path: Path, log: Callable[[str], None]) -> Path | None:
+    """The adapters as a litgpt LoRA checkpoint (`litgpt chat` merges it onto the base), when
+    the base is a litgpt directory; skipped with a line saying why when it cannot be written."""
+    if not base or not is_litgpt_dir(base):
+        return None
+    try:
+        out = adapters_to_litgpt(adapters, path, base_dir=base, overwrite=True, progress=False)
+    except ImportError:
+        log(f"{path.name}/ not written: writing PyTorch files needs torch")
+        return None
+    except ValueError as e:  # e.g. adapters on gate but not up/down: litgpt's lora_mlp means all three
+        log(f"{path.name}/ not written: {e}")
+        return None
+    log(f"litgpt LoRA checkpoint: {out} (litgpt chat {out})")
+    return out
 
 
 def clear_outputs(out: Path) -> list[str]:

@@ -1,7 +1,8 @@
 """lit-llama `.pth` files <-> jaxlora checkpoint directories, through the streaming engine
 (`jaxlora.weights.engine`: readers, the lit-llama mapping table, sinks), holding at most a
-few single-layer tensors at a time; and what the HF converters share with these (dtype names,
-output checks, opening a checkpoint's array trees).
+few single-layer tensors at a time; and what the HF and litgpt converters share with these
+(dtype names, output checks, opening a checkpoint's array trees or its merged view:
+`checkpoint_view`, writing a torch.save file tensor by tensor: `export_torch_zip`).
 
 - `lit_to_checkpoint`: lit-llama base checkpoint (+ LoRA file) -> DIR/{config.json, params, lora}
   (`MappedReader` over `TorchZipReader`, pread, no mmap -> `import_tree`).
@@ -20,7 +21,7 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -40,6 +41,7 @@ from jaxlora.weights.engine import (
     import_tree,
 )
 from jaxlora.weights.lit_files import open_lit_base, open_lit_lora
+from jaxlora.weights.lit_llama import TensorMap
 from jaxlora.weights.torch_zip import RowBlocks, TorchZipReader, write_torch_zip
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -258,11 +260,42 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
     with contextlib.ExitStack() as stack:
         view = _lit_readers(kind, config, lora_config, lit_base, checkpoint_dir, lora_home, stack)
         maps = lit_llama.lora_maps(config, lora_config) if kind == "lora" else lit_llama.base_maps(config)
-        stored = view.params.shapes()
-        dtypes = {key: cast or stored[m.path[1:]][1] for m in maps for key in m.keys(config.n_layer)}
-        entries = export_entries(maps, config.n_layer, lit_llama.sorted_like_lit,
-                                 max(d.itemsize for d in dtypes.values()))
-        meter = Progress("to_lit_llama", sum(entry_bytes(e, dtypes[e.key].itemsize) for e in entries), progress)
-        tensors = external_tensors(view, entries, dtypes, workers, max_bytes_ahead)
-        write_torch_zip(out, _torch_zip_items(tensors, entries, dtypes, meter))
+        return export_torch_zip(view, maps, config.n_layer, lit_llama.sorted_like_lit, cast, out, "to_lit_llama",
+                                progress, workers, max_bytes_ahead)
+
+
+def export_torch_zip(view: MergedView, maps: Sequence[TensorMap], n_layer: int,
+                     order: Callable[[dict], dict], cast: np.dtype | None, out: Path, label: str,
+                     progress: bool = True, workers: int = 2, max_bytes_ahead: int = 128 << 20,
+                     nest: str | None = None) -> dict[str, float]:
+    """Sink: the external tensors of `maps` (our leaves read through `view`, adapters folded in
+    per layer) as one torch.save file `out`, in `order`, in dtype `cast` (None keeps the stored
+    one), tensor by tensor (wte and lm_head in row blocks). nest: save {nest: state dict}, as
+    litgpt's LoRA checkpoints do ("model"). Returns stats (pieces, bytes, seconds, GB/s)."""
+    stored = view.params.shapes()
+    dtypes = {key: cast or stored[m.path[1:]][1] for m in maps for key in m.keys(n_layer)}
+    entries = export_entries(maps, n_layer, order, max(d.itemsize for d in dtypes.values()))
+    meter = Progress(label, sum(entry_bytes(e, dtypes[e.key].itemsize) for e in entries), progress)
+    tensors = external_tensors(view, entries, dtypes, workers, max_bytes_ahead)
+    write_torch_zip(out, _torch_zip_items(tensors, entries, dtypes, meter), nest=nest)
     return meter.stats()
+
+
+def checkpoint_view(directory: Path, adapters_dir: Any, merged: bool) -> tuple[MergedView, LLaMAConfig]:
+    """A jaxlora checkpoint's frozen weights (with the adapters folded in when merged: its own
+    lora/, or `adapters_dir`'s) and its config, shapes checked."""
+    if directory.is_file():
+        raise CheckpointError(f"{directory}: a file, not a jaxlora checkpoint directory (config.json, params/)")
+    config, lora_config = cio.read_config(directory)
+    lora_home = directory
+    if adapters_dir is not None:
+        lora_home = Path(adapters_dir).absolute()
+        adapter_config, lora_config = cio.read_config(lora_home)
+        check_same_model(config, adapter_config, lora_home, directory)
+    if merged and not cio.has_adapters(lora_config):
+        raise CheckpointError(f"{lora_home}: has no adapters to merge (config.json 'lora' is null)")
+    expected = cio.expected_variables(config, lora_config if merged else None)
+    params = open_checked(directory, cio.PARAMS_DIR, expected[cio.PARAMS_DIR])
+    if not merged:
+        return MergedView(params), config
+    return MergedView(params, open_checked(lora_home, cio.LORA_DIR, expected[cio.LORA_DIR]), lora_config), config

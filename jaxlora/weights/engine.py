@@ -6,8 +6,8 @@ Two kinds of reader, one protocol each:
   external keys, `read(key, rows)` of a whole tensor or a block of its rows;
 - a leaf reader (`LeafReader`: our variables by path): `shapes()` and `read(path, where)` of a
   whole leaf, one layer, or a region. A jaxlora array tree (`ArrayTreeReader`) is one;
-  `MappedReader` makes any tensor file one through a mapping table (lit-llama's, HF's, PEFT's
-  `TensorMap` lists), reading no more than one layer of one tensor per call.
+  `MappedReader` makes any tensor file one through a mapping table (lit-llama's, HF's, PEFT's,
+  litgpt's `TensorMap` lists), reading no more than one layer of one tensor per call.
 
 Sinks: `fill_tree` (a jaxlora array tree, piece by piece), `external_tensors` (the tensors of a
 torch zip or safetensors file, in that format's order, adapters folded in by `MergedView`), and

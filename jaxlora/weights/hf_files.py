@@ -27,9 +27,10 @@ from jaxlora.errors import CheckpointError, HFConfigError, StateDictError
 from jaxlora.text.tokenizer import Tokenizer
 from jaxlora.weights import hf, lit_llama
 from jaxlora.weights import jaxlora_dir as cio
-from jaxlora.weights.convert import check_new_output, check_same_model, open_checked, parse_dtype
-from jaxlora.weights.engine import MappedReader, MergedView, Progress, import_tree, read_leaves
+from jaxlora.weights.convert import check_new_output, checkpoint_view, open_checked, parse_dtype
+from jaxlora.weights.engine import MappedReader, Progress, import_tree, read_leaves
 from jaxlora.weights.engine import entry_bytes, export_entries, external_tensors
+from jaxlora.weights.litgpt_files import is_litgpt_dir, read_litgpt_config
 from jaxlora.weights.safetensors_io import (
     ADAPTER_BIN,
     ADAPTER_SAFETENSORS,
@@ -164,7 +165,7 @@ def checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
     cast = parse_dtype(dtype)
     tokenizer = None if tokenizer_path is None else Tokenizer(tokenizer_path)  # checked before any work
     directory = Path(checkpoint_dir).absolute()
-    view, config = _hf_export_view(directory, adapters_dir, merged)
+    view, config = checkpoint_view(directory, adapters_dir, merged)
     maps = hf.base_maps(config)
     stored = view.params.shapes()
     dtypes = {key: cast or stored[m.path[1:]][1] for m in maps for key in m.keys(config.n_layer)}
@@ -179,25 +180,6 @@ def checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp)
     return out_dir
-
-
-def _hf_export_view(directory: Path, adapters_dir: Any, merged: bool) -> tuple[MergedView, LLaMAConfig]:
-    """The checkpoint's frozen weights (with the adapters folded in when merged) and its config."""
-    if directory.is_file():
-        raise CheckpointError(f"{directory}: a file, not a jaxlora checkpoint directory (config.json, params/)")
-    config, lora_config = cio.read_config(directory)
-    lora_home = directory
-    if adapters_dir is not None:
-        lora_home = Path(adapters_dir).absolute()
-        adapter_config, lora_config = cio.read_config(lora_home)
-        check_same_model(config, adapter_config, lora_home, directory)
-    if merged and not cio.has_adapters(lora_config):
-        raise CheckpointError(f"{lora_home}: has no adapters to merge (config.json 'lora' is null)")
-    expected = cio.expected_variables(config, lora_config if merged else None)
-    params = open_checked(directory, cio.PARAMS_DIR, expected[cio.PARAMS_DIR])
-    if not merged:
-        return MergedView(params), config
-    return MergedView(params, open_checked(lora_home, cio.LORA_DIR, expected[cio.LORA_DIR]), lora_config), config
 
 
 def _write_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
@@ -253,8 +235,10 @@ def load_peft_adapters(peft_dir: str | os.PathLike, config: LLaMAConfig) -> tupl
 
 def model_config_of(base: str | os.PathLike) -> LLaMAConfig:
     """The LLaMAConfig of a base given as an HF directory, a jaxlora checkpoint/adapters directory,
-    or lit-llama's base .pth."""
+    a litgpt directory, or lit-llama's base .pth."""
     path = Path(base)
+    if is_litgpt_dir(path):
+        return read_litgpt_config(path)
     if path.is_file():
         with TorchZipReader(path) as reader:
             return lit_llama.infer_config(reader.shapes(), str(path))

@@ -31,6 +31,7 @@ complete: an interrupted write leaves nothing under the final name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -86,6 +87,12 @@ def is_layered(path: Path_) -> bool:
 
 def expected_variables(config: LLaMAConfig, lora_config: LoRAConfig | None) -> dict[str, dict[Path_, Any]]:
     """{"params": {path: ShapeDtypeStruct}, "lora": {...}} of the model this config describes."""
+    return {item: dict(leaves) for item, leaves in _abstract_leaves(config, lora_config).items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_leaves(config: LLaMAConfig, lora_config: LoRAConfig | None) -> dict[str, dict[Path_, Any]]:
+    # tracing the model's init takes ~0.2 s and a conversion asks several times (configs are frozen)
     abstract = abstract_variables(LLaMA(config, lora_config))
     return {item: traverse_util.flatten_dict(abstract[item]) for item in ITEMS if abstract.get(item)}
 

@@ -1,7 +1,7 @@
 """Frozen weights and adapters onto the devices, from every source jaxlora reads.
 
 Sources: random weights of a preset, a jaxlora checkpoint directory, a lit-llama `.pth`, a
-Hugging Face directory; adapters from an adapters-only directory. Weights arrive in the layout
+Hugging Face directory, a litgpt directory; adapters from an adapters-only directory. Weights arrive in the layout
 the model reads (`jaxlora.model.layouts`), each in its sharding, as they are read: no device
 holds more than its shards.
 """
@@ -24,7 +24,7 @@ from jaxlora.errors import CheckpointError, StateDictError
 from jaxlora.model.layouts import abstract_variables, canonical, qkv_in_run_layout
 from jaxlora.model.llama import STACKED, LLaMA
 from jaxlora.parallel import sharding as shd
-from jaxlora.weights import hf_files, lit_llama
+from jaxlora.weights import hf_files, lit_llama, litgpt_files
 from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights.convert import check_same_model
 from jaxlora.weights.device import to_device
@@ -47,8 +47,8 @@ RANDOM_BASE = ("none", "random")  # --pretrained_path values meaning: random wei
 
 def read_base_config(pretrained_path: str | None, preset: str | None) -> tuple[LLaMAConfig, str]:
     """The frozen model's architecture, without reading its weights: (config, kind), kind one
-    of 'random', 'jaxlora', 'hf', 'lit'. With `preset`, the weights must match it (errors name
-    the file and key)."""
+    of 'random', 'jaxlora', 'hf', 'lit', 'litgpt'. With `preset`, the weights must match it
+    (errors name the file and key)."""
 
     preset_cfg = LLaMAConfig.from_name(preset) if preset else None
     if pretrained_path is None or str(pretrained_path).lower() in RANDOM_BASE:
@@ -56,11 +56,16 @@ def read_base_config(pretrained_path: str | None, preset: str | None) -> tuple[L
             raise ValueError("random base weights need a preset (--preset)")
         return preset_cfg, "random"
     path = Path(pretrained_path)
+    if litgpt_files.is_litgpt_dir(path):  # before HF: litgpt directories often keep HF's config.json too
+        config = litgpt_files.read_litgpt_config(path)
+        _check_preset(config, preset_cfg, preset, litgpt_files.config_file(path))
+        return config, "litgpt"
     if path.is_dir() and not cio.is_jaxlora_checkpoint(path):
         if not hf_files.is_hf_dir(path):
             raise FileNotFoundError(f"--pretrained_path {path}: a directory but neither a jaxlora checkpoint "
-                                    f"({cio.CONFIG_FILE} and {cio.PARAMS_DIR}/) nor a Hugging "
-                                    "Face LLaMA directory (config.json and *.safetensors or pytorch_model*.bin)")
+                                    f"({cio.CONFIG_FILE} and {cio.PARAMS_DIR}/), a Hugging "
+                                    "Face LLaMA directory (config.json and *.safetensors or pytorch_model*.bin) "
+                                    "nor a litgpt one (lit_model.pth and model_config.yaml)")
         config = hf_files.read_hf_config(path)
         _check_preset(config, preset_cfg, preset, path / hf_files.HF_CONFIG)
         return config, "hf"
@@ -95,11 +100,11 @@ def _check_preset(config: LLaMAConfig, preset_cfg: LLaMAConfig | None, preset: s
 
 def open_base(kind: str, pretrained_path: PathLike, config: LLaMAConfig) -> Any:
     """The engine's reader of a base's frozen weights (`params` leaves, stored layout), a context
-    manager: a jaxlora checkpoint's params/, or a lit-llama .pth / HF directory through its mapping."""
+    manager: a jaxlora checkpoint's params/, or a lit-llama .pth / HF / litgpt directory through its mapping."""
     if kind == "jaxlora":
         return contextlib.nullcontext(cio.open_item(pretrained_path, cio.PARAMS_DIR)[2])
-    opened = open_hf_base(pretrained_path, config) if kind == "hf" else open_lit_base(pretrained_path, config)
-    return opened[1]
+    opener = {"hf": open_hf_base, "lit": open_lit_base, "litgpt": litgpt_files.open_litgpt_base}[kind]
+    return opener(pretrained_path, config)[1]
 
 
 def load_params(model: LLaMA, kind: str, pretrained_path: str | None, seed: int, param_dtype: Any,
@@ -161,7 +166,8 @@ def random_params(model: LLaMA, seed: int, shardings: Mapping[str, Any], transfo
 
 def describe_base(kind: str, pretrained_path: str | None, preset: str | None, seed: int) -> str:
     return {"random": f"random {preset} weights (seed {seed})", "jaxlora": f"jaxlora checkpoint {pretrained_path}",
-            "hf": f"Hugging Face model {pretrained_path}", "lit": f"lit-llama checkpoint {pretrained_path}"}[kind]
+            "hf": f"Hugging Face model {pretrained_path}", "lit": f"lit-llama checkpoint {pretrained_path}",
+            "litgpt": f"litgpt checkpoint {pretrained_path}"}[kind]
 
 
 def load_base_model(pretrained_path: str | None, preset: str | None, param_dtype: Any, seed: int = 0,

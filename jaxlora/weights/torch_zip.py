@@ -353,13 +353,14 @@ def _as_bytes(array: np.ndarray) -> memoryview:
 
 
 def write_torch_zip(path: str | os.PathLike, items: Iterable[tuple[str, "np.ndarray | RowBlocks"]],
-                    archive: str = "archive") -> None:
+                    archive: str = "archive", nest: str | None = None) -> None:
     """torch.save-compatible file from (key, array) pairs, consumed one at a time, atomically.
 
     Only one array (or one block of a RowBlocks) is held at a time: the caller's generator
     decides how they are produced. Arrays keep their dtype (ml_dtypes.bfloat16 ->
     torch.bfloat16) and bits. The state dict is a plain dict in `items` order, as
-    `torch.save(dict)` writes it; entries are 64-byte aligned like torch's own.
+    `torch.save(dict)` writes it; entries are 64-byte aligned like torch's own. nest: the file
+    holds {nest: state dict} instead (litgpt's and Lightning's training checkpoints: "model").
     """
     torch = require_torch()  # only for the pickled globals, so torch.load finds the real ones
     rebuild = torch._utils._rebuild_tensor_v2
@@ -392,7 +393,7 @@ def write_torch_zip(path: str | os.PathLike, items: Iterable[tuple[str, "np.ndar
                 _write_entry(zf, f"{archive}/data/{n}", data, numel * dtype.itemsize, align=True)
                 del value, data
             buf = io.BytesIO()
-            _Pickler(buf, protocol=2).dump(refs)
+            _Pickler(buf, protocol=2).dump(refs if nest is None else {nest: refs})
             for name, payload in [("data.pkl", buf.getvalue()), (".format_version", b"1"),
                                   (".storage_alignment", str(ALIGNMENT).encode()), ("byteorder", b"little"),
                                   ("version", b"3\n")]:
