@@ -27,9 +27,24 @@ from jaxlora.errors import CheckpointError, HFConfigError, StateDictError
 from jaxlora.text.tokenizer import Tokenizer
 from jaxlora.weights import hf, lit_llama
 from jaxlora.weights import jaxlora_dir as cio
-from jaxlora.weights.convert import check_new_output, check_same_model, open_checked, parse_dtype
-from jaxlora.weights.engine import MappedReader, MergedView, Progress, import_tree, read_leaves
-from jaxlora.weights.engine import entry_bytes, export_entries, external_tensors
+from jaxlora.weights.convert import (
+    check_new_output,
+    check_same_model,
+    merged_view,
+    open_checked,
+    open_params,
+    parse_dtype,
+)
+from jaxlora.weights.engine import (
+    MappedReader,
+    MergedView,
+    Progress,
+    entry_bytes,
+    export_entries,
+    external_tensors,
+    import_tree,
+    read_leaves,
+)
 from jaxlora.weights.safetensors_io import (
     ADAPTER_BIN,
     ADAPTER_SAFETENSORS,
@@ -151,7 +166,8 @@ def hf_order(entries: dict[str, Any]) -> dict[str, Any]:
 def checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      adapters_dir: str | os.PathLike | None = None, merged: bool = False, dtype: Any = None,
                      max_shard_size: str | int = "2GB", overwrite: bool = False, progress: bool = True,
-                     tokenizer_path: str | os.PathLike | None = None) -> Path:
+                     tokenizer_path: str | os.PathLike | None = None, merge_into: str = "trained",
+                     log: Callable[[str], None] | None = None) -> Path:
     """A jaxlora checkpoint -> an HF LlamaForCausalLM directory (config.json + safetensors).
 
     merged: fold the adapters (the checkpoint's lora/, or `adapters_dir`'s) into the weights,
@@ -159,12 +175,14 @@ def checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
     (None keeps the stored one). Shards of at most `max_shard_size` (the host holds one shard)
     with model.safetensors.index.json, as transformers writes them. tokenizer_path: LLaMA's
     SentencePiece tokenizer.model, copied in with a tokenizer_config.json (AutoTokenizer loads it).
+    merge_into, log: as `jaxlora.weights.convert.checkpoint_to_lit`'s (adapters trained on a
+    quantized base; a quantized checkpoint is written dequantized).
     """
     out_dir = check_new_output(out_dir, overwrite)
     cast = parse_dtype(dtype)
     tokenizer = None if tokenizer_path is None else Tokenizer(tokenizer_path)  # checked before any work
     directory = Path(checkpoint_dir).absolute()
-    view, config = _hf_export_view(directory, adapters_dir, merged)
+    view, config = _hf_export_view(directory, adapters_dir, merged, merge_into, log)
     maps = hf.base_maps(config)
     stored = view.params.shapes()
     dtypes = {key: cast or stored[m.path[1:]][1] for m in maps for key in m.keys(config.n_layer)}
@@ -181,7 +199,8 @@ def checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
     return out_dir
 
 
-def _hf_export_view(directory: Path, adapters_dir: Any, merged: bool) -> tuple[MergedView, LLaMAConfig]:
+def _hf_export_view(directory: Path, adapters_dir: Any, merged: bool, merge_into: str = "trained",
+                    log: Callable[[str], None] | None = None) -> tuple[MergedView, LLaMAConfig]:
     """The checkpoint's frozen weights (with the adapters folded in when merged) and its config."""
     if directory.is_file():
         raise CheckpointError(f"{directory}: a file, not a jaxlora checkpoint directory (config.json, params/)")
@@ -194,10 +213,11 @@ def _hf_export_view(directory: Path, adapters_dir: Any, merged: bool) -> tuple[M
     if merged and not cio.has_adapters(lora_config):
         raise CheckpointError(f"{lora_home}: has no adapters to merge (config.json 'lora' is null)")
     expected = cio.expected_variables(config, lora_config if merged else None)
-    params = open_checked(directory, cio.PARAMS_DIR, expected[cio.PARAMS_DIR])
+    params = open_params(directory, config)
     if not merged:
         return MergedView(params), config
-    return MergedView(params, open_checked(lora_home, cio.LORA_DIR, expected[cio.LORA_DIR]), lora_config), config
+    lora = open_checked(lora_home, cio.LORA_DIR, expected[cio.LORA_DIR])
+    return merged_view(params, directory, lora, lora_config, lora_home, merge_into, log), config
 
 
 def _write_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:

@@ -42,12 +42,14 @@ from jaxlora.model.quantize import (
     kernel_leaves,
     quantize_kernel_as,
     quantized_shardings_like,
+    quantizes,
 )
 from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights.device import layer_sharding, to_device, updater, zeros
-from jaxlora.weights.engine import LeafReader, Path_, Where
+from jaxlora.weights.engine import KernelTransform, LeafReader, Path_, Where
 
-__all__ = ["DequantizedReader", "check_mode", "load_quantized", "record", "requantized", "save_quantized"]
+__all__ = ["MERGE_INTO", "DequantizedReader", "check_mode", "load_quantized", "merge_plan", "record", "requantized",
+           "save_quantized"]
 
 
 def record(mode: str, dtype: Any) -> dict[str, str]:
@@ -234,6 +236,53 @@ class DequantizedReader:
         with jax.default_device(jax.devices("cpu")[0]):
             value = np.asarray(dequantize_any(jax.tree.map(jnp.asarray, kernel)))
         return value[tuple(rest)].astype(self.dtype) if rest else value.astype(self.dtype)
+
+
+MERGE_INTO = ("trained", "original")  # a merged export's base kernels: as the adapters were trained, or as stored
+
+
+def merge_plan(base: Any, base_quantized: dict[str, str] | None, adapters: Any,
+               adapters_quantized: dict[str, str] | None, merge_into: str = "trained"
+               ) -> tuple[KernelTransform | None, str | None]:
+    """What a merged export folds the adapters into: (MergedView's base_kernels, a line saying so,
+    or None when nothing is quantized). Adapters trained on a quantized base ("quantized" in
+    their config.json) are merged by default into the kernels they were trained against: each
+    float kernel quantized and dequantized as in training; "original" merges into the float
+    weights instead (the difference: README, "On a smaller card"). A quantized checkpoint as the
+    base is read dequantized (`DequantizedReader`): its float weights are not stored."""
+    if merge_into not in MERGE_INTO:
+        raise ValueError(f"merge_into must be one of {MERGE_INTO}, got {merge_into!r}")
+    if base_quantized is not None:
+        mode = base_quantized["mode"]
+        if merge_into == "original":
+            raise CheckpointError(f"{base}: stores its frozen weights {mode}-quantized only: there are no original "
+                                  "float weights to merge into (merge into the dequantized ones: --merge_into trained)")
+        if adapters_quantized is not None and adapters_quantized["mode"] != mode:
+            raise CheckpointError(f"{adapters}: adapters trained on a {adapters_quantized['mode']}-quantized base, but "
+                                  f"{base} holds {mode}-quantized weights; merge them into a base quantized as "
+                                  f"{adapters_quantized['mode']} (or its float weights)")
+        return None, f"adapters merged into the {mode}-dequantized kernels of {base}, written as float"
+    if adapters_quantized is None:
+        return None, None
+    mode = adapters_quantized["mode"]
+    if merge_into == "original":
+        return None, (f"adapters merged into the original float kernels of {base}, not the {mode}-dequantized ones "
+                      "they were trained on (--merge_into trained)")
+    return as_trained(adapters_quantized), (
+        f"adapters merged into {base}'s kernels {mode}-quantized and dequantized as in training (from "
+        f"{adapters_quantized['dtype']}), written as float; --merge_into original merges into the float weights")
+
+
+def as_trained(quantized: dict[str, str]) -> KernelTransform:
+    """MergedView's base_kernels for adapters trained on a `quantized` base: each kernel the run
+    quantized, requantized (one whole layer at a time); the LM head as stored."""
+    def base_kernel(path: Path_, where: Where, kernel: np.ndarray) -> np.ndarray:
+        if not quantizes(path, quantized["mode"], head=False):
+            return kernel.astype(np.float32)
+        if not isinstance(where, (int, np.integer)):
+            raise ValueError(f"{'/'.join(path)}: a requantized kernel is read one whole layer at a time, got {where}")
+        return requantized(kernel, quantized)
+    return base_kernel
 
 
 def requantized(kernel: np.ndarray, quantized: dict[str, str]) -> np.ndarray:
