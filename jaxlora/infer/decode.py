@@ -46,12 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.model.layouts import (
-    layered,
-    split_layers_on_device,
-    stack_layers,
-    unstack_layers,
-)
+from jaxlora.model.layouts import layered, split_layers_on_device, stack_layers, unstack_layers
 from jaxlora.model.llama import STACKED, LLaMA, head_logits, init_cache, lm_head_kernel
 from jaxlora.model.lora import merge_lora, merged_kernel
 from jaxlora.model.quantize import Int8Kernel, NF4Kernel, quantize_params

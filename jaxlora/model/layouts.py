@@ -28,6 +28,7 @@ from jaxlora.config import LLaMAConfig
 from jaxlora.model.nf4 import NF4Kernel
 from jaxlora.model.quantize import Int8Kernel, map_output_axes, quantize_kernel_as
 
+
 Array = jax.Array
 Model = nn.Module  # a jaxlora.model.llama.LLaMA (not imported: llama.py imports this module)
 STACKED = "h"  # the scope of the stacked layers ("h_0", "h_1", ... when run per layer)

@@ -19,9 +19,10 @@ embedding table transposed), the MLP width from the config.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
+
+import math
 
 import flax.linen as nn
 import jax

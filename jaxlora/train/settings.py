@@ -23,17 +23,11 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 from jaxlora.config import parse_targets
-from jaxlora.demo import (
-    DEMO_BASE,
-    DEMO_DATA,
-    DEMO_INSTRUCTION,
-    DEMO_OUT_DIR,
-    DEMO_TOKENIZER,
-)
+from jaxlora.demo import DEMO_BASE, DEMO_DATA, DEMO_INSTRUCTION, DEMO_OUT_DIR, DEMO_TOKENIZER
 from jaxlora.model.llama import ATTENTION_IMPLS, REMAT_POLICIES
 from jaxlora.model.quantize import QUANTIZE_MODES
-from jaxlora.parallel.sharding import default_mesh_shape
 from jaxlora.text.prompts import PROMPT_STYLES
+from jaxlora.parallel.sharding import default_mesh_shape
 from jaxlora.train.optim import SCHEDULES
 
 LIT_PRESETS = ("7b", "13b", "30b", "65b")

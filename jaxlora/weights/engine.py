@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from jaxlora.config import LoRAConfig
 from jaxlora.model.lora import merge_lora
-from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights import lit_llama
+from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights.lit_llama import TensorMap
 
 Path_ = tuple[str, ...]

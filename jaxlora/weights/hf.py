@@ -34,14 +34,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from jaxlora.config import (
-    ALL_TARGETS,
-    LORA_TARGETS,
-    ROPE_TYPES,
-    TARGET_MODULES,
-    LLaMAConfig,
-    LoRAConfig,
-)
+from jaxlora.config import ALL_TARGETS, LORA_TARGETS, ROPE_TYPES, TARGET_MODULES, LLaMAConfig, LoRAConfig
 from jaxlora.errors import HFConfigError
 from jaxlora.model.layouts import qkv_columns
 from jaxlora.weights.lit_llama import TensorMap, identity, transpose

@@ -27,24 +27,10 @@ from jaxlora.errors import CheckpointError, HFConfigError, StateDictError
 from jaxlora.text.tokenizer import Tokenizer
 from jaxlora.weights import hf, lit_llama
 from jaxlora.weights import jaxlora_dir as cio
-from jaxlora.weights.convert import (
-    check_new_output,
-    check_same_model,
-    merged_view,
-    open_checked,
-    open_params,
-    parse_dtype,
-)
-from jaxlora.weights.engine import (
-    MappedReader,
-    MergedView,
-    Progress,
-    entry_bytes,
-    export_entries,
-    external_tensors,
-    import_tree,
-    read_leaves,
-)
+from jaxlora.weights.convert import check_new_output, check_same_model, merged_view, open_checked, open_params
+from jaxlora.weights.convert import parse_dtype
+from jaxlora.weights.engine import MappedReader, MergedView, Progress, import_tree, read_leaves
+from jaxlora.weights.engine import entry_bytes, export_entries, external_tensors
 from jaxlora.weights.safetensors_io import (
     ADAPTER_BIN,
     ADAPTER_SAFETENSORS,

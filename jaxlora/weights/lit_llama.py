@@ -35,13 +35,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 from flax import traverse_util
 
-from jaxlora.config import (
-    LORA_TARGETS,
-    PRESETS,
-    TARGET_MODULES,
-    LLaMAConfig,
-    LoRAConfig,
-)
+from jaxlora.config import LORA_TARGETS, PRESETS, TARGET_MODULES, LLaMAConfig, LoRAConfig
 from jaxlora.errors import LitLoRATargetsError, StateDictError
 
 # The only target set lit-llama's LoRA file can hold (its lora(): enable_lora=[True, False, True]).
