@@ -304,6 +304,9 @@ def dequantize_any(kernel: QuantizedKernel, dtype: Any = jnp.float32) -> Array:
     return dequantize_nf4(kernel, dtype)
 
 
+dequantize_program = jax.jit(dequantize_any, static_argnums=1)  # one program per shape: host-side readers
+
+
 def weight_bytes(params: Any) -> int:
     """Bytes of every array in a params tree (int8 kernels count as int8 + scales)."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))

@@ -37,7 +37,7 @@ from jaxlora.model.quantize import (
     Int8Kernel,
     NF4Kernel,
     QuantizedKernel,
-    dequantize_any,
+    dequantize_program,
     kernel_from_leaves,
     kernel_leaves,
     quantize_kernel_as,
@@ -234,7 +234,7 @@ class DequantizedReader:
         layer, rest = (where, ()) if where is None or isinstance(where, (int, np.integer)) else (where[0], where[1:])
         kernel = read_kernel(self.reader, path, self.groups[path], self.mode, layer)
         with jax.default_device(jax.devices("cpu")[0]):
-            value = np.asarray(dequantize_any(jax.tree.map(jnp.asarray, kernel)))
+            value = np.asarray(dequantize_program(jax.tree.map(jnp.asarray, kernel)))
         return value[tuple(rest)].astype(self.dtype) if rest else value.astype(self.dtype)
 
 
@@ -290,4 +290,4 @@ def requantized(kernel: np.ndarray, quantized: dict[str, str]) -> np.ndarray:
     float kernel: cast to the run's storage dtype, quantized, dequantized (on the CPU)."""
     with jax.default_device(jax.devices("cpu")[0]):
         stored = jnp.asarray(kernel).astype(quantized["dtype"])
-        return np.asarray(dequantize_any(quantize_kernel_as(stored, quantized["mode"])))
+        return np.asarray(dequantize_program(quantize_kernel_as(stored, quantized["mode"])))
