@@ -32,6 +32,8 @@ from jaxlora.train.settings import TrainArgs, resolve_args
 from jaxlora.train.spec import run_spec
 from jaxlora.train.steps import make_loss_fn
 from jaxlora.weights import jaxlora_dir as cio
+from jaxlora.weights import lit_llama
+from jaxlora.weights.convert import checkpoint_to_lit
 from jaxlora.weights.load import load_checkpoint, load_params
 from jaxlora.weights.quantized import record, requantized, save_quantized
 
@@ -171,8 +173,6 @@ def test_merged_export_folds_qlora_adapters_into_the_kernels_they_were_trained_o
     the dequantized kernels by default, from the float base or from the quantized checkpoint
     alike; --merge_into original folds them into the float weights, off by NF4's error."""
     torch = pytest.importorskip("torch")
-    from jaxlora.weights import lit_llama
-    from jaxlora.weights.convert import checkpoint_to_lit
     lora_config = LoRAConfig(r=4, alpha=8, targets=("q", "v"))
     rng = np.random.default_rng(1)
     lora = traverse_util.unflatten_dict({p: (0.05 * rng.standard_normal(x.shape)).astype(np.float32) for p, x in

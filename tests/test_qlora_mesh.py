@@ -35,6 +35,7 @@ SCRIPT = textwrap.dedent("""
     from jaxlora.train.settings import TrainArgs, resolve_args
     from jaxlora.train.spec import run_spec
     from jaxlora.weights import jaxlora_dir as cio
+    from jaxlora.weights.quantized import save_quantized
 
     assert len(jax.devices()) == 8
     # n_embd 128: the input axes split over fsdp=2 or tensor=2 keep whole NF4 blocks of 64
@@ -60,8 +61,14 @@ SCRIPT = textwrap.dedent("""
 
     report = {}
     for mode, scan in (("nf4-dq", False), ("int8", True)):  # per-layer and stacked weights
-        ref_losses = train(mode, "data=1", scan, 1)[1]
+        ref, ref_losses = train(mode, "data=1", scan, 1)
         r, losses = train(mode, "data=2,fsdp=2,tensor=2", scan, 4)
+        if mode == "nf4-dq":  # the quantized base saved from the mesh (per layer, q/k/v split) = from one device
+            saved = [save_quantized(f"{base}-{name}", run.model, run.params, run.quantized) for name, run in
+                     (("mesh", r), ("one", ref))]
+            a, b = (cio.ArrayTreeReader(d / cio.PARAMS_DIR) for d in saved)
+            report["saved_equal"] = a.shapes() == b.shapes() and all(np.array_equal(a.read(p), b.read(p))
+                                                                     for p in a.shapes())
         kernel = r.params["h_0" if not scan else "h"]["attn"]["c_attn"]["kernel"]
         first = kernel.codes if isinstance(kernel, NF4Kernel) else kernel.q
         report[mode] = {"losses": losses, "ref_losses": ref_losses, "qkv_out_ndim": kernel.out_ndim,
@@ -91,5 +98,6 @@ def test_quantized_training_on_a_mesh_equals_one_device(tmp_path):
     assert report["nf4-dq"]["qkv_shard"] == [3, 64, 32]
     assert report["int8"]["qkv_spec"] == "P(None, 'fsdp', None, 'tensor')"
     assert report["int8"]["qkv_shard"] == [1, 64, 3, 64]
+    assert report["saved_equal"]
     assert "--quantize nf4 on mesh data=2 x fsdp=4" in report["refused"]
     assert "h/attn/c_attn/kernel (input axis over fsdp): 128 inputs over 4 devices are 32 each" in report["refused"]
