@@ -59,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapters' or the base's directory, beside a .pth and one folder up); a SentencePiece "
                    f"{TOKENIZER_FILE}, a Hugging Face {TOKENIZER_JSON}, or a directory holding one ({TOKENIZER_JSON} "
                    "first)")
-    g.add_argument("--quantize", choices=["int8", "llm.int8"], help="weight-only int8 kernels (half the weight "
-                   "bytes per token); llm.int8 is accepted as lit-llama's name")
+    g.add_argument("--quantize", choices=["int8", "llm.int8", "nf4", "nf4-dq"], help="weight-only int8 kernels "
+                   "(half the weight bytes per token; llm.int8 is accepted as lit-llama's name), or QLoRA's NF4 "
+                   "(nf4-dq: block scales in 8 bits): about a quarter, the LM head kept, adapters unmerged as "
+                   "trained. A quantized checkpoint (train.py --save_quantized) decodes as stored")
     g.add_argument("--unmerged", action="store_true", help="apply the adapters unmerged (default: merged into "
                    "the kernels once, functionally)")
     g.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default=D.dtype,

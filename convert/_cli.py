@@ -29,3 +29,8 @@ def run(prog: str, action: Callable[[], str | None], quiet: bool = False) -> int
 def rate(stats: dict) -> str:
     """', 1.23 GB/s' when the move took long enough to measure, else ''."""
     return f", {stats['gb_per_s']:.2f} GB/s" if stats.get("gb_per_s") else ""
+
+
+def note(quiet: bool) -> Callable[[str], None]:
+    """A converter's log: one line to stderr (nothing with --quiet)."""
+    return (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr))

@@ -19,6 +19,7 @@ import _cli
 
 from jaxlora.weights.engine import release_freed_memory
 from jaxlora.weights.hf_files import checkpoint_to_hf
+from jaxlora.weights.quantized import MERGE_INTO
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest safetensors shard (the host holds one shard while writing); default 2GB")
     p.add_argument("--tokenizer_path", help="LLaMA's tokenizer.model, copied in with a tokenizer_config.json "
                    "so that AutoTokenizer loads it")
+    p.add_argument("--merge_into", choices=MERGE_INTO, default="trained",
+                   help="adapters trained on a quantized base (train.py --quantize; their config.json says so): "
+                   "merge them into the base's kernels quantized and dequantized as in training (trained, the "
+                   "default: the model they were trained with) or into its original float weights")
     p.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     args = p.parse_args(argv)
@@ -45,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     def convert() -> str:
         out = checkpoint_to_hf(args.checkpoint_dir, args.out_dir, adapters_dir=args.adapters, merged=args.merged,
                                dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                               progress=not args.quiet, tokenizer_path=args.tokenizer_path)
+                               progress=not args.quiet, tokenizer_path=args.tokenizer_path,
+                               merge_into=args.merge_into, log=_cli.note(args.quiet))
         return f"wrote {out}{' (adapters merged)' if args.merged else ''}"
     return _cli.run("to_hf", convert, args.quiet)
 

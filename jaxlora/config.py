@@ -285,10 +285,14 @@ def parse_targets(spec: str) -> tuple[str, ...]:
     return tuple(aliases.get(t.strip(), t.strip()) for t in spec.split(",") if t.strip())
 
 
-def dump_json(config: LLaMAConfig, lora: LoRAConfig | None, base: str | None = None) -> str:
+def dump_json(config: LLaMAConfig, lora: LoRAConfig | None, base: str | None = None,
+              quantized: dict[str, str] | None = None) -> str:
     """The config.json stored beside jaxlora checkpoints (`base`: for adapters saved without
-    their frozen weights, where those came from)."""
+    their frozen weights, where those came from; `quantized`: {"mode", "dtype"}: frozen weights
+    stored quantized, or adapters trained on a base quantized so, from weights of that dtype)."""
     data = {"model": config.to_dict(), "lora": lora.to_dict() if lora else None}
     if base is not None:
         data["base"] = base
+    if quantized is not None:
+        data["quantized"] = dict(quantized)
     return json.dumps(data, indent=2)

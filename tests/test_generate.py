@@ -18,6 +18,7 @@ from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.infer.decode import GREEDY, Sampling, generate, greedy_generate, prepare, sample_logits
 from jaxlora.model.layouts import init_variables, layered
 from jaxlora.model.llama import LLaMA, init_cache
+from jaxlora.model.nf4 import NF4Kernel
 from jaxlora.model.quantize import Int8Kernel, dequantize
 
 
@@ -149,6 +150,21 @@ def test_decode_runs_on_int8_kernels(model_and_vars):
                                is_leaf=lambda k: isinstance(k, Int8Kernel))
     for a, b in zip(got, generate(m, dequantized, [seq, seq[:5]], 6)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode, scan_layers", [("nf4", True), ("nf4-dq", False)])
+def test_nf4_decoding_with_the_cache_equals_the_full_forward_of_the_same_quantized_model(model_and_vars, mode,
+                                                                                        scan_layers):
+    """generate --quantize nf4: NF4 kernels (the LM head kept), adapters unmerged as QLoRA trains
+    them; greedy tokens with the KV cache = argmax of full forward passes of that model."""
+    model, variables = model_and_vars
+    m, v = prepare(model.clone(scan_layers=scan_layers), jax.tree.map(jnp.copy, variables), merge=True, quantize=mode)
+    layer = v["params"]["h" if scan_layers else "h_1"]
+    assert isinstance(layer["mlp"]["c_fc1"]["kernel"], NF4Kernel) and "lora" in v and m.lora is not None
+    assert not isinstance(v["params"]["lm_head"]["kernel"], NF4Kernel)
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7, 7]]
+    for prompt, got in zip(prompts, generate(m, v, prompts, 6, GREEDY)):
+        np.testing.assert_array_equal(got, naive_greedy(m, v, prompt, 6))
 
 
 def test_bad_input_is_named(model_and_vars):

@@ -28,7 +28,8 @@ loop would force a device-host synchronisation at every token instead.
 Adapters: `prepare` merges them into the kernels once (functionally, `merge_lora`), or
 leaves them unmerged (each step then also runs the small LoRA matmuls: what the trainer's
 evaluation samples do, without a second copy of the weights). `prepare(quantize="int8")`
-stores the frozen kernels as int8 (`jaxlora.model.quantize`). Layouts: a model with
+stores the frozen kernels as int8, "nf4" / "nf4-dq" as QLoRA's NF4 (`jaxlora.model.quantize`;
+adapters then stay unmerged). Layouts: a model with
 scan_layers=False (the fast GPU program: every layer's weights read once per token, no
 slicing) wants per-layer frozen weights, which `prepare` makes once; stacked ones given to
 it are sliced again on every call.
@@ -48,7 +49,7 @@ import numpy as np
 from jaxlora.model.layouts import layered, split_layers_on_device, stack_layers, unstack_layers
 from jaxlora.model.llama import STACKED, LLaMA, head_logits, init_cache, lm_head_kernel
 from jaxlora.model.lora import merge_lora, merged_kernel
-from jaxlora.model.quantize import quantize_params
+from jaxlora.model.quantize import Int8Kernel, NF4Kernel, quantize_params
 
 Array = jax.Array
 LENGTH_MULTIPLE = 64  # prompt and cache lengths are rounded up to this, so few programs are compiled
@@ -108,14 +109,21 @@ def sample_logits(logits: Array, key: Array, sampling: Sampling) -> Array:
 def prepare(model: LLaMA, variables: dict[str, Any], merge: bool = True, quantize: str | None = None,
             ) -> tuple[LLaMA, dict[str, Any]]:
     """The model and variables to decode with: adapters merged into the kernels (merge=True,
-    functionally, once) or kept separate; kernels int8 (quantize="int8"); frozen weights in
-    the layout `model` reads (per-layer for scan_layers=False, split on the device).
+    functionally, once) or kept separate; kernels quantized (quantize: a
+    `jaxlora.model.quantize.QUANTIZE_MODES` mode; int8 quantizes the LM head too, NF4 keeps it);
+    frozen weights in the layout `model` reads (per-layer for scan_layers=False, split on the
+    device). With NF4, or kernels that arrive quantized (a quantized checkpoint), adapters
+    stay unmerged, as QLoRA trained them: a LoRA update is mostly far below an NF4 step, so
+    merged and rounded to 4 bits it would be lost.
 
     Consumes `variables["params"]` (each kernel donated to its merge, quantization and split,
     so the peak stays near the weights' size): do not use them afterwards.
     """
     params, lora = variables["params"], variables.get("lora")
     has_adapters = model.lora is not None and model.lora.r > 0 and bool(lora)
+    arrived_quantized = any(isinstance(x, (Int8Kernel, NF4Kernel))
+                            for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, (Int8Kernel, NF4Kernel))))
+    merge = merge and not arrived_quantized and quantize in (None, "int8")
     with warnings.catch_warnings():  # CPU cannot donate; the copies are then transient
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
         if has_adapters and merge:
@@ -124,7 +132,7 @@ def prepare(model: LLaMA, variables: dict[str, Any], merge: bool = True, quantiz
             model, lora = model.clone(lora=None), None
         elif not has_adapters:
             model, lora = model.clone(lora=None), None
-        if quantize:
+        if quantize and not arrived_quantized:
             params = quantize_params(params, quantize, consume=True)
     params = split_layers_on_device(model, params)
     out = {"params": params}

@@ -28,6 +28,7 @@ from jaxlora.model.llama import LLaMA
 from jaxlora.text.prompts import PromptStyle, Rendered, encode_prompt, get_style
 from jaxlora.text.tokenizer import TextTokenizer, open_tokenizer, read_json
 from jaxlora.weights import jaxlora_dir as cio
+from jaxlora.weights.quantized import check_mode
 
 LIT_PROMPT = "What food do lamas eat?"  # lit-llama's generate/lora.py default
 LIT_TEMPERATURE = 0.8  # lit-llama's default; the demo decodes greedily (the tiny model's samples vary)
@@ -105,6 +106,7 @@ def check_options(opts: GenerateOptions) -> tuple[Sampling, Sources, TextTokeniz
     if not opts.prompt.strip():
         raise ValueError("--prompt is empty: give an instruction (or a text to continue with --prompt_style plain)")
     sources = check_sources(opts.checkpoint_dir, opts.pretrained_path, opts.adapters, opts.lora_path)
+    stored_quantization(opts)  # a quantized checkpoint asked for another mode: refused before loading
     tokenizer = open_tokenizer(opts.tokenizer_path or find_tokenizer(sources))
     if opts.prompt_style != "auto":
         get_style(opts.prompt_style, tokenizer)  # a style the tokenizer cannot write is refused now
@@ -124,12 +126,32 @@ def load_model(opts: GenerateOptions, tokenizer: TextTokenizer, err: TextIO) -> 
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model ({desc}) has "
                          f"vocab_size {config.vocab_size}")
     model = LLaMA(config, lora_config, dtype=dtype, param_dtype=dtype, scan_layers=scan)
-    model, variables = prepare(model, variables, merge=not opts.unmerged, quantize="int8" if opts.quantize else None)
+    stored = stored_quantization(opts)
+    mode = quantize_mode(opts.quantize)
+    model, variables = prepare(model, variables, merge=not opts.unmerged, quantize=mode)
     jax.block_until_ready(variables)
-    print(f"model: {desc} ({jnp.dtype(dtype).name}{', int8 kernels' if opts.quantize else ''}"
-          f"{', adapters unmerged' if 'lora' in variables else ''}) loaded in {time.perf_counter() - t0:.1f} s; "
+    kernels = f", {stored['mode']} kernels (as stored)" if stored else f", {mode} kernels" if mode else ""
+    unmerged = ""
+    if "lora" in variables:
+        unmerged = ", adapters unmerged" + ("" if opts.unmerged else " (on NF4 kernels, as QLoRA trains them)")
+    print(f"model: {desc} ({jnp.dtype(dtype).name}{kernels}{unmerged}) loaded in {time.perf_counter() - t0:.1f} s; "
           f"tokenizer {tokenizer.path}", file=err)
     return model, variables, lora_config is not None
+
+
+def quantize_mode(flag: str | None) -> str | None:
+    """--quantize as a `jaxlora.model.quantize` mode (lit-llama's name llm.int8 is int8)."""
+    return "int8" if flag == "llm.int8" else flag
+
+
+def stored_quantization(opts: GenerateOptions) -> dict[str, str] | None:
+    """The "quantized" record of a quantized jaxlora checkpoint given as the base (None: float
+    weights), checked against --quantize: such a checkpoint serves only its own mode."""
+    base = opts.checkpoint_dir or opts.pretrained_path or (opts.adapters and cio.read_base(opts.adapters))
+    stored = cio.read_quantized(base) if base and Path(base).is_dir() else None
+    if stored is not None and opts.quantize is not None:
+        check_mode(base, stored, quantize_mode(opts.quantize))
+    return stored
 
 
 def recorded_style(opts: GenerateOptions) -> tuple[str | None, str]:

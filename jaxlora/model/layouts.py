@@ -25,6 +25,8 @@ import numpy as np
 from flax import traverse_util
 
 from jaxlora.config import LLaMAConfig
+from jaxlora.model.nf4 import NF4Kernel
+from jaxlora.model.quantize import Int8Kernel, map_output_axes, quantize_kernel_as
 
 
 Array = jax.Array
@@ -170,11 +172,36 @@ def qkv_in_run_layout(model: Model, path: tuple, x: Any) -> Any:
     """A leaf at `path` (ending in a layer's attn/c_attn/kernel, stacked or not) as `model`
     reads it: with `model.split_qkv`, (..., C, C + 2 kv) -> (..., C, group + 2, run_kv * hs)
     (`QKVLayout`; without GQA (C, 3C) -> (C, 3, C), a free reshape; on a device mesh the new
-    layout moves the kernel once); anything else unchanged."""
+    layout moves the kernel once); a quantized kernel's leaves likewise, along their output
+    axes (`quantize.map_output_axes`); anything else unchanged."""
+    if not splits_qkv(model, path):
+        return x
+    layout = model_qkv_layout(model)
+    if isinstance(x, (Int8Kernel, NF4Kernel)):
+        return x if x.out_ndim == 2 else map_output_axes(x, layout.to_run, 2, keep_rows=not layout.is_reshape)
     cfg = model.config
-    if splits_qkv(model, path) and x.shape[-1] == cfg.n_embd + 2 * cfg.kv_size:
-        return model_qkv_layout(model).to_run(x)
-    return x
+    return layout.to_run(x) if x.shape[-1] == cfg.n_embd + 2 * cfg.kv_size else x
+
+
+def qkv_in_stored_layout(model: Model, path: tuple, x: Any) -> Any:
+    """The inverse of `qkv_in_run_layout` (a replicated k/v column from its first copy)."""
+    if not splits_qkv(model, path):
+        return x
+    layout = model_qkv_layout(model)
+    if isinstance(x, (Int8Kernel, NF4Kernel)):
+        return x if x.out_ndim == 1 else map_output_axes(x, layout.to_stored, 1)
+    return layout.to_stored(x) if tuple(x.shape[-2:]) == layout.run_shape else x
+
+
+def quantize_in_run_layout(model: Model, path: tuple, kernel: Any, mode: str, consume: bool = False) -> Any:
+    """A float kernel placed as `model` reads it, quantized in `mode` where it lies: the same
+    leaves as quantizing the stored kernel and moving them to the run layout (codes, absmax and
+    int8 scales are per column; nf4-dq's second level runs over the stored order)."""
+    layout = model_qkv_layout(model)
+    if not (splits_qkv(model, path) and tuple(kernel.shape[-2:]) == layout.run_shape):
+        return quantize_kernel_as(kernel, mode, consume)
+    order = None if layout.is_reshape else (layout.to_stored, layout.to_run)
+    return quantize_kernel_as(kernel, mode, consume, out_ndim=2, stored_order=order)
 
 
 def _split_qkv_kernels(model: Model, tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,6 +241,11 @@ def layered(model: Model, tree: Mapping[str, Any]) -> dict[str, Any]:
     return _split_qkv_kernels(model, tree)
 
 
+def layer(x: Any, i: int) -> Any:
+    """Layer i of a stacked leaf (an array or a quantized kernel)."""
+    return jax.tree.map(lambda a: a[i], x)
+
+
 def split_layers_on_device(model: Model, params: Mapping[str, Any], shardings: Mapping[str, Any] | None = None,
                            ) -> dict[str, Any]:
     """Frozen weights in `model`'s layout, converted on the device one stacked leaf at a time.
@@ -241,7 +273,7 @@ def split_layers_on_device(model: Model, params: Mapping[str, Any], shardings: M
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
         for path in list(flat):
             target = targets.get(path)
-            split = jax.jit(lambda x, path=path: tuple(qkv_in_run_layout(model, path, x[i]) for i in range(n)),
+            split = jax.jit(lambda x, path=path: tuple(qkv_in_run_layout(model, path, layer(x, i)) for i in range(n)),
                             donate_argnums=0, out_shardings=None if target is None else (target,) * n)
             pieces[path] = split(flat.pop(path))  # drop our reference so the donated buffer can go
     out = {k: v for k, v in params.items() if k != STACKED}
@@ -263,10 +295,11 @@ def init_adapters(model: Model, rng: Array) -> dict[str, Any]:
     return jax.jit(lambda key: nn.unbox(canonical(model).init({"params": key}, dummy)).get("lora", {}))(rng)
 
 
-def abstract_variables(model: Model) -> dict[str, Any]:
-    """Shapes and dtypes of every variable, stacked layout (jax.ShapeDtypeStruct), allocating nothing."""
-    return nn.unbox(jax.eval_shape(lambda: canonical(model).init({"params": jax.random.key(0)},
-                                                                 jnp.zeros((1, 8), jnp.int32))))
+def abstract_variables(model: Model, as_run: bool = False) -> dict[str, Any]:
+    """Shapes and dtypes of every variable (jax.ShapeDtypeStruct), allocating nothing: stacked
+    layout, or with as_run the layout the model reads."""
+    source = model if as_run else canonical(model)
+    return nn.unbox(jax.eval_shape(lambda: source.init({"params": jax.random.key(0)}, jnp.zeros((1, 8), jnp.int32))))
 
 
 def logical_axes(model: Model, as_run: bool = False) -> dict[str, Any]:

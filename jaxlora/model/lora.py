@@ -26,7 +26,7 @@ from flax.core import unfreeze
 
 from jaxlora.config import LORA_TARGETS, LoRAConfig, segment_widths
 from jaxlora.model.nf4 import NF4Kernel
-from jaxlora.model.quantize import dense_dot
+from jaxlora.model.quantize import Int8Kernel, dense_dot
 
 Array = jax.Array
 LORA_COLLECTION = "lora"
@@ -100,11 +100,12 @@ class MergedLoRADense(nn.Module):
         x = x.astype(self.dtype)
         if self.split_kernel:
             shape = self.run_layout.run_shape if self.run_layout is not None else (self.groups, self.widths[0])
-            kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, (in_axis, None, out_axis)),
-                                (in_features, *shape), self.param_dtype)
+            kernel = self._kernel((in_features, *shape), (in_axis, None, out_axis))
+        else:
+            kernel = self._kernel((in_features, self.features), self.kernel_axes)
+        if self.split_kernel and not isinstance(kernel, (Int8Kernel, NF4Kernel)):
             y = jnp.einsum("...i,igo->...go", x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
         else:
-            kernel = self._kernel(in_features)
             y = dense_dot(x, kernel, self.dtype, self.out_dtype)  # kernel may be int8/NF4 (jaxlora.model.quantize)
         if self.n_enabled == 0:
             return y
@@ -127,15 +128,14 @@ class MergedLoRADense(nn.Module):
         zeros = jnp.zeros(y.shape[:-2] + (self.features,), y.dtype)  # the update in stored column order
         return y + self.run_layout.to_run(add_to_segments(zeros, delta, self.enabled, self.widths))
 
-    def _kernel(self, in_features: int) -> Array | NF4Kernel:
-        # An NF4 kernel's leaves (codes, block scales) have other shapes than the kernel they stand
+    def _kernel(self, shape: tuple[int, ...], axes: tuple) -> Array | Int8Kernel | NF4Kernel:
+        # A quantized kernel's leaves (codes, scales) have other shapes than the kernel they stand
         # for, which Flax's param() would refuse: take it as given.
         if self.has_variable("params", "kernel"):
             kernel = self.get_variable("params", "kernel")
-            if isinstance(kernel, NF4Kernel):
+            if isinstance(kernel, (Int8Kernel, NF4Kernel)):
                 return kernel
-        return self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-                          (in_features, self.features), self.param_dtype)
+        return self.param("kernel", nn.with_logical_partitioning(self.kernel_init, axes), shape, self.param_dtype)
 
     def _adapter(self, name: str, init: Callable[..., Array], axes: tuple, shape: tuple) -> Array:
         # The rng is drawn lazily: only at init, never in apply.

@@ -29,15 +29,27 @@ leading layer axis on q carries over to scale.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlora.model.nf4 import NF4Kernel, dequantize_nf4, quantize_nf4
+from jaxlora.model.nf4 import (
+    ABSMAX_BLOCK,
+    NF4Kernel,
+    dequantize_nf4,
+    nf4_codes_and_absmax,
+    nf4_specs,
+    quantize_nf4,
+    stored_rows,
+)
 
 Array = jax.Array
 QUANTIZE_MODES = ("int8", "nf4", "nf4-dq")  # nf4-dq: NF4 with double-quantized block scales (QLoRA)
@@ -49,10 +61,12 @@ GPU_MIN_GEMM_ROWS = 8
 
 @flax.struct.dataclass
 class Int8Kernel:
-    """An int8 kernel (..., in, out) and its float32 scales (..., out)."""
+    """An int8 kernel (..., in, *out) and its float32 scales (..., *out); out_ndim: output axes
+    (2 for the q/k/v kernel split by query group, as NF4Kernel's)."""
 
     q: Array
     scale: Array
+    out_ndim: int = flax.struct.field(pytree_node=False, default=1)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -63,17 +77,97 @@ class Int8Kernel:
         return self.q.size * self.q.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize
 
 
-def _quantize(w: Array) -> Int8Kernel:
-    """Per-output-channel symmetric int8 of w (..., in, out); the reduction runs in float32."""
+QuantizedKernel = Int8Kernel | NF4Kernel
+
+
+def _quantize(w: Array, out_ndim: int = 1) -> Int8Kernel:
+    """Per-output-channel symmetric int8 of w (..., in, *out); the reduction runs in float32."""
     wf = w.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(wf), axis=-2) / 127.0
+    in_axis = wf.ndim - 1 - out_ndim
+    scale = jnp.max(jnp.abs(wf), axis=in_axis) / 127.0
     scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero column: any scale represents it exactly
-    q = jnp.clip(jnp.round(wf / scale[..., None, :]), -127, 127).astype(jnp.int8)
-    return Int8Kernel(q=q, scale=scale)
+    q = jnp.clip(jnp.round(wf / jnp.expand_dims(scale, in_axis)), -127, 127).astype(jnp.int8)
+    return Int8Kernel(q=q, scale=scale, out_ndim=out_ndim)
 
 
-quantize_kernel = jax.jit(_quantize)
-_quantize_consuming = jax.jit(_quantize, donate_argnums=0)
+quantize_kernel = jax.jit(_quantize, static_argnums=1)
+
+
+@functools.cache
+def _int8_program(shardings: Int8Kernel | None, consume: bool, out_ndim: int) -> Any:
+    return jax.jit(functools.partial(_quantize, out_ndim=out_ndim), out_shardings=shardings,
+                   donate_argnums=0 if consume else ())
+
+
+def int8_specs(kernel: Int8Kernel, spec: PartitionSpec) -> Int8Kernel:
+    """PartitionSpecs of an Int8Kernel's leaves for a float kernel sharded by `spec`: the int8
+    values as the kernel, each output channel's scale with its column."""
+    axes = tuple(spec) + (None,) * (kernel.q.ndim - len(spec))
+    lead = kernel.q.ndim - 1 - kernel.out_ndim
+    return kernel.replace(q=PartitionSpec(*axes), scale=PartitionSpec(*axes[:lead], *axes[lead + 1:]))
+
+
+def quantized_specs(kernel: QuantizedKernel, spec: PartitionSpec) -> QuantizedKernel:
+    """The PartitionSpecs of a quantized kernel's leaves (or of its abstract shapes) when the
+    float kernel it stands for is sharded by `spec`: sharded like it (`int8_specs`, `nf4_specs`)."""
+    return int8_specs(kernel, spec) if isinstance(kernel, Int8Kernel) else nf4_specs(kernel, spec)
+
+
+def quantized_shardings_like(kernel: QuantizedKernel, sharding: Any) -> Any:
+    """The shardings of `kernel`'s leaves for a float kernel in `sharding` (a NamedSharding; any
+    other sharding is used for every leaf)."""
+    if not isinstance(sharding, NamedSharding):
+        return jax.tree.map(lambda _: sharding, kernel)
+    return jax.tree.map(lambda s: NamedSharding(sharding.mesh, s), quantized_specs(kernel, sharding.spec))
+
+
+def map_output_axes(kernel: QuantizedKernel, fn: Callable[[Any], Any], out_ndim: int, keep_rows: bool = False
+                    ) -> QuantizedKernel:
+    """`kernel` with its output columns re-laid out by fn, which maps the trailing output axes of
+    an array (..., *out) to (..., *new_out) (len(new_out) = out_ndim), numpy or jax; the layout
+    conversions of `jaxlora.model.layouts` use it. keep_rows: a double-quantized NF4 kernel
+    records each new row's stored row (`NF4Kernel.rows`), needed when fn re-orders rows; else
+    the rows are taken to be in stored order."""
+    if isinstance(kernel, Int8Kernel):
+        return Int8Kernel(q=fn(kernel.q), scale=fn(kernel.scale), out_ndim=out_ndim)
+
+    def rows_last(x: Any) -> Any:  # (..., *out, k) -> fn over out -> (..., *new_out, k)
+        xp = np if isinstance(x, np.ndarray) else jnp
+        return xp.moveaxis(fn(xp.moveaxis(x, -1, -1 - kernel.out_ndim)), -1 - out_ndim, -1)
+
+    rows = None
+    if keep_rows and kernel.double_quantized:
+        rows = fn(stored_rows(kernel) if kernel.rows is None else kernel.rows)
+    return kernel.replace(codes=rows_last(kernel.codes), absmax=rows_last(kernel.absmax), rows=rows,
+                          out_ndim=out_ndim)
+
+
+def kernel_leaves(kernel: QuantizedKernel) -> list[tuple[str, Any]]:
+    """[(field name, leaf)] of a quantized kernel's present leaves, in field order (how quantized
+    checkpoints name them: .../kernel/codes, .../kernel/absmax, ...)."""
+    return [(f.name, getattr(kernel, f.name)) for f in dataclasses.fields(kernel)
+            if f.metadata.get("pytree_node", True) and getattr(kernel, f.name) is not None]
+
+
+def kernel_from_leaves(mode: str, leaves: dict[str, Any]) -> QuantizedKernel:
+    """The quantized kernel (stored layout) of `mode` made of its named leaves (`kernel_leaves`)."""
+    return Int8Kernel(**leaves) if mode == "int8" else NF4Kernel(**leaves)
+
+
+def abstract_quantized(shape: tuple[int, ...], mode: str) -> QuantizedKernel:
+    """The leaves' shapes and dtypes (jax.ShapeDtypeStruct) of a (..., in, out) kernel quantized
+    in `mode`, computing nothing (quantized checkpoints are checked against these)."""
+    check_mode(mode)
+    kernel = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    if mode == "int8":
+        return jax.eval_shape(_quantize, kernel)
+    codes, absmax = jax.eval_shape(functools.partial(nf4_codes_and_absmax, out_ndim=1), kernel)
+    if mode == "nf4":
+        return NF4Kernel(codes=codes, absmax=absmax)
+    lead, n_absmax = shape[:-2], absmax.shape[-1] * absmax.shape[-2]
+    return NF4Kernel(codes=codes, absmax=jax.ShapeDtypeStruct(absmax.shape, jnp.uint8),
+                     absmax_scale=jax.ShapeDtypeStruct((*lead, -(-n_absmax // ABSMAX_BLOCK)), jnp.float32),
+                     absmax_offset=jax.ShapeDtypeStruct(tuple(lead), jnp.float32))
 
 
 def check_mode(mode: str) -> None:
@@ -90,11 +184,20 @@ def quantizes(path: tuple[str, ...], mode: str, head: bool | None = None) -> boo
     return path[-1] == "kernel" and (with_head or path[0] != "lm_head")
 
 
-def quantize_kernel_as(kernel: Array, mode: str, consume: bool = False) -> Int8Kernel | NF4Kernel:
-    """One float kernel in `mode`, on its device (consume: donate it to the int8 program)."""
-    if mode == "int8":
-        return (_quantize_consuming if consume else quantize_kernel)(kernel)
-    return quantize_nf4(kernel, double_quant=mode == "nf4-dq")
+def quantize_kernel_as(kernel: Array, mode: str, consume: bool = False, out_ndim: int = 1,
+                       stored_order: tuple[Callable, Callable] | None = None) -> QuantizedKernel:
+    """One float kernel (..., in, *out) in `mode`, on its devices, its leaves sharded like it
+    (`quantized_specs`); consume: donate it to the int8 program. out_ndim, stored_order: for a
+    kernel whose columns a run layout has re-laid out (`quantize_nf4`; int8 is per column)."""
+    if mode != "int8":
+        return quantize_nf4(kernel, mode == "nf4-dq", out_ndim, stored_order)
+    sharding = getattr(kernel, "sharding", None)
+    placed = None
+    if isinstance(sharding, NamedSharding):
+        abstract = jax.eval_shape(functools.partial(_quantize, out_ndim=out_ndim),
+                                  jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
+        placed = quantized_shardings_like(abstract, sharding)
+    return _int8_program(placed, consume, out_ndim)(kernel)
 
 
 def quantize_params(params: Any, mode: str = "int8", consume: bool = False, head: bool | None = None) -> Any:
@@ -126,18 +229,24 @@ def is_float_kernel(x: Any) -> bool:
 
 
 def rows_padded_dot(x: Array, kernel: Array, out_dtype: Any = None, min_rows: int | None = None) -> Array:
-    """jnp.dot(x, kernel) over x's last axis, x padded to at least `min_rows` rows first and
-    the padding dropped from the result (None: GPU_MIN_GEMM_ROWS on GPU, 1 elsewhere)."""
+    """x (..., in) @ kernel (in, *out) -> (..., *out), x padded to at least `min_rows` rows first
+    and the padding dropped from the result (None: GPU_MIN_GEMM_ROWS on GPU, 1 elsewhere)."""
     if min_rows is None:
         min_rows = GPU_MIN_GEMM_ROWS if jax.default_backend() == "gpu" else 1
     rows = math.prod(x.shape[:-1])
-    if rows >= min_rows or kernel.ndim != 2:
-        return jnp.dot(x, kernel, preferred_element_type=out_dtype)
+    if rows >= min_rows:
+        return _dot(x, kernel, out_dtype)
     x2 = jnp.pad(x.reshape(rows, x.shape[-1]), ((0, min_rows - rows), (0, 0)))
-    return jnp.dot(x2, kernel, preferred_element_type=out_dtype)[:rows].reshape(*x.shape[:-1], kernel.shape[-1])
+    return _dot(x2, kernel, out_dtype)[:rows].reshape(*x.shape[:-1], *kernel.shape[1:])
 
 
-def dense_dot(x: Array, kernel: Array | Int8Kernel | NF4Kernel, dtype: Any, out_dtype: Any = None) -> Array:
+def _dot(x: Array, kernel: Array, out_dtype: Any) -> Array:
+    if kernel.ndim == 2:
+        return jnp.dot(x, kernel, preferred_element_type=out_dtype)
+    return jnp.tensordot(x, kernel, axes=1, preferred_element_type=out_dtype)  # kernel (in, *out)
+
+
+def dense_dot(x: Array, kernel: Array | QuantizedKernel, dtype: Any, out_dtype: Any = None) -> Array:
     """x @ kernel in `dtype` (accumulated to `out_dtype`, default `dtype`). A quantized kernel
     goes through `frozen_dot`, whose backward rebuilds the kernel instead of keeping it."""
     if isinstance(kernel, (Int8Kernel, NF4Kernel)):
@@ -146,30 +255,38 @@ def dense_dot(x: Array, kernel: Array | Int8Kernel | NF4Kernel, dtype: Any, out_
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def frozen_dot(x: Array, kernel: Int8Kernel | NF4Kernel, dtype: Any, out_dtype: Any) -> Array:
-    """x @ kernel for a quantized frozen kernel. int8: x @ q in `dtype` (XLA fuses the convert
-    into the GEMM's operand load), scaled per output channel after; NF4: x @ dequantized kernel.
-    The backward (gradient for x only: the kernel is frozen) dequantizes again, so no float
-    copy of the kernel is kept between the forward and backward passes."""
+def frozen_dot(x: Array, kernel: QuantizedKernel, dtype: Any, out_dtype: Any) -> Array:
+    """x (..., in) @ kernel (in, *out) for a quantized frozen kernel. int8: x @ q in `dtype` (XLA
+    fuses the convert into the GEMM's operand load), scaled per output channel after; NF4: x @
+    dequantized kernel. The backward (gradient for x only: the kernel is frozen) dequantizes
+    again, so no float copy of the kernel is kept between the forward and backward passes."""
     if isinstance(kernel, Int8Kernel):
         y = rows_padded_dot(x, kernel.q.astype(dtype), jnp.float32)
         return (y * kernel.scale).astype(out_dtype)
     return rows_padded_dot(x, dequantize_nf4(kernel, dtype), out_dtype)
 
 
-def _frozen_dot_fwd(x: Array, kernel: Int8Kernel | NF4Kernel, dtype: Any, out_dtype: Any) -> tuple[Array, Any]:
+def _frozen_dot_fwd(x: Array, kernel: QuantizedKernel, dtype: Any, out_dtype: Any) -> tuple[Array, Any]:
     return frozen_dot(x, kernel, dtype, out_dtype), kernel
 
 
-def _frozen_dot_bwd(dtype: Any, out_dtype: Any, kernel: Int8Kernel | NF4Kernel, g: Array) -> tuple[Array, None]:
+def _frozen_dot_bwd(dtype: Any, out_dtype: Any, kernel: QuantizedKernel, g: Array) -> tuple[Array, None]:
     # The barrier keeps XLA from merging this dequantization with the forward's (common
     # subexpressions): merged, the float kernel would live from the forward to the backward pass
     # (7B, H200: 19.1 GiB compiled for NF4 at 4x256 against 16.1 for bf16).
     kernel = jax.lax.optimization_barrier(kernel)
     if isinstance(kernel, Int8Kernel):  # g @ (q * scale).T == (g * scale) @ q.T
         g_scaled = (g.astype(jnp.float32) * kernel.scale).astype(dtype)
-        return jnp.dot(g_scaled, kernel.q.astype(dtype).T, preferred_element_type=dtype), None
-    return jnp.dot(g.astype(dtype), dequantize_nf4(kernel, dtype).T, preferred_element_type=dtype), None
+        return _dot_transposed(g_scaled, kernel.q.astype(dtype), kernel.out_ndim, dtype), None
+    return _dot_transposed(g.astype(dtype), dequantize_nf4(kernel, dtype), kernel.out_ndim, dtype), None
+
+
+def _dot_transposed(g: Array, kernel: Array, out_ndim: int, dtype: Any) -> Array:
+    """g (..., *out) @ kernel (in, *out).T -> (..., in)."""
+    if out_ndim == 1:
+        return jnp.dot(g, kernel.T, preferred_element_type=dtype)
+    g_axes, k_axes = tuple(range(g.ndim - out_ndim, g.ndim)), tuple(range(1, 1 + out_ndim))
+    return jax.lax.dot_general(g, kernel, ((g_axes, k_axes), ((), ())), preferred_element_type=dtype)
 
 
 frozen_dot.defvjp(_frozen_dot_fwd, _frozen_dot_bwd)
@@ -177,7 +294,17 @@ frozen_dot.defvjp(_frozen_dot_fwd, _frozen_dot_bwd)
 
 def dequantize(kernel: Int8Kernel) -> Array:
     """The float32 kernel an Int8Kernel stands for (q * scale), for checks."""
-    return kernel.q.astype(jnp.float32) * kernel.scale[..., None, :]
+    return kernel.q.astype(jnp.float32) * jnp.expand_dims(kernel.scale, kernel.scale.ndim - kernel.out_ndim)
+
+
+def dequantize_any(kernel: QuantizedKernel, dtype: Any = jnp.float32) -> Array:
+    """The float kernel a quantized one stands for, in `dtype` (what the product multiplies by)."""
+    if isinstance(kernel, Int8Kernel):
+        return dequantize(kernel).astype(dtype)
+    return dequantize_nf4(kernel, dtype)
+
+
+dequantize_program = jax.jit(dequantize_any, static_argnums=1)  # one program per shape: host-side readers
 
 
 def weight_bytes(params: Any) -> int:

@@ -18,12 +18,15 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora.config import LLaMAConfig
 from jaxlora.errors import MeshError
-from jaxlora.model.layouts import logical_axes
-from jaxlora.model.llama import LLaMA
+from jaxlora.model.layouts import abstract_variables, logical_axes, splits_qkv
+from jaxlora.model.llama import STACKED, LLaMA
+from jaxlora.model.nf4 import block_problem
+from jaxlora.model.quantize import quantizes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -185,6 +188,30 @@ def _misfit(config: LLaMAConfig, fsdp: int, tensor: int) -> str | None:
     if config.n_embd % fsdp:
         return f"fsdp={fsdp} does not divide n_embd={config.n_embd}"
     return None
+
+
+def check_quantized_mesh(model: LLaMA, mesh: Mesh, mode: str, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+                         ) -> None:
+    """Refuse a mesh that would split an NF4 kernel's input axis inside its blocks of 64 (its
+    codes and block scales are sharded like the kernel, and each device must hold whole
+    blocks); naming the kernel and the numbers. int8 is per output channel: any split works."""
+    if mode not in ("nf4", "nf4-dq"):
+        return
+    shapes = traverse_util.flatten_dict(abstract_variables(model, as_run=True)["params"])
+    shardings = traverse_util.flatten_dict(variable_shardings(model, mesh, rules, as_run=True)["params"])
+    problems = {}
+    for path, sharding in shardings.items():
+        if not quantizes(path, mode, head=False):
+            continue
+        shape = shapes[path].shape
+        axis = len(shape) - (3 if splits_qkv(model, path) else 2)  # the input (contraction) axis
+        name = "/".join(p if not p.startswith(f"{STACKED}_") else f"{STACKED}_*" for p in path)
+        problem = block_problem(shape[axis], shape[axis] // sharding.shard_shape(shape)[axis])
+        if problem:
+            problems.setdefault(name, f"{name} (input axis over {sharding.spec[axis]}): {problem}")
+    if problems:
+        raise MeshError(f"--quantize {mode} on mesh {describe(mesh)}: " + "; ".join(problems.values())
+                        + ". Choose fsdp/tensor sizes that keep whole blocks on each device, or --quantize int8")
 
 
 def batch_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> int:

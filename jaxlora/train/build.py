@@ -21,9 +21,9 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.errors import MeshError
-from jaxlora.model.layouts import init_adapters
+from jaxlora.model.layouts import init_adapters, quantize_in_run_layout
 from jaxlora.model.llama import LLaMA
-from jaxlora.model.quantize import quantize_kernel_as, quantizes
+from jaxlora.model.quantize import quantizes
 from jaxlora.parallel import sharding as shd
 from jaxlora.train.optim import learning_rate_schedule, make_optimizer
 from jaxlora.train.settings import PRECISIONS
@@ -34,7 +34,14 @@ from jaxlora.train.steps import (
     make_eval_step,
     make_train_step,
 )
-from jaxlora.weights.load import describe_base, load_params, read_base_config
+from jaxlora.weights.load import (
+    base_quantization,
+    describe_base,
+    load_params,
+    read_base_config,
+)
+from jaxlora.weights.quantized import check_mode as check_quantized_mode
+from jaxlora.weights.quantized import record
 
 __all__ = ["Run", "RunShardings", "build_run", "state_shardings", "init_lora"]
 
@@ -68,6 +75,7 @@ class Run:
     shardings: RunShardings
     base_desc: str
     micro_rows: int  # rows of one micro-batch over the whole mesh
+    quantized: dict[str, str] | None = None  # the frozen kernels' {"mode", "dtype"} (None: float)
 
     def batch(self, host: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """A training batch (n_micro, micro_rows, T) from host arrays onto the mesh (packed: with its
@@ -118,21 +126,13 @@ def fit_micro_batch(batch_size: int, micro_batch_size: int, shards: int, log: Ca
     return micro
 
 
-def frozen_quantizer(mode: str) -> Callable[[tuple, Any], Any]:
+def frozen_quantizer(mode: str, model: LLaMA) -> Callable[[tuple, Any], Any]:
     """The loading transform of `--quantize mode`: each dense kernel (not the LM head) quantized
-    on its devices as soon as it is placed, so the float weights never exist whole."""
+    on its devices as soon as it is placed, in the layout `model` reads and sharded like the
+    float kernel (`jaxlora.model.quantize.quantized_specs`), so the float weights never exist whole."""
     def quantize(path: tuple, leaf: Any) -> Any:
-        return quantize_kernel_as(leaf, mode) if quantizes(path, mode, head=False) else leaf
+        return quantize_in_run_layout(model, path, leaf, mode) if quantizes(path, mode, head=False) else leaf
     return quantize
-
-
-def quantized_shardings(params: Any, mesh: Mesh) -> tuple[Any, Any]:
-    """Quantized params on the mesh and their shardings: codes and block scales stay where their
-    kernel was put (sharded like it); the small double-quantization leaves go replicated."""
-    rep = shd.replicated(mesh)
-    on_mesh = jax.tree.map(lambda x: x if x.sharding.device_set == rep.device_set else jax.device_put(x, rep),
-                           params)
-    return on_mesh, jax.tree.map(lambda x: x.sharding, on_mesh)
 
 
 def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = None,
@@ -154,9 +154,6 @@ def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = N
     if layout.max_seq_length > config.block_size:
         raise ValueError(f"max_seq_length {layout.max_seq_length} exceeds the model's block_size {config.block_size}")
     shd.check_mesh(mesh, config)
-    if speed.quantize != "none" and mesh.shape["tensor"] > 1:
-        raise MeshError(f"--quantize {speed.quantize} with tensor parallelism ({shd.describe(mesh)}) is not supported "
-                        "yet: the q/k/v kernel is split on heads there; use --mesh data=N or fsdp=N")
     micro = fit_micro_batch(layout.batch_size, layout.micro_batch_size, shd.batch_shards(mesh), log)
     micro_rows = micro * shd.batch_shards(mesh)
 
@@ -168,9 +165,14 @@ def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = N
     stored = shd.variable_shardings(model, mesh)
     as_run = shd.variable_shardings(model, mesh, as_run=True)
     quantized = speed.quantize != "none"
+    stored_quantized = base_quantization(kind, spec.base.path)  # a quantized checkpoint serves its own mode
+    check_quantized_mode(spec.base.path, stored_quantized, speed.quantize)
+    if quantized:
+        shd.check_quantized_mesh(model, mesh, speed.quantize)
     params = load_params(model, kind, spec.base.path, spec.seed, storage_dtype, as_run["params"],
-                         frozen_quantizer(speed.quantize) if quantized else None)
-    params, params_sh = quantized_shardings(params, mesh) if quantized else (params, as_run["params"])
+                         frozen_quantizer(speed.quantize, model) if quantized else None)
+    # quantized leaves lie where quantize_in_run_layout put them (sharded like their kernels)
+    params_sh = jax.tree.map(lambda x: x.sharding, params) if quantized else as_run["params"]
 
     opt = spec.optimizer
     schedule = learning_rate_schedule(opt.learning_rate, opt.warmup_steps, opt.schedule,
@@ -192,4 +194,5 @@ def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = N
     return Run(config=config, lora_config=spec.lora, model=model, mesh=mesh, params=params, state=init_state(),
                optimizer=optimizer, schedule=schedule, train_step=train_step, eval_step=eval_step,
                shardings=shardings, base_desc=describe_base(kind, spec.base.path, spec.base.preset, spec.seed),
-               micro_rows=micro_rows)
+               micro_rows=micro_rows,
+               quantized=stored_quantized or (record(speed.quantize, storage_dtype) if quantized else None))

@@ -45,11 +45,13 @@ class Exports:
 
 
 def write_exports(lora: Any, config: LLaMAConfig, lora_config: LoRAConfig, a: TrainArgs,
-                  log: Callable[[str], None]) -> Exports:
-    """Write the run's outputs into a.out_dir (host adapters `lora`)."""
+                  log: Callable[[str], None], quantized: dict[str, str] | None = None) -> Exports:
+    """Write the run's outputs into a.out_dir (host adapters `lora`). quantized: the base's
+    quantization ({"mode", "dtype"}), recorded with the adapters so that a merged export merges
+    them into the kernels they were trained with (`jaxlora.weights.quantized.requantized`)."""
     out = Path(a.out_dir)
     adapters = save_checkpoint(out / ADAPTERS_DIR, config, lora_config, None, lora, overwrite=True,
-                               base=str(a.pretrained_path))
+                               base=str(a.pretrained_path), quantized=quantized)
     lit = export_lit(lora, config, lora_config, out / LIT_LORA_FILE, log) if a.export_lit else None
     peft = export_peft(lora, config, lora_config, out / PEFT_DIR, a.pretrained_path, log)
     litgpt = export_litgpt(Path(adapters), a.pretrained_path, out / LITGPT_LORA_DIR, log)

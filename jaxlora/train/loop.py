@@ -77,6 +77,7 @@ from jaxlora.train.settings import (
 )
 from jaxlora.train.spec import run_spec
 from jaxlora.train.steps import TrainState
+from jaxlora.weights.quantized import save_quantized
 
 __all__ = ["TrainArgs", "TrainResult", "NonFiniteLossError", "TrainingError", "InputsError", "DEMO_PROFILE",
            "LIT_LLAMA_RECIPE", "LIT_PRESETS", "PRECISIONS", "profile_for", "resolve_args", "run", "check_inputs",
@@ -96,6 +97,8 @@ def run(args: TrainArgs) -> TrainResult:
     max_steps = count_steps(a, len(train_samples))
     r = build_run(run_spec(a), max_steps=max_steps, log=log)
     check_model(r, a, tokenizer, log)
+    if a.save_quantized:
+        save_quantized_base(r, a, log)
     batcher = make_batcher(r, a, train_samples)
     out = prepare_out_dir(a, log)  # only now that every input has been read
     # One way out, whatever stops the run: each of these closes as the with-block is left.
@@ -113,7 +116,7 @@ def run(args: TrainArgs) -> TrainResult:
             final = evaluator(steps.hand.state.lora, full=True)
             rows.write(**final.row(steps.hand.step))
     lora = distributed.to_host(steps.hand.state.lora)
-    exports = write_exports(lora, r.config, r.lora_config, a, log) if primary else Exports()
+    exports = write_exports(lora, r.config, r.lora_config, a, log, r.quantized) if primary else Exports()
     result = summarize(r, a, start, steps, baseline, final, exports, lora, time.time() - t_start)
     if primary:
         write_summary(result)
@@ -136,6 +139,14 @@ def check_model(r: Run, a: TrainArgs, tokenizer: TextTokenizer, log: Callable[[s
     log(f"model: {r.base_desc}: {config.num_params():,} frozen parameters ({a.precision}), "
         f"{lora_config.num_params(config):,} trainable (LoRA r={a.lora_r}, alpha={a.lora_alpha:g}, "
         f"targets {','.join(lora_config.targets)})")
+
+
+def save_quantized_base(r: Run, a: TrainArgs, log: Callable[[str], None]) -> None:
+    """--save_quantized: the frozen weights as the run holds them, as a quantized checkpoint."""
+    t0 = time.time()
+    where = save_quantized(a.save_quantized, r.model, r.params, r.quantized, overwrite=a.overwrite)
+    log(f"quantized frozen weights ({r.quantized['mode']}) saved to {where} in {time.time() - t0:.1f} s; train "
+        f"from them with --pretrained_path {where} --quantize {r.quantized['mode']}")
 
 
 def make_batcher(r: Run, a: TrainArgs, train_samples: Any) -> Batcher:

@@ -170,6 +170,10 @@ class TrainArgs:
         "NormalFloat, blocks of 64, ~4.5 bits a weight), nf4-dq (and the block scales in 8 bits: ~4.13 bits), "
         "int8 (per output channel); none keeps the storage dtype. Adapters, norms, embeddings and the LM head "
         "stay as they are", OPTIM, default="none", choices=("none",) + QUANTIZE_MODES)
+    save_quantized: str | None = setting(
+        "with --quantize: also write the quantized frozen weights, as loaded, to this jaxlora checkpoint "
+        "directory (codes and scales, ~4.1-8 bits a weight) before training; a later run reads it as "
+        "--pretrained_path with the same --quantize, without quantizing again", OPTIM)
     precision: str | None = setting(
         "bf16-true: bf16 frozen weights and compute (lit-llama); bf16-mixed: f32 weights, bf16 compute; "
         "32-true: all f32 (use on CPU). Adapters and optimizer state are always f32", OPTIM, choices=PRECISIONS)
@@ -263,6 +267,9 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
         allowed = f.metadata.get("choices")
         if allowed is not None and getattr(a, f.name) not in allowed:
             raise ValueError(f"{f.name} must be one of {list(allowed)}, got {getattr(a, f.name)!r}")
+    if a.save_quantized and a.quantize == "none":
+        raise ValueError(f"--save_quantized {a.save_quantized} needs --quantize (nf4, nf4-dq or int8): it writes "
+                         "the quantized frozen weights")
     if a.resume and a.overwrite:
         raise ValueError("give --resume (continue the run in out_dir) or --overwrite (replace it), not both")
     for name in ("batch_size", "micro_batch_size", "max_seq_length", "eval_interval", "save_interval", "eval_iters"):

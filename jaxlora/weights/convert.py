@@ -42,6 +42,7 @@ from jaxlora.weights.engine import (
 )
 from jaxlora.weights.lit_files import open_lit_base, open_lit_lora
 from jaxlora.weights.lit_llama import TensorMap
+from jaxlora.weights.quantized import DequantizedReader, merge_plan
 from jaxlora.weights.torch_zip import RowBlocks, TorchZipReader, write_torch_zip
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -156,6 +157,25 @@ def open_checked(directory: Path, item: str, expected: Mapping) -> cio.ArrayTree
     return reader
 
 
+def open_params(directory: Path, config: LLaMAConfig) -> Any:
+    """A checkpoint's frozen weights as float leaves, checked against its config: its params/, or
+    a quantized checkpoint's read dequantized (`jaxlora.weights.quantized.DequantizedReader`)."""
+    quantized = cio.read_quantized(directory)
+    expected = cio.expected_variables(config, None, quantized and quantized["mode"])[cio.PARAMS_DIR]
+    reader = open_checked(directory, cio.PARAMS_DIR, expected)
+    return reader if quantized is None else DequantizedReader(reader, quantized, config)
+
+
+def merged_view(params: Any, base: Path, lora: Any, lora_config: LoRAConfig, lora_home: Path, merge_into: str,
+                log: Callable[[str], None] | None) -> MergedView:
+    """The base's weights with the adapters folded in, into the kernels `merge_plan` says."""
+    base_quantized = None if base.is_file() else cio.read_quantized(base)
+    base_kernels, note = merge_plan(base, base_quantized, lora_home, cio.read_quantized(lora_home), merge_into)
+    if note and log is not None:
+        log(note)
+    return MergedView(params, lora, lora_config, base_kernels)
+
+
 def _warn_lit_fixed(config: LLaMAConfig, source: Any) -> None:
     lit = LLaMAConfig()  # lit-llama's model fixes these two
     for name, what in (("norm_eps", "RMSNorm epsilon"), ("rope_base", "RoPE base")):
@@ -191,7 +211,8 @@ def _lit_export_sources(checkpoint_dir: Any, kind: str, adapters_dir: Any
 
 
 def _lit_readers(kind: str, config: LLaMAConfig, lora_config: LoRAConfig | None, lit_base: Path | None,
-                 checkpoint_dir: Any, lora_home: Path, stack: contextlib.ExitStack) -> MergedView:
+                 checkpoint_dir: Any, lora_home: Path, stack: contextlib.ExitStack, merge_into: str = "trained",
+                 log: Callable[[str], None] | None = None) -> MergedView:
     has_lora = cio.has_adapters(lora_config)
     if kind == "lora":
         if not has_lora:
@@ -207,8 +228,10 @@ def _lit_readers(kind: str, config: LLaMAConfig, lora_config: LoRAConfig | None,
     if lit_base is not None:
         params = stack.enter_context(open_lit_base(lit_base, config)[1])
     else:
-        params = open_checked(Path(checkpoint_dir).absolute(), cio.PARAMS_DIR, expected[cio.PARAMS_DIR])
-    return MergedView(params, lora, lora_config) if kind == "merged" else MergedView(params)
+        params = open_params(Path(checkpoint_dir).absolute(), config)
+    if kind != "merged":
+        return MergedView(params)
+    return merged_view(params, Path(checkpoint_dir).absolute(), lora, lora_config, lora_home, merge_into, log)
 
 
 def _torch_zip_items(tensors: Iterator[tuple[Entry, np.ndarray]], entries: Sequence[Entry],
@@ -237,7 +260,8 @@ def _torch_zip_items(tensors: Iterator[tuple[Entry, np.ndarray]], entries: Seque
 def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.PathLike, kind: str = "lora",
                       dtype: Any = None, overwrite: bool = False, progress: bool = True,
                       workers: int = 2, max_bytes_ahead: int = 128 << 20,
-                      adapters_dir: str | os.PathLike | None = None) -> dict[str, float]:
+                      adapters_dir: str | os.PathLike | None = None, merge_into: str = "trained",
+                      log: Callable[[str], None] | None = None) -> dict[str, float]:
     """A jaxlora checkpoint -> one lit-llama .pth file, tensor by tensor, atomically.
 
     kind: "lora" (lit-llama's LoRA file: targets exactly q, v, else LitLoRATargetsError),
@@ -245,7 +269,10 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
     as lit-llama's convert_lora_weights.py; any targets). dtype: output dtype (None keeps the
     stored one). adapters_dir: take the adapters from this adapters-only directory (what
     train.py writes) instead of checkpoint_dir's lora/; checkpoint_dir may then be None for
-    kind "lora", or lit-llama's own base .pth for kind "merged". Returns stats (pieces, bytes
+    kind "lora", or lit-llama's own base .pth for kind "merged". merge_into: "trained" folds
+    adapters trained on a quantized base into the kernels they were trained against,
+    "original" into the float weights (`jaxlora.weights.quantized.merge_plan`; log(line) says
+    which). A quantized checkpoint is written dequantized. Returns stats (pieces, bytes
     written, seconds, GB/s).
     """
     if kind not in KINDS:
@@ -258,7 +285,7 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
     if kind != "lora":
         _warn_lit_fixed(config, checkpoint_dir)
     with contextlib.ExitStack() as stack:
-        view = _lit_readers(kind, config, lora_config, lit_base, checkpoint_dir, lora_home, stack)
+        view = _lit_readers(kind, config, lora_config, lit_base, checkpoint_dir, lora_home, stack, merge_into, log)
         maps = lit_llama.lora_maps(config, lora_config) if kind == "lora" else lit_llama.base_maps(config)
         return export_torch_zip(view, maps, config.n_layer, lit_llama.sorted_like_lit, cast, out, "to_lit_llama",
                                 progress, workers, max_bytes_ahead)
@@ -281,9 +308,11 @@ def export_torch_zip(view: MergedView, maps: Sequence[TensorMap], n_layer: int,
     return meter.stats()
 
 
-def checkpoint_view(directory: Path, adapters_dir: Any, merged: bool) -> tuple[MergedView, LLaMAConfig]:
-    """A jaxlora checkpoint's frozen weights (with the adapters folded in when merged: its own
-    lora/, or `adapters_dir`'s) and its config, shapes checked."""
+def checkpoint_view(directory: Path, adapters_dir: Any, merged: bool, merge_into: str = "trained",
+                    log: Callable[[str], None] | None = None) -> tuple[MergedView, LLaMAConfig]:
+    """A jaxlora checkpoint's frozen weights (a quantized one read dequantized; with the adapters
+    folded in when merged: its own lora/, or `adapters_dir`'s, into the kernels `merge_into`
+    names) and its config, shapes checked."""
     if directory.is_file():
         raise CheckpointError(f"{directory}: a file, not a jaxlora checkpoint directory (config.json, params/)")
     config, lora_config = cio.read_config(directory)
@@ -295,7 +324,8 @@ def checkpoint_view(directory: Path, adapters_dir: Any, merged: bool) -> tuple[M
     if merged and not cio.has_adapters(lora_config):
         raise CheckpointError(f"{lora_home}: has no adapters to merge (config.json 'lora' is null)")
     expected = cio.expected_variables(config, lora_config if merged else None)
-    params = open_checked(directory, cio.PARAMS_DIR, expected[cio.PARAMS_DIR])
+    params = open_params(directory, config)
     if not merged:
         return MergedView(params), config
-    return MergedView(params, open_checked(lora_home, cio.LORA_DIR, expected[cio.LORA_DIR]), lora_config), config
+    lora = open_checked(lora_home, cio.LORA_DIR, expected[cio.LORA_DIR])
+    return merged_view(params, directory, lora, lora_config, lora_home, merge_into, log), config

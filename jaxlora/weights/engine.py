@@ -319,22 +319,33 @@ def merge_layer(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, modu
     return np.asarray(merged["kernel"])
 
 
-class MergedView:
-    """Our frozen weights (a LeafReader) with adapters (another, or None) folded in per layer."""
+KernelTransform = Callable[[Path_, Where, np.ndarray], np.ndarray]  # (path, where, kernel) -> float32 kernel
 
-    def __init__(self, params: LeafReader, lora: LeafReader | None = None, lora_config: LoRAConfig | None = None
-                 ) -> None:
+
+class MergedView:
+    """Our frozen weights (a LeafReader) with adapters (another, or None) folded in per layer.
+    base_kernels(path, where, kernel): what the adapters are merged into instead of each stored
+    kernel (e.g. the quantized-and-dequantized kernel a QLoRA run trained against), float32."""
+
+    def __init__(self, params: LeafReader, lora: LeafReader | None = None, lora_config: LoRAConfig | None = None,
+                 base_kernels: KernelTransform | None = None) -> None:
         self.params, self.lora, self.lora_config = params, lora, lora_config
         self.adapted = set(lora.shapes()) if lora is not None else set()
+        self.base_kernels = base_kernels
 
     def read(self, path: Path_, where: Where, dtype: np.dtype) -> np.ndarray:
         """The slice in `dtype`; a merged kernel is summed in float32 and rounded once."""
-        value = self.params.read(path, where).astype(dtype, copy=False)
+        value = self.params.read(path, where)
+        if self.base_kernels is not None and path[-1] == "kernel":
+            value = self.base_kernels(path, where, value)  # float32, rounded to dtype once (after the sum)
+        else:
+            value = value.astype(dtype, copy=False)
         a_path = path[:-1] + ("lora_A",)
         if path[-1] != "kernel" or a_path not in self.adapted:
-            return value
-        return merge_layer(value, self.lora.read(a_path, where), self.lora.read(path[:-1] + ("lora_B",), where),
-                           path[1:-1], self.lora_config)
+            return value.astype(dtype, copy=False)
+        merged = merge_layer(value, self.lora.read(a_path, where), self.lora.read(path[:-1] + ("lora_B",), where),
+                             path[1:-1], self.lora_config)
+        return merged.astype(dtype, copy=False)
 
 
 @dataclass(frozen=True)

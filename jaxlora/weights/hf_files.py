@@ -152,7 +152,8 @@ def hf_order(entries: dict[str, Any]) -> dict[str, Any]:
 def checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      adapters_dir: str | os.PathLike | None = None, merged: bool = False, dtype: Any = None,
                      max_shard_size: str | int = "2GB", overwrite: bool = False, progress: bool = True,
-                     tokenizer_path: str | os.PathLike | None = None) -> Path:
+                     tokenizer_path: str | os.PathLike | None = None, merge_into: str = "trained",
+                     log: Callable[[str], None] | None = None) -> Path:
     """A jaxlora checkpoint -> an HF LlamaForCausalLM directory (config.json + safetensors).
 
     merged: fold the adapters (the checkpoint's lora/, or `adapters_dir`'s) into the weights,
@@ -160,12 +161,14 @@ def checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
     (None keeps the stored one). Shards of at most `max_shard_size` (the host holds one shard)
     with model.safetensors.index.json, as transformers writes them. tokenizer_path: LLaMA's
     SentencePiece tokenizer.model, copied in with a tokenizer_config.json (AutoTokenizer loads it).
+    merge_into, log: as `jaxlora.weights.convert.checkpoint_to_lit`'s (adapters trained on a
+    quantized base; a quantized checkpoint is written dequantized).
     """
     out_dir = check_new_output(out_dir, overwrite)
     cast = parse_dtype(dtype)
     tokenizer = None if tokenizer_path is None else Tokenizer(tokenizer_path)  # checked before any work
     directory = Path(checkpoint_dir).absolute()
-    view, config = checkpoint_view(directory, adapters_dir, merged)
+    view, config = checkpoint_view(directory, adapters_dir, merged, merge_into, log)
     maps = hf.base_maps(config)
     stored = view.params.shapes()
     dtypes = {key: cast or stored[m.path[1:]][1] for m in maps for key in m.keys(config.n_layer)}

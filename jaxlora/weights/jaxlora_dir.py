@@ -49,6 +49,12 @@ from jaxlora.config import LLaMAConfig, LoRAConfig, dump_json
 from jaxlora.errors import CheckpointError
 from jaxlora.model.layouts import abstract_variables
 from jaxlora.model.llama import LLaMA
+from jaxlora.model.quantize import (
+    QUANTIZE_MODES,
+    abstract_quantized,
+    kernel_leaves,
+    quantizes,
+)
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -85,9 +91,14 @@ def is_layered(path: Path_) -> bool:
     return len(path) > 1 and path[0] == "h"
 
 
-def expected_variables(config: LLaMAConfig, lora_config: LoRAConfig | None) -> dict[str, dict[Path_, Any]]:
-    """{"params": {path: ShapeDtypeStruct}, "lora": {...}} of the model this config describes."""
-    return {item: dict(leaves) for item, leaves in _abstract_leaves(config, lora_config).items()}
+def expected_variables(config: LLaMAConfig, lora_config: LoRAConfig | None, quantized: str | None = None
+                       ) -> dict[str, dict[Path_, Any]]:
+    """{"params": {path: ShapeDtypeStruct}, "lora": {...}} of the model this config describes;
+    quantized (a --quantize mode): the frozen kernels stored quantized (`quantized_leaves`)."""
+    out = {item: dict(leaves) for item, leaves in _abstract_leaves(config, lora_config).items()}
+    if quantized is not None:
+        out[PARAMS_DIR] = quantized_leaves(out[PARAMS_DIR], quantized)
+    return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -95,6 +106,19 @@ def _abstract_leaves(config: LLaMAConfig, lora_config: LoRAConfig | None) -> dic
     # tracing the model's init takes ~0.2 s and a conversion asks several times (configs are frozen)
     abstract = abstract_variables(LLaMA(config, lora_config))
     return {item: traverse_util.flatten_dict(abstract[item]) for item in ITEMS if abstract.get(item)}
+
+
+def quantized_leaves(params: Mapping[Path_, Any], mode: str) -> dict[Path_, Any]:
+    """The stored leaves of frozen weights quantized in `mode`: each kernel `quantizes` names
+    (not the LM head) becomes its quantized kernel's leaves, under the kernel's path
+    (h/attn/c_attn/kernel/codes, .../absmax, ...; int8: .../q, .../scale)."""
+    out: dict[Path_, Any] = {}
+    for path, leaf in params.items():
+        if not quantizes(path, mode, head=False):
+            out[path] = leaf
+            continue
+        out.update({path + (key,): value for key, value in kernel_leaves(abstract_quantized(tuple(leaf.shape), mode))})
+    return out
 
 
 def check_shapes(stored: Mapping[Path_, tuple[int, ...]], expected: Mapping[Path_, Any], where: str) -> None:
@@ -403,17 +427,36 @@ def has_adapters(lora_config: LoRAConfig | None) -> bool:
 
 
 def write_config(directory: Path, config: LLaMAConfig, lora_config: LoRAConfig | None,
-                 base: str | None = None) -> None:
-    (directory / CONFIG_FILE).write_text(dump_json(config, lora_config, base) + "\n")
+                 base: str | None = None, quantized: dict[str, str] | None = None) -> None:
+    (directory / CONFIG_FILE).write_text(dump_json(config, lora_config, base, quantized) + "\n")
+
+
+def read_quantized(directory: str | os.PathLike) -> dict[str, str] | None:
+    """config.json's "quantized" record ({"mode", "dtype"}) of a checkpoint or adapters directory:
+    its frozen weights are stored quantized (a checkpoint), or the adapters were trained on a
+    base quantized so (an adapters directory); None if it has none."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        record = json.loads(path.read_text()).get("quantized")
+    except (OSError, ValueError):
+        return None
+    if record is None:
+        return None
+    if not isinstance(record, dict) or record.get("mode") not in QUANTIZE_MODES or "dtype" not in record:
+        raise CheckpointError(f"{path}: 'quantized' must be {{\"mode\": one of {list(QUANTIZE_MODES)}, \"dtype\": "
+                              f"...}}, got {record!r}")
+    return {"mode": record["mode"], "dtype": str(record["dtype"])}
 
 
 def save_checkpoint(directory: str | os.PathLike, config: LLaMAConfig, lora_config: LoRAConfig | None,
                     params: Mapping[str, Any] | None, lora: Mapping[str, Any] | None = None,
-                    overwrite: bool = False, base: str | None = None) -> Path:
+                    overwrite: bool = False, base: str | None = None, quantized: dict[str, str] | None = None
+                    ) -> Path:
     """Write config.json, params/ and (when given) lora/ atomically; returns the directory.
 
     params=None with adapters writes an adapters-only directory; `base` records where its
-    frozen weights are (a path or a description). Arrays are written in their own dtype, one
+    frozen weights are (a path or a description), `quantized` how they were quantized in
+    training (`read_quantized`). Arrays are written in their own dtype, one
     layer at a time (numpy or addressable jax arrays), in the stacked layout. Shapes are
     checked against the config first; nothing is written when they disagree.
     """
@@ -431,7 +474,7 @@ def save_checkpoint(directory: str | os.PathLike, config: LLaMAConfig, lora_conf
             flat = traverse_util.flatten_dict(dict(trees[item]))
             check_shapes({p: tuple(v.shape) for p, v in flat.items()}, expected.get(item, {}), f"{directory}/{item}")
     with staged_directory(directory, overwrite) as tmp:
-        write_config(tmp, config, lora_config if lora is not None else None, base)
+        write_config(tmp, config, lora_config if lora is not None else None, base, quantized)
         for item in ITEMS:
             if trees[item] is not None:
                 write_tree(tmp / item, trees[item])
@@ -450,6 +493,7 @@ def open_item(directory: str | os.PathLike, item: str) -> tuple[LLaMAConfig, LoR
         raise CheckpointError(f"{directory}: config.json describes adapters ({lora_config}) but there is no "
                               f"{LORA_DIR}/ directory")
     reader = ArrayTreeReader(directory / item)
-    expected = expected_variables(config, lora_config if has_lora else None)
+    quantized = read_quantized(directory) if item == PARAMS_DIR else None
+    expected = expected_variables(config, lora_config if has_lora else None, quantized and quantized["mode"])
     check_shapes({p: s for p, (s, _) in reader.shapes().items()}, expected[item], str(reader.item_dir))
     return config, lora_config, reader

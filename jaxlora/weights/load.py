@@ -31,6 +31,7 @@ from jaxlora.weights.device import to_device
 from jaxlora.weights.engine import release_freed_memory
 from jaxlora.weights.hf_files import open_hf_base
 from jaxlora.weights.lit_files import open_lit_base
+from jaxlora.weights.quantized import load_quantized
 from jaxlora.weights.torch_zip import TorchZipReader
 
 PathLike = str | os.PathLike
@@ -116,13 +117,25 @@ def load_params(model: LLaMA, kind: str, pretrained_path: str | None, seed: int,
     a second copy of the largest stacked leaf: 15 GiB per GPU for 65B over tensor=2). Pass
     `canonical(model)` and its shardings for the stored layout. transform(run path, array):
     applied to each leaf as soon as it is on the devices (quantization while loading: the float
-    weights never exist whole)."""
+    weights never exist whole). A quantized jaxlora checkpoint (`jaxlora.weights.quantized`)
+    arrives as stored: its kernels quantized, never quantized again (transform is not applied
+    to them; check the mode first with `quantized.check_mode`)."""
     if kind == "random":
         return random_params(model, seed, shardings, transform)
     release_freed_memory()  # freed layer buffers must go back to the OS, or the RSS creeps up
+    stored = cio.read_quantized(pretrained_path) if kind == "jaxlora" else None
     with open_base(kind, pretrained_path, model.config) as reader:
-        placed = to_device(reader, model, traverse_util.flatten_dict(shardings), param_dtype, transform)
+        targets = traverse_util.flatten_dict(shardings)
+        if stored is not None:
+            placed = load_quantized(reader, model, targets, stored["mode"], param_dtype)
+        else:
+            placed = to_device(reader, model, targets, param_dtype, transform)
     return traverse_util.unflatten_dict(placed)
+
+
+def base_quantization(kind: str, pretrained_path: str | None) -> dict[str, str] | None:
+    """The "quantized" record of a quantized jaxlora checkpoint base ({"mode", "dtype"}), else None."""
+    return cio.read_quantized(pretrained_path) if kind == "jaxlora" else None
 
 
 def random_params(model: LLaMA, seed: int, shardings: Mapping[str, Any], transform: Transform | None = None
@@ -229,6 +242,9 @@ def load_checkpoint(directory: str | os.PathLike, param_dtype: Any = None, shard
     sharding: every process reads only the slices its addressable shards need, one leaf at a
     time, so no host holds a whole model.
     """
+    if cio.read_quantized(directory) is not None:
+        raise CheckpointError(f"{directory}: a quantized checkpoint; load its weights in a model's layout with "
+                              "load_params / load_base_model (they assemble its quantized kernels)")
     variables: dict[str, Any] = {}
     lora_config = None
     for item in cio.ITEMS:  # params first: its config says whether there are adapters
