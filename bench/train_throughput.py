@@ -351,7 +351,7 @@ def main() -> None:
         name = ",".join(f"{k}={x}" for k, x in v.items()) or "default"
         mesh = ",".join(f"{k}={x}" for k, x in r.get("mesh", {}).items())
         print(f"{r['batch']}x{r['seq']:<6} {mesh:<26} {name:<28} {r.get('tokens_per_s', 'ERR'):>9} "
-              f"{r.get('tokens_per_s_per_device', ''):>8} {r.get('tokens_per_s_synced', ''):>9} {r.get('mfu', ''):>6} "
+              f"{r.get('tokens_per_s_per_device', ''):>8} {r.get('tokens_per_s_synced', ''):>9} {str(r.get('mfu')):>6} "
               f"{str(r.get('peak_gib')):>8} {r.get('compile_s', ''):>9}")
 
 
