@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxlora.model.fp8 import E4M3, E4M3_MAX, fp8_product, fp8_product_transposed
 from jaxlora.model.nf4 import (
     ABSMAX_BLOCK,
     NF4Kernel,
@@ -52,7 +53,11 @@ from jaxlora.model.nf4 import (
 )
 
 Array = jax.Array
-QUANTIZE_MODES = ("int8", "nf4", "nf4-dq")  # nf4-dq: NF4 with double-quantized block scales (QLoRA)
+QUANTIZE_MODES = ("int8", "nf4", "nf4-dq", "fp8")  # nf4-dq: NF4 with double-quantized block scales (QLoRA)
+# Per-channel scaled 8-bit kernels (`Int8Kernel`): int8 values multiplied in the compute dtype, or
+# e4m3 values multiplied in FP8 (`jaxlora.model.fp8`).
+EIGHT_BIT = {"int8": jnp.int8, "fp8": E4M3}
+EIGHT_BIT_MAX = {"int8": 127.0, "fp8": E4M3_MAX}
 # On GPU a product of fewer rows (a decode step) is padded to this many: XLA's GEMMs for 8 rows read
 # the kernel faster than its one-row kernels (7B, H200, 2026-11-28: bf16 250.7 vs 235.5 tok/s at
 # batch 1, int8 296.1 vs 146.8), and the padding rows cost no memory traffic. 1: no padding.
@@ -61,8 +66,9 @@ GPU_MIN_GEMM_ROWS = 8
 
 @flax.struct.dataclass
 class Int8Kernel:
-    """An int8 kernel (..., in, *out) and its float32 scales (..., *out); out_ndim: output axes
-    (2 for the q/k/v kernel split by query group, as NF4Kernel's)."""
+    """An 8-bit kernel (..., in, *out), int8 or float8_e4m3fn (`--quantize fp8`: its products run
+    in FP8), and its float32 scales (..., *out); out_ndim: output axes (2 for the q/k/v kernel
+    split by query group, as NF4Kernel's)."""
 
     q: Array
     scale: Array
@@ -80,22 +86,24 @@ class Int8Kernel:
 QuantizedKernel = Int8Kernel | NF4Kernel
 
 
-def _quantize(w: Array, out_ndim: int = 1) -> Int8Kernel:
-    """Per-output-channel symmetric int8 of w (..., in, *out); the reduction runs in float32."""
+def _quantize(w: Array, out_ndim: int = 1, mode: str = "int8") -> Int8Kernel:
+    """Per-output-channel symmetric 8-bit values (`EIGHT_BIT[mode]`) of w (..., in, *out); the
+    reduction runs in float32."""
     wf = w.astype(jnp.float32)
     in_axis = wf.ndim - 1 - out_ndim
-    scale = jnp.max(jnp.abs(wf), axis=in_axis) / 127.0
+    scale = jnp.max(jnp.abs(wf), axis=in_axis) / EIGHT_BIT_MAX[mode]
     scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero column: any scale represents it exactly
-    q = jnp.clip(jnp.round(wf / jnp.expand_dims(scale, in_axis)), -127, 127).astype(jnp.int8)
+    scaled = wf / jnp.expand_dims(scale, in_axis)
+    q = jnp.clip(jnp.round(scaled), -127, 127).astype(jnp.int8) if mode == "int8" else scaled.astype(E4M3)
     return Int8Kernel(q=q, scale=scale, out_ndim=out_ndim)
 
 
-quantize_kernel = jax.jit(_quantize, static_argnums=1)
+quantize_kernel = jax.jit(_quantize, static_argnums=(1, 2))
 
 
 @functools.cache
-def _int8_program(shardings: Int8Kernel | None, consume: bool, out_ndim: int) -> Any:
-    return jax.jit(functools.partial(_quantize, out_ndim=out_ndim), out_shardings=shardings,
+def _int8_program(shardings: Int8Kernel | None, consume: bool, out_ndim: int, mode: str) -> Any:
+    return jax.jit(functools.partial(_quantize, out_ndim=out_ndim, mode=mode), out_shardings=shardings,
                    donate_argnums=0 if consume else ())
 
 
@@ -151,7 +159,7 @@ def kernel_leaves(kernel: QuantizedKernel) -> list[tuple[str, Any]]:
 
 def kernel_from_leaves(mode: str, leaves: dict[str, Any]) -> QuantizedKernel:
     """The quantized kernel (stored layout) of `mode` made of its named leaves (`kernel_leaves`)."""
-    return Int8Kernel(**leaves) if mode == "int8" else NF4Kernel(**leaves)
+    return Int8Kernel(**leaves) if mode in EIGHT_BIT else NF4Kernel(**leaves)
 
 
 def abstract_quantized(shape: tuple[int, ...], mode: str) -> QuantizedKernel:
@@ -159,8 +167,8 @@ def abstract_quantized(shape: tuple[int, ...], mode: str) -> QuantizedKernel:
     in `mode`, computing nothing (quantized checkpoints are checked against these)."""
     check_mode(mode)
     kernel = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-    if mode == "int8":
-        return jax.eval_shape(_quantize, kernel)
+    if mode in EIGHT_BIT:
+        return jax.eval_shape(functools.partial(_quantize, mode=mode), kernel)
     codes, absmax = jax.eval_shape(functools.partial(nf4_codes_and_absmax, out_ndim=1), kernel)
     if mode == "nf4":
         return NF4Kernel(codes=codes, absmax=absmax)
@@ -189,15 +197,15 @@ def quantize_kernel_as(kernel: Array, mode: str, consume: bool = False, out_ndim
     """One float kernel (..., in, *out) in `mode`, on its devices, its leaves sharded like it
     (`quantized_specs`); consume: donate it to the int8 program. out_ndim, stored_order: for a
     kernel whose columns a run layout has re-laid out (`quantize_nf4`; int8 is per column)."""
-    if mode != "int8":
+    if mode not in EIGHT_BIT:
         return quantize_nf4(kernel, mode == "nf4-dq", out_ndim, stored_order)
     sharding = getattr(kernel, "sharding", None)
     placed = None
     if isinstance(sharding, NamedSharding):
-        abstract = jax.eval_shape(functools.partial(_quantize, out_ndim=out_ndim),
+        abstract = jax.eval_shape(functools.partial(_quantize, out_ndim=out_ndim, mode=mode),
                                   jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
         placed = quantized_shardings_like(abstract, sharding)
-    return _int8_program(placed, consume, out_ndim)(kernel)
+    return _int8_program(placed, consume, out_ndim, mode)(kernel)
 
 
 def quantize_params(params: Any, mode: str = "int8", consume: bool = False, head: bool | None = None) -> Any:
@@ -260,6 +268,8 @@ def frozen_dot(x: Array, kernel: QuantizedKernel, dtype: Any, out_dtype: Any) ->
     fuses the convert into the GEMM's operand load), scaled per output channel after; NF4: x @
     dequantized kernel. The backward (gradient for x only: the kernel is frozen) dequantizes
     again, so no float copy of the kernel is kept between the forward and backward passes."""
+    if isinstance(kernel, Int8Kernel) and kernel.q.dtype == E4M3:
+        return fp8_product(x, kernel.q, kernel.scale, kernel.out_ndim, out_dtype)
     if isinstance(kernel, Int8Kernel):
         y = rows_padded_dot(x, kernel.q.astype(dtype), jnp.float32)
         return (y * kernel.scale).astype(out_dtype)
@@ -275,6 +285,8 @@ def _frozen_dot_bwd(dtype: Any, out_dtype: Any, kernel: QuantizedKernel, g: Arra
     # subexpressions): merged, the float kernel would live from the forward to the backward pass
     # (7B, H200: 19.1 GiB compiled for NF4 at 4x256 against 16.1 for bf16).
     kernel = jax.lax.optimization_barrier(kernel)
+    if isinstance(kernel, Int8Kernel) and kernel.q.dtype == E4M3:
+        return fp8_product_transposed(g, kernel.q, kernel.scale, kernel.out_ndim, dtype), None
     if isinstance(kernel, Int8Kernel):  # g @ (q * scale).T == (g * scale) @ q.T
         g_scaled = (g.astype(jnp.float32) * kernel.scale).astype(dtype)
         return _dot_transposed(g_scaled, kernel.q.astype(dtype), kernel.out_ndim, dtype), None

@@ -54,7 +54,7 @@ def mfu(flops_per_second: float, device_kind: str, n_devices: int, peak_tflops: 
 
 # Bits per weight of a dense kernel quantized by --quantize (codes and block scales; int8's one
 # float32 scale per output column is under 0.01 bit a weight).
-QUANTIZED_BITS = {"int8": 8.0, "nf4": 4 + 32 / BLOCK, "nf4-dq": 4 + 8 / BLOCK + 32 / (BLOCK * ABSMAX_BLOCK)}
+QUANTIZED_BITS = {"int8": 8.0, "fp8": 8.0, "nf4": 4 + 32 / BLOCK, "nf4-dq": 4 + 8 / BLOCK + 32 / (BLOCK * ABSMAX_BLOCK)}
 
 
 def weight_bytes(config: LLaMAConfig, precision: str, quantize: str = "none") -> int:

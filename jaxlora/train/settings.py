@@ -168,7 +168,8 @@ class TrainArgs:
     quantize: str = setting(
         "frozen weights quantized on the device, kernel by kernel, as they are loaded: nf4 (QLoRA's 4-bit "
         "NormalFloat, blocks of 64, ~4.5 bits a weight), nf4-dq (and the block scales in 8 bits: ~4.13 bits), "
-        "int8 (per output channel); none keeps the storage dtype. Adapters, norms, embeddings and the LM head "
+        "int8 (per output channel), fp8 (e4m3 per output channel, and the frozen products run in FP8 on "
+        "Hopper-class GPUs: faster, ~3% rounding per product); none keeps the storage dtype. Adapters, norms, embeddings and the LM head "
         "stay as they are", OPTIM, default="none", choices=("none",) + QUANTIZE_MODES)
     save_quantized: str | None = setting(
         "with --quantize: also write the quantized frozen weights, as loaded, to this jaxlora checkpoint "
@@ -268,7 +269,7 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
         if allowed is not None and getattr(a, f.name) not in allowed:
             raise ValueError(f"{f.name} must be one of {list(allowed)}, got {getattr(a, f.name)!r}")
     if a.save_quantized and a.quantize == "none":
-        raise ValueError(f"--save_quantized {a.save_quantized} needs --quantize (nf4, nf4-dq or int8): it writes "
+        raise ValueError(f"--save_quantized {a.save_quantized} needs --quantize (nf4, nf4-dq, int8 or fp8): it writes "
                          "the quantized frozen weights")
     if a.resume and a.overwrite:
         raise ValueError("give --resume (continue the run in out_dir) or --overwrite (replace it), not both")
