@@ -73,7 +73,7 @@ def implementations(max_segments: list[int]) -> dict[str, Callable]:
     impls = {
         "xla-mask": lambda q, k, v, s: attention.masked_attention(q, k, v, s, "xla"),
         "cudnn-bias": lambda q, k, v, s: attention.masked_attention(q, k, v, s, "cudnn"),
-        "cudnn-packed": lambda q, k, v, s: attention.causal_attention(q, k, v, "cudnn", s),
+        "cudnn-packed": lambda q, k, v, s: attention.causal_attention(q, k, v, "cudnn-ragged", s),
         "cudnn-causal(no segments)": lambda q, k, v, s: attention.causal_attention(q, k, v, "cudnn"),
         "pallas": lambda q, k, v, s: attention.causal_attention(q, k, v, "pallas", s),
     }
@@ -106,7 +106,7 @@ def check_accuracy(args: argparse.Namespace, kv_heads: int) -> bool:
         cases += [("cudnn-packed", "cudnn-packed", None)]
     cases += [("cudnn-packed overflow->bias", "overflow", None), ("pallas", "pallas", None)]
     impls = implementations([])
-    impls["overflow"] = lambda q, k, v, s: attention.causal_attention(q, k, v, "cudnn", s, max_segments=2)
+    impls["overflow"] = lambda q, k, v, s: attention.causal_attention(q, k, v, "cudnn-ragged", s, max_segments=2)
     ok, bound = True, float("nan")
     for label, name, gqa in cases:
         errs = accuracy_case(impls[name], gqa, (q, k, v, w, segments), want)

@@ -8,7 +8,7 @@ the MLP's down product), forward (x @ W) and input gradient (dy @ W^T), four way
               the scales applied to the product afterwards; the weight quantized beforehand
   fp8+scale   the same, with the activation's per-tensor scale found on the fly (amax over the
               tensor, the cast included in the timing): what a training step would pay
-  jaxlora     jaxlora.model.fp8.fp8_dot's forward: per-row activation scales, per-channel weight
+  jaxlora     `--quantize fp8`'s forward product (jaxlora.model.fp8 through dense_dot): per-row activation scales, per-channel weight
               scales, applied to the product (forward rows only)
   qdq         quantize-dequantize of both operands then a bf16 dot: the pattern XLA's GEMM
               rewriter is documented to turn into a scaled FP8 cuBLASLt call
@@ -26,7 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxlora.model.fp8 import fp8_dot, quantize_fp8
+from jaxlora.model.quantize import dense_dot, quantize_kernel_as
 
 E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
 F8_MAX = {E4M3: 448.0, E5M2: 57344.0}
@@ -96,9 +96,9 @@ def main() -> None:
                       "fp8+scale": (a.astype(jnp.bfloat16), wq, sw),
                       "qdq": (a.astype(jnp.bfloat16), wq, sw)}
             if name.endswith("fwd"):
-                inputs["jaxlora"] = (a.astype(jnp.bfloat16), quantize_fp8(w), None)
+                inputs["jaxlora"] = (a.astype(jnp.bfloat16), quantize_kernel_as(w, "fp8"), None)
             for kind, operands in inputs.items():
-                fn = jax.jit(lambda x, k, _: fp8_dot(x, k, jnp.bfloat16)) if kind == "jaxlora" else products(kind, adt)
+                fn = jax.jit(lambda x, k, _: dense_dot(x, k, jnp.bfloat16)) if kind == "jaxlora" else products(kind, adt)
                 secs = timed(fn, *operands, iters=args.iters)
                 out = fn(*operands).astype(jnp.float32)
                 err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))

@@ -139,7 +139,7 @@ def test_cudnn_packed_path_equals_the_masked_reference(monkeypatch, native_gqa):
     monkeypatch.setattr(attention, "masked_attention", lambda q, k, v, s, impl: jnp.full_like(q, jnp.nan))
     segments = jnp.asarray(_random_rows(np.random.default_rng(1), 4, 64))
     q, k, v = _qkv(4, 64, 4, 2)
-    cudnn = lambda q, k, v, s: causal_attention(q, k, v, "cudnn", s, max_segments=64)
+    cudnn = lambda q, k, v, s: causal_attention(q, k, v, "cudnn-ragged", s, max_segments=64)
     _assert_close(_value_and_grads(cudnn, q, k, v, segments), _value_and_grads(_xla, q, k, v, segments))
     assert calls and set(calls) == {2 if native_gqa else 4}  # grouped k/v read in place, or repeated
 
@@ -151,7 +151,7 @@ def test_cudnn_rows_past_max_segments_take_the_bias_path(monkeypatch):
     segments[1] = _layout([5] * 12, 64)  # 13 runs with the padding tail, past 4 slots
     segments = jnp.asarray(segments)
     q, k, v = _qkv(2, 64, 2, 2)
-    cudnn = lambda q, k, v, s: causal_attention(q, k, v, "cudnn", s, max_segments=4)
+    cudnn = lambda q, k, v, s: causal_attention(q, k, v, "cudnn-ragged", s, max_segments=4)
     _assert_close(_value_and_grads(cudnn, q, k, v, segments), _value_and_grads(_xla, q, k, v, segments))
 
 
@@ -168,7 +168,7 @@ def test_cudnn_without_packing_takes_the_bias_path_with_a_note(monkeypatch):
     for fused, why in ((stand_in, "Hopper"), (None, "takes no packed segments")):
         monkeypatch.setattr(attention, "cudnn_fused", fused)
         with pytest.warns(RuntimeWarning, match=why):
-            np.testing.assert_array_equal(causal_attention(q, k, v, "cudnn", segments), want)
+            np.testing.assert_array_equal(causal_attention(q, k, v, "cudnn-ragged", segments), want)
 
 
 # --------------------------------------------------------------------------- TPU splash (interpreted)

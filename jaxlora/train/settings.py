@@ -187,7 +187,9 @@ class TrainArgs:
         "per-layer weights (fastest on GPU, ~30 s compile per batch length at 7B on an H100)", OPTIM)
     scan_unroll: int | None = setting("layers per scan iteration with --scan_layers; 0 unrolls the scan", OPTIM)
     attention: str = setting(
-        "attention kernel: auto = cuDNN flash attention on a GPU with 16-bit compute, else XLA", OPTIM,
+        "attention kernel: auto = cuDNN flash attention on a GPU with 16-bit compute (packed rows: the "
+        "segment mask as a bias), splash on a TPU, else XLA; cudnn-ragged: cuDNN's packed layout for packed "
+        "rows (skips masked blocks; measured slower on an H200)", OPTIM,
         default="auto", choices=ATTENTION_IMPLS)
     loss_chunk: int | None = setting(
         "tokens per cross-entropy chunk (the float32 logits of one chunk at a time); 0 = the whole "
