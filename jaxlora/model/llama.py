@@ -351,7 +351,11 @@ class LLaMA(nn.Module):
             # prevent_cse=False in the unrolled loop too: measured at 7B, 4 x 256, dots_no_batch on an
             # H200 it is 5% faster (20,829 vs 19,777 tok/s) for 0.6 GiB more temporaries (16.1 vs 15.5)
             # and compiles in 29 s instead of 44 (docs/benchmarks.md); under nn.scan it is the usual setting.
-            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            # Except 'full', which is there for memory: unrolled, XLA merges much of the recomputation
+            # back into the forward (65B nf4-dq, 4 x 256, H200: 17.5 GiB more temporaries, out of
+            # memory under a 48 GB cap; prevented: 36.8 GiB peak, docs/benchmarks.md).
+            prevent_cse = self.remat == "full" and not self.scan_layers
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=prevent_cse)
         if self.scan_layers:
             cached = () if cache is None else (0, nn.broadcast, nn.broadcast)  # the cache is scanned like the weights
             layers = nn.scan(block, variable_axes={"params": 0, "lora": 0},
