@@ -3,6 +3,7 @@ host, and reporting through `jaxlora.errors.run_command` (the one error -> exit-
 bad input 2 with one line naming the problem, Ctrl-C 130, a bug keeps its traceback)."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from jaxlora.errors import run_command  # noqa: E402  (after the path and platform set-up above)
+from jaxlora.weights.quantized import MERGE_INTO  # noqa: E402
 
 
 def run(prog: str, action: Callable[[], str | None], quiet: bool = False) -> int:
@@ -34,3 +36,11 @@ def rate(stats: dict) -> str:
 def note(quiet: bool) -> Callable[[str], None]:
     """A converter's log: one line to stderr (nothing with --quiet)."""
     return (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr))
+
+
+def add_merge_into(p: argparse.ArgumentParser) -> None:
+    """--merge_into, for the converters that write merged weights."""
+    p.add_argument("--merge_into", choices=MERGE_INTO, default="trained",
+                   help="adapters trained on a quantized base (train.py --quantize; their config.json says so): "
+                   "merge them into the base's kernels quantized and dequantized as in training (trained, the "
+                   "default: the model they were trained with) or into its original float weights")

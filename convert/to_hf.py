@@ -19,7 +19,6 @@ import _cli
 
 from jaxlora.weights.engine import release_freed_memory
 from jaxlora.weights.hf_files import checkpoint_to_hf
-from jaxlora.weights.quantized import MERGE_INTO
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,10 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest safetensors shard (the host holds one shard while writing); default 2GB")
     p.add_argument("--tokenizer_path", help="LLaMA's tokenizer.model, copied in with a tokenizer_config.json "
                    "so that AutoTokenizer loads it")
-    p.add_argument("--merge_into", choices=MERGE_INTO, default="trained",
-                   help="adapters trained on a quantized base (train.py --quantize; their config.json says so): "
-                   "merge them into the base's kernels quantized and dequantized as in training (trained, the "
-                   "default: the model they were trained with) or into its original float weights")
+    _cli.add_merge_into(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     args = p.parse_args(argv)

@@ -24,7 +24,6 @@ import _cli
 
 from jaxlora.weights.convert import checkpoint_to_lit
 from jaxlora.weights.engine import release_freed_memory
-from jaxlora.weights.quantized import MERGE_INTO
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of the written tensors (default: keep the stored dtype; lit-llama's bf16 runs "
                         "write bfloat16)")
-    p.add_argument("--merge_into", choices=MERGE_INTO, default="trained",
-                   help="adapters trained on a quantized base (train.py --quantize; their config.json says so): "
-                   "merge them into the base's kernels quantized and dequantized as in training (trained, the "
-                   "default: the model they were trained with) or into its original float weights")
+    _cli.add_merge_into(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     args = p.parse_args(argv)
