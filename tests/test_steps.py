@@ -75,3 +75,14 @@ def test_head_logits_forward_is_float32():
     hidden, kernel, _ = _data(3, dtype=jnp.bfloat16)
     out = head_logits(hidden.reshape(-1, hidden.shape[-1]), kernel)
     assert out.dtype == jnp.float32
+
+
+def test_head_logits_gradients_for_batched_hidden_states():
+    """(B, T, C) hidden states, as model.apply gives the head: both gradients equal float64 ones
+    (the kernel's gradient sums over every leading axis)."""
+    hidden, kernel, _ = _data(4)
+    weights = jnp.asarray(np.random.default_rng(5).normal(size=(hidden.shape[0], hidden.shape[1], kernel.shape[1])))
+    d_hidden, d_kernel = jax.grad(lambda h, k: jnp.sum(head_logits(h, k) * weights), argnums=(0, 1))(hidden, kernel)
+    w, h, k = (np.asarray(x, np.float64) for x in (weights, hidden, kernel))
+    np.testing.assert_allclose(d_hidden, np.einsum("btv,cv->btc", w, k), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(d_kernel, np.einsum("btc,btv->cv", h, w), rtol=1e-5, atol=1e-5)

@@ -262,7 +262,9 @@ def _head_logits_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
     h, kernel = res
     g = g.astype(h.dtype)
     d_h = jnp.dot(g, kernel.T, preferred_element_type=h.dtype)
-    d_kernel = jnp.dot(h.T, g, preferred_element_type=kernel.dtype)  # dropped by XLA when frozen
+    # (..., C) x (..., V) over every leading axis -> (C, V); dropped by XLA when the kernel is frozen
+    lead = tuple(range(h.ndim - 1))
+    d_kernel = jax.lax.dot_general(h, g, ((lead, lead), ((), ())), preferred_element_type=kernel.dtype)
     return d_h, d_kernel
 
 
