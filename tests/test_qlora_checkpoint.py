@@ -69,7 +69,7 @@ def load(model, source, mode=None):
     return load_params(model, "jaxlora", str(source), 0, jnp.float32, shardings, transform)
 
 
-@pytest.mark.parametrize("mode, scan_layers", [("nf4", True), ("nf4-dq", False), ("int8", True)])
+@pytest.mark.parametrize("mode, scan_layers", [("nf4", True), ("nf4-dq", False), ("int8", True), ("fp8", False)])
 def test_a_quantized_checkpoint_loads_back_bit_for_bit_without_quantizing(float_base, tmp_path, mode, scan_layers):
     model = LLaMA(TINY, param_dtype=jnp.float32, scan_layers=scan_layers)
     fresh = load(model, float_base, mode)
