@@ -25,13 +25,13 @@ import pytest
 
 from jaxlora.config import LLaMAConfig
 from jaxlora.weights import hf, lit_llama
+from jaxlora.weights.engine import READ_AHEAD_BYTES
 from jaxlora.weights.safetensors_io import save_sharded, tensor_sizes
 from jaxlora.weights.torch_zip import write_torch_zip
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = LLaMAConfig(n_layer=8, n_head=16, n_embd=2048, vocab_size=32000, padded_vocab_size=32000)
 BF16 = np.dtype(ml_dtypes.bfloat16)
-READ_AHEAD = 128 << 20  # the engine's default read-ahead budget (max_bytes_ahead)
 
 LOAD = """
 import json, sys, threading, time, jax, jax.numpy as jnp
@@ -105,5 +105,5 @@ def test_device_load_holds_about_one_layer_on_the_host(sources, kind, layout):
     print(f"{kind} {layout}: loaded {r['loaded'] / 2**20:.0f} MiB; host peak {r['host_peak'] / 2**20:.0f} MiB, "
           f"one layer's tensors {layer / 2**20:.0f} MiB")
     assert r["loaded"] > 1_000_000_000
-    assert r["host_peak"] < layer + READ_AHEAD + (16 << 20), \
+    assert r["host_peak"] < layer + READ_AHEAD_BYTES + (16 << 20), \
         f"{kind} {layout}: the host held {r['host_peak'] / 2**20:.0f} MiB"

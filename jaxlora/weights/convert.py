@@ -31,6 +31,7 @@ from jaxlora.errors import CheckpointError, StateDictError
 from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights import lit_llama
 from jaxlora.weights.engine import (
+    READ_AHEAD_BYTES,
     Entry,
     MappedReader,
     MergedView,
@@ -106,7 +107,7 @@ def lit_to_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
                       lora_path: str | os.PathLike | None = None, lora_alpha: float = 16.0,
                       lora_dropout: float = 0.05, dtype: Any = None, config: LLaMAConfig | None = None,
                       overwrite: bool = False, progress: bool = True, workers: int = 2,
-                      max_bytes_ahead: int = 128 << 20) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, float]]:
+                      max_bytes_ahead: int = READ_AHEAD_BYTES) -> tuple[LLaMAConfig, LoRAConfig | None, dict[str, float]]:
     """lit-llama `lit-llama.pth` (+ `lit-llama-lora-finetuned.pth`) -> jaxlora checkpoint directory.
 
     The preset is recognised from the weights unless `config` is given. The LoRA file holds
@@ -259,7 +260,7 @@ def _torch_zip_items(tensors: Iterator[tuple[Entry, np.ndarray]], entries: Seque
 
 def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.PathLike, kind: str = "lora",
                       dtype: Any = None, overwrite: bool = False, progress: bool = True,
-                      workers: int = 2, max_bytes_ahead: int = 128 << 20,
+                      workers: int = 2, max_bytes_ahead: int = READ_AHEAD_BYTES,
                       adapters_dir: str | os.PathLike | None = None, merge_into: str = "trained",
                       log: Callable[[str], None] | None = None) -> dict[str, float]:
     """A jaxlora checkpoint -> one lit-llama .pth file, tensor by tensor, atomically.
@@ -293,7 +294,7 @@ def checkpoint_to_lit(checkpoint_dir: str | os.PathLike | None, out: str | os.Pa
 
 def export_torch_zip(view: MergedView, maps: Sequence[TensorMap], n_layer: int,
                      order: Callable[[dict], dict], cast: np.dtype | None, out: Path, label: str,
-                     progress: bool = True, workers: int = 2, max_bytes_ahead: int = 128 << 20,
+                     progress: bool = True, workers: int = 2, max_bytes_ahead: int = READ_AHEAD_BYTES,
                      nest: str | None = None) -> dict[str, float]:
     """Sink: the external tensors of `maps` (our leaves read through `view`, adapters folded in
     per layer) as one torch.save file `out`, in `order`, in dtype `cast` (None keeps the stored

@@ -39,6 +39,9 @@ from jaxlora.weights.lit_llama import TensorMap
 
 Path_ = tuple[str, ...]
 Where = int | tuple | None  # a whole leaf, one layer, or a region (layer first for layered leaves)
+# Bytes of tensors read ahead of their consumer (preads and copies on threads): the host holds
+# about one layer's tensors plus this much while streaming.
+READ_AHEAD_BYTES = 128 << 20
 
 
 class TensorFile(Protocol):
@@ -193,7 +196,7 @@ def read_leaves(reader: LeafReader, dtype: Any = None,
 
 
 def import_tree(item_dir: Any, reader: MappedReader, cast: np.dtype | None, meter: "Progress",
-                workers: int = 2, max_bytes_ahead: int = 128 << 20) -> None:
+                workers: int = 2, max_bytes_ahead: int = READ_AHEAD_BYTES) -> None:
     """Sink: a mapped file's leaves into a new jaxlora array tree at item_dir, piece by piece
     (dtype `cast`, None keeps the file's)."""
     dtypes = {p: np.dtype(cast or d) for p, (_, d) in reader.shapes().items()}
@@ -293,7 +296,7 @@ class Progress:
 
 
 def fill_tree(reader: LeafReader, pieces: Sequence[Piece], writer: Any, dtypes: Mapping[Path_, np.dtype],
-              meter: Progress, workers: int = 2, max_bytes_ahead: int = 128 << 20) -> None:
+              meter: Progress, workers: int = 2, max_bytes_ahead: int = READ_AHEAD_BYTES) -> None:
     """Sink: write `pieces` of `reader`'s leaves into an `ArrayTreeWriter`, cast to `dtypes`,
     reading ahead on `workers` threads within max_bytes_ahead."""
     def task(p: Piece) -> tuple[Piece, np.ndarray]:
@@ -385,7 +388,7 @@ def entry_bytes(e: Entry, itemsize: int) -> int:
 
 
 def external_tensors(view: MergedView, entries: Sequence[Entry], dtypes: Mapping[str, np.dtype],
-                     workers: int = 2, max_bytes_ahead: int = 128 << 20) -> Iterator[tuple[Entry, np.ndarray]]:
+                     workers: int = 2, max_bytes_ahead: int = READ_AHEAD_BYTES) -> Iterator[tuple[Entry, np.ndarray]]:
     """Sink side for tensor files: (entry, tensor in the external layout and `dtypes[key]`), in
     order. Entries cut from one slice of ours (HF's q, k, v of one layer) share one read."""
     groups: list[list[Entry]] = []
