@@ -54,10 +54,9 @@ from jaxlora.model.nf4 import (
 
 Array = jax.Array
 QUANTIZE_MODES = ("int8", "nf4", "nf4-dq", "fp8")  # nf4-dq: NF4 with double-quantized block scales (QLoRA)
-# Per-channel scaled 8-bit kernels (`Int8Kernel`): int8 values multiplied in the compute dtype, or
-# e4m3 values multiplied in FP8 (`jaxlora.model.fp8`).
-EIGHT_BIT = {"int8": jnp.int8, "fp8": E4M3}
-EIGHT_BIT_MAX = {"int8": 127.0, "fp8": E4M3_MAX}
+# Per-channel scaled 8-bit kernels (`Int8Kernel`) and their largest value: int8 values multiplied in
+# the compute dtype, or e4m3 values multiplied in FP8 (`jaxlora.model.fp8`).
+EIGHT_BIT = {"int8": 127.0, "fp8": E4M3_MAX}
 # On GPU a product of fewer rows (a decode step) is padded to this many: XLA's GEMMs for 8 rows read
 # the kernel faster than its one-row kernels (7B, H200, 2026-11-28: bf16 250.7 vs 235.5 tok/s at
 # batch 1, int8 296.1 vs 146.8), and the padding rows cost no memory traffic. 1: no padding.
@@ -87,11 +86,11 @@ QuantizedKernel = Int8Kernel | NF4Kernel
 
 
 def _quantize(w: Array, out_ndim: int = 1, mode: str = "int8") -> Int8Kernel:
-    """Per-output-channel symmetric 8-bit values (`EIGHT_BIT[mode]`) of w (..., in, *out); the
-    reduction runs in float32."""
+    """Per-output-channel symmetric 8-bit values of w (..., in, *out), int8 or e4m3 (`EIGHT_BIT`);
+    the reduction runs in float32."""
     wf = w.astype(jnp.float32)
     in_axis = wf.ndim - 1 - out_ndim
-    scale = jnp.max(jnp.abs(wf), axis=in_axis) / EIGHT_BIT_MAX[mode]
+    scale = jnp.max(jnp.abs(wf), axis=in_axis) / EIGHT_BIT[mode]
     scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero column: any scale represents it exactly
     scaled = wf / jnp.expand_dims(scale, in_axis)
     q = jnp.clip(jnp.round(scaled), -127, 127).astype(jnp.int8) if mode == "int8" else scaled.astype(E4M3)
