@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxlora.model.fp8 import E4M3
-from jaxlora.model.quantize import Int8Kernel, dense_dot, dequantize, quantize_kernel_as, quantize_params
+from jaxlora.model.quantize import Int8Kernel, dense_dot, dequantize, quantize_kernel_as
 from jaxlora.train.steps import make_loss_fn
 from test_qlora import batch, setup
 
