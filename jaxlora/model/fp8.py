@@ -29,6 +29,10 @@ import jax.numpy as jnp
 Array = jax.Array
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0  # its largest finite value
+# Tokens a device's micro-batch needs for FP8 to pay: measured on one H200 (2026-12-02, 7B and
+# Llama 3.1 8B, q,v), 4,096-token micro-batches ran 15-16% faster than bf16 and 1,024-token ones
+# 24% slower (the activations' scaling and the weights' layout change are paid per product).
+FASTER_FROM_TOKENS = 4096
 
 
 def rows_to_fp8(x: Array, n_axes: int = 1) -> tuple[Array, Array]:
