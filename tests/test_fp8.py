@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlora.model.fp8 import E4M3
+from jaxlora.model.fp8 import E4M3, FASTER_FROM_TOKENS
 from jaxlora.model.quantize import Int8Kernel, dense_dot, dequantize, quantize_kernel_as
+from jaxlora.train.accounting import fp8_speed_note
 from jaxlora.train.steps import make_loss_fn
 from test_qlora import batch, setup
 
@@ -59,3 +60,9 @@ def test_a_training_step_stays_near_the_float_step():
     print(f"loss {float(loss_8):.6f} vs {float(loss_f):.6f}; gradient errors {max(errors):.4f} max")
     assert abs(float(loss_8) - float(loss_f)) < 0.005 * float(loss_f)
     assert max(errors) < 0.1  # measured 6.3%
+
+
+def test_train_notes_fp8_only_where_it_was_measured_slower():
+    assert "1,024 tokens" in fp8_speed_note(1024, "gpu")
+    assert fp8_speed_note(FASTER_FROM_TOKENS, "gpu") is None
+    assert fp8_speed_note(1024, "cpu") is None  # emulated there: no speed claim

@@ -40,12 +40,11 @@ import jax
 import numpy as np
 
 from jaxlora.errors import InputsError, NonFiniteLossError, TrainingError
-from jaxlora.model import fp8
 from jaxlora.parallel import distributed
 from jaxlora.parallel import sharding as shd
 from jaxlora.text.prompts import get_style
 from jaxlora.text.tokenizer import TextTokenizer, open_tokenizer
-from jaxlora.train.accounting import check_memory, flops_per_token, mfu
+from jaxlora.train.accounting import check_memory, flops_per_token, fp8_speed_note, mfu
 from jaxlora.train.build import Run, build_run
 from jaxlora.train.checkpoints import (
     CHECKPOINTS_DIR,
@@ -137,10 +136,9 @@ def check_model(r: Run, a: TrainArgs, tokenizer: TextTokenizer, log: Callable[[s
                          f"({r.base_desc}) has vocab_size {config.vocab_size}")
     rows_per_device = r.micro_rows // shd.batch_shards(r.mesh)
     check_memory(config, lora_config, run_spec(a).speed, r.mesh, rows_per_device, a.max_seq_length, log)
-    if a.quantize == "fp8" and rows_per_device * a.max_seq_length < fp8.FASTER_FROM_TOKENS:
-        log(f"note: --quantize fp8 with {rows_per_device} x {a.max_seq_length} tokens a micro-batch per device: "
-            f"FP8 was measured faster than bf16 from {fp8.FASTER_FROM_TOKENS:,} tokens and slower below "
-            "(docs/benchmarks.md); raise --micro_batch_size or --max_seq_length, or leave --quantize out")
+    note = fp8_speed_note(rows_per_device * a.max_seq_length, jax.default_backend()) if a.quantize == "fp8" else None
+    if note:
+        log(note)
     log(f"model: {r.base_desc}: {config.num_params():,} frozen parameters ({a.precision}), "
         f"{lora_config.num_params(config):,} trainable (LoRA r={a.lora_r}, alpha={a.lora_alpha:g}, "
         f"targets {','.join(lora_config.targets)})")
