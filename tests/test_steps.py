@@ -6,7 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlora.train.steps import IGNORE_INDEX, head_logits, token_nll_sum
+from jaxlora.train.steps import (
+    CHUNK_SLACK,
+    IGNORE_INDEX,
+    MAX_CHUNK_LOGITS,
+    head_logits,
+    loss_chunk_tokens,
+    token_nll_sum,
+)
 
 
 def _data(seed: int, B: int = 2, T: int = 24, C: int = 16, V: int = 40, dtype=jnp.float32):
@@ -36,6 +43,20 @@ def test_nll_sum_matches_reference_for_any_chunking(chunk):
     ref_total, ref_count = _reference_nll_sum(hidden, kernel, targets)
     assert int(count) == ref_count
     np.testing.assert_allclose(float(total), ref_total, rtol=1e-5)
+
+
+def test_loss_chunks_are_even_and_bounded():
+    """The fewest chunks within the bounds, of equal size: padding is less than one row a chunk."""
+    assert loss_chunk_tokens(4096, 128256, 4096) == 1024  # Llama 3 at 8 x 512: 4 x 1,024, not 5 x 1,021
+    assert loss_chunk_tokens(1024, 128256, 4096) == 0  # one chunk: the whole batch
+    assert loss_chunk_tokens(8192, 32000, 4096) == 4096 and loss_chunk_tokens(4096, 32000, 4096) == 0
+    assert loss_chunk_tokens(5000, 32000, 4096) == 2500 and loss_chunk_tokens(5000, 32000, 0) == 0
+    for n in (1, 7, 100, 1000, 4096, 4100, 12345):
+        for vocab, asked in ((32000, 4096), (128256, 4096), (50, 7), (50, 1)):
+            chunk = loss_chunk_tokens(n, vocab, asked) or n
+            n_chunks = -(-n // chunk)
+            assert n_chunks * chunk - n < n_chunks
+            assert chunk <= max(1, min(asked, MAX_CHUNK_LOGITS // vocab)) * CHUNK_SLACK
 
 
 def test_chunked_gradient_equals_whole_batch_gradient():

@@ -18,7 +18,7 @@ from jaxlora.model.nf4 import ABSMAX_BLOCK, BLOCK
 from jaxlora.parallel import sharding as shd
 from jaxlora.train.settings import PRECISIONS
 from jaxlora.train.spec import SpeedKnobs
-from jaxlora.train.steps import MAX_CHUNK_LOGITS
+from jaxlora.train.steps import loss_chunk_tokens
 
 GIB = 2**30
 # Dense bf16 peak of one device, for MFU (datasheet numbers; None where unknown, e.g. CPUs).
@@ -123,7 +123,7 @@ def estimate_device_bytes(config: LLaMAConfig, lora: LoRAConfig, speed: SpeedKno
         kept = tokens * (L * C + per_layer)
     else:
         kept = tokens * L * per_layer * REMAT_SCALE.get(speed.remat, REMAT_SCALE["none"])
-    chunk = tokens if speed.loss_chunk <= 0 else min(tokens, speed.loss_chunk, MAX_CHUNK_LOGITS // config.padded_vocab_size)
+    chunk = loss_chunk_tokens(tokens, config.padded_vocab_size, speed.loss_chunk) or tokens
     return MemoryEstimate(
         weights=math.ceil(weight_bytes(config, speed.precision, speed.quantize) / (mesh_shape["fsdp"] * tensor)),
         adapters=ADAPTER_BYTES * lora.num_params(config),
