@@ -1,7 +1,7 @@
 """cuDNN attention over packed rows on a GPU: the packed ("ragged") layout against the XLA masked
 reference (forward and gradients), then fwd+bwd timings of every implementation at 7B's heads.
 
-Rows are packed from Alpaca-profile sample lengths (bench/train_throughput.py's `alpaca_lengths`)
+Rows are packed from Alpaca-profile sample lengths (bench/alpaca_profile.py's `alpaca_lengths`)
 by train.py's packer (`jaxlora.train.data.pack_rows`), padding tail included.
 
 Accuracy: each implementation's output and q/k/v gradients (random cotangent) against XLA's
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from train_throughput import alpaca_lengths
+from alpaca_profile import alpaca_lengths
 
 from jaxlora.model import attention
 from jaxlora.train.data import pack_rows

@@ -19,8 +19,9 @@ one, blocking on each (the peers' method: the host's dispatch time adds to every
   python bench/train_throughput.py --preset tiny --shapes 2x64 --steps 2   # CPU smoke test
   python bench/train_throughput.py --preset 7B --alpaca 2048     # real tokens/s: bucketed vs packed
 
-`--alpaca N` times real tokens/s (padding excluded) on instruction-like data instead: `alpaca_lengths`
-draws sample lengths with Alpaca's profile from a seed (most 50-300 tokens, a tail to 1,000), and
+`--alpaca N` times real tokens/s (padding excluded) on instruction-like data instead:
+bench/alpaca_profile.py draws sample lengths with Alpaca's profile from a seed (most 50-300 tokens,
+a tail to 1,000; bench/peft_alpaca_peer.py trains PyTorch on the same samples), and
 train.py's Batcher makes the batches, as train.py would: lit-llama's recipe (128 samples a step,
 micro-batch 4, max_seq_length 256, one sample a row padded to a bucket length, samples cut at 256)
 against the same samples packed into rows of 2048 (`--alpaca_packed_rows` rows a micro-batch;
@@ -41,9 +42,11 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: alpaca_profile
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from alpaca_profile import alpaca_samples  # noqa: E402
 
 from jaxlora.config import LLaMAConfig  # noqa: E402
 from jaxlora.model.llama import ATTENTION_IMPLS, REMAT_POLICIES  # noqa: E402
@@ -196,27 +199,6 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> 
 
 def _round(x: float | None, digits: int) -> float | None:
     return None if x is None else round(x, digits)
-
-
-def alpaca_lengths(n: int, seed: int = 0) -> np.ndarray:
-    """Token counts with Alpaca's profile (prompt + response, LLaMA tokenizer): a log-normal body
-    with a median near 130 (most samples 50-300 tokens), and one sample in 20 from a tail up to
-    1,000 tokens."""
-    rng = np.random.default_rng(seed)
-    body = rng.lognormal(np.log(130.0), 0.55, size=n)
-    tail = rng.uniform(300, 1000, size=n)
-    lengths = np.where(rng.random(n) < 0.05, tail, body)
-    return np.clip(lengths, 20, 1000).astype(int)
-
-
-def alpaca_samples(n: int, vocab: int, seed: int = 0) -> list[dict]:
-    """Random token samples of `alpaca_lengths` (labels = inputs: loss on every token)."""
-    rng = np.random.default_rng(seed + 1)
-    out = []
-    for length in alpaca_lengths(n, seed):
-        ids = rng.integers(1, vocab, size=length, dtype=np.int32)
-        out.append({"input_ids": ids, "labels": ids})
-    return out
 
 
 def bench_alpaca(args: argparse.Namespace, name: str, micro: int, seq: int, packing: bool) -> dict:
