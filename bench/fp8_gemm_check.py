@@ -1,21 +1,23 @@
-"""Does an FP8 frozen-weight GEMM beat bf16 on this GPU, through XLA as JAX emits it?
+"""Where does an FP8 frozen-weight product win or lose against bf16 on this GPU, through XLA as JAX emits it?
 
-Times one LoRA layer's frozen products at 7B shapes (tokens x 4096 @ 4096 x {4096, 11008} and
-the MLP's down product), forward (x @ W) and input gradient (dy @ W^T), four ways:
+Times one LoRA layer's frozen products at 7B shapes (tokens x 4096 @ 4096 x {4096, 11008} and the
+MLP's down product), for the forward (x @ W) and the input gradient (g @ W^T), five ways:
 
-  bf16        jnp.dot of bf16 operands (what training runs today)
-  fp8         lax.dot_general of float8_e4m3fn operands, bf16 output,
-              the scales applied to the product afterwards; the weight quantized beforehand
-  fp8+scale   the same, with the activation's per-tensor scale found on the fly (amax over the
-              tensor, the cast included in the timing): what a training step would pay
-  jaxlora     `--quantize fp8`'s forward product (jaxlora.model.fp8 through dense_dot): per-row activation scales, per-channel weight
-              scales, applied to the product (forward rows only)
-  qdq         quantize-dequantize of both operands then a bf16 dot: the pattern XLA's GEMM
-              rewriter is documented to turn into a scaled FP8 cuBLASLt call
+  bf16          jnp.dot of bf16 operands (what training runs today)
+  fp8           lax.dot_general of float8_e4m3fn operands, both already in FP8, the kernel stored
+                (in, out) as jaxlora stores it; bf16 output, the scales applied to the product after
+  fp8-kmajor    the same with the kernel stored (out, in): the contracted axis innermost in both
+                operands, the layout cuBLASLt's FP8 GEMMs take; if this is much faster than `fp8`,
+                the (in, out) kernel costs a relayout per product
+  jaxlora       `--quantize fp8`'s product (jaxlora.model.fp8 through dense_dot: per-row scales of
+                the activation or gradient found on the fly, per-channel kernel scales), forward
+                or input gradient (jax.vjp), as a training step runs it
+  qdq           quantize-dequantize of both operands, then a bf16 dot: the pattern XLA's GEMM
+                rewriter is documented to turn into a scaled FP8 cuBLASLt call
 
-and prints TFLOP/s and the error against an f32 product. Run on a GPU:
+and prints TFLOP/s and the error against a float32 product. Run on a GPU:
 
-    PYTHONPATH=. python bench/fp8_gemm_check.py --tokens 4096,8192
+    PYTHONPATH=. python bench/fp8_gemm_check.py --tokens 1024,4096
 """
 from __future__ import annotations
 
@@ -26,43 +28,54 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxlora.model.fp8 import E4M3, E4M3_MAX
 from jaxlora.model.quantize import dense_dot, quantize_kernel_as
 
-E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
-F8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+# (name, contracted size, output size, direction): "dgrad" products are g (tokens, out) @ W^T
+# for a kernel W (in, out) = (output size, contracted size)
+PRODUCTS = [("q/v", 4096, 4096, "fwd"), ("up", 4096, 11008, "fwd"), ("down", 11008, 4096, "fwd"),
+            ("up", 11008, 4096, "dgrad"), ("down", 4096, 11008, "dgrad")]
 
 
-def scale_of(x: jax.Array, dtype) -> jax.Array:
-    """Per-tensor scale that maps the largest magnitude onto the format's largest value."""
-    return jnp.maximum(jnp.max(jnp.abs(x)).astype(jnp.float32), 1e-12) / F8_MAX[dtype]
+def per_tensor_scale(x: jax.Array) -> jax.Array:
+    return jnp.maximum(jnp.max(jnp.abs(x)).astype(jnp.float32), 1e-12) / E4M3_MAX
 
 
-def to_f8(x: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    return (x.astype(jnp.float32) / scale).astype(dtype)
+def to_e4m3(x: jax.Array, scale: jax.Array) -> jax.Array:
+    return (x.astype(jnp.float32) / scale).astype(E4M3)
 
 
-def products(kind: str, grad_dtype=E5M2):
-    """A jitted (a, w_or_wq, w_scale) -> bf16 product for one way of computing it."""
-    def bf16(a, w, sw):
-        return jnp.dot(a, w, preferred_element_type=jnp.bfloat16)
+def scaled(out: jax.Array, scale: jax.Array) -> jax.Array:
+    return (out.astype(jnp.float32) * scale).astype(jnp.bfloat16)
 
-    def fp8(a, wq, sw):  # a already float8 (its scale folded in sw for the timing)
-        out = jax.lax.dot_general(a, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.bfloat16)
-        return (out.astype(jnp.float32) * sw).astype(jnp.bfloat16)
 
-    def fp8_scaled(a, wq, sw):
-        sa = scale_of(a, grad_dtype)
-        out = jax.lax.dot_general(to_f8(a, sa, grad_dtype), wq, (((1,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.bfloat16)
-        return (out.astype(jnp.float32) * (sa * sw)).astype(jnp.bfloat16)
+def ways(direction: str) -> dict:
+    """kind -> jitted (a, kernel operand, scale) -> bf16 (tokens, n) product."""
+    contract_w = 0 if direction == "fwd" else 1  # W (k, n) for the forward; W (n, k) = (in, out) for dgrad
 
-    def qdq(a, wq, sw):
-        sa = scale_of(a, grad_dtype)
-        a_dq = to_f8(a, sa, grad_dtype).astype(jnp.bfloat16) * sa.astype(jnp.bfloat16)
-        w_dq = wq.astype(jnp.bfloat16) * sw.astype(jnp.bfloat16)
-        return jnp.dot(a_dq, w_dq, preferred_element_type=jnp.bfloat16)
+    def bf16(a, w, s):
+        return jax.lax.dot_general(a, w, (((1,), (contract_w,)), ((), ())), preferred_element_type=jnp.bfloat16)
 
-    return jax.jit({"bf16": bf16, "fp8": fp8, "fp8+scale": fp8_scaled, "qdq": qdq}[kind])
+    def fp8(a, wq, s):
+        return scaled(jax.lax.dot_general(a, wq, (((1,), (contract_w,)), ((), ())),
+                                          preferred_element_type=jnp.bfloat16), s)
+
+    def fp8_kmajor(a, wq_t, s):  # wq_t stored with the contracted axis last
+        return scaled(jax.lax.dot_general(a, wq_t, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16), s)
+
+    def qdq(a, wq, s):
+        sa = per_tensor_scale(a)
+        a_dq = to_e4m3(a, sa).astype(jnp.bfloat16) * sa.astype(jnp.bfloat16)
+        return bf16(a_dq, wq.astype(jnp.bfloat16) * s.astype(jnp.bfloat16), None)
+
+    def jaxlora(a, kernel, s):
+        if direction == "fwd":
+            return dense_dot(a, kernel, jnp.bfloat16)
+        x0 = jnp.zeros((a.shape[0], kernel.q.shape[0]), jnp.bfloat16)
+        return jax.vjp(lambda x: dense_dot(x, kernel, jnp.bfloat16), x0)[1](a)[0]
+
+    return {k: jax.jit(f) for k, f in (("bf16", bf16), ("fp8", fp8), ("fp8-kmajor", fp8_kmajor), ("qdq", qdq),
+                                        ("jaxlora", jaxlora))}
 
 
 def timed(fn, *args, iters: int) -> float:
@@ -76,35 +89,31 @@ def timed(fn, *args, iters: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", default="4096,8192")
-    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--tokens", default="1024,4096")
+    ap.add_argument("--iters", type=int, default=30)
     args = ap.parse_args()
-    shapes = [("q/v fwd", 4096, 4096, E4M3), ("up fwd", 4096, 11008, E4M3), ("down fwd", 11008, 4096, E4M3),
-              ("up dgrad", 11008, 4096, E4M3), ("down dgrad", 4096, 11008, E4M3)]
     rows = []
     for tokens in map(int, args.tokens.split(",")):
-        for name, k, n, adt in shapes:
+        for name, k, n, direction in PRODUCTS:
             ka, kw = jax.random.split(jax.random.key(tokens + k + n))
             a = jax.random.normal(ka, (tokens, k), jnp.float32)
-            w = 0.02 * jax.random.normal(kw, (k, n), jnp.float32)
-            ref = jnp.dot(a, w, precision="highest")
-            sw = scale_of(w, E4M3)
-            wq = to_f8(w, sw, E4M3)
-            sa = scale_of(a, adt)
-            inputs = {"bf16": (a.astype(jnp.bfloat16), w.astype(jnp.bfloat16), sw),
-                      "fp8": (to_f8(a, sa, adt), wq, sw * sa),
-                      "fp8+scale": (a.astype(jnp.bfloat16), wq, sw),
-                      "qdq": (a.astype(jnp.bfloat16), wq, sw)}
-            if name.endswith("fwd"):
-                inputs["jaxlora"] = (a.astype(jnp.bfloat16), quantize_kernel_as(w, "fp8"), None)
-            for kind, operands in inputs.items():
-                fn = jax.jit(lambda x, k, _: dense_dot(x, k, jnp.bfloat16)) if kind == "jaxlora" else products(kind, adt)
+            w = 0.02 * jax.random.normal(kw, (k, n) if direction == "fwd" else (n, k), jnp.float32)
+            ref = jnp.dot(a, w if direction == "fwd" else w.T, precision="highest")
+            sw, sa = per_tensor_scale(w), per_tensor_scale(a)
+            wq, aq = to_e4m3(w, sw), to_e4m3(a, sa)
+            wq_kmajor = wq.T if direction == "fwd" else wq  # the contracted axis last
+            a16 = a.astype(jnp.bfloat16)
+            inputs = {"bf16": (a16, w.astype(jnp.bfloat16), None), "fp8": (aq, wq, sa * sw),
+                      "fp8-kmajor": (aq, jnp.asarray(wq_kmajor), sa * sw), "qdq": (a16, wq, sw),
+                      "jaxlora": (a16, quantize_kernel_as(w, "fp8"), None)}
+            for kind, fn in ways(direction).items():
+                operands = inputs[kind]
                 secs = timed(fn, *operands, iters=args.iters)
                 out = fn(*operands).astype(jnp.float32)
                 err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-                row = {"tokens": tokens, "product": name, "k": k, "n": n, "kind": kind, "ms": round(1e3 * secs, 3),
-                       "tflops": round(2 * tokens * k * n / secs / 1e12, 1), "rel_err": round(err, 5),
-                       "device": jax.devices()[0].device_kind}
+                row = {"tokens": tokens, "product": f"{name} {direction}", "k": k, "n": n, "kind": kind,
+                       "ms": round(1e3 * secs, 3), "tflops": round(2 * tokens * k * n / secs / 1e12, 1),
+                       "rel_err": round(err, 5), "device": jax.devices()[0].device_kind}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(f"\n{'tokens':>6} {'product':<11} {'kind':<10} {'ms':>8} {'TFLOP/s':>8} {'rel err':>8}")
