@@ -1,4 +1,4 @@
-"""QLoRA on 8 CPU devices: training with nf4-dq and int8 frozen kernels on a data x fsdp x
+"""QLoRA on 8 CPU devices: training with nf4-dq, int8 and fp8 frozen kernels on a data x fsdp x
 tensor mesh (2 x 2 x 2) equals training on one device; the quantized leaves are sharded like
 their float kernels; a mesh that would cut an NF4 block is refused by name.
 
@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent("""
         return r, losses
 
     report = {}
-    for mode, scan in (("nf4-dq", False), ("int8", True)):  # per-layer and stacked weights
+    for mode, scan in (("nf4-dq", False), ("int8", True), ("fp8", False)):  # per-layer and stacked weights
         ref, ref_losses = train(mode, "data=1", scan, 1)
         r, losses = train(mode, "data=2,fsdp=2,tensor=2", scan, 4)
         if mode == "nf4-dq":  # the quantized base saved from the mesh (per layer, q/k/v split) = from one device
@@ -88,9 +88,12 @@ def test_quantized_training_on_a_mesh_equals_one_device(tmp_path):
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    for mode in ("nf4-dq", "int8"):
+    for mode in ("nf4-dq", "int8", "fp8"):
         run = report[mode]
-        np.testing.assert_allclose(run["losses"], run["ref_losses"], rtol=2e-5, err_msg=mode)
+        # fp8 rounds activations and gradients to e4m3 (steps of 2^-4): a float32 difference of the
+        # sharded sums can move a value across a rounding boundary, hence a wider bound (measured 1.1e-5)
+        np.testing.assert_allclose(run["losses"], run["ref_losses"], rtol=2e-5 if mode != "fp8" else 1e-4,
+                                   err_msg=mode)
         assert run["losses"][2][0] < run["losses"][0][0], run  # the adapters did train
         assert run["qkv_out_ndim"] == 2  # q/k/v split by head group over the tensor axis
     # NF4 codes (C, slots, width, C/2): width over tensor, the packed input axis over fsdp; int8 as the kernel
@@ -98,6 +101,7 @@ def test_quantized_training_on_a_mesh_equals_one_device(tmp_path):
     assert report["nf4-dq"]["qkv_shard"] == [3, 64, 32]
     assert report["int8"]["qkv_spec"] == "P(None, 'fsdp', None, 'tensor')"
     assert report["int8"]["qkv_shard"] == [1, 64, 3, 64]
+    assert report["fp8"]["qkv_spec"] == "P('fsdp', None, 'tensor')"  # as int8's, per layer (no layer axis)
     assert report["saved_equal"]
     assert "--quantize nf4 on mesh data=2 x fsdp=4" in report["refused"]
     assert "h/attn/c_attn/kernel (input axis over fsdp): 128 inputs over 4 devices are 32 each" in report["refused"]
