@@ -171,6 +171,7 @@ def test_diverse_prefers_different_instructions():
     samples = [{"instruction": i} for i in ("Reverse a", "Reverse b", "Write c", "Name d", "Write e")]
     assert [s["instruction"] for s in diverse(samples, 3)] == ["Reverse a", "Write c", "Name d"]
     assert [s["instruction"] for s in diverse(samples[:2], 2)] == ["Reverse a", "Reverse b"]
+    assert diverse(samples, 0) == []  # --num_samples 0: nothing shown, nothing generated
 
 
 def test_evaluation_rows():
