@@ -190,7 +190,8 @@ def test_load_checkpoint_reads_only_the_shards_each_device_holds(tmp_path):
     read whole, a replicated one once for all its devices (2 CPU devices in a subprocess)."""
     variables = tiny_variables(LoRAConfig(r=0, targets=()))
     cio.save_checkpoint(tmp_path / "ck", TINY, None, variables["params"])
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
     p = subprocess.run([sys.executable, "-c", SHARDED_LOAD, str(tmp_path / "ck")], cwd=ROOT, capture_output=True,
                        text=True, timeout=120, env=env)
     assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from fast_compile import default_env
 
 from jaxlora.config import LLaMAConfig
 from jaxlora.errors import MeshError
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from jaxlora import LLaMA, LLaMAConfig, LoRAConfig, init_variables
@@ -73,7 +74,11 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_gqa_tensor_parallel_training_matches_one_device():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    # At XLA's default optimization level, where its tolerances were measured: -O0 machine code
+    # (tests/fast_compile.py) sums in another order, and Adam blows that noise of near-zero
+    # gradients up past atol (3e-5 seen).
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                         env=default_env())
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
 
 

@@ -37,12 +37,8 @@ from jaxlora.train.steps import init_train_state, make_train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Many short runs compile the same programs (each run jits fresh closures): a persistent
-# compilation cache for this test session turns the repeats into cache hits.
-JIT_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlora-test-jit-"))
-jax.config.update("jax_compilation_cache_dir", JIT_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+# Many short runs compile the same programs (each run jits fresh closures): conftest.py's
+# persistent compilation cache turns the repeats into cache hits.
 WORDS = ("apple table river planet garden window yellow purple orange silver forest winter summer castle dragon "
          "pencil rocket bottle candle basket").split()
 
@@ -363,7 +359,7 @@ def test_cli_reports_bad_data_and_exits_nonzero(tmp_path):
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+            "JAXLORA_COMPILE_CACHE": ""}  # conftest.py's session cache, not ~/.cache/jaxlora
 
 
 def test_help_documents_every_flag():
