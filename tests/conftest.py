@@ -2,12 +2,29 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import the PyTorch reference by name
+
+import fast_compile  # noqa: E402
+
+# Compile time is most of this suite's time on CPU, so, for this process and every subprocess a test
+# starts (they inherit the environment; scripts that set a device count append to XLA_FLAGS):
+# - LLVM at -O0 (tests/fast_compile.py says why that is safe and which tests opt out);
+# - one persistent compilation cache for the session: tests (and subprocesses) that compile the same
+#   program load it instead of compiling it again. A cached program is the one XLA compiled.
+if fast_compile.wanted():
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + fast_compile.FLAG).strip()
+_OWN_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="jaxlora-test-jit-")
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import jax  # noqa: E402
 
@@ -39,3 +56,8 @@ def tiny_config() -> LLaMAConfig:
 @pytest.fixture
 def tiny_lora() -> LoRAConfig:
     return LoRAConfig(r=4, alpha=16, dropout=0.0, targets=("q", "v"))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

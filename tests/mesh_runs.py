@@ -2,16 +2,20 @@
 
 Run as a script in a fresh process (the device count is fixed when JAX starts):
 
-    python tests/mesh_runs.py equality OUT_JSON      # data=8, fsdp=8, 2x2x2 vs one device
-    python tests/mesh_runs.py resume OUT_JSON        # saved on 2x2x2, resumed on data=8 and on one device
-    python tests/mesh_runs.py layout OUT_JSON        # every array's sharding vs the rules table
+    python tests/mesh_runs.py OUT_JSON
 
-Each writes a JSON report that the test reads; nothing is asserted here except by the test.
+It writes one JSON report, a part per test (nothing is asserted here except by the tests):
+    equality  data=8, fsdp=8, 2x2x2 vs one device
+    resume    saved on 2x2x2, resumed on data=8 and on one device
+    layout    every array's sharding vs the rules table
+One process for the three: the one-device reference run serves the first two, and programs
+compiled once (the 2x2x2 step, ...) are reused through the persistent compilation cache.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -66,9 +70,8 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows if r["type"] == "train"]
 
 
-def equality(tmp: Path) -> dict:
-    ref = trainer.run(mesh_args(tmp / "one", ONE_DEVICE))
-    report = {"ref_losses": losses(tmp / "one"), "runs": {}}
+def equality(tmp: Path, ref: trainer.TrainResult) -> dict:
+    report = {"ref_losses": losses(Path(ref.out_dir)), "runs": {}}
     for mesh in MESHES:
         out = tmp / mesh.replace(",", "_").replace("=", "")
         result = trainer.run(mesh_args(out, mesh))
@@ -77,12 +80,13 @@ def equality(tmp: Path) -> dict:
     return report
 
 
-def resume(tmp: Path) -> dict:
-    ref = trainer.run(mesh_args(tmp / "ref", ONE_DEVICE, max_steps=4))
+def resume(tmp: Path, ref: trainer.TrainResult) -> dict:
+    first = tmp / "resume_first"
+    trainer.run(mesh_args(first, "data=2,fsdp=2,tensor=2", max_steps=2))
     report = {}
-    for target in ("data=8", ONE_DEVICE):
+    for target in ("data=8", ONE_DEVICE):  # each resumes its own copy of the same 2 steps
         out = tmp / f"resume_{target.replace('=', '')}"
-        trainer.run(mesh_args(out, "data=2,fsdp=2,tensor=2", max_steps=2))
+        shutil.copytree(first, out)
         resumed = trainer.run(mesh_args(out, target, max_steps=4, resume=True))
         report[target] = {"step": resumed.step, **compare(resumed.lora, ref.lora)}
     return report
@@ -128,9 +132,14 @@ def layout(tmp: Path) -> dict:
             "batch_spec": str(r.shardings.batch.spec)}
 
 
+def main(tmp: Path) -> dict:
+    ref = trainer.run(mesh_args(tmp / "one", ONE_DEVICE))  # 4 steps on one device
+    return {"equality": equality(tmp, ref), "resume": resume(tmp, ref), "layout": layout(tmp)}
+
+
 if __name__ == "__main__":
-    kind, out_json = sys.argv[1], sys.argv[2]
+    out_json = sys.argv[1]
     assert len(jax.devices()) == 8, jax.devices()
-    with tempfile.TemporaryDirectory(prefix=f"jaxlora-mesh-{kind}-") as tmp:
-        report = {"equality": equality, "resume": resume, "layout": layout}[kind](Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="jaxlora-mesh-") as tmp:
+        report = main(Path(tmp))
     Path(out_json).write_text(json.dumps(report, indent=1))

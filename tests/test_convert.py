@@ -190,7 +190,8 @@ def test_load_checkpoint_reads_only_the_shards_each_device_holds(tmp_path):
     read whole, a replicated one once for all its devices (2 CPU devices in a subprocess)."""
     variables = tiny_variables(LoRAConfig(r=0, targets=()))
     cio.save_checkpoint(tmp_path / "ck", TINY, None, variables["params"])
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
     p = subprocess.run([sys.executable, "-c", SHARDED_LOAD, str(tmp_path / "ck")], cwd=ROOT, capture_output=True,
                        text=True, timeout=120, env=env)
     assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
@@ -494,29 +495,47 @@ def test_interrupted_conversions_leave_nothing(tmp_path, lit_files, monkeypatch)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return run_clis(args)[0]
+
+
+def run_clis(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """`python *args` for each command, all at once (each mostly imports, on one core), in order."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for args in commands]
+    done = []
+    try:
+        for args, proc in zip(commands, procs):
+            out, err = proc.communicate(timeout=120)
+            done.append(subprocess.CompletedProcess([sys.executable, *args], proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return done
 
 
 def test_cli_round_trip_and_errors(tmp_path):
     lora = LoRAConfig(r=4, targets=("q", "v"))
     base_path, lora_path, base, adapters, _ = save_lit(tmp_path / "lit", lora, torch.bfloat16)
     ck = tmp_path / "ck"
-    p = run_cli("convert/from_lit_llama.py", "--checkpoint_path", str(base_path), "--lora_path", str(lora_path),
-                "--lora_alpha", "32", "--out_dir", str(ck))
+    # the conversion, and meanwhile the commands that need none of its output
+    p, missing, help_from, help_to = run_clis(
+        ("convert/from_lit_llama.py", "--checkpoint_path", str(base_path), "--lora_path", str(lora_path),
+         "--lora_alpha", "32", "--out_dir", str(ck)),
+        ("convert/to_lit_llama.py", "--checkpoint_dir", str(tmp_path / "nope"), "--out", str(tmp_path / "x.pth")),
+        ("convert/from_lit_llama.py", "--help"), ("convert/to_lit_llama.py", "--help"))
     assert p.returncode == 0, p.stderr
     assert "from_lit_llama:" in p.stderr and "B/s" in p.stderr  # tqdm: bytes done, rate, ETA
     assert cio.read_config(ck)[1].alpha == 32
     p = run_cli("convert/from_lit_llama.py", "--checkpoint_path", str(base_path), "--out_dir", str(ck))
     assert p.returncode == 2 and "already exists; pass --overwrite" in p.stderr
     p = run_cli("convert/to_lit_llama.py", "--checkpoint_dir", str(ck), "--out", str(tmp_path / "lora.pth"),
-                "--quiet")
+                "--quiet")  # after the refusal: it left the checkpoint as it was
     assert p.returncode == 0 and p.stderr == "", p.stderr
     assert_same_file(tmp_path / "lora.pth", adapters)
-    p = run_cli("convert/to_lit_llama.py", "--checkpoint_dir", str(tmp_path / "nope"), "--out",
-                str(tmp_path / "x.pth"))
-    assert p.returncode == 2 and "no such checkpoint directory" in p.stderr
-    p = run_cli("convert/from_lit_llama.py", "--help")  # the example keeps its line breaks
-    assert p.returncode == 0 and "lit-llama.pth \\\n        [--lora_path" in p.stdout, p.stdout
-    help_text = run_cli("convert/to_lit_llama.py", "--help").stdout
+    assert missing.returncode == 2 and "no such checkpoint directory" in missing.stderr
+    # the example keeps its line breaks
+    assert help_from.returncode == 0 and "lit-llama.pth \\\n        [--lora_path" in help_from.stdout, help_from.stdout
+    help_text = help_to.stdout
     assert "--merged" in help_text and "--base" in help_text and "--dtype" in help_text

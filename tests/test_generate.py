@@ -181,7 +181,7 @@ def test_bad_input_is_named(model_and_vars):
 
 SHARDED = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import jax, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
 from jaxlora import LLaMA, LLaMAConfig, LoRAConfig, init_variables

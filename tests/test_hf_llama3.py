@@ -121,13 +121,15 @@ def test_gqa_cached_decoding_equals_the_full_forward(models):
     lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "k", "v"))
     model = LLaMA(config, lora, attention="xla")
     variables = {"params": params, "lora": random_adapters(config, lora)}
-    full = np.asarray(model.apply(variables, TOKENS))
-    logits, cache = model.apply(variables, TOKENS[:, :5], cache=init_cache(model, 2, 16))
+    full = np.asarray(jax.jit(model.apply)(variables, TOKENS))
+    logits, cache = jax.jit(lambda v, s: model.apply(v, s, cache=init_cache(model, 2, 16)))(variables, TOKENS[:, :5])
     assert cache["k"].shape == (config.n_layer, 2, 2, 16, config.head_size)
+    # one program for every decoding step (eager apply would trace the layers anew at each)
+    step = jax.jit(lambda v, tok, t, c: model.apply(v, tok, positions=jnp.full((2, 1), t), cache=c, cache_index=t,
+                                                    kv_mask=jnp.broadcast_to(jnp.arange(16) <= t, (2, 16))))
     got = [np.asarray(logits)]
     for t in range(5, TOKENS.shape[1]):
-        logits, cache = model.apply(variables, TOKENS[:, t:t + 1], positions=jnp.full((2, 1), t), cache=cache,
-                                    cache_index=t, kv_mask=jnp.broadcast_to(jnp.arange(16) <= t, (2, 16)))
+        logits, cache = step(variables, TOKENS[:, t:t + 1], jnp.int32(t), cache)
         got.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(got, axis=1), full, rtol=1e-5, atol=1e-5)
     from jaxlora.infer.decode import greedy_generate

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from jaxlora import LLaMA, LLaMAConfig, LoRAConfig, init_variables
@@ -78,7 +78,7 @@ def test_sharded_step_matches_single_device():
 LOAD_SCRIPT = textwrap.dedent("""
     import os, sys, tempfile
     from pathlib import Path
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     sys.path.insert(0, "tests")
     import jax, jax.numpy as jnp, numpy as np
     from flax import traverse_util
@@ -125,17 +125,19 @@ def test_checkpoints_load_straight_into_every_run_layout():
 
 # ----------------------------------------------------------------------------- the training loop on meshes
 
-def mesh_report(kind: str, tmp_path: Path) -> dict:
-    out = tmp_path / f"{kind}.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "mesh_runs.py"), kind, str(out)],
+@pytest.fixture(scope="module")
+def mesh_reports(tmp_path_factory) -> dict:
+    """tests/mesh_runs.py's report: the runs of the three tests below, in one process."""
+    out = tmp_path_factory.mktemp("mesh") / "report.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "mesh_runs.py"), str(out)],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
 
-def test_training_on_meshes_matches_one_device(tmp_path):
+def test_training_on_meshes_matches_one_device(mesh_reports):
     """data=8, fsdp=8 and 2x2x2: 4 steps with dropout and accumulation."""
-    report = mesh_report("equality", tmp_path)
+    report = mesh_reports["equality"]
     assert set(report["runs"]) == {"data=8", "fsdp=8", "data=2,fsdp=2,tensor=2"}
     for mesh, run in report["runs"].items():
         np.testing.assert_allclose(run["losses"], report["ref_losses"], rtol=1e-6, err_msg=mesh)
@@ -143,23 +145,24 @@ def test_training_on_meshes_matches_one_device(tmp_path):
         assert run["max_rel"] < 5e-5, (mesh, run)
 
 
-def test_checkpoint_resumes_on_another_mesh_and_on_one_device(tmp_path):
+def test_checkpoint_resumes_on_another_mesh_and_on_one_device(mesh_reports):
     """2 steps on 2x2x2, then 2 more on data=8 / on one device == 4 steps on one device."""
-    report = mesh_report("resume", tmp_path)
+    report = mesh_reports["resume"]
     for target, run in report.items():
         assert run["step"] == 4, target
         assert run["max_rel"] < 5e-5, (target, run)
 
 
-def test_every_array_is_sharded_as_the_rules_say(tmp_path):
-    report = mesh_report("layout", tmp_path)
+def test_every_array_is_sharded_as_the_rules_say(mesh_reports):
+    report = mesh_reports["layout"]
     assert report["checked"] > 30 and report["bad"] == []
     assert report["fc1_shard"] == [32, 128]  # (embed 64 / fsdp 2, mlp 256 / tensor 2)
     assert report["batch_spec"] == "P(None, ('data', 'fsdp'), None)"
 
 
 def _env(devices: int) -> dict[str, str]:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    return {**os.environ, "XLA_FLAGS": flags,
             "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
             "JAXLORA_COMPILE_CACHE": ""}
 
@@ -198,12 +201,21 @@ def test_two_processes_train_like_one(tmp_path):
                                "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
                                "--process_id", str(i)], cwd=ROOT, env=_env(4), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
+    # the one-process run at the same time: the pair alone leaves a core idle much of the time
+    # (its output to a file: a pipe left unread until the pair ends could fill and stall it)
+    with open(tmp_path / "one.err", "w") as log:
+        one = subprocess.Popen([sys.executable, "train.py", *common, "--out_dir", str(tmp_path / "one")], cwd=ROOT,
+                               env=_env(8), stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            outs = [p.communicate(timeout=600) for p in procs]
+            one.wait(timeout=600)
+        finally:
+            for p in (*procs, one):
+                if p.poll() is None:
+                    p.kill()
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    one = subprocess.run([sys.executable, "train.py", *common, "--out_dir", str(tmp_path / "one")], cwd=ROOT,
-                         env=_env(8), capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.returncode == 0, (tmp_path / "one.err").read_text()[-3000:]
     assert "on 2 host(s)" in outs[0][0]
     for marker in ("data:", "mesh:", "step", "outputs in"):  # process 1 prints nothing of ours (gloo may chatter)
         assert marker not in outs[1][0], outs[1][0]
@@ -288,7 +300,7 @@ def test_default_layout_shards_only_what_does_not_fit():
 
 TP_SCRIPT = textwrap.dedent("""
     import os, re
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import numpy as np
     from jaxlora.train.build import build_run
     from jaxlora.train.settings import TrainArgs, resolve_args

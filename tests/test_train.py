@@ -37,12 +37,8 @@ from jaxlora.train.steps import init_train_state, make_train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Many short runs compile the same programs (each run jits fresh closures): a persistent
-# compilation cache for this test session turns the repeats into cache hits.
-JIT_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlora-test-jit-"))
-jax.config.update("jax_compilation_cache_dir", JIT_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+# Many short runs compile the same programs (each run jits fresh closures): conftest.py's
+# persistent compilation cache turns the repeats into cache hits.
 WORDS = ("apple table river planet garden window yellow purple orange silver forest winter summer castle dragon "
          "pencil rocket bottle candle basket").split()
 
@@ -363,7 +359,7 @@ def test_cli_reports_bad_data_and_exits_nonzero(tmp_path):
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+            "JAXLORA_COMPILE_CACHE": ""}  # conftest.py's session cache, not ~/.cache/jaxlora
 
 
 def test_help_documents_every_flag():
@@ -412,6 +408,8 @@ def test_run_writes_metrics_plot_and_lit_lora(tmp_path):
 def test_adapters_dir_gives_a_merged_export_for_any_targets(tmp_path):
     """o/MLP adapters have no lit-llama LoRA file; the run's adapters/ + the base -> merged .pth."""
     pytest.importorskip("torch")
+    from test_convert import run_clis
+
     from jaxlora.model.lora import merge_lora
     from jaxlora.weights import jaxlora_dir as cio
     from jaxlora.weights import lit_llama
@@ -424,9 +422,13 @@ def test_adapters_dir_gives_a_merged_export_for_any_targets(tmp_path):
     assert result.lit_lora_path is None and result.adapters_dir == str(out / ADAPTERS_DIR)
     assert cio.is_adapters_dir(out / "adapters") and cio.read_base(out / "adapters") == str(tmp_path / "base")
     merged_pth = tmp_path / "merged.pth"
-    rc = subprocess.run([sys.executable, str(ROOT / "convert" / "to_lit_llama.py"), "--checkpoint_dir",
-                         str(tmp_path / "base"), "--adapters", str(out / "adapters"), "--merged", "--out",
-                         str(merged_pth), "--quiet"], capture_output=True, text=True)
+    # Adapters for another model are refused, naming both directories (checked below; run alongside).
+    other = init_variables(LLaMA(LLaMAConfig.from_name("tiny", n_layer=3)), jax.random.key(0))["params"]
+    cio.save_checkpoint(tmp_path / "base3", LLaMAConfig.from_name("tiny", n_layer=3), None, other)
+    rc, refused = run_clis(("convert/to_lit_llama.py", "--checkpoint_dir", str(tmp_path / "base"), "--adapters",
+                            str(out / "adapters"), "--merged", "--out", str(merged_pth), "--quiet"),
+                           ("convert/to_lit_llama.py", "--checkpoint_dir", str(tmp_path / "base3"), "--adapters",
+                            str(out / "adapters"), "--merged", "--out", str(tmp_path / "x.pth"), "--quiet"))
     assert rc.returncode == 0, rc.stderr
     lora_config = LoRAConfig(r=4, alpha=8.0, targets=("q", "o", "down"))
     want = merge_lora(base, result.lora, lora_config)
@@ -434,14 +436,8 @@ def test_adapters_dir_gives_a_merged_export_for_any_targets(tmp_path):
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
     assert not np.allclose(got["h"]["mlp"]["c_proj"]["kernel"], base["h"]["mlp"]["c_proj"]["kernel"])  # merged
-    # Adapters for another model are refused, naming both directories.
-    other = init_variables(LLaMA(LLaMAConfig.from_name("tiny", n_layer=3)), jax.random.key(0))["params"]
-    cio.save_checkpoint(tmp_path / "base3", LLaMAConfig.from_name("tiny", n_layer=3), None, other)
-    rc = subprocess.run([sys.executable, str(ROOT / "convert" / "to_lit_llama.py"), "--checkpoint_dir",
-                         str(tmp_path / "base3"), "--adapters", str(out / "adapters"), "--merged", "--out",
-                         str(tmp_path / "x.pth"), "--quiet"], capture_output=True, text=True)
-    assert rc.returncode == 2 and "adapters for another model than" in rc.stderr and "n_layer: adapters 2, base 3" \
-        in rc.stderr, rc.stderr
+    assert refused.returncode == 2 and "adapters for another model than" in refused.stderr and \
+        "n_layer: adapters 2, base 3" in refused.stderr, refused.stderr
     assert not (tmp_path / "x.pth").exists()
 
 
@@ -452,7 +448,8 @@ def test_demo_training_lowers_val_loss_and_improves_exact_match(tmp_path):
     pytest.importorskip("torch")
     if not DEMO_BASE.is_file():
         pytest.fail(f"{DEMO_BASE} is missing: run scripts/pretrain_demo_base.py")
-    result = trainer.run(TrainArgs(out_dir=str(tmp_path / "demo"), max_steps=120, exact_match_samples=32,
+    # 100 steps (measured: val loss 2.03 -> 0.85, exact match 3% -> 31%, the same 10 of 32 as at 120 steps)
+    result = trainer.run(TrainArgs(out_dir=str(tmp_path / "demo"), max_steps=100, exact_match_samples=32,
                                    eval_interval=1000, save_interval=1000, progress=False, verbose=False, plot=False))
     assert result.val_loss_after < result.val_loss_before - 0.2, (result.val_loss_before, result.val_loss_after)
     assert result.exact_match_after >= result.exact_match_before + 0.2, (result.exact_match_before,

@@ -171,6 +171,7 @@ def test_diverse_prefers_different_instructions():
     samples = [{"instruction": i} for i in ("Reverse a", "Reverse b", "Write c", "Name d", "Write e")]
     assert [s["instruction"] for s in diverse(samples, 3)] == ["Reverse a", "Write c", "Name d"]
     assert [s["instruction"] for s in diverse(samples[:2], 2)] == ["Reverse a", "Reverse b"]
+    assert diverse(samples, 0) == []  # --num_samples 0: nothing shown, nothing generated
 
 
 def test_evaluation_rows():
@@ -286,7 +287,10 @@ def test_ctrl_c_records_every_step_says_interrupted_once_and_resume_counts_its_o
         lines.append(line)
         if line.startswith("compiled the train step"):
             break
-    time.sleep(2.0)
+    deadline = time.monotonic() + 60  # until 2 steps are recorded (rows come one step behind the device)
+    while time.monotonic() < deadline and not (
+            (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count('"type": "train"') >= 2):
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     rest, err = proc.communicate(timeout=120)
     said = "".join(lines) + rest + err

@@ -14,7 +14,6 @@ copies wait), where the loaders that built a whole stacked leaf on the host held
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from fast_compile import default_env
 
 from jaxlora.config import LLaMAConfig
 from jaxlora.weights import hf, lit_llama
@@ -96,7 +96,7 @@ def sources(tmp_path_factory):
 @pytest.mark.parametrize("layout", ["stacked", "per_layer"])
 @pytest.mark.parametrize("kind", ["lit", "hf"])
 def test_device_load_holds_about_one_layer_on_the_host(sources, kind, layout):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**default_env(), "JAX_PLATFORMS": "cpu"}  # -O0 code would copy the weights at half the speed
     p = subprocess.run([sys.executable, "-c", LOAD, str(sources[kind]), layout, json.dumps(CONFIG.to_dict()), kind],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]

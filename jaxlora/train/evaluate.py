@@ -39,6 +39,8 @@ class Evaluation:
 
 def diverse(samples: Sequence[dict], n: int) -> list[dict]:
     """Up to n samples, preferring different instructions (by first word), in data order."""
+    if n <= 0:  # the slice below would count from the end
+        return []
     picked, seen = [], set()
     for s in samples:
         key = s.get("instruction", "").split(" ")[0]
