@@ -269,6 +269,20 @@ def test_mesh_larger_than_the_devices_says_how_many_it_needs():
 
 # ----------------------------------------------------------------------------- Ctrl-C on the command line
 
+def test_ctrl_c_inside_a_deferred_block_is_raised_when_it_ends():
+    import os
+
+    from jaxlora.train.metrics import interrupts_deferred
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here: no exception inside the block
+            done.append("row written and dequeued")
+    assert done == ["row written and dequeued"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+
+
 def test_ctrl_c_records_every_step_says_interrupted_once_and_resume_counts_its_own_steps(tmp_path, capsys):
     assets = small_assets()
     out = tmp_path / "out"

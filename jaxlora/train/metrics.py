@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -97,6 +101,23 @@ def progress_bar(total: int, initial: int, enabled: bool) -> tqdm | None:
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
 
 
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) inside the block is raised as KeyboardInterrupt when the block ends: what
+    the block does stays all done or not done. Outside the main thread (no signals there) a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 @dataclass
 class QueuedStep:
     """A step queued on the device whose metrics the host has not read yet."""
@@ -148,9 +169,11 @@ class StepTracker:
         """Read and record the queued steps (all but the newest with keep_last), oldest first."""
         while len(self.queued) > (1 if keep_last else 0):
             self._record(self.queued[0])
-            self.queued.pop(0)  # only once its row is written
 
     def _record(self, q: QueuedStep) -> None:
+        """Read q's metrics, check them, write its row and take it off the queue. Ctrl-C while
+        reading leaves it queued (the interrupt's flush records it); the row and the dequeuing
+        happen together, so no step is written twice or lost."""
         m = jax.device_get(q.metrics)
         dt = self.clock.step_done(q.tokens, q.padded_tokens, q.flops, q.warmup)
         loss, gnorm, lr = float(m["loss"]), float(m["grad_norm"]), self.learning_rate(q.step - 1)
@@ -165,9 +188,11 @@ class StepTracker:
             self.log(f"warning: step {q.step} had no loss tokens (every target masked or cut); it changed nothing")
         if not q.warmup:
             self.rate = q.tokens / dt if self.rate is None else 0.8 * self.rate + 0.2 * q.tokens / dt
-        self.rows.write(type="train", step=q.step, loss=loss, lr=lr, grad_norm=gnorm, loss_tokens=int(m["tokens"]),
-                        tokens=q.tokens, padded_tokens=q.padded_tokens, seconds=round(dt, 4),
-                        tokens_per_s=round(q.tokens / dt, 1), epoch=q.epoch, **({"warmup": True} if q.warmup else {}))
+        with interrupts_deferred():
+            self.rows.write(type="train", step=q.step, loss=loss, lr=lr, grad_norm=gnorm, loss_tokens=int(m["tokens"]),
+                            tokens=q.tokens, padded_tokens=q.padded_tokens, seconds=round(dt, 4),
+                            tokens_per_s=round(q.tokens / dt, 1), epoch=q.epoch, **({"warmup": True} if q.warmup else {}))
+            self.queued.pop(0)  # q, the oldest (flush records in order)
         if self.bar is not None:
             rate = f"  {self.rate:,.0f} tok/s" if self.rate is not None else ""
             self.bar.set_postfix_str(f"loss {loss:.4f}  lr {lr:.2e}{rate}", refresh=False)
