@@ -5,7 +5,6 @@ when it does not (multi-query, tensor=2); adapters on q, k, v and o. float32, as
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ from jaxlora.parallel.sharding import check_mesh
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
-    import json, os, sys
+    import os
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -45,53 +44,42 @@ SCRIPT = textwrap.dedent("""
             state, m = step(state, params, batch)
         return state, m
 
-    kv, spec, scan_layers = json.loads(sys.argv[1])  # n_kv_head, mesh, scanned layers
-    config = LLaMAConfig(n_layer=2, n_head=4, n_kv_head=kv, n_embd=64, vocab_size=128, block_size=64,
-                         intermediate_size=96, rope_type="llama3", rope_factor=8.0, rope_original_context=16)
-    model = LLaMA(config, LoRAConfig(r=4, dropout=0.0, targets=("q", "k", "v", "o")))
-    variables = init_variables(model, jax.random.key(0))
-    variables["lora"] = jax.tree.map(lambda x: x + 0.05, variables["lora"])  # B != 0: k/v adapters matter
-    ref_state, ref_m = run(model, variables["params"], variables["lora"], batch)
-    mesh = shd.mesh_from_spec(spec, config)
-    sharded = model.clone(mesh=mesh, rules=shd.DEFAULT_RULES, split_qkv=True, scan_layers=scan_layers)
-    stored, run_sh = shd.variable_shardings(model, mesh), shd.variable_shardings(sharded, mesh, as_run=True)
-    params = split_layers_on_device(sharded, jax.device_put(jax.tree.map(np.array, variables["params"]),
-                                                            stored["params"]), run_sh["params"])
-    lora = jax.device_put(variables["lora"], stored["lora"])
-    state, m = run(sharded, params, lora, jax.device_put(batch, shd.batch_sharding(mesh)))
-    np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
-    for a, b, init in zip(*(jax.tree.leaves(t) for t in (state.lora, ref_state.lora, variables["lora"]))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-        assert np.max(np.abs(np.asarray(b) - np.asarray(init))) > 1e-3  # trained: the check is not vacuous
-    layer = params["h"] if scan_layers else params["h_0"]
-    kernel = layer["attn"]["c_attn"]["kernel"]  # (C, group + 2, run_kv * hs), last axis over tensor
-    run_kv = max(kv, 2)
-    assert kernel.shape[-2:] == (4 // run_kv + 2, run_kv * 16), kernel.shape
-    assert kernel.addressable_shards[0].data.shape[-1] == run_kv * 16 // 2  # whole query groups per device
-    print("ok", kv, spec, scan_layers, float(m["loss"]))
+    # 2 kv heads: split over tensor, per-layer weights (as on GPU); 1: replicated, scanned layers
+    for kv, spec, scan_layers in ((2, "data=2,fsdp=2,tensor=2", False), (1, "tensor=2", True)):
+        config = LLaMAConfig(n_layer=2, n_head=4, n_kv_head=kv, n_embd=64, vocab_size=128, block_size=64,
+                             intermediate_size=96, rope_type="llama3", rope_factor=8.0, rope_original_context=16)
+        model = LLaMA(config, LoRAConfig(r=4, dropout=0.0, targets=("q", "k", "v", "o")))
+        variables = init_variables(model, jax.random.key(0))
+        variables["lora"] = jax.tree.map(lambda x: x + 0.05, variables["lora"])  # B != 0: k/v adapters matter
+        ref_state, ref_m = run(model, variables["params"], variables["lora"], batch)
+        mesh = shd.mesh_from_spec(spec, config)
+        sharded = model.clone(mesh=mesh, rules=shd.DEFAULT_RULES, split_qkv=True, scan_layers=scan_layers)
+        stored, run_sh = shd.variable_shardings(model, mesh), shd.variable_shardings(sharded, mesh, as_run=True)
+        params = split_layers_on_device(sharded, jax.device_put(jax.tree.map(np.array, variables["params"]),
+                                                                stored["params"]), run_sh["params"])
+        lora = jax.device_put(variables["lora"], stored["lora"])
+        state, m = run(sharded, params, lora, jax.device_put(batch, shd.batch_sharding(mesh)))
+        np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
+        for a, b, init in zip(*(jax.tree.leaves(t) for t in (state.lora, ref_state.lora, variables["lora"]))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+            assert np.max(np.abs(np.asarray(b) - np.asarray(init))) > 1e-3  # trained: the check is not vacuous
+        layer = params["h"] if scan_layers else params["h_0"]
+        kernel = layer["attn"]["c_attn"]["kernel"]  # (C, group + 2, run_kv * hs), last axis over tensor
+        run_kv = max(kv, 2)
+        assert kernel.shape[-2:] == (4 // run_kv + 2, run_kv * 16), kernel.shape
+        assert kernel.addressable_shards[0].data.shape[-1] == run_kv * 16 // 2  # whole query groups per device
+        print("ok", kv, spec, scan_layers, float(m["loss"]))
     print("OK")
 """)
 
 
-# 2 kv heads: split over tensor, per-layer weights (as on GPU); 1: replicated, scanned layers
-CASES = {"split": (2, "data=2,fsdp=2,tensor=2", False), "replicated": (1, "tensor=2", True)}
-
-
 def test_gqa_tensor_parallel_training_matches_one_device():
-    # The two cases in two processes at once: each keeps a core busy only part of the time.
     # At XLA's default optimization level, where its tolerances were measured: -O0 machine code
     # (tests/fast_compile.py) sums in another order, and Adam blows that noise of near-zero
     # gradients up past atol (3e-5 seen).
-    procs = {case: subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(CASES[case])], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, cwd=ROOT, env=default_env()) for case in CASES}
-    try:
-        outs = {case: proc.communicate(timeout=900) for case, proc in procs.items()}
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-    for case, (out, err) in outs.items():
-        assert procs[case].returncode == 0 and "OK" in out, case + out[-2000:] + err[-3000:]
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                         env=default_env())
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
 
 
 def test_mesh_check_names_the_numbers():
