@@ -236,7 +236,8 @@ def bench_alpaca(args: argparse.Namespace, name: str, micro: int, seq: int, pack
     util = mfu(flops / seconds, jax.devices()[0].device_kind, mesh.devices.size, args.peak_tflops)
     return {"bench": "jaxlora-alpaca", "run": name, "preset": args.preset, "samples_per_step": a.batch_size,
             "micro_batch": micro, "max_seq_length": seq, "packing": packing, "attention": a.attention,
-            "real_tokens_per_s": round(real / seconds, 1), "padded_tokens_per_s": round(padded / seconds, 1),
+            "quantize": a.quantize, "real_tokens_per_s": round(real / seconds, 1),
+            "padded_tokens_per_s": round(padded / seconds, 1),
             "padding_fraction": round(1 - real / padded, 4), "mfu": _round(util, 4),
             "step_s": round(seconds / args.steps, 4),
             "shapes_compiled": len(compiled), "compile_s": round(compile_s, 2),
