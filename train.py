@@ -22,6 +22,7 @@ import jax
 
 from jaxlora.config import ADAPTERS_DIR, LIT_LORA_FILE
 from jaxlora.errors import run_command
+from jaxlora.model import fp8
 from jaxlora.parallel import distributed
 from jaxlora.train import cli, loop, memory, settings
 
@@ -55,6 +56,8 @@ GPU memory: before JAX starts, train.py estimates the run's memory per GPU. When
   share (75%) is too small and the card is not, it sets {memory.FRACTION_VAR}
   (unless you did) and says so; when the card is too small, it stops before loading anything.
   {memory.CARDS_VAR}=MiB[,MiB...] gives the cards' memory where nvidia-smi cannot.
+  With --quantize fp8 it adds {fp8.CUBLAS_GEMMS} to XLA_FLAGS (unless they name
+  that flag): XLA's Triton FP8 GEMMs are slower than bf16, cuBLASLt's are not.
 """
 
 
@@ -102,6 +105,10 @@ def _train(args: settings.TrainArgs, hosts: dict) -> None:
     # card needs more than the default 75% (jaxlora.train.memory).
     primary = hosts["process_id"] in (None, 0)
     memory.prepare_device_memory(args, hosts["num_processes"], lambda msg: print(msg, flush=True) if primary else None)
+    # Likewise XLA_FLAGS: FP8 products are fast through cuBLASLt, not XLA's Triton GEMMs (jaxlora.model.fp8).
+    flags = os.environ.get("XLA_FLAGS", "")
+    if fp8.xla_flags_for(args.quantize, flags) != flags:
+        os.environ["XLA_FLAGS"] = fp8.xla_flags_for(args.quantize, flags)
     distributed.initialize(**hosts)  # before anything else touches JAX
     enable_compilation_cache()
     loop.run(args)

@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 from alpaca_profile import alpaca_samples  # noqa: E402
 
 from jaxlora.config import LLaMAConfig  # noqa: E402
+from jaxlora.model import fp8  # noqa: E402
 from jaxlora.model.llama import ATTENTION_IMPLS, REMAT_POLICIES  # noqa: E402
 from jaxlora.parallel import sharding as shd  # noqa: E402
 from jaxlora.train.accounting import flops_per_token, mfu  # noqa: E402
@@ -194,6 +195,7 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> 
         "compiled_gib": round(compiled_bytes / 2**30, 2) if compiled_bytes else None,
         "compile_s": round(compile_s, 2), "build_s": round(build_s, 2), "loss": round(float(metrics["loss"]), 4),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
@@ -241,7 +243,7 @@ def bench_alpaca(args: argparse.Namespace, name: str, micro: int, seq: int, pack
             "padding_fraction": round(1 - real / padded, 4), "mfu": _round(util, 4),
             "step_s": round(seconds / args.steps, 4),
             "shapes_compiled": len(compiled), "compile_s": round(compile_s, 2),
-            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def alpaca_main(args: argparse.Namespace) -> None:
@@ -311,11 +313,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.prevent_cse is not None:
         force_prevent_cse(bool(args.prevent_cse))
+    variants = [parse_variant(v) for v in args.variants.split(";")] if args.variants else [{}]
+    # As train.py, before JAX starts: with FP8 products anywhere in this process, every GEMM of it
+    # goes to cuBLAS(Lt) (jaxlora.model.fp8.xla_flags_for; bf16's GEMMs were measured as fast there).
+    modes = {v.get("quantize", args.quantize) for v in variants}
+    os.environ["XLA_FLAGS"] = fp8.xla_flags_for("fp8" if "fp8" in modes else None, os.environ.get("XLA_FLAGS", ""))
     if args.alpaca:
         alpaca_main(args)
         return
 
-    variants = [parse_variant(v) for v in args.variants.split(";")] if args.variants else [{}]
     rows = []
     for shape in args.shapes.split(","):
         batch, seq = map(int, shape.split("x"))

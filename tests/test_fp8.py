@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlora.model.fp8 import E4M3, FASTER_FROM_TOKENS
+from jaxlora.model.fp8 import CUBLAS_GEMMS, E4M3, FASTER_FROM_TOKENS, xla_flags_for
 from jaxlora.model.quantize import Int8Kernel, dense_dot, dequantize, quantize_kernel_as
 from jaxlora.train.accounting import fp8_speed_note
 from jaxlora.train.steps import make_loss_fn
@@ -62,7 +62,15 @@ def test_a_training_step_stays_near_the_float_step():
     assert max(errors) < 0.1  # measured 6.3%
 
 
-def test_train_notes_fp8_only_where_it_was_measured_slower():
-    assert "1,024 tokens" in fp8_speed_note(1024, "gpu")
+def test_train_notes_fp8_only_where_it_was_not_measured_faster():
+    assert "512 tokens" in fp8_speed_note(512, "gpu")
     assert fp8_speed_note(FASTER_FROM_TOKENS, "gpu") is None
-    assert fp8_speed_note(1024, "cpu") is None  # emulated there: no speed claim
+    assert fp8_speed_note(512, "cpu") is None  # emulated there: no speed claim
+
+
+def test_fp8_processes_send_gemms_to_cublas_unless_the_user_chose():
+    assert xla_flags_for("fp8", "") == CUBLAS_GEMMS
+    assert xla_flags_for("fp8", "--xla_dump_to=/tmp/d") == f"--xla_dump_to=/tmp/d {CUBLAS_GEMMS}"
+    chosen = "--xla_gpu_enable_triton_gemm=true"
+    assert xla_flags_for("fp8", chosen) == chosen
+    assert xla_flags_for(None, "") == "" and xla_flags_for("nf4", "--a") == "--a"  # only FP8's GEMMs need it

@@ -29,10 +29,24 @@ import jax.numpy as jnp
 Array = jax.Array
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0  # its largest finite value
-# Tokens a device's micro-batch needs for FP8 to pay: measured on one H200 (2026-12-02, 7B and
-# Llama 3.1 8B, q,v), 4,096-token micro-batches ran 15-16% faster than bf16 and 1,024-token ones
-# 24% slower (the activations' scaling and the weights' layout change are paid per product).
-FASTER_FROM_TOKENS = 4096
+# XLA's GPU compiler gives many GEMMs to Triton, whose e4m3 products ran at 250-680 TFLOP/s on an
+# H200 (jax 0.11.2, 7B's products; bench/fp8_gemm_check.py), below bf16's ~770; cuBLASLt's FP8
+# GEMM ran the same products at 920-1,330 (PyTorch's torch._scaled_mm: 1,250-1,510). A process
+# that trains with FP8 products sends every GEMM to cuBLAS(Lt) (`xla_flags_for`): the 7B step ran
+# 1.26-1.37x bf16's, and bf16's own GEMMs are as fast there (within 3%).
+CUBLAS_GEMMS = "--xla_gpu_enable_triton_gemm=false"
+# Tokens a device's micro-batch needs for FP8 to pay, as measured (H200, 2026-12-02, cuBLASLt):
+# 1,024 (7B at 4 x 256) ran 1.26x bf16; smaller micro-batches were not measured.
+FASTER_FROM_TOKENS = 1024
+
+
+def xla_flags_for(quantize: str | None, xla_flags: str) -> str:
+    """XLA_FLAGS for a process whose frozen products are `quantize`: with fp8, Triton GEMMs off
+    (`CUBLAS_GEMMS`) unless the flags already choose; else unchanged. Takes effect only if set
+    before JAX starts its backend; ignored off GPUs."""
+    if quantize != "fp8" or "xla_gpu_enable_triton_gemm" in xla_flags:
+        return xla_flags
+    return f"{xla_flags} {CUBLAS_GEMMS}".strip()
 
 
 def rows_to_fp8(x: Array, n_axes: int = 1) -> tuple[Array, Array]:

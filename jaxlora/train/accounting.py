@@ -132,14 +132,14 @@ def estimate_device_bytes(config: LLaMAConfig, lora: LoRAConfig, speed: SpeedKno
 
 
 def fp8_speed_note(tokens_per_device: int, platform: str) -> str | None:
-    """Advice when `--quantize fp8` is asked for where it was measured slower than bf16: GPU
+    """Advice when `--quantize fp8` is asked for where it was not measured faster than bf16: GPU
     micro-batches of fewer than `fp8.FASTER_FROM_TOKENS` tokens a device (elsewhere its products
     are emulated, for tests, and no speed is claimed)."""
     if platform != "gpu" or tokens_per_device >= fp8.FASTER_FROM_TOKENS:
         return None
     return (f"note: --quantize fp8 with {tokens_per_device:,} tokens a micro-batch per GPU: FP8 was measured faster "
-            f"than bf16 from {fp8.FASTER_FROM_TOKENS:,} tokens and slower below (docs/benchmarks.md); raise "
-            "--micro_batch_size or --max_seq_length, or leave --quantize out")
+            f"than bf16 from {fp8.FASTER_FROM_TOKENS:,} tokens (docs/benchmarks.md); below, each product's scaling "
+            "weighs more and it may be slower: raise --micro_batch_size or --max_seq_length, or leave --quantize out")
 
 
 def check_memory(config: LLaMAConfig, lora: LoRAConfig, speed: SpeedKnobs, mesh: Mesh, rows: int, seq: int,
