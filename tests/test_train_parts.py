@@ -235,6 +235,16 @@ def test_report_counts_this_runs_steps():
     assert report(fresh).splitlines()[1] == "=== LoRA fine-tuning: 500 steps, 43s ==="
 
 
+def test_report_shortens_long_samples_but_keeps_short_ones_whole():
+    long_prompt = "a" * 150 + "MIDDLE" + "z" * 150
+    r = TrainResult(out_dir="o", step=1, start_step=0, steps_run=1, total_seconds=1.0, val_loss_before=2.0,
+                    val_loss_after=1.0, exact_match_before=None, exact_match_after=None,
+                    samples_after=[{"instruction": long_prompt, "response": "ok", "expected": "ok"}])
+    line = next(x for x in report(r).splitlines() if x.startswith("  'a"))
+    assert "MIDDLE" not in line and "[106 characters]" in line and line.endswith("-> 'ok'   (expected 'ok')"), line
+    assert line.count("a") >= 100 and line.count("z") >= 100  # both ends shown
+
+
 # ----------------------------------------------------------------------------- the run spec and the builder
 
 def test_run_spec_is_what_build_run_reads():

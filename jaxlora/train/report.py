@@ -84,6 +84,17 @@ def _speed(r: TrainResult) -> str:
             + ("s" if r.timed_steps != 1 else "") + f" ({r.train_seconds:.1f}s; {warm})")
 
 
+SHOWN_CHARS = 200  # of a sample's prompt, response or expected text in the printed summary (summary.json: all)
+
+
+def _clipped(text: str) -> str:
+    """`text` as repr, its middle left out past SHOWN_CHARS (a 2,000-character prompt would bury the report)."""
+    if len(text) <= SHOWN_CHARS:
+        return repr(text)
+    half = SHOWN_CHARS // 2
+    return f"{text[:half]!r} ... [{len(text) - 2 * half:,} characters] ... {text[-half:]!r}"
+
+
 def report(r: TrainResult) -> str:
     """The human-readable summary printed at the end of a run."""
     lines = ["", _header(r)]
@@ -99,7 +110,7 @@ def report(r: TrainResult) -> str:
             lines.append(f"samples {title} fine-tuning:")
             for s in samples:
                 prompt = s["instruction"] + (f" [{s['input']}]" if s.get("input") else "")
-                lines.append(f"  {prompt!r} -> {s['response']!r}   (expected {s['expected']!r})")
+                lines.append(f"  {_clipped(prompt)} -> {_clipped(s['response'])}   (expected {_clipped(s['expected'])})")
     lines.append(f"outputs in {r.out_dir}: {ADAPTERS_DIR}/, {CHECKPOINTS_DIR}/, {METRICS_FILE}, {SUMMARY_FILE}"
                  + (f", {LOSS_PNG}" if r.loss_png else "") + (f", {LIT_LORA_FILE}" if r.lit_lora_path else "")
                  + (f", {PEFT_DIR}/" if r.peft_dir else ""))
