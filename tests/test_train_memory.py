@@ -133,12 +133,17 @@ def test_train_py_decides_before_jax_starts_and_before_loading_anything():
         from jax._src import xla_bridge
         from jaxlora.train import loop
         loop.run = lambda a: print("probe: backend started", xla_bridge.backends_are_initialized(), "share",
-                                   os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"))
+                                   os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), "flags",
+                                   repr(os.environ.get("XLA_FLAGS", "")))
         argv = ["--preset", "65b", "--pretrained_path", "none"]
         os.environ["JAXLORA_GPU_MEMORY_MIB"] = "81559"
         print("probe: refused with", train.main(argv), "backend started", xla_bridge.backends_are_initialized())
         os.environ["JAXLORA_GPU_MEMORY_MIB"] = "143771"
         train.main(argv)
+        os.environ["XLA_FLAGS"] = "--xla_dump_to=/nowhere"
+        train.main(argv + ["--quantize", "fp8"])  # FP8's GEMMs through cuBLASLt: a flag added
+        os.environ["XLA_FLAGS"] = "--xla_gpu_enable_triton_gemm=true"
+        train.main(argv + ["--quantize", "fp8"])  # the user's own choice stays
     """)
     env = {k: v for k, v in os.environ.items() if k != memory.FRACTION_VAR}
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=False,
@@ -149,6 +154,10 @@ def test_train_py_decides_before_jax_starts_and_before_loading_anything():
     lines = [line for line in out.stdout.splitlines() if line.startswith("memory:")]
     assert len(lines) == 1 and "set XLA_PYTHON_CLIENT_MEM_FRACTION=0.99" in lines[0], out.stdout
     assert "probe: backend started False share 0.99" in out.stdout, out.stdout
+    probes = [line for line in out.stdout.splitlines() if line.startswith("probe: backend started False share")]
+    assert probes[1].endswith("flags '--xla_dump_to=/nowhere --xla_gpu_enable_triton_gemm=false'"), probes
+    assert probes[2].endswith("flags '--xla_gpu_enable_triton_gemm=true'"), probes
+    assert sum(line.startswith("fp8: added --xla_gpu_enable_triton_gemm=false") for line in out.stdout.splitlines()) == 1
 
 
 def test_mfu_is_the_benchs_formula():
