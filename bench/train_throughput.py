@@ -100,7 +100,7 @@ def run_settings(args: argparse.Namespace, batch: int, seq: int, variant: dict, 
     """train.py's settings for one micro-batch of `batch` rows per batch shard per step."""
     values = dict(preset=args.preset, pretrained_path="none", lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
                   lora_targets=args.targets, precision=PRECISION[args.dtype], micro_batch_size=batch,
-                  batch_size=batch * shards, max_seq_length=seq, mesh=args.mesh or None)
+                  batch_size=batch * shards * args.accum, max_seq_length=seq, mesh=args.mesh or None)
     for flag in ("attention", "remat", "scan_unroll", "loss_chunk", "rng_impl", "quantize"):
         if getattr(args, flag) is not None:
             values[flag] = getattr(args, flag)
@@ -129,7 +129,7 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> 
     rows = a.micro_batch_size * shd.batch_shards(mesh)
     batches = []
     for k in keys:
-        ids = jax.random.randint(k, (1, rows, seq), 0, config.vocab_size)
+        ids = jax.random.randint(k, (args.accum, rows, seq), 0, config.vocab_size)
         batches.append(jax.device_put(ids, run.shardings.batch))
     knobs = {f: getattr(a, f) for f in ("attention", "remat", "scan_layers", "scan_unroll", "loss_chunk", "rng_impl",
                                         "lora_dropout", "quantize")}
@@ -177,12 +177,12 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> 
     if args.profile:
         tag = "_".join([f"{batch}x{seq}"] + [f"{k}-{v}" for k, v in variant.items()])
         profile_steps(args, compiled, state, params, batches, tag)
-    tokens = rows * seq
+    tokens = args.accum * rows * seq
     tok_s = tokens / step_s
     peak = shd.peak_memory_bytes()
     n_dev = mesh.devices.size
     return {
-        "bench": "jaxlora", "preset": args.preset, "batch": batch, "seq": seq, "r": args.lora_r,
+        "bench": "jaxlora", "preset": args.preset, "batch": batch, "seq": seq, "accum": args.accum, "r": args.lora_r,
         "n_layer": config.n_layer, "mesh": dict(mesh.shape), "devices": n_dev, **knobs, **variant,
         "step_s": round(step_s, 4), "tokens_per_s": round(tok_s, 1),
         "tokens_per_s_per_device": round(tok_s / n_dev, 1),
@@ -276,7 +276,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="7B")
     ap.add_argument("--shapes", default="4x256,8x512,2x2048", help="BATCHxSEQ,...: micro-batch rows per batch "
-                    "shard x sequence length (one micro-batch per optimizer step)")
+                    "shard x sequence length (--accum micro-batches per optimizer step)")
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (lit-llama's recipe: 32; "
+                    "work outside the micro-batch loop, such as the optimizer, is paid once per step)")
     ap.add_argument("--mesh", default="", help="'data=D,fsdp=F,tensor=T' as train.py --mesh (default: its default)")
     ap.add_argument("--n_layer", type=int, default=0, help="override the preset's depth (0: keep); for quick "
                     "experiments at real widths")
