@@ -7,4 +7,7 @@ timeout 330 python3 bench/train_throughput.py --preset llama3.1-8b --shapes 8x51
   --variants 'quantize=fp8;quantize=none' > $OUT/ours_8b_all.log 2>>$OUT/err.log
 timeout 150 python3 bench/generate_throughput.py --preset llama3.1-8b --batches 1 --variants bf16 --logit_prompts 0 \
   --repeats 1 --profile /tmp/gen_profile > $OUT/decode_8b_profile.log 2>>$OUT/err.log
-tail -n 3 $OUT/ours_8b_all.log; grep -A8 "^kind" $OUT/decode_8b_profile.log | head -20
+# the decode step with every GEMM through cuBLAS (at 7B with 1-row products it was slower: 224.8 vs 236)
+XLA_FLAGS=--xla_gpu_enable_triton_gemm=false timeout 100 python3 bench/generate_throughput.py --preset llama3.1-8b \
+  --batches 1 --variants bf16 --logit_prompts 0 --repeats 2 > $OUT/decode_8b_cublas.log 2>>$OUT/err.log
+tail -n 3 $OUT/ours_8b_all.log; tail -n 3 $OUT/decode_8b_cublas.log; grep -A8 "^kind" $OUT/decode_8b_profile.log | head -20
