@@ -66,6 +66,9 @@ def test_train_notes_fp8_only_where_it_was_not_measured_faster():
     assert "512 tokens" in fp8_speed_note(512, "gpu")
     assert fp8_speed_note(FASTER_FROM_TOKENS, "gpu") is None
     assert fp8_speed_note(512, "cpu") is None  # emulated there: no speed claim
+    assert fp8_speed_note(4096, "gpu", "9.0") is None and fp8_speed_note(4096, "gpu", "8.9") is None
+    a100 = fp8_speed_note(4096, "gpu", "8.0")
+    assert "compute capability 8.0" in a100 and "no FP8 tensor cores" in a100
 
 
 def test_fp8_processes_send_gemms_to_cublas_unless_the_user_chose():

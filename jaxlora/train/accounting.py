@@ -4,6 +4,7 @@ share, `jaxlora.train.memory`, and its memory line after building)."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -131,11 +132,19 @@ def estimate_device_bytes(config: LLaMAConfig, lora: LoRAConfig, speed: SpeedKno
         logits=math.ceil(chunk * config.padded_vocab_size / tensor) * 4 * LOGIT_ROWS)
 
 
-def fp8_speed_note(tokens_per_device: int, platform: str) -> str | None:
-    """Advice when `--quantize fp8` is asked for where it was not measured faster than bf16: GPU
-    micro-batches of fewer than `fp8.FASTER_FROM_TOKENS` tokens a device (elsewhere its products
-    are emulated, for tests, and no speed is claimed)."""
-    if platform != "gpu" or tokens_per_device >= fp8.FASTER_FROM_TOKENS:
+def fp8_speed_note(tokens_per_device: int, platform: str, compute_capability: str | None = None) -> str | None:
+    """Advice when `--quantize fp8` is asked for where it was not measured faster than bf16: a GPU
+    without FP8 tensor cores (compute capability below 8.9: XLA then multiplies in bf16 after a
+    conversion), or micro-batches of fewer than `fp8.FASTER_FROM_TOKENS` tokens a device
+    (elsewhere its products are emulated, for tests, and no speed is claimed)."""
+    if platform != "gpu":
+        return None
+    major_minor = re.match(r"(\d+)\.(\d+)", str(compute_capability or ""))
+    if major_minor and (int(major_minor[1]), int(major_minor[2])) < (8, 9):
+        return (f"note: --quantize fp8 on a GPU of compute capability {compute_capability}, which has no FP8 "
+                "tensor cores (Ada and Hopper have): its products run in bf16 after a conversion, slower than "
+                "bf16 alone; for less memory use --quantize int8 or nf4-dq")
+    if tokens_per_device >= fp8.FASTER_FROM_TOKENS:
         return None
     return (f"note: --quantize fp8 with {tokens_per_device:,} tokens a micro-batch per GPU: FP8 was measured faster "
             f"than bf16 from {fp8.FASTER_FROM_TOKENS:,} tokens (docs/benchmarks.md); below, each product's scaling "

@@ -136,7 +136,8 @@ def check_model(r: Run, a: TrainArgs, tokenizer: TextTokenizer, log: Callable[[s
                          f"({r.base_desc}) has vocab_size {config.vocab_size}")
     rows_per_device = r.micro_rows // shd.batch_shards(r.mesh)
     check_memory(config, lora_config, run_spec(a).speed, r.mesh, rows_per_device, a.max_seq_length, log)
-    note = fp8_speed_note(rows_per_device * a.max_seq_length, jax.default_backend()) if a.quantize == "fp8" else None
+    note = fp8_speed_note(rows_per_device * a.max_seq_length, jax.default_backend(),
+                          getattr(jax.devices()[0], "compute_capability", None)) if a.quantize == "fp8" else None
     if note:
         log(note)
     log(f"model: {r.base_desc}: {config.num_params():,} frozen parameters ({a.precision}), "
