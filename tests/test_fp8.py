@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 
 from jaxlora.model.fp8 import CUBLAS_GEMMS, E4M3, FASTER_FROM_TOKENS, xla_flags_for
-from jaxlora.model.quantize import Int8Kernel, dense_dot, dequantize, quantize_kernel_as
+from jax.sharding import PartitionSpec
+
+from jaxlora.model.quantize import (
+    Int8Kernel,
+    dense_dot,
+    dequantize,
+    int8_specs,
+    quantize_kernel_as,
+    with_forward_layouts,
+    without_forward_layouts,
+)
 from jaxlora.train.accounting import fp8_speed_note
 from jaxlora.train.steps import make_loss_fn
 from test_qlora import batch, setup
@@ -77,3 +87,57 @@ def test_fp8_processes_send_gemms_to_cublas_unless_the_user_chose():
     chosen = "--xla_gpu_enable_triton_gemm=true"
     assert xla_flags_for("fp8", chosen) == chosen
     assert xla_flags_for(None, "") == "" and xla_flags_for("nf4", "--a") == "--a"  # only FP8's GEMMs need it
+
+
+@pytest.mark.parametrize("out_shape", [(96,), (3, 32)])
+def test_a_kernel_in_both_layouts_computes_the_same_product_and_gradient(out_shape):
+    """--fp8_both_layouts: the forward product reads the transposed copy instead of transposing q."""
+    kx, kw = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, (2, 8, 64))
+    k = quantize_kernel_as(0.02 * jax.random.normal(kw, (64, *out_shape)), "fp8", out_ndim=len(out_shape))
+    both = with_forward_layouts({"layer": {"kernel": k}, "norm": jnp.ones(3)})
+    kb = both["layer"]["kernel"]
+    assert kb.qt.shape == (*out_shape, 64) and kb.qt.dtype == E4M3 and kb.nbytes == k.nbytes + k.q.size
+    np.testing.assert_array_equal(np.asarray(kb.qt, np.float32), np.moveaxis(np.asarray(k.q, np.float32), 0, -1))
+    f = jax.jit(lambda x, kern: dense_dot(x, kern, jnp.float32))
+    np.testing.assert_allclose(f(x, kb), f(x, k), rtol=1e-6, atol=1e-6)
+    grad = jax.jit(jax.grad(lambda x, kern: jnp.sum(jnp.sin(dense_dot(x, kern, jnp.float32)))))
+    np.testing.assert_allclose(grad(x, kb), grad(x, k), rtol=1e-6, atol=1e-6)
+    assert without_forward_layouts(both)["layer"]["kernel"].qt is None
+
+
+def test_both_layouts_shard_the_copy_like_its_kernel():
+    k = quantize_kernel_as(jnp.ones((4, 16, 24)), "fp8")  # a stacked (layer, in, out) kernel
+    specs = int8_specs(with_forward_layouts(k), PartitionSpec(None, "fsdp", "tensor"))
+    assert specs.q == PartitionSpec(None, "fsdp", "tensor") and specs.scale == PartitionSpec(None, "tensor")
+    assert specs.qt == PartitionSpec(None, "tensor", "fsdp")
+    assert int8_specs(k, PartitionSpec(None, "fsdp", "tensor")).qt is None
+
+
+def test_train_py_keeps_fp8_kernels_in_both_layouts_when_asked():
+    from jaxlora.train.accounting import weight_bytes
+    from jaxlora.train.build import build_run
+    from jaxlora.train.settings import TrainArgs, resolve_args
+    from jaxlora.train.spec import run_spec
+
+    def run(both: bool) -> tuple:
+        a = resolve_args(TrainArgs(preset="tiny", pretrained_path="none", quantize="fp8", precision="32-true",
+                                   batch_size=2, micro_batch_size=2, max_seq_length=32, scan_layers=False,
+                                   fp8_both_layouts=both))
+        r = build_run(run_spec(a), max_steps=2)
+        ids = np.asarray(jax.random.randint(jax.random.key(0), (1, 2, 32), 0, r.config.vocab_size))
+        _, metrics = r.train_step(r.state, r.params, r.batch({"input_ids": ids, "labels": ids}))
+        kernels = [k for k in jax.tree.leaves(r.params, is_leaf=lambda x: isinstance(x, Int8Kernel))
+                   if isinstance(k, Int8Kernel)]
+        return float(metrics["loss"]), kernels, r.config
+
+    loss_one, kernels_one, config = run(False)
+    loss_both, kernels_both, _ = run(True)
+    assert all(k.qt is None for k in kernels_one) and all(k.qt is not None for k in kernels_both)
+    assert len(kernels_both) == 5 * config.n_layer
+    assert loss_both == pytest.approx(loss_one, rel=1e-6)
+    one, both = (weight_bytes(config, "32-true", "fp8", b) for b in (False, True))
+    dense = config.n_layer * sum(i * o for i, o in config.dense_shapes().values())
+    assert both - one == dense  # one more byte a dense weight
+    with pytest.raises(ValueError, match="--fp8_both_layouts needs --quantize fp8"):
+        resolve_args(TrainArgs(preset="tiny", pretrained_path="none", quantize="int8", fp8_both_layouts=True))

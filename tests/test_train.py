@@ -383,6 +383,8 @@ def test_profiles_follow_the_preset():
     assert lit.pretrained_path == "checkpoints/lit-llama/7B/lit-llama.pth"
     demo = trainer.resolve_args(TrainArgs())
     assert demo.preset == "demo" and Path(demo.data_path).is_file() and Path(demo.tokenizer_path).is_file()
+    relative = os.path.relpath(demo.pretrained_path)  # the demo's base named another way is still the demo
+    assert trainer.resolve_args(TrainArgs(pretrained_path=relative)).mask_inputs == demo.mask_inputs is True
     assert trainer.resolve_args(TrainArgs(preset="13B", learning_rate=1e-4)).learning_rate == 1e-4
     with pytest.raises(ValueError, match="multiple"):
         trainer.resolve_args(TrainArgs(batch_size=10, micro_batch_size=4))

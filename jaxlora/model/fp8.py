@@ -40,6 +40,15 @@ CUBLAS_GEMMS = "--xla_gpu_enable_triton_gemm=false"
 FASTER_FROM_TOKENS = 1024
 
 
+def forward_layout(q: Array, out_ndim: int) -> Array:
+    """q (..., in, *out) as (..., *out, in): the contracted axis of the forward product last.
+    cuBLASLt's FP8 GEMMs on Hopper take both operands with the contracted axis innermost, so the
+    forward product of an (in, out) kernel transposes it every step (the input gradient, which
+    contracts `out`, takes it as stored); a kernel kept in both layouts (`Int8Kernel.qt`,
+    train.py --fp8_both_layouts) skips that for one more byte a weight."""
+    return jnp.moveaxis(q, q.ndim - 1 - out_ndim, -1)
+
+
 def xla_flags_for(quantize: str | None, xla_flags: str) -> str:
     """XLA_FLAGS for a process whose frozen products are `quantize`: with fp8, Triton GEMMs off
     (`CUBLAS_GEMMS`) unless the flags already choose; else unchanged. Takes effect only if set
@@ -58,11 +67,15 @@ def rows_to_fp8(x: Array, n_axes: int = 1) -> tuple[Array, Array]:
     return (xf / s).astype(E4M3), s
 
 
-def fp8_product(x: Array, q: Array, scale: Array, out_ndim: int, out_dtype: Any) -> Array:
+def fp8_product(x: Array, q: Array, scale: Array, out_ndim: int, out_dtype: Any, qt: Array | None = None) -> Array:
     """x (..., in) @ (q * scale) with q (in, *out) e4m3, scale (*out,): FP8 operands, float32
-    accumulation, scales applied to the product."""
+    accumulation, scales applied to the product. qt: the same values as (*out, in)
+    (`forward_layout`), which the GEMM takes as they are; from q it transposes them first."""
     xq, sx = rows_to_fp8(x)
-    y = jax.lax.dot_general(xq, q, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=out_dtype)
+    if qt is not None:
+        y = jax.lax.dot_general(xq, qt, (((x.ndim - 1,), (out_ndim,)), ((), ())), preferred_element_type=out_dtype)
+    else:
+        y = jax.lax.dot_general(xq, q, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=out_dtype)
     sx = sx.reshape(*sx.shape, *(1,) * (out_ndim - 1))
     return (y.astype(jnp.float32) * sx * scale).astype(out_dtype)
 

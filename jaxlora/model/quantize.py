@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlora.model.fp8 import E4M3, E4M3_MAX, fp8_product, fp8_product_transposed
+from jaxlora.model.fp8 import E4M3, E4M3_MAX, forward_layout, fp8_product, fp8_product_transposed
 from jaxlora.model.nf4 import (
     ABSMAX_BLOCK,
     NF4Kernel,
@@ -72,6 +72,7 @@ class Int8Kernel:
     q: Array
     scale: Array
     out_ndim: int = flax.struct.field(pytree_node=False, default=1)
+    qt: Array | None = None  # fp8 only, optional: q again as (..., *out, in) (`fp8.forward_layout`)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -79,7 +80,7 @@ class Int8Kernel:
 
     @property
     def nbytes(self) -> int:
-        return self.q.size * self.q.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize
+        return sum(x.size * x.dtype.itemsize for x in (self.q, self.scale, self.qt) if x is not None)
 
 
 QuantizedKernel = Int8Kernel | NF4Kernel
@@ -111,7 +112,8 @@ def int8_specs(kernel: Int8Kernel, spec: PartitionSpec) -> Int8Kernel:
     values as the kernel, each output channel's scale with its column."""
     axes = tuple(spec) + (None,) * (kernel.q.ndim - len(spec))
     lead = kernel.q.ndim - 1 - kernel.out_ndim
-    return kernel.replace(q=PartitionSpec(*axes), scale=PartitionSpec(*axes[:lead], *axes[lead + 1:]))
+    qt = None if kernel.qt is None else PartitionSpec(*axes[:lead], *axes[lead + 1:], axes[lead])
+    return kernel.replace(q=PartitionSpec(*axes), scale=PartitionSpec(*axes[:lead], *axes[lead + 1:]), qt=qt)
 
 
 def quantized_specs(kernel: QuantizedKernel, spec: PartitionSpec) -> QuantizedKernel:
@@ -230,6 +232,31 @@ def quantize_params(params: Any, mode: str = "int8", consume: bool = False, head
     return visit(params, ())
 
 
+@functools.cache
+def _forward_layout_program(out_ndim: int) -> Any:
+    return jax.jit(functools.partial(forward_layout, out_ndim=out_ndim))
+
+
+def _is_quantized(x: Any) -> bool:
+    return isinstance(x, (Int8Kernel, NF4Kernel))
+
+
+def with_forward_layouts(params: Any) -> Any:
+    """`params` with every FP8 kernel also held in its forward product's layout (`Int8Kernel.qt`:
+    one transpose each, on its devices, once), so no step transposes it again; other leaves as they are."""
+    def attach(k: Any) -> Any:
+        if isinstance(k, Int8Kernel) and k.q.dtype == E4M3 and k.qt is None:
+            return k.replace(qt=_forward_layout_program(k.out_ndim)(k.q))
+        return k
+    return jax.tree.map(attach, params, is_leaf=_is_quantized)
+
+
+def without_forward_layouts(params: Any) -> Any:
+    """`params` without the FP8 kernels' second layout (what a quantized checkpoint stores)."""
+    return jax.tree.map(lambda k: k.replace(qt=None) if isinstance(k, Int8Kernel) else k, params,
+                        is_leaf=_is_quantized)
+
+
 def is_float_kernel(x: Any) -> bool:
     """A plain (unquantized) kernel array."""
     return not isinstance(x, (dict, Int8Kernel, NF4Kernel))
@@ -268,7 +295,7 @@ def frozen_dot(x: Array, kernel: QuantizedKernel, dtype: Any, out_dtype: Any) ->
     dequantized kernel. The backward (gradient for x only: the kernel is frozen) dequantizes
     again, so no float copy of the kernel is kept between the forward and backward passes."""
     if isinstance(kernel, Int8Kernel) and kernel.q.dtype == E4M3:
-        return fp8_product(x, kernel.q, kernel.scale, kernel.out_ndim, out_dtype)
+        return fp8_product(x, kernel.q, kernel.scale, kernel.out_ndim, out_dtype, kernel.qt)
     if isinstance(kernel, Int8Kernel):
         y = rows_padded_dot(x, kernel.q.astype(dtype), jnp.float32)
         return (y * kernel.scale).astype(out_dtype)

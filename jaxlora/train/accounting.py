@@ -59,15 +59,16 @@ def mfu(flops_per_second: float, device_kind: str, n_devices: int, peak_tflops: 
 QUANTIZED_BITS = {"int8": 8.0, "fp8": 8.0, "nf4": 4 + 32 / BLOCK, "nf4-dq": 4 + 8 / BLOCK + 32 / (BLOCK * ABSMAX_BLOCK)}
 
 
-def weight_bytes(config: LLaMAConfig, precision: str, quantize: str = "none") -> int:
+def weight_bytes(config: LLaMAConfig, precision: str, quantize: str = "none", fp8_both_layouts: bool = False) -> int:
     """Bytes of the frozen weights as the run stores them: the storage dtype, with the blocks'
     dense kernels at QUANTIZED_BITS under --quantize (embeddings, LM head and norms are not
-    quantized)."""
+    quantized; --fp8_both_layouts: a second byte a weight)."""
     itemsize = jnp.dtype(PRECISIONS[precision][1]).itemsize
     if quantize == "none":
         return config.num_params() * itemsize
     dense = config.n_layer * sum(i * o for i, o in config.dense_shapes().values())
-    return math.ceil((config.num_params() - dense) * itemsize + dense * QUANTIZED_BITS[quantize] / 8)
+    bits = QUANTIZED_BITS[quantize] + (8 if quantize == "fp8" and fp8_both_layouts else 0)
+    return math.ceil((config.num_params() - dense) * itemsize + dense * bits / 8)
 
 
 # Activations kept per token and layer for the backward pass under dots_no_batch remat, in
@@ -126,7 +127,8 @@ def estimate_device_bytes(config: LLaMAConfig, lora: LoRAConfig, speed: SpeedKno
         kept = tokens * L * per_layer * REMAT_SCALE.get(speed.remat, REMAT_SCALE["none"])
     chunk = loss_chunk_tokens(tokens, config.padded_vocab_size, speed.loss_chunk) or tokens
     return MemoryEstimate(
-        weights=math.ceil(weight_bytes(config, speed.precision, speed.quantize) / (mesh_shape["fsdp"] * tensor)),
+        weights=math.ceil(weight_bytes(config, speed.precision, speed.quantize, speed.fp8_both_layouts)
+                          / (mesh_shape["fsdp"] * tensor)),
         adapters=ADAPTER_BYTES * lora.num_params(config),
         activations=math.ceil(kept * itemsize),
         logits=math.ceil(chunk * config.padded_vocab_size / tensor) * 4 * LOGIT_ROWS)

@@ -23,7 +23,7 @@ from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.errors import MeshError
 from jaxlora.model.layouts import init_adapters, quantize_in_run_layout
 from jaxlora.model.llama import LLaMA
-from jaxlora.model.quantize import quantizes
+from jaxlora.model.quantize import quantizes, with_forward_layouts
 from jaxlora.parallel import sharding as shd
 from jaxlora.train.optim import learning_rate_schedule, make_optimizer
 from jaxlora.train.settings import PRECISIONS
@@ -171,6 +171,8 @@ def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = N
         shd.check_quantized_mesh(model, mesh, speed.quantize)
     params = load_params(model, kind, spec.base.path, spec.seed, storage_dtype, as_run["params"],
                          frozen_quantizer(speed.quantize, model) if quantized else None)
+    if speed.quantize == "fp8" and speed.fp8_both_layouts:
+        params = with_forward_layouts(params)
     # quantized leaves lie where quantize_in_run_layout put them (sharded like their kernels)
     params_sh = jax.tree.map(lambda x: x.sharding, params) if quantized else as_run["params"]
 

@@ -171,6 +171,10 @@ class TrainArgs:
         "int8 (per output channel), fp8 (e4m3 per output channel, and the frozen products run in FP8 on "
         "Hopper-class GPUs: faster, ~3% rounding per product); none keeps the storage dtype. Adapters, norms, embeddings and the LM head "
         "stay as they are", OPTIM, default="none", choices=("none",) + QUANTIZE_MODES)
+    fp8_both_layouts: bool = setting(
+        "with --quantize fp8: keep each frozen kernel also transposed (one byte a weight more: bf16's memory), "
+        "so no forward product transposes it every step (Hopper's FP8 GEMMs take the contracted axis "
+        "innermost)", OPTIM, default=False)
     save_quantized: str | None = setting(
         "with --quantize: also write the quantized frozen weights, as loaded, to this jaxlora checkpoint "
         "directory (codes and scales, ~4.1-8 bits a weight) before training; a later run reads it as "
@@ -232,7 +236,7 @@ def profile_for(preset: str | None, pretrained_path: str | None = None) -> dict[
         prof["pretrained_path"] = prof["pretrained_path"].format(preset=preset.upper())
         return prof
     real_weights = pretrained_path is not None and str(pretrained_path).lower() not in ("none", "random") \
-        and Path(pretrained_path) != DEMO_BASE
+        and Path(pretrained_path).resolve() != DEMO_BASE.resolve()  # the demo's base by any path is the demo
     if named in SMALL_PRESETS or (named is None and not real_weights):
         return dict(DEMO_PROFILE)
     prof = {k: v for k, v in LIT_LLAMA_RECIPE.items() if k != "pretrained_path"}
@@ -273,6 +277,9 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
     if a.save_quantized and a.quantize == "none":
         raise ValueError(f"--save_quantized {a.save_quantized} needs --quantize (nf4, nf4-dq, int8 or fp8): it writes "
                          "the quantized frozen weights")
+    if a.fp8_both_layouts and a.quantize != "fp8":
+        raise ValueError(f"--fp8_both_layouts needs --quantize fp8 (got --quantize {a.quantize}): it keeps the FP8 "
+                         "kernels in a second layout")
     if a.resume and a.overwrite:
         raise ValueError("give --resume (continue the run in out_dir) or --overwrite (replace it), not both")
     for name in ("batch_size", "micro_batch_size", "max_seq_length", "eval_interval", "save_interval", "eval_iters"):

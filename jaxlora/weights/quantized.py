@@ -43,6 +43,7 @@ from jaxlora.model.quantize import (
     quantize_kernel_as,
     quantized_shardings_like,
     quantizes,
+    without_forward_layouts,
 )
 from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights.device import layer_sharding, to_device, updater, zeros
@@ -94,7 +95,7 @@ def save_quantized(directory: str | os.PathLike, model: LLaMA, params: Mapping[s
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} already exists; pass --overwrite to replace it")
     expected = cio.expected_variables(model.config, None, quantized["mode"])[cio.PARAMS_DIR]
-    flat = traverse_util.flatten_dict(dict(params))
+    flat = traverse_util.flatten_dict(dict(without_forward_layouts(params)))  # a run-time copy, not stored
     pieces = {}
     for run_path, value in flat.items():
         path, layer = _stored(run_path)
