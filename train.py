@@ -106,9 +106,7 @@ def _train(args: settings.TrainArgs, hosts: dict) -> None:
     primary = hosts["process_id"] in (None, 0)
     memory.prepare_device_memory(args, hosts["num_processes"], lambda msg: print(msg, flush=True) if primary else None)
     # Likewise XLA_FLAGS: FP8 products are fast through cuBLASLt, not XLA's Triton GEMMs (jaxlora.model.fp8).
-    flags = os.environ.get("XLA_FLAGS", "")
-    if (fp8_flags := fp8.xla_flags_for(args.quantize, flags)) != flags:
-        os.environ["XLA_FLAGS"] = fp8_flags
+    if fp8.set_xla_flags(args.quantize, os.environ):
         if primary and memory.visible_gpus(os.environ):
             print(f"fp8: added {fp8.CUBLAS_GEMMS} to XLA_FLAGS (FP8 GEMMs through cuBLASLt; XLA's Triton "
                   "ones are slower than bf16; name the flag in XLA_FLAGS yourself to choose)", flush=True)

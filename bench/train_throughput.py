@@ -320,7 +320,7 @@ def main() -> None:
     # As train.py, before JAX starts: with FP8 products anywhere in this process, every GEMM of it
     # goes to cuBLAS(Lt) (jaxlora.model.fp8.xla_flags_for; bf16's GEMMs were measured as fast there).
     modes = {v.get("quantize", args.quantize) for v in variants}
-    os.environ["XLA_FLAGS"] = fp8.xla_flags_for("fp8" if "fp8" in modes else None, os.environ.get("XLA_FLAGS", ""))
+    fp8.set_xla_flags("fp8" if "fp8" in modes else None, os.environ)
     if args.alpaca:
         alpaca_main(args)
         return

@@ -21,6 +21,7 @@ frozen products change; the adapters, their gradients and the optimizer stay as 
 """
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import jax
@@ -56,6 +57,16 @@ def xla_flags_for(quantize: str | None, xla_flags: str) -> str:
     if quantize != "fp8" or "xla_gpu_enable_triton_gemm" in xla_flags:
         return xla_flags
     return f"{xla_flags} {CUBLAS_GEMMS}".strip()
+
+
+def set_xla_flags(quantize: str | None, env: MutableMapping[str, str]) -> bool:
+    """Put `xla_flags_for`'s XLA_FLAGS in `env` (the process environment, before JAX starts);
+    whether they changed."""
+    flags = env.get("XLA_FLAGS", "")
+    wanted = xla_flags_for(quantize, flags)
+    if wanted != flags:
+        env["XLA_FLAGS"] = wanted
+    return wanted != flags
 
 
 def rows_to_fp8(x: Array, n_axes: int = 1) -> tuple[Array, Array]:
