@@ -104,7 +104,10 @@ def _train(args: settings.TrainArgs, hosts: dict) -> None:
     # Before JAX starts its GPU backend, which reads the allocator's share once: 65B on one 141 GB
     # card needs more than the default 75% (jaxlora.train.memory).
     primary = hosts["process_id"] in (None, 0)
-    memory.prepare_device_memory(args, hosts["num_processes"], lambda msg: print(msg, flush=True) if primary else None)
+    plan = memory.prepare_device_memory(args, hosts["num_processes"],
+                                        lambda msg: print(msg, flush=True) if primary else None)
+    if plan is not None and plan.fp8_both_layouts is not None:  # --quantize fp8's second layout, decided there
+        args = dataclasses.replace(args, fp8_both_layouts=plan.fp8_both_layouts)
     # Likewise XLA_FLAGS: FP8 products are fast through cuBLASLt, not XLA's Triton GEMMs (jaxlora.model.fp8).
     if fp8.set_xla_flags(args.quantize, os.environ):
         if primary and memory.visible_gpus(os.environ):

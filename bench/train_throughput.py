@@ -110,6 +110,8 @@ def run_settings(args: argparse.Namespace, batch: int, seq: int, variant: dict, 
     if args.lora_dropout is not None:
         values["lora_dropout"] = args.lora_dropout
     values.update({KNOBS[k]: (bool(v) if k in ("scan_layers", "fp8_both_layouts") else v) for k, v in variant.items()})
+    if values.get("quantize") == "fp8":
+        values.setdefault("fp8_both_layouts", True)  # train.py's choice wherever the card holds it
     return resolve_args(TrainArgs(**values))
 
 

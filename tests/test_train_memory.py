@@ -104,6 +104,40 @@ def test_prepare_sets_only_the_share_and_says_so_once():
                                         {memory.CARDS_VAR: str(H200_MIB)}) is None
 
 
+def _fp8_plan(mib: int, **settings):
+    a = resolve_args(TrainArgs(**{"pretrained_path": "none", "quantize": "fp8", **settings}))
+    return memory.plan_fp8_layouts(a, LLaMAConfig.from_name(a.preset), [mib * 2**20], 1, {})
+
+
+def test_fp8_keeps_both_kernel_layouts_where_the_run_still_fits():
+    plan = _fp8_plan(H200_MIB, preset="7b")  # 7B: ~6 GiB more, far inside an H200's default share
+    assert plan.fp8_both_layouts and plan.fits and not plan.set_fraction
+    assert "fp8: frozen kernels kept in both layouts (+6.0 GiB a GPU" in plan.message, plan.message
+    one = memory.plan_memory(resolve_args(TrainArgs(preset="7b", pretrained_path="none", quantize="fp8")),
+                             LLaMAConfig.from_name("7b"), [H200_MIB * 2**20], 1, {})
+    assert plan.estimate.weights - one.estimate.weights == pytest.approx(6.0 * GIB, rel=0.01)
+
+
+def test_fp8_drops_the_second_layout_where_only_one_fits():
+    # 65B in fp8: ~61 GiB of kernels, ~121 GiB with both; an 80 GB card holds only the first
+    plan = _fp8_plan(H100_MIB, preset="65b", remat="full")
+    assert plan.fp8_both_layouts is False and plan.fits, plan
+    assert "kept in one layout" in plan.message
+    with pytest.raises(TrainingError):  # as a check of the premise: with both, refused
+        memory.plan_memory(resolve_args(TrainArgs(preset="65b", pretrained_path="none", quantize="fp8", remat="full",
+                                                  fp8_both_layouts=True)),
+                           LLaMAConfig.from_name("65b"), [H100_MIB * 2**20], 1, {})
+
+
+def test_an_explicit_fp8_layout_choice_is_not_second_guessed():
+    env = {memory.CARDS_VAR: str(H100_MIB)}
+    plan = memory.prepare_device_memory(TrainArgs(preset="7b", pretrained_path="none", quantize="fp8",
+                                                  fp8_both_layouts=False), None, lambda m: None, env)
+    assert plan.fp8_both_layouts is None
+    assert memory.prepare_device_memory(TrainArgs(preset="7b", pretrained_path="none"), None, lambda m: None,
+                                        env).fp8_both_layouts is None  # not fp8: nothing to decide
+
+
 def _fake_nvidia_smi(tmp_path: Path) -> dict:
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho '0, GPU-aaaa-1111, 143771'\necho '1, GPU-bbbb-2222, 81559'\n")
@@ -134,7 +168,7 @@ def test_train_py_decides_before_jax_starts_and_before_loading_anything():
         from jaxlora.train import loop
         loop.run = lambda a: print("probe: backend started", xla_bridge.backends_are_initialized(), "share",
                                    os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), "flags",
-                                   repr(os.environ.get("XLA_FLAGS", "")))
+                                   repr(os.environ.get("XLA_FLAGS", "")), "both layouts", a.fp8_both_layouts)
         argv = ["--preset", "65b", "--pretrained_path", "none"]
         os.environ["JAXLORA_GPU_MEMORY_MIB"] = "81559"
         print("probe: refused with", train.main(argv), "backend started", xla_bridge.backends_are_initialized())
@@ -144,6 +178,8 @@ def test_train_py_decides_before_jax_starts_and_before_loading_anything():
         train.main(argv + ["--quantize", "fp8"])  # FP8's GEMMs through cuBLASLt: a flag added
         os.environ["XLA_FLAGS"] = "--xla_gpu_enable_triton_gemm=true"
         train.main(argv + ["--quantize", "fp8"])  # the user's own choice stays
+        os.environ["JAXLORA_GPU_MEMORY_MIB"] = "81559"
+        train.main(argv + ["--quantize", "fp8", "--remat", "full"])  # 65B fp8 on 80 GB: one kernel layout
     """)
     env = {k: v for k, v in os.environ.items() if k != memory.FRACTION_VAR}
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=False,
@@ -155,8 +191,10 @@ def test_train_py_decides_before_jax_starts_and_before_loading_anything():
     assert len(lines) == 1 and "set XLA_PYTHON_CLIENT_MEM_FRACTION=0.99" in lines[0], out.stdout
     assert "probe: backend started False share 0.99" in out.stdout, out.stdout
     probes = [line for line in out.stdout.splitlines() if line.startswith("probe: backend started False share")]
-    assert probes[1].endswith("flags '--xla_dump_to=/nowhere --xla_gpu_enable_triton_gemm=false'"), probes
-    assert probes[2].endswith("flags '--xla_gpu_enable_triton_gemm=true'"), probes
+    assert probes[0].endswith("both layouts None"), probes  # not fp8: nothing decided
+    assert probes[1].endswith("flags '--xla_dump_to=/nowhere --xla_gpu_enable_triton_gemm=false' both layouts True"), probes
+    assert probes[2].endswith("flags '--xla_gpu_enable_triton_gemm=true' both layouts True"), probes
+    assert probes[3].endswith("both layouts False"), probes  # 65B fp8 on 80 GB: the second layout would not fit
     assert sum(line.startswith("fp8: added --xla_gpu_enable_triton_gemm=false") for line in out.stdout.splitlines()) == 1
 
 

@@ -13,6 +13,10 @@ the run will get), reads the cards' memory without starting JAX (JAXLORA_GPU_MEM
   that, with one line saying so (XLA_PYTHON_CLIENT_PREALLOCATE is never touched);
 - not even that: `TrainingError` before anything is loaded, naming the estimate, the card and
   what to do.
+
+With `--quantize fp8` and neither `--fp8_both_layouts` nor `--no-fp8_both_layouts`, it also decides
+the second kernel layout (faster forward products, one byte a weight more): kept where the run
+still fits with it, dropped where only the one-layout run fits.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import pkgutil
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import jax.numpy as jnp
@@ -42,7 +46,8 @@ from jaxlora.train.settings import PRECISIONS, TrainArgs, resolve_args
 from jaxlora.train.spec import run_spec
 from jaxlora.weights.load import read_base_config
 
-__all__ = ["CARDS_VAR", "FRACTION_VAR", "MemoryPlan", "plan_memory", "prepare_device_memory", "usable_fraction",
+__all__ = ["CARDS_VAR", "FRACTION_VAR", "MemoryPlan", "plan_fp8_layouts", "plan_memory", "prepare_device_memory",
+           "usable_fraction",
            "visible_gpus"]
 
 FRACTION_VAR = "XLA_PYTHON_CLIENT_MEM_FRACTION"
@@ -64,6 +69,11 @@ class MemoryPlan:
     fraction: float
     set_fraction: bool  # train.py set FRACTION_VAR
     message: str | None = None
+    fp8_both_layouts: bool | None = None  # decided here (--quantize fp8 left to its default), else None
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate.total <= self.fraction * self.card_bytes
 
 
 class _Card:
@@ -164,6 +174,25 @@ def plan_memory(a: TrainArgs, config: LLaMAConfig, cards: list[int], processes: 
     return MemoryPlan(est, shape, card, top, True, message)
 
 
+def plan_fp8_layouts(a: TrainArgs, config: LLaMAConfig, cards: list[int], processes: int = 1,
+                     env: Mapping[str, str] = os.environ) -> MemoryPlan:
+    """`plan_memory` for a `--quantize fp8` run whose `fp8_both_layouts` is left to its default
+    (None): with both layouts where that run fits, else with one; the plan records the choice."""
+    try:
+        both = plan_memory(replace(a, fp8_both_layouts=True), config, cards, processes, env)
+    except TrainingError:
+        both = None
+    if both is not None and both.fits:
+        extra = (weight_bytes(config, a.precision, "fp8", True) - weight_bytes(config, a.precision, "fp8")
+                 ) / (both.mesh["fsdp"] * both.mesh["tensor"])
+        return replace(both, fp8_both_layouts=True, message=" ".join(filter(None, (both.message, (
+            f"fp8: frozen kernels kept in both layouts (+{extra / GIB:.1f} GiB a GPU, faster forward products; "
+            "--no-fp8_both_layouts saves it)")))))
+    one = plan_memory(replace(a, fp8_both_layouts=False), config, cards, processes, env)
+    return replace(one, fp8_both_layouts=False, message=" ".join(filter(None, (one.message, (
+        "fp8: frozen kernels kept in one layout (with the second, the run would not fit the card)")))))
+
+
 def refusal(a: TrainArgs, config: LLaMAConfig, est: MemoryEstimate, shape: Mapping[str, int], card: int,
             top: float) -> str:
     """Why the run cannot fit, with the numbers and what to change."""
@@ -188,7 +217,8 @@ def prepare_device_memory(args: TrainArgs, processes: int | None, log: Callable[
     try:
         a = resolve_args(args)
         config, _ = read_base_config(a.pretrained_path, a.preset)
-        plan = plan_memory(a, config, cards, processes or 1, env)
+        planner = plan_fp8_layouts if a.quantize == "fp8" and a.fp8_both_layouts is None else plan_memory
+        plan = planner(a, config, cards, processes or 1, env)
     except (OSError, ValueError):  # bad settings or inputs: the run reports them, all at once
         return None
     if plan.set_fraction:

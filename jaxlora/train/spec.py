@@ -54,7 +54,7 @@ class SpeedKnobs:
     loss_chunk: int
     rng_impl: str
     quantize: str = "none"  # frozen kernels: none, nf4, nf4-dq, int8, fp8 (jaxlora.model.quantize)
-    fp8_both_layouts: bool = False  # fp8 kernels also in the forward product's layout
+    fp8_both_layouts: bool = False  # fp8 kernels also in the forward product's layout (None in TrainArgs: off)
 
 
 @dataclass(frozen=True)
@@ -77,5 +77,5 @@ def run_spec(a: TrainArgs) -> RunSpec:
         optimizer=OptimizerSpec(a.learning_rate, a.weight_decay, a.warmup_steps, a.schedule, a.grad_clip),
         batch=BatchLayout(a.batch_size, a.micro_batch_size, a.max_seq_length, a.mesh),
         speed=SpeedKnobs(a.precision, a.attention, a.remat, a.scan_layers, a.scan_unroll, a.loss_chunk, a.rng_impl,
-                         a.quantize, a.fp8_both_layouts),
+                         a.quantize, bool(a.fp8_both_layouts)),
         seed=a.seed)
