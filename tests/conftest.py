@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -12,6 +13,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # tests import the PyTorch reference by name
 
 import fast_compile  # noqa: E402
+
+# A suite started in the background of a non-interactive shell (`cmd &`, nohup) inherits SIGINT
+# ignored, and so would train.py in the Ctrl-C tests: take Ctrl-C as a terminal would deliver it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Compile time is most of this suite's time on CPU, so, for this process and every subprocess a test
 # starts (they inherit the environment; scripts that set a device count append to XLA_FLAGS):

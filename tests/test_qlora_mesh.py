@@ -91,9 +91,12 @@ def test_quantized_training_on_a_mesh_equals_one_device(tmp_path):
     for mode in ("nf4-dq", "int8", "fp8"):
         run = report[mode]
         # fp8 rounds activations and gradients to e4m3 (steps of 2^-4): a float32 difference of the
-        # sharded sums can move a value across a rounding boundary, hence a wider bound (measured 1.1e-5)
-        np.testing.assert_allclose(run["losses"], run["ref_losses"], rtol=2e-5 if mode != "fp8" else 1e-4,
-                                   err_msg=mode)
+        # sharded sums can move a value across a rounding boundary, hence a wider bound for its first
+        # step (measured 1.1e-5); after AdamW's steps (lr 1e-2, see the docstring) such flips and the
+        # entries moved +-lr by noise-level gradients add up: 6.5e-4 seen on a Sapphire Rapids CPU
+        first, later = (2e-5, 2e-5) if mode != "fp8" else (1e-4, 2e-3)
+        np.testing.assert_allclose(run["losses"][0], run["ref_losses"][0], rtol=first, err_msg=mode)
+        np.testing.assert_allclose(run["losses"][1:], run["ref_losses"][1:], rtol=later, err_msg=mode)
         assert run["losses"][2][0] < run["losses"][0][0], run  # the adapters did train
         assert run["qkv_out_ndim"] == 2  # q/k/v split by head group over the tensor axis
     # NF4 codes (C, slots, width, C/2): width over tensor, the packed input axis over fsdp; int8 as the kernel
