@@ -16,7 +16,7 @@ the run will get), reads the cards' memory without starting JAX (JAXLORA_GPU_MEM
 
 With `--quantize fp8` and neither `--fp8_both_layouts` nor `--no-fp8_both_layouts`, it also decides
 the second kernel layout (faster forward products, one byte a weight more): kept where the run
-still fits with it, dropped where only the one-layout run fits.
+fits with it and the estimate's margin to spare, else dropped.
 """
 from __future__ import annotations
 
@@ -177,12 +177,14 @@ def plan_memory(a: TrainArgs, config: LLaMAConfig, cards: list[int], processes: 
 def plan_fp8_layouts(a: TrainArgs, config: LLaMAConfig, cards: list[int], processes: int = 1,
                      env: Mapping[str, str] = os.environ) -> MemoryPlan:
     """`plan_memory` for a `--quantize fp8` run whose `fp8_both_layouts` is left to its default
-    (None): with both layouts where that run fits, else with one; the plan records the choice."""
+    (None): with both layouts where that run fits with the estimate's margin (`TOLERANCE`) to
+    spare, else with one (a speed-up, not worth a run that may run out of memory); the plan
+    records the choice."""
     try:
         both = plan_memory(replace(a, fp8_both_layouts=True), config, cards, processes, env)
     except TrainingError:
         both = None
-    if both is not None and both.fits:
+    if both is not None and both.estimate.total * (1 + TOLERANCE) <= both.fraction * both.card_bytes:
         extra = (weight_bytes(config, a.precision, "fp8", True) - weight_bytes(config, a.precision, "fp8")
                  ) / (both.mesh["fsdp"] * both.mesh["tensor"])
         return replace(both, fp8_both_layouts=True, message=" ".join(filter(None, (both.message, (
@@ -190,7 +192,8 @@ def plan_fp8_layouts(a: TrainArgs, config: LLaMAConfig, cards: list[int], proces
             "--no-fp8_both_layouts saves it)")))))
     one = plan_memory(replace(a, fp8_both_layouts=False), config, cards, processes, env)
     return replace(one, fp8_both_layouts=False, message=" ".join(filter(None, (one.message, (
-        "fp8: frozen kernels kept in one layout (with the second, the run would not fit the card)")))))
+        "fp8: frozen kernels kept in one layout (with the second, the run would not fit the card with "
+        f"{TOLERANCE:.0%} to spare; --fp8_both_layouts insists)")))))
 
 
 def refusal(a: TrainArgs, config: LLaMAConfig, est: MemoryEstimate, shape: Mapping[str, int], card: int,
