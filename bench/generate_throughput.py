@@ -157,6 +157,7 @@ def bench_one(args: argparse.Namespace, model: LLaMA, variables: dict, variant: 
     bound = bandwidth["bandwidth_gbs"] * 1e9 / nbytes
     return {
         "bench": "jaxlora-generate", "preset": args.preset, "variant": variant, "batch": batch,
+        "fused_mlp": model.fused_mlp,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "cache_len": S, "scan_layers": args.scan_layers,
         "ttft_s": round(ttft_s, 4), "decode_tok_s": round(per_seq, 1), "total_tok_s": round(per_seq * batch, 1),
         "e2e_tok_s": round((steps + 1) / (ttft_s + dec_s), 1), "ms_per_step": round(1e3 * dec_s / steps, 3),
@@ -215,7 +216,7 @@ def matmul_errors(params: Any) -> dict:
     and 256 rows) against x @ dequantized kernel in float32: the worst relative error per row count."""
     kernels = {}
     for leaf in jax.tree.leaves(params.get("h_0", params.get("h")), is_leaf=lambda x: isinstance(x, Int8Kernel)):
-        if isinstance(leaf, Int8Kernel) and leaf.q.ndim == 2:
+        if isinstance(leaf, Int8Kernel) and leaf.q.ndim == 1 + leaf.out_ndim:  # per-layer: (C, H) or gate|up (C, 2, H)
             kernels.setdefault(leaf.q.shape, leaf)
     kernels.setdefault(params["lm_head"]["kernel"].q.shape, params["lm_head"]["kernel"])
     product = jax.jit(lambda x, k: dense_dot(x, k, jnp.bfloat16, jnp.float32))
@@ -225,8 +226,9 @@ def matmul_errors(params: Any) -> dict:
         for kernel in kernels.values():
             x = jax.random.normal(jax.random.key(rows), (rows, kernel.shape[0]), jnp.float32).astype(jnp.bfloat16)
             with jax.default_matmul_precision("highest"):
-                want = jax.jit(lambda x, k: x.astype(jnp.float32) @ dequantize(k))(x, kernel)
-            worst = max(worst, float(jnp.linalg.norm(product(x, kernel) - want) / jnp.linalg.norm(want)))
+                want = jax.jit(lambda x, k: x.astype(jnp.float32) @ dequantize(k).reshape(k.shape[0], -1))(x, kernel)
+            got = product(x, kernel).reshape(want.shape)
+            worst = max(worst, float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)))
         out[f"matmul_rel_{rows}"] = float(f"{worst:.3g}")
     return out
 
@@ -245,6 +247,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="frozen weights, compute and KV cache")
     ap.add_argument("--scan_layers", type=int, default=0, choices=[0, 1],
                     help="1: layers as one scan over stacked weights; 0: per-layer weights (fastest)")
+    ap.add_argument("--fused_mlp", type=int, default=1, choices=[0, 1],
+                    help="1: gate and up kernels fused into one (generate.py's layout); 0: two products")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bandwidth_mb", type=int, default=0, help="array size for the bandwidth measurement "
                     "(0: 2048 on GPU/TPU, 64 on CPU)")
@@ -259,7 +263,8 @@ def main() -> None:
     config = LLaMAConfig.from_name(args.preset, **({"n_layer": args.n_layer} if args.n_layer else {}))
     dtype = DTYPES[args.dtype]
     model = LLaMA(config, dtype=dtype, param_dtype=dtype, scan_layers=bool(args.scan_layers))
-    model, base = prepare(model, {"params": init_variables(model, jax.random.key(0))["params"]})
+    model, base = prepare(model, {"params": init_variables(model, jax.random.key(0))["params"]},
+                          fuse_mlp=bool(args.fused_mlp))
     jax.block_until_ready(base)
     mb = args.bandwidth_mb or (64 if jax.default_backend() == "cpu" else 2048)
     bandwidth = measure_bandwidth(mb << 20)

@@ -18,6 +18,11 @@ PEFT_DIR = "peft"  # the final adapters as a PEFT LoRA folder (HF transformers, 
 LITGPT_LORA_DIR = "litgpt-lora"  # and as a litgpt LoRA checkpoint, when the base is a litgpt directory
 
 
+# Decoding's run layout of a block's MLP input kernels: gate (c_fc1) and up (c_fc2) as one kernel
+# (C, 2, H) under this module path, read in one product (jaxlora.model.layouts.fuse_gate_up).
+FUSED_GATE_UP = ("mlp", "c_fc")
+
+
 def find_multiple(n: int, k: int) -> int:
     """Smallest multiple of k that is >= n (lit-llama's helper)."""
     return n if n % k == 0 else n + k - (n % k)

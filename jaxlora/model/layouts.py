@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxlora.config import LLaMAConfig
+from jaxlora.config import FUSED_GATE_UP, LLaMAConfig
 from jaxlora.model.nf4 import NF4Kernel
 from jaxlora.model.quantize import Int8Kernel, map_output_axes, quantize_kernel_as
 
@@ -155,9 +155,11 @@ _PER_LAYER = re.compile(rf"{STACKED}_(\d+)")
 
 
 def canonical(model: Model) -> Model:
-    """The same model with stacked (scanned) layers and fused q/k/v kernels: the layout
-    variables are stored in."""
-    return model if model.scan_layers and not model.split_qkv else model.clone(scan_layers=True, split_qkv=False)
+    """The same model with stacked (scanned) layers, fused q/k/v kernels and separate gate/up
+    kernels: the layout variables are stored in."""
+    if model.scan_layers and not model.split_qkv and not model.fused_mlp:
+        return model
+    return model.clone(scan_layers=True, split_qkv=False, fused_mlp=False)
 
 
 QKV_KERNEL = ("attn", "c_attn", "kernel")  # the fused q/k/v kernel, under a layer
@@ -280,6 +282,56 @@ def split_layers_on_device(model: Model, params: Mapping[str, Any], shardings: M
     out.update({f"{STACKED}_{i}": traverse_util.unflatten_dict({p: v[i] for p, v in pieces.items()})
                 for i in range(n)})
     return out
+
+
+# ----------------------------------------------------------------------------- gate and up fused
+#
+# Decoding's MLP layout (`LLaMA.fused_mlp`): a block's gate (c_fc1) and up (c_fc2) kernels, each
+# (..., C, H), as one kernel FUSED_GATE_UP (..., C, 2, H): one product reads both. Quantized
+# kernels fuse values and per-channel scales alike (out_ndim 2); NF4 kernels stay apart.
+
+GATE_UP = ("c_fc1", "c_fc2")
+
+
+def _fuse_pair(gate: Any, up: Any) -> Any:
+    if isinstance(gate, Int8Kernel):
+        qt = None if gate.qt is None or up.qt is None else jnp.stack([gate.qt, up.qt], axis=-3)
+        return Int8Kernel(jnp.stack([gate.q, up.q], axis=-2), jnp.stack([gate.scale, up.scale], axis=-2),
+                          out_ndim=2, qt=qt)
+    return jnp.stack([gate, up], axis=-2)
+
+
+_fuse_pair_consuming = jax.jit(_fuse_pair, donate_argnums=(0, 1))
+
+
+def can_fuse_gate_up(params: Mapping[str, Any]) -> bool:
+    """Whether every block's gate/up kernels can be fused: plain or 8-bit (int8, fp8) ones, one
+    output axis each."""
+    kernels = [x for path, x in traverse_util.flatten_dict(params).items()  # quantized kernels are leaves
+               if len(path) >= 3 and path[-3:-1] in (("mlp", GATE_UP[0]), ("mlp", GATE_UP[1]))]
+    return bool(kernels) and all(not isinstance(k, NF4Kernel) and getattr(k, "out_ndim", 1) == 1 for k in kernels)
+
+
+def fuse_gate_up(params: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` (stacked or per-layer) with each block's gate and up kernels fused into one
+    FUSED_GATE_UP kernel, for a `fused_mlp` model. Consumes the two kernels (donated, a block at
+    a time: the peak is the weights plus one fused kernel); check `can_fuse_gate_up` first."""
+    def visit(node: Mapping[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in node.items():
+            if key == "mlp" and all(name in value for name in GATE_UP):
+                mlp = {k: v for k, v in value.items() if k not in GATE_UP}
+                gate, up = (value[name]["kernel"] for name in GATE_UP)
+                with warnings.catch_warnings():  # CPU cannot donate; the copy is then transient
+                    warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+                    mlp[FUSED_GATE_UP[-1]] = {"kernel": _fuse_pair_consuming(gate, up)}
+                out[key] = mlp
+            elif isinstance(value, Mapping):
+                out[key] = visit(value)
+            else:
+                out[key] = value
+        return out
+    return visit(params)
 
 
 def init_variables(model: Model, rng: Array, seq_len: int = 8) -> dict[str, Any]:

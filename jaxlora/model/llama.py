@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlora.config import LLaMAConfig, LoRAConfig
+from jaxlora.config import FUSED_GATE_UP, LLaMAConfig, LoRAConfig
 from jaxlora.model.attention import (  # ATTENTION_IMPLS: re-exported, the CLI's choices (train.settings, bench)
     ATTENTION_IMPLS,  # noqa: F401
     cached_attention,
@@ -124,6 +124,7 @@ class Settings:
     rules: tuple = ()
     split_qkv: bool = False
     qkv: QKVLayout | None = None  # the q/k/v columns' layout (layouts.model_qkv_layout)
+    fused_mlp: bool = False  # gate and up in one kernel (LLaMA.fused_mlp)
 
     def constrain(self, x: Array, axes: tuple[str | None, ...]) -> Array:
         """Pin an activation's sharding by logical axis names (a no-op without a mesh), so the
@@ -205,14 +206,31 @@ class CausalSelfAttention(nn.Module):
         return _dense(opts, C, ("attn", "c_proj"), ("heads", "embed"))(y.reshape(B, T, C), deterministic), cache
 
 
+def _fused_gate_up(opts: Settings, x: Array) -> tuple[Array, Array]:
+    """gate and up from one product with the fused (C, 2, H) kernel (decoding's layout: one
+    weight read and one GEMM launch instead of two). Holds no adapters: merge them first."""
+    lora = opts.lora or LoRAConfig(r=0)
+    if lora.r > 0 and any(any(lora.enabled(("mlp", m))) for m in ("c_fc1", "c_fc2")):
+        raise ValueError("a fused_mlp model holds no gate/up adapters: merge them into the kernels first "
+                         "(jaxlora.infer.decode.prepare does)")
+    H = opts.config.n_hidden
+    both = MergedLoRADense(features=2 * H, groups=2, enabled=(False, False), kernel_axes=("embed", "mlp"),
+                           dtype=opts.dtype, param_dtype=opts.param_dtype, name=FUSED_GATE_UP[-1],
+                           split_kernel=True)(x)
+    return both[..., 0, :], both[..., 1, :]
+
+
 class MLP(nn.Module):
     opts: Settings
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
         H, C = self.opts.config.n_hidden, self.opts.config.n_embd
-        gate = _dense(self.opts, H, ("mlp", "c_fc1"), ("embed", "mlp"))(x, deterministic)
-        up = _dense(self.opts, H, ("mlp", "c_fc2"), ("embed", "mlp"))(x, deterministic)
+        if self.opts.fused_mlp:
+            gate, up = _fused_gate_up(self.opts, x)
+        else:
+            gate = _dense(self.opts, H, ("mlp", "c_fc1"), ("embed", "mlp"))(x, deterministic)
+            up = _dense(self.opts, H, ("mlp", "c_fc2"), ("embed", "mlp"))(x, deterministic)
         hidden = self.opts.constrain(nn.silu(gate) * up, ACT_MLP)
         return _dense(self.opts, C, ("mlp", "c_proj"), ("mlp", "embed"))(hidden, deterministic)
 
@@ -307,6 +325,9 @@ class LLaMA(nn.Module):
       split_qkv: read the fused q/k/v kernel as (C, 3, C) rather than (C, 3C), so tensor
         parallelism splits q, k and v at head boundaries (see MergedLoRADense.split_kernel);
         a run-time layout like per-layer weights: stored variables keep (C, 3C).
+      fused_mlp: read each block's gate and up kernels as one (C, 2, H) kernel "c_fc"
+        (`layouts.fuse_gate_up`): decoding's run layout, where each token reads every weight
+        once and one GEMM beats two; no gate/up adapters (merged ones only).
     """
 
     config: LLaMAConfig
@@ -321,6 +342,7 @@ class LLaMA(nn.Module):
     mesh: Any = None
     rules: tuple = ()
     split_qkv: bool = False
+    fused_mlp: bool = False
 
     @nn.compact
     def __call__(self, idx: Array, deterministic: bool = True, positions: Array | None = None,
@@ -342,7 +364,7 @@ class LLaMA(nn.Module):
             positions = jnp.arange(idx.shape[-1])
         cos, sin = rope_angles(positions, cfg.head_size, cfg.rope_base, cfg)
         opts = Settings(cfg, self.lora, self.dtype, self.param_dtype, self.lora_dtype, self.attention, self.mesh,
-                        tuple(self.rules), self.split_qkv, model_qkv_layout(self))
+                        tuple(self.rules), self.split_qkv, model_qkv_layout(self), self.fused_mlp)
         wte = TokenEmbedding(cfg.padded_vocab_size, opts, name="wte")
         x = opts.constrain(wte(idx), ACT_EMBED)
 

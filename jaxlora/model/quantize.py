@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxlora.config import FUSED_GATE_UP
 from jaxlora.model.fp8 import E4M3, E4M3_MAX, forward_layout, fp8_product, fp8_product_transposed
 from jaxlora.model.nf4 import (
     ABSMAX_BLOCK,
@@ -223,7 +224,8 @@ def quantize_params(params: Any, mode: str = "int8", consume: bool = False, head
             if isinstance(v, dict):
                 out[k] = visit(v, path)
             elif is_float_kernel(v) and quantizes(path, mode, head):
-                out[k] = quantize_kernel_as(v, mode, consume)
+                fused = tuple(path[-3:-1]) == FUSED_GATE_UP  # (C, 2, H): a column per (gate|up, h)
+                out[k] = quantize_kernel_as(v, mode, consume, out_ndim=2 if fused else 1)
                 if consume and isinstance(node, dict):
                     node[k] = None  # drop the float kernel now, not when the whole tree is done
             else:
