@@ -4,13 +4,15 @@ Stored (canonical): layers stacked on one axis under "h", q/k/v fused in one ker
 (C, C + 2 * n_kv_head * head_size) columns [q heads | k heads | v heads] (lit-llama's (C, 3C)
 without grouped-query attention); what checkpoints, converters, the lit-llama/HF mappings and
 the train state hold. Run layouts: per-layer ("h_0" ... "h_{n-1}") for a `scan_layers=False`
-model, and q/k/v split by query group for a `split_qkv` model (tensor parallelism; `QKVLayout`).
+model, q/k/v split by query group for a `split_qkv` model (tensor parallelism; `QKVLayout`), and
+gate|up in one kernel for a `fused_mlp` model (`fuse_gate_up`; decoding, and --fuse_mlp).
 
 This module sits below the network (jaxlora.model.llama imports its q/k/v facts); it handles
 LLaMA models only through their attributes.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -301,7 +303,11 @@ def _fuse_pair(gate: Any, up: Any) -> Any:
     return jnp.stack([gate, up], axis=-2)
 
 
-_fuse_pair_consuming = jax.jit(_fuse_pair, donate_argnums=(0, 1))
+@functools.lru_cache(maxsize=None)
+def _fuse_program(target: Any) -> Any:
+    """The two kernels donated to their fusion, the result placed at `target` (None: where the
+    compiler puts it, following its inputs)."""
+    return jax.jit(_fuse_pair, donate_argnums=(0, 1), out_shardings=target)
 
 
 def can_fuse_gate_up(params: Mapping[str, Any]) -> bool:
@@ -312,26 +318,43 @@ def can_fuse_gate_up(params: Mapping[str, Any]) -> bool:
     return bool(kernels) and all(not isinstance(k, NF4Kernel) and getattr(k, "out_ndim", 1) == 1 for k in kernels)
 
 
-def fuse_gate_up(params: Mapping[str, Any]) -> dict[str, Any]:
+def fuse_gate_up(params: Mapping[str, Any], shardings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`params` (stacked or per-layer) with each block's gate and up kernels fused into one
     FUSED_GATE_UP kernel, for a `fused_mlp` model. Consumes the two kernels (donated, a block at
-    a time: the peak is the weights plus one fused kernel); check `can_fuse_gate_up` first."""
-    def visit(node: Mapping[str, Any]) -> dict[str, Any]:
+    a time: the peak is the weights plus one fused kernel); check `can_fuse_gate_up` first.
+    shardings: the fused model's params shardings (float kernels are placed there; None, or
+    quantized kernels: where the compiler puts them, following the two kernels)."""
+    def visit(node: Mapping[str, Any], where: Any) -> dict[str, Any]:
         out = {}
         for key, value in node.items():
+            sub = where.get(key) if isinstance(where, Mapping) else None
             if key == "mlp" and all(name in value for name in GATE_UP):
                 mlp = {k: v for k, v in value.items() if k not in GATE_UP}
                 gate, up = (value[name]["kernel"] for name in GATE_UP)
+                target = None if isinstance(gate, Int8Kernel) or sub is None else sub[FUSED_GATE_UP[-1]]["kernel"]
                 with warnings.catch_warnings():  # CPU cannot donate; the copy is then transient
                     warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-                    mlp[FUSED_GATE_UP[-1]] = {"kernel": _fuse_pair_consuming(gate, up)}
+                    mlp[FUSED_GATE_UP[-1]] = {"kernel": _fuse_program(target)(gate, up)}
                 out[key] = mlp
             elif isinstance(value, Mapping):
-                out[key] = visit(value)
+                out[key] = visit(value, sub)
             else:
                 out[key] = value
         return out
-    return visit(params)
+    return visit(params, shardings)
+
+
+def gate_up_apart(path: tuple, kernel: Any) -> list[tuple[tuple, Any]]:
+    """The inverse of `fuse_gate_up` for one leaf: [(path, leaf)] back in the stored modules
+    (c_fc1, c_fc2) for a fused kernel at path .../mlp/c_fc/kernel, else [(path, kernel)]."""
+    if tuple(path[-3:-1]) != FUSED_GATE_UP:
+        return [(path, kernel)]
+    def half(g: int) -> Any:
+        if isinstance(kernel, Int8Kernel):
+            qt = None if kernel.qt is None else kernel.qt[..., g, :, :]
+            return Int8Kernel(kernel.q[..., g, :], kernel.scale[..., g, :], out_ndim=1, qt=qt)
+        return kernel[..., g, :]
+    return [((*path[:-2], name, path[-1]), half(g)) for g, name in enumerate(GATE_UP)]
 
 
 def init_variables(model: Model, rng: Array, seq_len: int = 8) -> dict[str, Any]:

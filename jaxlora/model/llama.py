@@ -36,7 +36,7 @@ from jaxlora.model.attention import (  # ATTENTION_IMPLS: re-exported, the CLI's
     pick_attention,
 )
 from jaxlora.model.layouts import STACKED, QKVLayout, model_qkv_layout
-from jaxlora.model.lora import MergedLoRADense
+from jaxlora.model.lora import LoRAUpdate, MergedLoRADense
 from jaxlora.model.quantize import Int8Kernel, dense_dot, rows_padded_dot
 
 Array = jax.Array
@@ -206,18 +206,23 @@ class CausalSelfAttention(nn.Module):
         return _dense(opts, C, ("attn", "c_proj"), ("heads", "embed"))(y.reshape(B, T, C), deterministic), cache
 
 
-def _fused_gate_up(opts: Settings, x: Array) -> tuple[Array, Array]:
-    """gate and up from one product with the fused (C, 2, H) kernel (decoding's layout: one
-    weight read and one GEMM launch instead of two). Holds no adapters: merge them first."""
-    lora = opts.lora or LoRAConfig(r=0)
-    if lora.r > 0 and any(any(lora.enabled(("mlp", m))) for m in ("c_fc1", "c_fc2")):
-        raise ValueError("a fused_mlp model holds no gate/up adapters: merge them into the kernels first "
-                         "(jaxlora.infer.decode.prepare does)")
+def _fused_gate_up(opts: Settings, x: Array, deterministic: bool) -> tuple[Array, Array]:
+    """gate and up from one product with the fused (C, 2, H) kernel (one weight read, one GEMM
+    launch, twice the columns), plus each one's adapter, where it has one, from its own
+    c_fc1 / c_fc2 adapters (`LoRAUpdate`: the variables and dropout masks of the unfused layers)."""
     H = opts.config.n_hidden
     both = MergedLoRADense(features=2 * H, groups=2, enabled=(False, False), kernel_axes=("embed", "mlp"),
                            dtype=opts.dtype, param_dtype=opts.param_dtype, name=FUSED_GATE_UP[-1],
                            split_kernel=True)(x)
-    return both[..., 0, :], both[..., 1, :]
+    lora = opts.lora or LoRAConfig(r=0)
+    outputs = []
+    for g, name in enumerate(("c_fc1", "c_fc2")):
+        y = both[..., g, :]
+        if lora.r > 0 and lora.enabled(("mlp", name))[0]:
+            y = y + LoRAUpdate(H, lora.r, lora.scaling, lora.dropout, ("embed", "mlp"), opts.dtype, opts.lora_dtype,
+                               name=name)(x, deterministic).astype(y.dtype)
+        outputs.append(y)
+    return outputs[0], outputs[1]
 
 
 class MLP(nn.Module):
@@ -227,7 +232,7 @@ class MLP(nn.Module):
     def __call__(self, x: Array, deterministic: bool) -> Array:
         H, C = self.opts.config.n_hidden, self.opts.config.n_embd
         if self.opts.fused_mlp:
-            gate, up = _fused_gate_up(self.opts, x)
+            gate, up = _fused_gate_up(self.opts, x, deterministic)
         else:
             gate = _dense(self.opts, H, ("mlp", "c_fc1"), ("embed", "mlp"))(x, deterministic)
             up = _dense(self.opts, H, ("mlp", "c_fc2"), ("embed", "mlp"))(x, deterministic)
@@ -326,8 +331,9 @@ class LLaMA(nn.Module):
         parallelism splits q, k and v at head boundaries (see MergedLoRADense.split_kernel);
         a run-time layout like per-layer weights: stored variables keep (C, 3C).
       fused_mlp: read each block's gate and up kernels as one (C, 2, H) kernel "c_fc"
-        (`layouts.fuse_gate_up`): decoding's run layout, where each token reads every weight
-        once and one GEMM beats two; no gate/up adapters (merged ones only).
+        (`layouts.fuse_gate_up`), a run layout: one product for both (decoding: one weight read
+        and GEMM launch fewer a block; training: GEMMs twice as wide). Their adapters keep their
+        own variables (c_fc1, c_fc2), so the train state does not change.
     """
 
     config: LLaMAConfig

@@ -111,16 +111,7 @@ class MergedLoRADense(nn.Module):
             return y
 
         width = max(w for w, on in zip(self.widths, self.enabled) if on)
-        lora_a = self._adapter("lora_A", lora_a_init, ("lora_group", in_axis, "lora_rank"),
-                               (self.n_enabled, in_features, self.r))
-        lora_b = self._adapter("lora_B", nn.initializers.zeros, ("lora_group", "lora_rank", out_axis),
-                               (self.n_enabled, self.r, width))
-
-        h = nn.Dropout(self.dropout)(x, deterministic=deterministic or self.dropout == 0.0)
-        # All enabled segments in one batched matmul pair (q and v together).
-        xa = jnp.einsum("...i,gir->...gr", h, lora_a.astype(self.dtype))
-        delta = jnp.einsum("...gr,gro->...go", xa, lora_b.astype(self.dtype)) * jnp.asarray(self.scaling, self.dtype)
-        delta = delta.astype(y.dtype)
+        delta = adapter_update(self, x, deterministic, self.n_enabled, width).astype(y.dtype)
         if not self.split_kernel:
             return add_to_segments(y, delta, self.enabled, self.widths)
         if self.run_layout is None or self.run_layout.is_reshape:  # equal groups: add in place, no data moved
@@ -137,11 +128,46 @@ class MergedLoRADense(nn.Module):
                 return kernel
         return self.param("kernel", nn.with_logical_partitioning(self.kernel_init, axes), shape, self.param_dtype)
 
-    def _adapter(self, name: str, init: Callable[..., Array], axes: tuple, shape: tuple) -> Array:
-        # The rng is drawn lazily: only at init, never in apply.
-        boxed_init = nn.with_logical_partitioning(init, axes)
-        return self.variable(LORA_COLLECTION, name,
-                             lambda: boxed_init(self.make_rng("params"), shape, self.lora_dtype)).value
+
+
+class LoRAUpdate(nn.Module):
+    """The adapters of one dense layer whose frozen kernel lives elsewhere (a model's fused
+    gate|up kernel, `LLaMA.fused_mlp`): scaling * dropout(x) @ A @ B, (..., features). Its
+    variables, dropout masks and maths are those of a `MergedLoRADense` of one segment of the
+    same name, so checkpoints and adapters do not know which of the two ran."""
+
+    features: int
+    r: int
+    scaling: float = 1.0
+    dropout: float = 0.0
+    kernel_axes: tuple[str | None, str | None] = (None, None)
+    dtype: Any = jnp.float32
+    lora_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        return adapter_update(self, x.astype(self.dtype), deterministic, 1, self.features)[..., 0, :]
+
+
+def adapter_update(module: nn.Module, x: Array, deterministic: bool, n_enabled: int, width: int) -> Array:
+    """scaling * dropout(x) @ A_g @ B_g for the n_enabled segments of `module` (a MergedLoRADense
+    or LoRAUpdate, inside its call: its `lora` variables and dropout), (..., n_enabled, width) in
+    its compute dtype. All segments in one batched matmul pair (q and v together)."""
+    in_axis, out_axis = module.kernel_axes
+    lora_a = _adapter(module, "lora_A", lora_a_init, ("lora_group", in_axis, "lora_rank"),
+                      (n_enabled, x.shape[-1], module.r))
+    lora_b = _adapter(module, "lora_B", nn.initializers.zeros, ("lora_group", "lora_rank", out_axis),
+                      (n_enabled, module.r, width))
+    h = nn.Dropout(module.dropout)(x, deterministic=deterministic or module.dropout == 0.0)
+    xa = jnp.einsum("...i,gir->...gr", h, lora_a.astype(module.dtype))
+    return jnp.einsum("...gr,gro->...go", xa, lora_b.astype(module.dtype)) * jnp.asarray(module.scaling, module.dtype)
+
+
+def _adapter(module: nn.Module, name: str, init: Callable[..., Array], axes: tuple, shape: tuple) -> Array:
+    # The rng is drawn lazily: only at init, never in apply.
+    boxed_init = nn.with_logical_partitioning(init, axes)
+    return module.variable(LORA_COLLECTION, name,
+                           lambda: boxed_init(module.make_rng("params"), shape, module.lora_dtype)).value
 
 
 def add_to_groups(y: Array, delta: Array, enabled: Sequence[bool]) -> Array:

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.errors import MeshError
-from jaxlora.model.layouts import init_adapters, quantize_in_run_layout
+from jaxlora.model.layouts import can_fuse_gate_up, fuse_gate_up, init_adapters, quantize_in_run_layout
 from jaxlora.model.llama import LLaMA
 from jaxlora.model.quantize import quantizes, with_forward_layouts
 from jaxlora.parallel import sharding as shd
@@ -161,18 +161,25 @@ def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = N
                   attention=speed.attention, remat=speed.remat, scan_layers=speed.scan_layers,
                   scan_unroll=min(speed.scan_unroll, config.n_layer),
                   mesh=mesh if mesh.devices.size > 1 else None, rules=shd.DEFAULT_RULES,
-                  split_qkv=mesh.shape["tensor"] > 1)  # q/k/v split at head boundaries over tensor
+                  split_qkv=mesh.shape["tensor"] > 1,  # q/k/v split at head boundaries over tensor
+                  fused_mlp=speed.fuse_mlp)
     stored = shd.variable_shardings(model, mesh)
     as_run = shd.variable_shardings(model, mesh, as_run=True)
+    loading = model.clone(fused_mlp=False)  # weights arrive with gate and up apart, fused below
     quantized = speed.quantize != "none"
     stored_quantized = base_quantization(kind, spec.base.path)  # a quantized checkpoint serves its own mode
     check_quantized_mode(spec.base.path, stored_quantized, speed.quantize)
     if quantized:
-        shd.check_quantized_mesh(model, mesh, speed.quantize)
-    params = load_params(model, kind, spec.base.path, spec.seed, storage_dtype, as_run["params"],
-                         frozen_quantizer(speed.quantize, model) if quantized else None)
+        shd.check_quantized_mesh(loading, mesh, speed.quantize)
+    params = load_params(loading, kind, spec.base.path, spec.seed, storage_dtype,
+                         shd.variable_shardings(loading, mesh, as_run=True)["params"],
+                         frozen_quantizer(speed.quantize, loading) if quantized else None)
     if speed.quantize == "fp8" and speed.fp8_both_layouts:
         params = with_forward_layouts(params)
+    if speed.fuse_mlp:
+        if not can_fuse_gate_up(params):
+            raise ValueError(f"--fuse_mlp needs float, int8 or fp8 gate/up kernels, not --quantize {speed.quantize}")
+        params = fuse_gate_up(params, as_run["params"])
     # quantized leaves lie where quantize_in_run_layout put them (sharded like their kernels)
     params_sh = jax.tree.map(lambda x: x.sharding, params) if quantized else as_run["params"]
 

@@ -176,6 +176,11 @@ class TrainArgs:
         "so no forward product transposes it every step (Hopper's FP8 GEMMs take the contracted axis "
         "innermost; 7B on an H200: +12% tok/s at 4 x 256, +4% at 2 x 2048). Default: on where train.py's "
         "memory estimate says the run still fits the GPU with it, else off (and off without a GPU)", OPTIM)
+    fuse_mlp: bool = setting(
+        "hold each block's gate and up kernels as one (C, 2, H) kernel while training: one GEMM twice as "
+        "wide for both, and one for their input gradient (a run layout: checkpoints, adapters and exports "
+        "do not change). Float, int8 and fp8 kernels (fp8: the input gradient takes one e4m3 scale per token "
+        "for gate and up together)", OPTIM, default=False)
     save_quantized: str | None = setting(
         "with --quantize: also write the quantized frozen weights, as loaded, to this jaxlora checkpoint "
         "directory (codes and scales, ~4.1-8 bits a weight) before training; a later run reads it as "
@@ -281,6 +286,9 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
     if a.fp8_both_layouts and a.quantize != "fp8":
         raise ValueError(f"--fp8_both_layouts needs --quantize fp8 (got --quantize {a.quantize}): it keeps the FP8 "
                          "kernels in a second layout")
+    if a.fuse_mlp and a.quantize.startswith("nf4"):
+        raise ValueError(f"--fuse_mlp keeps float, int8 or fp8 kernels, not --quantize {a.quantize} (NF4 blocks "
+                         "are laid out per kernel)")
     if a.resume and a.overwrite:
         raise ValueError("give --resume (continue the run in out_dir) or --overwrite (replace it), not both")
     for name in ("batch_size", "micro_batch_size", "max_seq_length", "eval_interval", "save_interval", "eval_iters"):

@@ -55,6 +55,7 @@ class SpeedKnobs:
     rng_impl: str
     quantize: str = "none"  # frozen kernels: none, nf4, nf4-dq, int8, fp8 (jaxlora.model.quantize)
     fp8_both_layouts: bool = False  # fp8 kernels also in the forward product's layout (None in TrainArgs: off)
+    fuse_mlp: bool = False  # gate and up kernels as one (LLaMA.fused_mlp)
 
 
 @dataclass(frozen=True)
@@ -77,5 +78,5 @@ def run_spec(a: TrainArgs) -> RunSpec:
         optimizer=OptimizerSpec(a.learning_rate, a.weight_decay, a.warmup_steps, a.schedule, a.grad_clip),
         batch=BatchLayout(a.batch_size, a.micro_batch_size, a.max_seq_length, a.mesh),
         speed=SpeedKnobs(a.precision, a.attention, a.remat, a.scan_layers, a.scan_unroll, a.loss_chunk, a.rng_impl,
-                         a.quantize, bool(a.fp8_both_layouts)),
+                         a.quantize, bool(a.fp8_both_layouts), a.fuse_mlp),
         seed=a.seed)

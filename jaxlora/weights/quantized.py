@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from jaxlora.errors import CheckpointError
 from jaxlora.model.layouts import (
+    gate_up_apart,
     qkv_in_run_layout,
     qkv_in_stored_layout,
     run_layout_pieces,
@@ -97,7 +98,8 @@ def save_quantized(directory: str | os.PathLike, model: LLaMA, params: Mapping[s
     expected = cio.expected_variables(model.config, None, quantized["mode"])[cio.PARAMS_DIR]
     flat = traverse_util.flatten_dict(dict(without_forward_layouts(params)))  # a run-time copy, not stored
     pieces = {}
-    for run_path, value in flat.items():
+    apart = [piece for run_path, value in flat.items() for piece in gate_up_apart(run_path, value)]
+    for run_path, value in apart:
         path, layer = _stored(run_path)
         value = qkv_in_stored_layout(model, run_path, value)
         named = kernel_leaves(value) if isinstance(value, (Int8Kernel, NF4Kernel)) else [(None, value)]
