@@ -21,6 +21,7 @@ LITGPT_LORA_DIR = "litgpt-lora"  # and as a litgpt LoRA checkpoint, when the bas
 # Decoding's run layout of a block's MLP input kernels: gate (c_fc1) and up (c_fc2) as one kernel
 # (C, 2, H) under this module path, read in one product (jaxlora.model.layouts.fuse_gate_up).
 FUSED_GATE_UP = ("mlp", "c_fc")
+GATE_UP = ("c_fc1", "c_fc2")  # the modules under "mlp" whose kernels it holds, in its order
 
 
 def find_multiple(n: int, k: int) -> int:

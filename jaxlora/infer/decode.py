@@ -29,9 +29,9 @@ Adapters: `prepare` merges them into the kernels once (functionally, `merge_lora
 leaves them unmerged (each step then also runs the small LoRA matmuls: what the trainer's
 evaluation samples do, without a second copy of the weights). `prepare(quantize="int8")`
 stores the frozen kernels as int8, "nf4" / "nf4-dq" as QLoRA's NF4 (`jaxlora.model.quantize`;
-adapters then stay unmerged). With no adapters left unmerged on them, each block's gate and up
-kernels become one (C, 2, H) kernel (`layouts.fuse_gate_up`, a `fused_mlp` model): a token's
-two largest products in one GEMM. Layouts: a model with
+adapters then stay unmerged). Float and 8-bit gate and up kernels become one (C, 2, H) kernel
+(`layouts.fuse_gate_up`, a `fused_mlp` model; unmerged adapters keep theirs): a token's two
+largest products in one GEMM. Layouts: a model with
 scan_layers=False (the fast GPU program: every layer's weights read once per token, no
 slicing) wants per-layer frozen weights, which `prepare` makes once; stacked ones given to
 it are sliced again on every call.
@@ -123,8 +123,8 @@ def prepare(model: LLaMA, variables: dict[str, Any], merge: bool = True, quantiz
     frozen weights in the layout `model` reads (per-layer for scan_layers=False, split on the
     device). With NF4, or kernels that arrive quantized (a quantized checkpoint), adapters
     stay unmerged, as QLoRA trained them: a LoRA update is mostly far below an NF4 step, so
-    merged and rounded to 4 bits it would be lost. fuse_mlp: with no adapters left on them,
-    each block's gate and up kernels as one (a `fused_mlp` model, `layouts.fuse_gate_up`).
+    merged and rounded to 4 bits it would be lost. fuse_mlp: each block's gate and up kernels
+    as one where they are float or 8-bit (a `fused_mlp` model, `layouts.fuse_gate_up`).
 
     Consumes `variables["params"]` (each kernel donated to its merge, quantization and split,
     so the peak stays near the weights' size): do not use them afterwards.
@@ -145,7 +145,7 @@ def prepare(model: LLaMA, variables: dict[str, Any], merge: bool = True, quantiz
         if quantize and not arrived_quantized:
             params = quantize_params(params, quantize, consume=True)
     params = split_layers_on_device(model, params)
-    if fuse_mlp and lora is None and can_fuse_gate_up(params):  # one product for gate and up
+    if fuse_mlp and can_fuse_gate_up(params):  # one product for gate and up (their adapters apart)
         params, model = fuse_gate_up(params), model.clone(fused_mlp=True)
     out = {"params": params}
     if lora is not None:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxlora.config import FUSED_GATE_UP, LLaMAConfig
+from jaxlora.config import FUSED_GATE_UP, GATE_UP, LLaMAConfig
 from jaxlora.model.nf4 import NF4Kernel
 from jaxlora.model.quantize import Int8Kernel, map_output_axes, quantize_kernel_as
 
@@ -291,9 +291,6 @@ def split_layers_on_device(model: Model, params: Mapping[str, Any], shardings: M
 # Decoding's MLP layout (`LLaMA.fused_mlp`): a block's gate (c_fc1) and up (c_fc2) kernels, each
 # (..., C, H), as one kernel FUSED_GATE_UP (..., C, 2, H): one product reads both. Quantized
 # kernels fuse values and per-channel scales alike (out_ndim 2); NF4 kernels stay apart.
-
-GATE_UP = ("c_fc1", "c_fc2")
-
 
 def _fuse_pair(gate: Any, up: Any) -> Any:
     if isinstance(gate, Int8Kernel):

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlora.config import FUSED_GATE_UP, LLaMAConfig, LoRAConfig
+from jaxlora.config import FUSED_GATE_UP, GATE_UP, LLaMAConfig, LoRAConfig
 from jaxlora.model.attention import (  # ATTENTION_IMPLS: re-exported, the CLI's choices (train.settings, bench)
     ATTENTION_IMPLS,  # noqa: F401
     cached_attention,
@@ -216,7 +216,7 @@ def _fused_gate_up(opts: Settings, x: Array, deterministic: bool) -> tuple[Array
                            split_kernel=True)(x)
     lora = opts.lora or LoRAConfig(r=0)
     outputs = []
-    for g, name in enumerate(("c_fc1", "c_fc2")):
+    for g, name in enumerate(GATE_UP):
         y = both[..., g, :]
         if lora.r > 0 and lora.enabled(("mlp", name))[0]:
             y = y + LoRAUpdate(H, lora.r, lora.scaling, lora.dropout, ("embed", "mlp"), opts.dtype, opts.lora_dtype,
