@@ -288,9 +288,10 @@ def split_layers_on_device(model: Model, params: Mapping[str, Any], shardings: M
 
 # ----------------------------------------------------------------------------- gate and up fused
 #
-# Decoding's MLP layout (`LLaMA.fused_mlp`): a block's gate (c_fc1) and up (c_fc2) kernels, each
-# (..., C, H), as one kernel FUSED_GATE_UP (..., C, 2, H): one product reads both. Quantized
-# kernels fuse values and per-channel scales alike (out_ndim 2); NF4 kernels stay apart.
+# A `fused_mlp` model's layout (decoding; training with --fuse_mlp): a block's gate (c_fc1) and
+# up (c_fc2) kernels, each (..., C, H), as one kernel FUSED_GATE_UP (..., C, 2, H): one product
+# reads both. Quantized kernels fuse values and per-channel scales alike (out_ndim 2); NF4
+# kernels stay apart.
 
 def _fuse_pair(gate: Any, up: Any) -> Any:
     if isinstance(gate, Int8Kernel):

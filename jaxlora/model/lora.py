@@ -129,7 +129,6 @@ class MergedLoRADense(nn.Module):
         return self.param("kernel", nn.with_logical_partitioning(self.kernel_init, axes), shape, self.param_dtype)
 
 
-
 class LoRAUpdate(nn.Module):
     """The adapters of one dense layer whose frozen kernel lives elsewhere (a model's fused
     gate|up kernel, `LLaMA.fused_mlp`): scaling * dropout(x) @ A @ B, (..., features). Its

@@ -47,8 +47,7 @@ from jaxlora.train.spec import run_spec
 from jaxlora.weights.load import read_base_config
 
 __all__ = ["CARDS_VAR", "FRACTION_VAR", "MemoryPlan", "plan_fp8_layouts", "plan_memory", "prepare_device_memory",
-           "usable_fraction",
-           "visible_gpus"]
+           "usable_fraction", "visible_gpus"]
 
 FRACTION_VAR = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 CARDS_VAR = "JAXLORA_GPU_MEMORY_MIB"  # "143771" or "143771,143771": the GPUs' memory, instead of asking nvidia-smi
