@@ -103,10 +103,9 @@ class MergedLoRADense(nn.Module):
             kernel = self._kernel((in_features, *shape), (in_axis, None, out_axis))
         else:
             kernel = self._kernel((in_features, self.features), self.kernel_axes)
-        if self.split_kernel and not isinstance(kernel, (Int8Kernel, NF4Kernel)):
-            y = jnp.einsum("...i,igo->...go", x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
-        else:
-            y = dense_dot(x, kernel, self.dtype, self.out_dtype)  # kernel may be int8/NF4 (jaxlora.model.quantize)
+        # (in, *out) kernels, split or not, float or int8/NF4 (jaxlora.model.quantize); products of
+        # few rows (decoding) padded on GPU, as every frozen product is
+        y = dense_dot(x, kernel, self.dtype, self.out_dtype)
         if self.n_enabled == 0:
             return y
 
