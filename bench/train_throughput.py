@@ -64,6 +64,7 @@ PRECISION = {"bf16": "bf16-true", "f32": "32-true"}
 KNOBS = {"attention": "attention", "remat": "remat", "scan_unroll": "scan_unroll", "loss_chunk": "loss_chunk",
          "rng_impl": "rng_impl", "dropout": "lora_dropout", "scan_layers": "scan_layers", "quantize": "quantize",
          "fp8_both_layouts": "fp8_both_layouts", "fuse_mlp": "fuse_mlp"}
+ON_OFF_KNOBS = ("scan_layers", "fp8_both_layouts", "fuse_mlp")  # given as 0/1, TrainArgs takes bools
 
 
 def parse_variant(spec: str) -> dict:
@@ -109,8 +110,7 @@ def run_settings(args: argparse.Namespace, batch: int, seq: int, variant: dict, 
         values["scan_layers"] = bool(args.scan_layers)
     if args.lora_dropout is not None:
         values["lora_dropout"] = args.lora_dropout
-    values.update({KNOBS[k]: (bool(v) if k in ("scan_layers", "fp8_both_layouts", "fuse_mlp") else v)
-                   for k, v in variant.items()})
+    values.update({KNOBS[k]: (bool(v) if k in ON_OFF_KNOBS else v) for k, v in variant.items()})
     if values.get("quantize") == "fp8":
         values.setdefault("fp8_both_layouts", True)  # train.py's choice wherever the card holds it
     return resolve_args(TrainArgs(**values))
@@ -135,8 +135,7 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> 
     for k in keys:
         ids = jax.random.randint(k, (args.accum, rows, seq), 0, config.vocab_size)
         batches.append(jax.device_put(ids, run.shardings.batch))
-    knobs = {f: getattr(a, f) for f in ("attention", "remat", "scan_layers", "scan_unroll", "loss_chunk", "rng_impl",
-                                        "lora_dropout", "quantize", "fp8_both_layouts", "fuse_mlp")}
+    knobs = {f: getattr(a, f) for f in KNOBS.values()}  # the settings every row records
 
     t0 = time.perf_counter()
     compiled = run.train_step.lower(state, params, {"input_ids": batches[0], "labels": batches[0]}).compile()
