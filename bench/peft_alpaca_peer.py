@@ -40,6 +40,7 @@ import gc
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -133,7 +134,10 @@ def forward_backward(model: nn.Module, mb: MicroBatch, scale: float, device: tor
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, step: Sequence[MicroBatch], device: torch.device,
                attention_mask: bool = False) -> float:
     """One optimizer step over its micro-batches (gradient accumulation); the mean micro-batch loss, read back."""
-    total = sum(forward_backward(model, mb, 1 / len(step), device, attention_mask) for mb in step)
+    total = 0
+    for mb in step:
+        total = total + forward_backward(model, mb, 1 / len(step), device, attention_mask)
+        check_terminated()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return (total / len(step)).item()
@@ -145,11 +149,37 @@ def graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def run(args: argparse.Namespace, model: nn.Module, steps: list[list[MicroBatch]], device: torch.device) -> dict:
-    """Shape pass, warm-up steps, timed steps: the timing fields of the row."""
+class Terminated(Exception):
+    """SIGTERM (a `timeout` around the run) arrived: the row still reports how far the run got."""
+
+
+TERMINATED: list[int] = []  # the signal, once it came: torch.compile may swallow the exception itself
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    TERMINATED.append(signum)
+    raise Terminated(f"signal {signum}")
+
+
+def check_terminated() -> None:
+    """Raise between micro-batches if a SIGTERM came while compiling code caught its exception."""
+    if TERMINATED:
+        raise Terminated(f"signal {TERMINATED[0]}")
+
+
+def progress(row: dict, phase: str, **fields: object) -> None:
+    """Record a finished phase in the row (kept if the run is cut short) and say so on stderr."""
+    row.update(fields, phase=phase)
+    print(f"peft_alpaca_peer: {phase} {json.dumps(fields)}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, model: nn.Module, steps: list[list[MicroBatch]], device: torch.device,
+        row: dict) -> None:
+    """Shape pass, warm-up steps, timed steps: the timing fields, written into `row` as each phase ends."""
     shapes = {}
     for mb in (mb for step in steps for mb in step):
         shapes.setdefault(tuple(mb.ids.shape), mb)
+    progress(row, "planned", shapes=len(shapes))
     if args.compile and DYNAMIC[args.dynamic] is False:  # one graph per shape: room for all of them
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(shapes) + 1)
     runner = torch.compile(model, dynamic=DYNAMIC[args.dynamic]) if args.compile else model
@@ -157,15 +187,17 @@ def run(args: argparse.Namespace, model: nn.Module, steps: list[list[MicroBatch]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     start_graphs = graphs()
     t = time.perf_counter()
-    for mb in shapes.values() if args.compile else ():  # compile every shape before the clock (eager: nothing to do)
+    for done, mb in enumerate(shapes.values() if args.compile else ()):  # compile every shape before the clock
         forward_backward(runner, mb, 1.0, device, args.attention_mask)
         opt.zero_grad(set_to_none=True)
+        row.update(shapes_done=done + 1, graphs_compiled=graphs() - start_graphs)
+        check_terminated()
     sync(device)
-    compile_s = time.perf_counter() - t
+    progress(row, "compiled", compile_s=round(time.perf_counter() - t, 2), graphs_compiled=graphs() - start_graphs)
     t = time.perf_counter()
     for step in steps[:args.warmup]:
         train_step(runner, opt, step, device, args.attention_mask)
-    warmup_s = time.perf_counter() - t
+    progress(row, "warmed up", warmup_s=round(time.perf_counter() - t, 2))
     timed_graphs = graphs()
     sync(device)
     t = time.perf_counter()
@@ -174,12 +206,10 @@ def run(args: argparse.Namespace, model: nn.Module, steps: list[list[MicroBatch]
     seconds = time.perf_counter() - t
     real = sum(mb.real for step in steps[args.warmup:] for mb in step)
     padded = sum(mb.padded for step in steps[args.warmup:] for mb in step)
-    return {"real_tokens": real, "padded_tokens": padded, "real_tokens_per_s": round(real / seconds, 1),
-            "padded_tokens_per_s": round(padded / seconds, 1), "padding_fraction": round(1 - real / padded, 4),
-            "step_s": round(seconds / args.steps, 4), "loss": round(loss, 4),
-            "shapes": len(shapes), "graphs_compiled": graphs() - start_graphs,
-            "graphs_compiled_timed": graphs() - timed_graphs,
-            "compile_s": round(compile_s, 2), "warmup_s": round(warmup_s, 2)}
+    progress(row, "timed", real_tokens=real, padded_tokens=padded, real_tokens_per_s=round(real / seconds, 1),
+             padded_tokens_per_s=round(padded / seconds, 1), padding_fraction=round(1 - real / padded, 4),
+             step_s=round(seconds / args.steps, 4), loss=round(loss, 4),
+             graphs_compiled=graphs() - start_graphs, graphs_compiled_timed=graphs() - timed_graphs)
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -204,14 +234,14 @@ def bench(args: argparse.Namespace) -> dict:
                    trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        row.update(run(args, model, steps, device))
+        run(args, model, steps, device, row)
         if not math.isfinite(row["loss"]):
             row["error"] = f"loss is not finite: {row['loss']}"
         if device.type == "cuda":
             row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
-    except Exception as e:  # noqa: BLE001 - an OOM or a compile failure is reported as a row
-        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    except Exception as e:  # noqa: BLE001 - an OOM, a compile failure or a timeout is reported as a row
+        row["error"] = f"{type(e).__name__}: {str(e)[:400]}" + (f" (after phase {row['phase']!r})" if "phase" in row else "")
     finally:
         del model
         gc.collect()
@@ -266,6 +296,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    signal.signal(signal.SIGTERM, raise_terminated)  # `timeout N python ...` still gets its row
     row = bench(parse_args(argv))
     print(json.dumps(row), flush=True)
     print("\n" + table([row]), flush=True)
