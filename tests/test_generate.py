@@ -231,12 +231,14 @@ prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11]]
 want = greedy_generate(model, v, prompts, 6, eos_id=None)
 mesh = make_mesh(data=2, fsdp=2, tensor=2)
 stacked, run = variable_shardings(model, mesh), variable_shardings(model, mesh, as_run=True)
-params = split_layers_on_device(model, jax.device_put(v["params"], stacked["params"]), run["params"])
+def placed(tree, shardings):  # fresh arrays: device_put may return its input, and splitting consumes them
+    return jax.device_put(jax.tree.map(np.array, tree), shardings)
+params = split_layers_on_device(model, placed(v["params"], stacked["params"]), run["params"])
 got = greedy_generate(model, {"params": params, "lora": jax.device_put(v["lora"], stacked["lora"])}, prompts, 6,
                       eos_id=None)
 assert all(np.array_equal(a, b) for a, b in zip(want, got)), (want, got)
 # prepared on the mesh: adapters merged into the sharded kernels, gate and up fused
-params = split_layers_on_device(model, jax.device_put(v["params"], stacked["params"]), run["params"])
+params = split_layers_on_device(model, placed(v["params"], stacked["params"]), run["params"])
 m, pv = prepare(model, {"params": params, "lora": jax.device_put(v["lora"], stacked["lora"])})
 assert m.fused_mlp
 got = greedy_generate(m, pv, prompts, 6, eos_id=None)

@@ -254,9 +254,9 @@ def split_layers_on_device(model: Model, params: Mapping[str, Any], shardings: M
                            ) -> dict[str, Any]:
     """Frozen weights in `model`'s layout, converted on the device one stacked leaf at a time.
 
-    Consumes `params`: each stacked leaf is donated to the program that slices it, so the
-    peak is the weights plus their largest stacked leaf, not twice the weights. Do not use
-    the argument afterwards. shardings: the per-layer params' shardings (from
+    Consumes `params`: each stacked leaf is deleted as soon as it is sliced, so the peak is
+    the weights plus their largest stacked leaf, not twice the weights. Do not use the
+    argument afterwards. shardings: the per-layer params' shardings (from
     `jaxlora.parallel.sharding.variable_shardings(model, mesh, as_run=True)["params"]`); None lets
     the compiler choose (a single device: that device).
     """
@@ -266,24 +266,38 @@ def split_layers_on_device(model: Model, params: Mapping[str, Any], shardings: M
         out = traverse_util.flatten_dict(params)  # scanned: only the q/k/v kernel changes layout
         path = (STACKED,) + QKV_KERNEL
         target = traverse_util.flatten_dict(shardings)[path] if shardings is not None else None
+        stacked = out[path]
         out[path] = jax.jit(lambda x: qkv_in_run_layout(model, path, x), donate_argnums=0,
-                            out_shardings=target)(out[path])
+                            out_shardings=target)(stacked)
+        _free(stacked)
         return traverse_util.unflatten_dict(out)
     n = model.config.n_layer
     flat = traverse_util.flatten_dict(params[STACKED])
     targets = traverse_util.flatten_dict(shardings[f"{STACKED}_0"]) if shardings is not None else {}
     pieces = {}
-    with warnings.catch_warnings():  # CPU cannot donate; the copy is then transient, as documented
+    with warnings.catch_warnings():  # a stacked buffer cannot become its slices: freed below instead
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
         for path in list(flat):
             target = targets.get(path)
             split = jax.jit(lambda x, path=path: tuple(qkv_in_run_layout(model, path, layer(x, i)) for i in range(n)),
                             donate_argnums=0, out_shardings=None if target is None else (target,) * n)
-            pieces[path] = split(flat.pop(path))  # drop our reference so the donated buffer can go
+            stacked = flat.pop(path)
+            pieces[path] = split(stacked)
+            _free(stacked)  # the caller's tree still holds it, and no slice can take over its buffer
     out = {k: v for k, v in params.items() if k != STACKED}
     out.update({f"{STACKED}_{i}": traverse_util.unflatten_dict({p: v[i] for p, v in pieces.items()})
                 for i in range(n)})
     return out
+
+
+def _free(tree: Any) -> None:
+    """Delete a consumed input's arrays now. Donation frees a buffer only where an output of the
+    same shape takes it over; a split or fused layout's outputs never match, so without this the
+    caller's tree keeps every old array alive until the whole conversion is done (the peak then is
+    twice the weights, not the weights plus one leaf)."""
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+            leaf.delete()
 
 
 # ----------------------------------------------------------------------------- gate and up fused
@@ -333,10 +347,7 @@ def fuse_gate_up(params: Mapping[str, Any], shardings: Mapping[str, Any] | None 
                 with warnings.catch_warnings():  # a (C, H) buffer cannot alias the (C, 2, H) output
                     warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
                     mlp[FUSED_GATE_UP[-1]] = {"kernel": _fuse_program(target)(gate, up)}
-                # so free the pair now: the caller's tree holds every block's pair until the end (8B: +7 GiB)
-                for leaf in jax.tree.leaves((gate, up)):
-                    if not leaf.is_deleted():
-                        leaf.delete()
+                _free((gate, up))  # the caller's tree holds every block's pair until the end (8B: +7 GiB)
                 out[key] = mlp
             elif isinstance(value, Mapping):
                 out[key] = visit(value, sub)

@@ -3,7 +3,8 @@
 # transformers' compiled static-cache generate in the same call (carry .peers), then one profiled
 # decode call at batch 1: where the last 1.2% to 230 tok/s hides. 2026-12-02e: fused 227.2 / 1,794.8
 # (apart 224.0 / 1,757.1), HF static 147.7 at batch 1 in a separate call. Ours first: JAX holds 75%
-# of the card while alive.
+# of the card while alive. peak_gib: 28.0 (apart) / 35.0 (fused) before prepare freed consumed arrays
+# (2026-12-02e, after the calls); expected now ~18.5 (the weights + the largest stacked leaf).
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
 G="python3 bench/generate_throughput.py --preset llama3.1-8b --variants bf16 --logit_prompts 0 --repeats 3"
 timeout 90 $G --batches 1,8 > $OUT/decode_8b.log 2>>$OUT/err.log
