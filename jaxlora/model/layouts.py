@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Mapping
@@ -267,23 +266,20 @@ def split_layers_on_device(model: Model, params: Mapping[str, Any], shardings: M
         path = (STACKED,) + QKV_KERNEL
         target = traverse_util.flatten_dict(shardings)[path] if shardings is not None else None
         stacked = out[path]
-        out[path] = jax.jit(lambda x: qkv_in_run_layout(model, path, x), donate_argnums=0,
-                            out_shardings=target)(stacked)
+        out[path] = jax.jit(lambda x: qkv_in_run_layout(model, path, x), out_shardings=target)(stacked)
         _free(stacked)
         return traverse_util.unflatten_dict(out)
     n = model.config.n_layer
     flat = traverse_util.flatten_dict(params[STACKED])
     targets = traverse_util.flatten_dict(shardings[f"{STACKED}_0"]) if shardings is not None else {}
     pieces = {}
-    with warnings.catch_warnings():  # a stacked buffer cannot become its slices: freed below instead
-        warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-        for path in list(flat):
-            target = targets.get(path)
-            split = jax.jit(lambda x, path=path: tuple(qkv_in_run_layout(model, path, layer(x, i)) for i in range(n)),
-                            donate_argnums=0, out_shardings=None if target is None else (target,) * n)
-            stacked = flat.pop(path)
-            pieces[path] = split(stacked)
-            _free(stacked)  # the caller's tree still holds it, and no slice can take over its buffer
+    for path in list(flat):
+        target = targets.get(path)
+        split = jax.jit(lambda x, path=path: tuple(qkv_in_run_layout(model, path, layer(x, i)) for i in range(n)),
+                        out_shardings=None if target is None else (target,) * n)
+        stacked = flat.pop(path)
+        pieces[path] = split(stacked)
+        _free(stacked)
     out = {k: v for k, v in params.items() if k != STACKED}
     out.update({f"{STACKED}_{i}": traverse_util.unflatten_dict({p: v[i] for p, v in pieces.items()})
                 for i in range(n)})
@@ -291,10 +287,10 @@ def split_layers_on_device(model: Model, params: Mapping[str, Any], shardings: M
 
 
 def _free(tree: Any) -> None:
-    """Delete a consumed input's arrays now. Donation frees a buffer only where an output of the
-    same shape takes it over; a split or fused layout's outputs never match, so without this the
-    caller's tree keeps every old array alive until the whole conversion is done (the peak then is
-    twice the weights, not the weights plus one leaf)."""
+    """Delete a consumed input's arrays now. Donating them would not free them: a buffer is
+    reused only by an output of the same shape, and a split or fused layout's outputs never
+    match; and the caller's tree keeps every old array alive until the whole conversion is done
+    (the peak would be twice the weights, not the weights plus one leaf)."""
     for leaf in jax.tree.leaves(tree):
         if isinstance(leaf, jax.Array) and not leaf.is_deleted():
             leaf.delete()
@@ -317,9 +313,9 @@ def _fuse_pair(gate: Any, up: Any) -> Any:
 
 @functools.lru_cache(maxsize=None)
 def _fuse_program(target: Any) -> Any:
-    """The two kernels donated to their fusion, the result placed at `target` (None: where the
-    compiler puts it, following its inputs)."""
-    return jax.jit(_fuse_pair, donate_argnums=(0, 1), out_shardings=target)
+    """The two kernels' fusion, placed at `target` (None: where the compiler puts it, following
+    its inputs)."""
+    return jax.jit(_fuse_pair, out_shardings=target)
 
 
 def can_fuse_gate_up(params: Mapping[str, Any]) -> bool:
@@ -344,10 +340,8 @@ def fuse_gate_up(params: Mapping[str, Any], shardings: Mapping[str, Any] | None 
                 mlp = {k: v for k, v in value.items() if k not in GATE_UP}
                 gate, up = (value[name]["kernel"] for name in GATE_UP)
                 target = None if isinstance(gate, Int8Kernel) or sub is None else sub[FUSED_GATE_UP[-1]]["kernel"]
-                with warnings.catch_warnings():  # a (C, H) buffer cannot alias the (C, 2, H) output
-                    warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-                    mlp[FUSED_GATE_UP[-1]] = {"kernel": _fuse_program(target)(gate, up)}
-                _free((gate, up))  # the caller's tree holds every block's pair until the end (8B: +7 GiB)
+                mlp[FUSED_GATE_UP[-1]] = {"kernel": _fuse_program(target)(gate, up)}
+                _free((gate, up))
                 out[key] = mlp
             elif isinstance(value, Mapping):
                 out[key] = visit(value, sub)
