@@ -126,8 +126,8 @@ def prepare(model: LLaMA, variables: dict[str, Any], merge: bool = True, quantiz
     merged and rounded to 4 bits it would be lost. fuse_mlp: each block's gate and up kernels
     as one where they are float or 8-bit (a `fused_mlp` model, `layouts.fuse_gate_up`).
 
-    Consumes `variables["params"]` (each kernel donated to its merge, quantization and split,
-    so the peak stays near the weights' size): do not use them afterwards.
+    Consumes `variables["params"]` (each kernel donated to its merge and quantization, deleted
+    once split or fused, so the peak stays near the weights' size): do not use them afterwards.
     """
     params, lora = variables["params"], variables.get("lora")
     has_adapters = model.lora is not None and model.lora.r > 0 and bool(lora)
