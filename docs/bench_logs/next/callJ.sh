@@ -6,14 +6,17 @@
 #    fuses the k|v stack into one in-place write and reads the halves without copies.
 # 2. All seven targets bf16 at 8 x 512: 15,128 tok/s (46.5%) against q,v's 17,996 (55.4%): +43 ms a
 #    step for < 0.3% more FLOPs. Dropout off shows what the five masks a layer cost (prediction: half of
-#    the 43 ms); a profile of 8 layers each (q,v and all seven) shows the rest.
+#    the 43 ms: on 2026-11-27 dropout was 1.5-2.3% of a q,v step, and all seven draw 7.5x the
+#    elements); bench/dropout_check.py says what one site's mask costs and whether half the random
+#    bits (bits16) win half of it back; a profile of 8 layers each (q,v and all seven) shows the rest.
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
 timeout 120 python3 bench/decode_attention_check.py --preset llama3.1-8b --batches 1,8 > $OUT/decode_attention.log 2>>$OUT/err.log
+timeout 60 python3 bench/dropout_check.py --tokens 4096 --widths 4096,14336 > $OUT/dropout_check.log 2>>$OUT/err.log
 timeout 220 python3 bench/train_throughput.py --preset llama3.1-8b --shapes 8x512 --targets q,k,v,o,gate,up,down \
   --variants 'dropout=0.05;dropout=0' > $OUT/all7_dropout.log 2>>$OUT/err.log
 timeout 100 python3 bench/train_throughput.py --preset llama3.1-8b --n_layer 8 --shapes 8x512 --steps 5 \
   --profile $OUT/prof_qv > $OUT/prof_qv.log 2>>$OUT/err.log
 timeout 100 python3 bench/train_throughput.py --preset llama3.1-8b --n_layer 8 --shapes 8x512 --steps 5 \
   --targets q,k,v,o,gate,up,down --profile $OUT/prof_all7 > $OUT/prof_all7.log 2>>$OUT/err.log
-tail -n 9 $OUT/decode_attention.log; tail -n 3 $OUT/all7_dropout.log
+tail -n 9 $OUT/decode_attention.log; tail -n 7 $OUT/dropout_check.log; tail -n 3 $OUT/all7_dropout.log
 grep -A 14 "hlo op" $OUT/prof_qv.log | head -15; grep -A 14 "hlo op" $OUT/prof_all7.log | head -15; tail -n 3 $OUT/err.log
