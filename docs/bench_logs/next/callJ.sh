@@ -10,13 +10,13 @@
 #    elements); bench/dropout_check.py says what one site's mask costs and whether half the random
 #    bits (bits16) win half of it back; a profile of 8 layers each (q,v and all seven) shows the rest.
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
-timeout 120 python3 bench/decode_attention_check.py --preset llama3.1-8b --batches 1,8 > $OUT/decode_attention.log 2>>$OUT/err.log
-timeout 60 python3 bench/dropout_check.py --tokens 4096 --widths 4096,14336 > $OUT/dropout_check.log 2>>$OUT/err.log
-timeout 220 python3 bench/train_throughput.py --preset llama3.1-8b --shapes 8x512 --targets q,k,v,o,gate,up,down \
+timeout 90 python3 bench/decode_attention_check.py --preset llama3.1-8b --batches 1,8 > $OUT/decode_attention.log 2>>$OUT/err.log
+timeout 45 python3 bench/dropout_check.py --tokens 4096 --widths 4096,14336 > $OUT/dropout_check.log 2>>$OUT/err.log
+timeout 260 python3 bench/train_throughput.py --preset llama3.1-8b --shapes 8x512 --targets q,k,v,o,gate,up,down \
   --variants 'dropout=0.05;dropout=0' > $OUT/all7_dropout.log 2>>$OUT/err.log
-timeout 100 python3 bench/train_throughput.py --preset llama3.1-8b --n_layer 8 --shapes 8x512 --steps 5 \
+timeout 90 python3 bench/train_throughput.py --preset llama3.1-8b --n_layer 8 --shapes 8x512 --steps 5 \
   --profile $OUT/prof_qv > $OUT/prof_qv.log 2>>$OUT/err.log
-timeout 100 python3 bench/train_throughput.py --preset llama3.1-8b --n_layer 8 --shapes 8x512 --steps 5 \
+timeout 90 python3 bench/train_throughput.py --preset llama3.1-8b --n_layer 8 --shapes 8x512 --steps 5 \
   --targets q,k,v,o,gate,up,down --profile $OUT/prof_all7 > $OUT/prof_all7.log 2>>$OUT/err.log
 tail -n 9 $OUT/decode_attention.log; tail -n 7 $OUT/dropout_check.log; tail -n 3 $OUT/all7_dropout.log
 grep -A 14 "hlo op" $OUT/prof_qv.log | head -15; grep -A 14 "hlo op" $OUT/prof_all7.log | head -15; tail -n 3 $OUT/err.log
