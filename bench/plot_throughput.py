@@ -24,10 +24,15 @@ def read_rows(paths: list[str]) -> list[dict]:
     return rows
 
 
+PEERS = {"peft": "PEFT", "peft+compile": "PEFT + torch.compile"}
+
+
 def series_name(row: dict) -> str:
+    """PyTorch PEFT [+ torch.compile] for peers; ours by precision of the frozen products and layer layout."""
     if "peer" in row:
-        return f"PyTorch {row['peer'].upper()}"
-    return "jaxlora, " + ("scanned layers" if row.get("scan_layers", 1) else "per-layer weights")
+        return f"PyTorch {PEERS.get(row['peer'], row['peer'])}"
+    precision = "fp8" if row.get("quantize") == "fp8" else "bf16"
+    return f"jaxlora {precision}, " + ("scanned layers" if row.get("scan_layers", 1) else "per-layer weights")
 
 
 def plot(rows: list[dict], out: str, title: str, note: str = "") -> None:

@@ -186,7 +186,7 @@ def bench_one(args: argparse.Namespace, batch: int, seq: int, variant: dict) -> 
     n_dev = mesh.devices.size
     return {
         "bench": "jaxlora", "preset": args.preset, "batch": batch, "seq": seq, "accum": args.accum, "r": args.lora_r,
-        "n_layer": config.n_layer, "mesh": dict(mesh.shape), "devices": n_dev, **knobs, **variant,
+        "targets": args.targets, "n_layer": config.n_layer, "mesh": dict(mesh.shape), "devices": n_dev, **knobs, **variant,
         "step_s": round(step_s, 4), "tokens_per_s": round(tok_s, 1),
         "tokens_per_s_per_device": round(tok_s / n_dev, 1),
         "tokens_per_s_synced": round(tokens / synced_s, 1),

@@ -30,9 +30,16 @@ def test_throughput_plot_from_logs(tmp_path):
     log.write_text("\n".join([
         "not json",
         json.dumps({"bench": "jaxlora", "batch": 2, "seq": 64, "scan_layers": 0, "tokens_per_s": 100.5, "mfu": 0.5}),
+        json.dumps({"bench": "jaxlora", "batch": 2, "seq": 64, "scan_layers": 0, "quantize": "fp8",
+                    "tokens_per_s": 150.0, "mfu": 0.7}),
         json.dumps({"peer": "peft", "batch": 2, "seq": 64, "tokens_per_s": 60.0}),
+        json.dumps({"peer": "peft+compile", "batch": 2, "seq": 64, "tokens_per_s": 80.0}),
     ]))
     out = tmp_path / "t.png"
     subprocess.run([sys.executable, str(ROOT / "bench" / "plot_throughput.py"), str(log), "--out", str(out)],
                    check=True, capture_output=True, timeout=120)
     assert out.read_bytes()[:4] == b"\x89PNG"
+    sys.path.insert(0, str(ROOT / "bench"))
+    from plot_throughput import read_rows, series_name
+    assert [series_name(r) for r in read_rows([str(log)])] == [
+        "jaxlora bf16, per-layer weights", "jaxlora fp8, per-layer weights", "PyTorch PEFT", "PyTorch PEFT + torch.compile"]
