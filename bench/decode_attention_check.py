@@ -12,9 +12,13 @@ cache writes and the softmax:
   kv_one       one (B, 2, K, S, hs) buffer for k and v: one in-place write a layer; the products
                read its two halves
   kv_one+online  both
+  current@while  current, in a loop whose trip count is known only at run time, as decode's is
+               (min(limit, chunk), and every row done): XLA then reads the loop predicate back to
+               the host after every step before it launches the next; the difference from
+               `current` is what that costs a step
 
-Each way runs `--layers` layers in a while loop of `--steps` steps (each step's q, k and v come
-from the previous step's output, as in decoding), the caches donated. Prints µs per step, the
+Each way runs `--layers` layers in a loop of `--steps` steps (each step's q, k and v come from the
+previous step's output, as in decoding), the caches donated. Prints µs per step, the
 kernels XLA compiled in the loop body, and each way's largest difference from `current`.
 
     PYTHONPATH=. python bench/decode_attention_check.py --preset llama3.1-8b --batches 1,8
@@ -36,7 +40,7 @@ from jaxlora.config import LLaMAConfig
 from jaxlora.model.attention import cached_attention
 
 Array = jax.Array
-WAYS = ("current", "online", "kv_one", "kv_one+online")
+WAYS = ("current", "online", "kv_one", "kv_one+online", "current@while")
 
 
 def softmax_online(scores: Array) -> Array:
@@ -65,6 +69,7 @@ def attention_online(q: Array, k: Array, v: Array, kv_mask: Array) -> Array:
 
 
 def layer_fn(way: str) -> Callable:
+    way = way.removesuffix("@while")
     """(cache, q (B,1,H,hs), k and v (B,1,K,hs), slot, kv_mask) -> (cache, y (B,1,H,hs))."""
     attend = attention_online if "online" in way else cached_attention
 
@@ -88,8 +93,8 @@ def empty_caches(way: str, layers: int, B: int, K: int, S: int, hs: int, dtype: 
 def program(way: str, steps: int, K: int) -> Callable:
     layer = layer_fn(way)
 
-    def run(caches: tuple, x: Array, start: Array, valid: Array) -> tuple:
-        def body(i: Array, carry: tuple) -> tuple:
+    def run(caches: tuple, x: Array, start: Array, valid: Array, limit: Array) -> tuple:
+        def step(i: Array, carry: tuple) -> tuple:
             caches, x, valid = carry
             slot = start + i
             valid = jax.lax.dynamic_update_slice(valid, jnp.ones((valid.shape[0], 1), bool), (0, slot))
@@ -102,7 +107,11 @@ def program(way: str, steps: int, K: int) -> Callable:
                 x = (y.astype(jnp.float32) * 0.9 + x.astype(jnp.float32) * 0.1).astype(x.dtype)
                 new.append(cache)
             return tuple(new), x, valid
-        return jax.lax.fori_loop(0, steps, body, (caches, x, valid))
+        if way.endswith("@while"):  # trip count from a run-time argument
+            _, *carry = jax.lax.while_loop(lambda c: c[0] < limit, lambda c: (c[0] + 1, *step(c[0], c[1:])),
+                                           (jnp.int32(0), caches, x, valid))
+            return tuple(carry)
+        return jax.lax.fori_loop(0, steps, step, (caches, x, valid))
     return jax.jit(run, donate_argnums=0)
 
 
@@ -123,14 +132,14 @@ def check(way: str, cfg: LLaMAConfig, B: int, prompt: int, steps: int, layers: i
     fn = program(way, steps, K)
     fresh = lambda: empty_caches(way, layers, B, K, S, hs, dtype)  # noqa: E731
     t0 = time.perf_counter()
-    compiled = fn.lower(fresh(), x, jnp.int32(prompt), valid).compile()
+    compiled = fn.lower(fresh(), x, jnp.int32(prompt), valid, jnp.int32(steps)).compile()
     compile_s = time.perf_counter() - t0
-    out = jax.block_until_ready(compiled(fresh(), x, jnp.int32(prompt), valid))  # warm-up
+    out = jax.block_until_ready(compiled(fresh(), x, jnp.int32(prompt), valid, jnp.int32(steps)))  # warm-up
     times = []
     for _ in range(repeats):
         caches = jax.block_until_ready(fresh())
         t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(caches, x, jnp.int32(prompt), valid))
+        out = jax.block_until_ready(compiled(caches, x, jnp.int32(prompt), valid, jnp.int32(steps)))
         times.append(time.perf_counter() - t0)
     row = {"way": way, "batch": B, "layers": layers, "cache_len": S, "us_per_step": 1e6 * min(times) / steps,
            "kernels_per_step": kernels_in_loop(compiled.as_text()), "compile_s": round(compile_s, 2),

@@ -3,7 +3,9 @@
 # 1. Decoding at batch 1 is 227.4 tok/s (goal 230: 50 µs a step, one small kernel a layer in eleven).
 #    bench/decode_attention_check.py times a step's cache writes + attention four ways at 8B's shapes.
 #    Prediction: online softmax -1 kernel a layer (~45 µs a step), kv_one -1 more (~45 µs), if XLA
-#    fuses the k|v stack into one in-place write and reads the halves without copies.
+#    fuses the k|v stack into one in-place write and reads the halves without copies. current@while:
+#    decode's loop has a run-time trip count, so XLA reads its predicate back after every step (the
+#    profile's one D2H copy a step); prediction: 10-30 µs a step of idle GPU (0.2-0.7%).
 # 2. All seven targets bf16 at 8 x 512: 15,128 tok/s (46.5%) against q,v's 17,996 (55.4%): +43 ms a
 #    step for < 0.3% more FLOPs. Dropout off shows what the five masks a layer cost (prediction: half of
 #    the 43 ms: on 2026-11-27 dropout was 1.5-2.3% of a q,v step, and all seven draw 7.5x the
@@ -18,5 +20,5 @@ timeout 90 python3 bench/train_throughput.py --preset llama3.1-8b --n_layer 8 --
   --profile $OUT/prof_qv > $OUT/prof_qv.log 2>>$OUT/err.log
 timeout 90 python3 bench/train_throughput.py --preset llama3.1-8b --n_layer 8 --shapes 8x512 --steps 5 \
   --targets q,k,v,o,gate,up,down --profile $OUT/prof_all7 > $OUT/prof_all7.log 2>>$OUT/err.log
-tail -n 9 $OUT/decode_attention.log; tail -n 7 $OUT/dropout_check.log; tail -n 3 $OUT/all7_dropout.log
+tail -n 11 $OUT/decode_attention.log; tail -n 7 $OUT/dropout_check.log; tail -n 3 $OUT/all7_dropout.log
 grep -A 14 "hlo op" $OUT/prof_qv.log | head -15; grep -A 14 "hlo op" $OUT/prof_all7.log | head -15; tail -n 3 $OUT/err.log
