@@ -1,21 +1,22 @@
 """Can a decode step's attention run in fewer kernels? Times the cache write and the attention of every
-layer of a decode step (no weight products), four ways, at a model's decoding shapes.
+layer of a decode step (no weight products), several ways, at a model's decoding shapes.
 
 The 2026-12-02 (sixth session) profile of Llama 3.1 8B at batch 1 spent 14.5% of a step in ~11 small
-kernels a layer of ~1.4 µs each; 230 tok/s needs about one of them fewer. Five of the eleven are the
-cache writes and the softmax:
+kernels a layer of ~1.4 µs each; 230 tok/s needs about one of them fewer. Six of the eleven are the
+cache writes and the softmax. A way is `current` or a '+'-joined set of changes to it:
 
   current      what jaxlora runs (`jaxlora.model.attention.cached_attention`): k and v caches apart,
                one in-place write each; softmax as max, sum of exponentials, probabilities to bf16
   online       the softmax's max and sum in one variadic reduction (an online softmax: a running
                max and a sum rescaled to it), then the probabilities
+  f32pv        the probabilities stay float32 into the product with v (v converted in the product):
+               no separate kernel that rounds them to bf16, if XLA fuses them into the GEMM's operand
   kv_one       one (B, 2, K, S, hs) buffer for k and v: one in-place write a layer; the products
                read its two halves
-  kv_one+online  both
-  current@while  current, in a loop whose trip count is known only at run time, as decode's is
-               (min(limit, chunk), and every row done): XLA then reads the loop predicate back to
-               the host after every step before it launches the next; the difference from
-               `current` is what that costs a step
+  @while       (suffix) the loop's trip count known only at run time, as decode's is (min(limit,
+               chunk), and every row done): XLA then reads the loop predicate back to the host after
+               every step before it launches the next; `current@while` against `current` is what
+               that costs a step
 
 Each way runs `--layers` layers in a loop of `--steps` steps (each step's q, k and v come from the
 previous step's output, as in decoding), the caches donated. Prints µs per step, the
@@ -40,7 +41,7 @@ from jaxlora.config import LLaMAConfig
 from jaxlora.model.attention import cached_attention
 
 Array = jax.Array
-WAYS = ("current", "online", "kv_one", "kv_one+online", "current@while")
+WAYS = ("current", "online", "f32pv", "online+f32pv", "kv_one", "kv_one+online+f32pv", "current@while")
 
 
 def softmax_online(scores: Array) -> Array:
@@ -56,25 +57,36 @@ def softmax_online(scores: Array) -> Array:
     return jnp.exp(scores - jnp.expand_dims(m, axis)) / jnp.expand_dims(total, axis)
 
 
-def attention_online(q: Array, k: Array, v: Array, kv_mask: Array) -> Array:
-    """`cached_attention` with `softmax_online`."""
-    B, T, H, hs = q.shape
-    K = k.shape[1]
-    q = q.reshape(B, T, K, H // K, hs)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hs)
-    scores = jnp.where(kv_mask[:, None, None, None, :], scores, -jnp.inf)
-    probs = softmax_online(scores).astype(v.dtype)
-    y = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return y.reshape(B, T, H, hs).astype(q.dtype)
+def attention_variant(online: bool, f32pv: bool) -> Callable:
+    """`cached_attention` with `softmax_online` (online) and/or float32 probabilities into the
+    product with v (f32pv)."""
+    def attend(q: Array, k: Array, v: Array, kv_mask: Array) -> Array:
+        B, T, H, hs = q.shape
+        K = k.shape[1]
+        q = q.reshape(B, T, K, H // K, hs)
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hs)
+        scores = jnp.where(kv_mask[:, None, None, None, :], scores, -jnp.inf)
+        probs = softmax_online(scores) if online else jax.nn.softmax(scores, axis=-1)
+        probs = probs if f32pv else probs.astype(v.dtype)
+        y = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(probs.dtype), preferred_element_type=jnp.float32)
+        return y.reshape(B, T, H, hs).astype(q.dtype)
+    return attend
+
+
+attention_online = attention_variant(online=True, f32pv=False)
 
 
 def layer_fn(way: str) -> Callable:
-    way = way.removesuffix("@while")
     """(cache, q (B,1,H,hs), k and v (B,1,K,hs), slot, kv_mask) -> (cache, y (B,1,H,hs))."""
-    attend = attention_online if "online" in way else cached_attention
+    changes = set(way.removesuffix("@while").split("+")) - {"current"}
+    unknown = changes - {"online", "f32pv", "kv_one"}
+    if unknown:
+        raise ValueError(f"unknown change(s) {sorted(unknown)} in way {way!r}")
+    plain = not changes & {"online", "f32pv"}
+    attend = cached_attention if plain else attention_variant("online" in changes, "f32pv" in changes)
 
     def layer(cache: Array | dict, q: Array, k: Array, v: Array, slot: Array, kv_mask: Array) -> tuple:
-        if way.startswith("kv_one"):  # (B, 2, K, S, hs)
+        if "kv_one" in changes:  # (B, 2, K, S, hs)
             new = jnp.stack([k, v], axis=1).swapaxes(2, 3).astype(cache.dtype)  # (B, 2, K, 1, hs)
             cache = jax.lax.dynamic_update_slice(cache, new, (0, 0, 0, slot, 0))
             return cache, attend(q, cache[:, 0], cache[:, 1], kv_mask)
@@ -85,7 +97,7 @@ def layer_fn(way: str) -> Callable:
 
 
 def empty_caches(way: str, layers: int, B: int, K: int, S: int, hs: int, dtype: jnp.dtype) -> tuple:
-    if way.startswith("kv_one"):
+    if "kv_one" in way:
         return tuple(jnp.zeros((B, 2, K, S, hs), dtype) for _ in range(layers))
     return tuple({"k": jnp.zeros((B, K, S, hs), dtype), "v": jnp.zeros((B, K, S, hs), dtype)} for _ in range(layers))
 
@@ -168,9 +180,9 @@ def main() -> None:
             row["max_diff_vs_first"] = float(np.max(np.abs(out - reference)))
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print(f"\n{'way':<16}{'batch':>6}{'µs/step':>10}{'kernels':>9}{'max diff':>10}")
+    print(f"\n{'way':<22}{'batch':>6}{'µs/step':>10}{'kernels':>9}{'max diff':>10}")
     for r in rows:
-        print(f"{r['way']:<16}{r['batch']:>6}{r['us_per_step']:>10.1f}{r['kernels_per_step']:>9}"
+        print(f"{r['way']:<22}{r['batch']:>6}{r['us_per_step']:>10.1f}{r['kernels_per_step']:>9}"
               f"{r['max_diff_vs_first']:>10.2g}")
 
 
