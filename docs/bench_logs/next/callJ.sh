@@ -22,4 +22,4 @@ timeout 90 python3 bench/train_throughput.py --preset llama3.1-8b --n_layer 8 --
 timeout 90 python3 bench/train_throughput.py --preset llama3.1-8b --n_layer 8 --shapes 8x512 --steps 5 \
   --targets q,k,v,o,gate,up,down --profile $OUT/prof_all7 > $OUT/prof_all7.log 2>>$OUT/err.log
 tail -n 9 $OUT/decode_attention.log; tail -n 7 $OUT/dropout_check.log; tail -n 3 $OUT/all7_dropout.log
-grep -A 14 "hlo op" $OUT/prof_qv.log | head -15; grep -A 14 "hlo op" $OUT/prof_all7.log | head -15; tail -n 3 $OUT/err.log
+grep -B 7 -A 10 "hlo op" $OUT/prof_qv.log; grep -B 7 -A 10 "hlo op" $OUT/prof_all7.log; tail -n 3 $OUT/err.log
