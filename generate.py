@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the prompt is put to the model: alpaca (lit-llama's template), plain (continue the "
                    "prompt as is), llama2-chat, llama3-chat (Meta's formats), chat-template (the model's own, from "
                    "its tokenizer_config.json); auto (default): the adapters' style (alpaca unless their config.json "
-                   "records another) or the demo's, else the model's chat template if it ships one, else plain")
+                   "records another; PEFT adapters record none: the model's chat template if it ships one, else "
+                   "alpaca) or the demo's, else the model's chat template if it ships one, else plain")
     g.add_argument("--template", dest="prompt_style", type=old_template_name, choices=["auto", "alpaca", "plain"],
                    help=argparse.SUPPRESS)  # the earlier flag: none is now plain
     g.add_argument("--system", default=D.system, help="system prompt (the chat styles)")
@@ -50,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapters if it has them")
     g.add_argument("--pretrained_path", help="base weights: lit-llama's .pth, a Hugging Face LLaMA directory or a "
                    "jaxlora checkpoint directory")
-    g.add_argument("--adapters", help="adapters-only directory (train.py's OUT_DIR/adapters); alone, its "
-                   "config.json names the base")
+    g.add_argument("--adapters", help="adapters-only directory (train.py's OUT_DIR/adapters) or a PEFT LoRA "
+                   "folder; alone, the base it records (config.json, or PEFT's base_model_name_or_path when local)")
     g.add_argument("--lora_path", help="lit-llama LoRA file (lit-llama-lora-finetuned.pth)")
     g.add_argument("--lora_alpha", type=float, default=D.lora_alpha, help=f"alpha of --lora_path (not stored in "
                    f"the file; default {D.lora_alpha:g})")

@@ -217,3 +217,45 @@ def test_train_py_on_a_llama3_hf_directory_with_its_chat_template(tmp_path):
     assert config.n_kv_head == 2 and config.rope_type == "llama3"
     lora_config, lora = load_adapters_dir(tmp_path / "out" / "adapters", config, "the HF base")
     close(our_logits(config, {"params": variables["params"], "lora": lora}, lora_config), hf_logits(peft_model))
+
+
+def test_generate_py_reads_a_peft_folder(tmp_path, capsys):
+    """generate.py --adapters takes a PEFT LoRA folder written by PEFT itself (all seven targets of a
+    GQA Llama 3-style model) as it is: the same greedy answer as the folder converted with
+    convert/from_peft.py; its base found from base_model_name_or_path when no base is given; the
+    model's chat template chosen (and said why) since PEFT records no prompt format; a base PEFT
+    names but that is not here is refused by name."""
+    import sys
+
+    from test_hf import make_peft
+    from test_text_prompts import LLAMA3_TEMPLATE
+    from test_text_tokenizer import llama3_dir
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import generate
+
+    from jaxlora.weights.hf_files import peft_to_adapters
+    hf_dir = llama3_dir(tmp_path / "hf", LLAMA3_TEMPLATE)
+    kind, settings = CASES["llama3"]
+    write_model(kind, {**settings, "vocab_size": 128_256}, hf_dir)
+    theirs = make_peft(hf_dir, tmp_path / "peft", use_rslora=False)
+    ours = peft_to_adapters(theirs, tmp_path / "ours", base=hf_dir)
+    ask = ["--prompt", "Reverse the word rocket.", "--temperature", "0", "--max_new_tokens", "6"]
+
+    def answer(*argv: str) -> tuple[str, str]:
+        assert generate.main([*ask, *argv]) == 0
+        out = capsys.readouterr()
+        return out.out, out.err
+
+    from_peft, err = answer("--pretrained_path", str(hf_dir), "--adapters", str(theirs))
+    assert "PEFT adapters" in err and "PEFT adapters record no prompt format" in err and "chat template" in err
+    chat = ["--prompt_style", "chat-template"]  # converted adapters default to Alpaca (train.py's)
+    converted, _ = answer("--pretrained_path", str(hf_dir), "--adapters", str(ours), *chat)
+    alone, _ = answer("--adapters", str(theirs))  # the base from adapter_config.json
+    base_only, _ = answer("--pretrained_path", str(hf_dir), *chat)
+    assert from_peft.strip() and from_peft == converted == alone
+    assert from_peft != base_only  # the adapters change the answer
+    config = json.loads((theirs / "adapter_config.json").read_text())
+    (theirs / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "meta-llama/x"}))
+    assert generate.main([*ask, "--adapters", str(theirs)]) != 0
+    assert "'meta-llama/x' (adapter_config.json 'base_model_name_or_path') is not found" in capsys.readouterr().err

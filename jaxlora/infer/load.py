@@ -6,8 +6,10 @@ Base weights (one of):
   pretrained_path  lit-llama's base .pth, a Hugging Face LLaMA directory, or a jaxlora checkpoint
                    directory (its lora/ unused)
 Adapters (at most one; they replace a checkpoint's own):
-  adapters         an adapters-only directory (train.py's OUT_DIR/adapters); alone, it names
-                   its base in config.json ("base"), which is then loaded
+  adapters         an adapters-only directory (train.py's OUT_DIR/adapters), or a PEFT LoRA folder
+                   (adapter_config.json + adapter_model.*: trained with PEFT, or exported by
+                   train.py); alone, it names its base (config.json "base", or PEFT's
+                   base_model_name_or_path when that is a local path), which is then loaded
   lora_path        lit-llama's LoRA file (lit-llama-lora-finetuned.pth; alpha is not stored
                    in it: pass lora_alpha)
 
@@ -29,6 +31,7 @@ import jax
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.text.tokenizer import TOKENIZER_FILES
 from jaxlora.weights import jaxlora_dir as cio
+from jaxlora.weights.hf_files import is_peft_dir, load_peft_adapters, peft_recorded_base
 from jaxlora.weights.lit_files import load_lit_lora
 from jaxlora.weights.load import load_adapters_dir, load_base_model
 
@@ -81,19 +84,33 @@ def check_sources(checkpoint_dir: PathLike | None = None, pretrained_path: PathL
         raise FileNotFoundError(f"--checkpoint_dir {checkpoint_dir}: not a jaxlora checkpoint directory "
                                 f"({cio.CONFIG_FILE} and {cio.PARAMS_DIR}/); a lit-llama .pth goes to "
                                 "--pretrained_path")
-    if adapters is not None and not cio.is_adapters_dir(adapters):
+    if adapters is not None and not (cio.is_adapters_dir(adapters) or is_peft_dir(adapters)):
         raise FileNotFoundError(f"--adapters {adapters}: not an adapters directory ({cio.CONFIG_FILE} and "
-                                f"{cio.LORA_DIR}/, no {cio.PARAMS_DIR}/)")
+                                f"{cio.LORA_DIR}/, no {cio.PARAMS_DIR}/) nor a PEFT LoRA folder "
+                                "(adapter_config.json and adapter_model.safetensors or .bin)")
     if checkpoint_dir is None and pretrained_path is None:
         if adapters is None:
             raise ValueError("no model given: pass --checkpoint_dir or --pretrained_path (or --adapters "
-                             "whose config.json names its base)")
-        pretrained_path = cio.read_base(adapters)
+                             "that record their base)")
+        pretrained_path = adapters_base(adapters)
         if not pretrained_path or not Path(pretrained_path).exists():
-            raise FileNotFoundError(f"--adapters {adapters}: its base {pretrained_path!r} (config.json 'base') is "
+            record = ("adapter_config.json 'base_model_name_or_path'" if is_peft_adapters(adapters)
+                      else "config.json 'base'")
+            raise FileNotFoundError(f"--adapters {adapters}: its base {pretrained_path!r} ({record}) is "
                                     "not found; pass --checkpoint_dir or --pretrained_path")
     paths = (checkpoint_dir, pretrained_path, adapters, lora_path)
     return Sources(*(None if p is None else str(p) for p in paths))
+
+
+def is_peft_adapters(directory: PathLike) -> bool:
+    """A PEFT LoRA folder (and not also a jaxlora adapters directory, whose own files then win)."""
+    return is_peft_dir(directory) and not cio.is_adapters_dir(directory)
+
+
+def adapters_base(directory: PathLike) -> str | None:
+    """The base an adapters directory (config.json "base") or a PEFT folder (base_model_name_or_path)
+    records, as written; None when it records none."""
+    return peft_recorded_base(directory) if is_peft_adapters(directory) else cio.read_base(directory)
 
 
 def _tokenizer_places(start: PathLike) -> Iterator[Path]:
@@ -110,7 +127,7 @@ def _tokenizer_places(start: PathLike) -> Iterator[Path]:
             yield path.parent.parent
             return
         yield path
-        base = cio.read_base(path)
+        base = adapters_base(path)
         path = Path(base) if base else None
 
 
@@ -149,7 +166,11 @@ def load_for_generation(checkpoint_dir: PathLike | None = None, pretrained_path:
             desc += " (with its adapters)"
     else:
         config, params, desc = load_base_model(src.pretrained_path, None, param_dtype, scan_layers=scan_layers)
-    if src.adapters is not None:
+    if src.adapters is not None and is_peft_adapters(src.adapters):
+        lora_config, tree = load_peft_adapters(src.adapters, config)
+        lora = jax.tree.map(jax.device_put, tree)
+        desc += f" + PEFT adapters {src.adapters}"
+    elif src.adapters is not None:
         lora_config, lora = load_adapters_dir(src.adapters, config, desc)
         desc += f" + adapters {src.adapters}"
     elif src.lora_path is not None:

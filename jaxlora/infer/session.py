@@ -19,8 +19,10 @@ from jaxlora.infer import demo
 from jaxlora.infer.decode import Sampling, generate, prepare
 from jaxlora.infer.load import (
     Sources,
+    adapters_base,
     check_sources,
     find_tokenizer,
+    is_peft_adapters,
     load_for_generation,
 )
 from jaxlora.infer.report import CompileClock, SampleClock, TextStream
@@ -147,7 +149,7 @@ def quantize_mode(flag: str | None) -> str | None:
 def stored_quantization(opts: GenerateOptions) -> dict[str, str] | None:
     """The "quantized" record of a quantized jaxlora checkpoint given as the base (None: float
     weights), checked against --quantize: such a checkpoint serves only its own mode."""
-    base = opts.checkpoint_dir or opts.pretrained_path or (opts.adapters and cio.read_base(opts.adapters))
+    base = opts.checkpoint_dir or opts.pretrained_path or (opts.adapters and adapters_base(opts.adapters))
     stored = cio.read_quantized(base) if base and Path(base).is_dir() else None
     if stored is not None and opts.quantize is not None:
         check_mode(base, stored, quantize_mode(opts.quantize))
@@ -172,12 +174,17 @@ def choose_style(opts: GenerateOptions, is_demo: bool, has_adapters: bool, token
         return opts.prompt_style, "--prompt_style"
     if is_demo:
         return "alpaca", "the demo's adapters are trained with it"
+    files = tokenizer.model_files
     if has_adapters:
         recorded, path = recorded_style(opts)
         if recorded:
             return recorded, f"the adapters were trained with it ({path})"
+        if opts.adapters and is_peft_adapters(opts.adapters):
+            if files.chat_template is not None:
+                return "chat-template", (f"PEFT adapters record no prompt format and the model ships a chat template "
+                                         f"({files.chat_template_source}); --prompt_style names another")
+            return "alpaca", "PEFT adapters record no prompt format: lit-llama's Alpaca; --prompt_style names another"
         return "alpaca", "adapters from train.py and lit-llama are trained with lit-llama's Alpaca template"
-    files = tokenizer.model_files
     if files.chat_template is not None:
         return "chat-template", f"the model ships a chat template ({files.chat_template_source}) and no adapters"
     return "plain", "a model without adapters or a chat template continues the prompt as is"

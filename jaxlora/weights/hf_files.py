@@ -224,6 +224,23 @@ def read_peft_config(peft_dir: str | os.PathLike) -> dict[str, Any]:
     return _read_json(Path(peft_dir) / PEFT_CONFIG, "a PEFT adapter directory")
 
 
+def is_peft_dir(path: str | os.PathLike) -> bool:
+    """True for a PEFT adapter folder: adapter_config.json and adapter_model.safetensors (or .bin)."""
+    path = Path(path)
+    return (path.is_dir() and (path / PEFT_CONFIG).is_file()
+            and any((path / name).is_file() for name in (ADAPTER_SAFETENSORS, ADAPTER_BIN)))
+
+
+def peft_recorded_base(peft_dir: str | os.PathLike) -> str | None:
+    """The base a PEFT folder records (base_model_name_or_path), as written: a local path, or a hub
+    name ("meta-llama/Llama-3.1-8B") that cannot be read here; None when it records none."""
+    try:
+        base = json.loads((Path(peft_dir) / PEFT_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(base) if base else None
+
+
 def load_peft_adapters(peft_dir: str | os.PathLike, config: LLaMAConfig) -> tuple[LoRAConfig, dict[str, Any]]:
     """A PEFT LoRA folder (safetensors or .bin) -> (our LoRAConfig, our `lora` tree, float32 numpy)
     for the model `config` describes; adapters of another shape raise StateDictError naming the key."""
