@@ -31,9 +31,9 @@ import jax
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.text.tokenizer import TOKENIZER_FILES
 from jaxlora.weights import jaxlora_dir as cio
-from jaxlora.weights.hf_files import is_peft_dir, load_peft_adapters, peft_recorded_base
+from jaxlora.weights.hf_files import is_peft_dir
 from jaxlora.weights.lit_files import load_lit_lora
-from jaxlora.weights.load import load_adapters_dir, load_base_model
+from jaxlora.weights.load import adapters_base, is_peft_adapters, load_adapters, load_adapters_dir, load_base_model
 
 PathLike = str | os.PathLike
 TOKENIZER_FILE = "tokenizer.model"
@@ -102,17 +102,6 @@ def check_sources(checkpoint_dir: PathLike | None = None, pretrained_path: PathL
     return Sources(*(None if p is None else str(p) for p in paths))
 
 
-def is_peft_adapters(directory: PathLike) -> bool:
-    """A PEFT LoRA folder (and not also a jaxlora adapters directory, whose own files then win)."""
-    return is_peft_dir(directory) and not cio.is_adapters_dir(directory)
-
-
-def adapters_base(directory: PathLike) -> str | None:
-    """The base an adapters directory (config.json "base") or a PEFT folder (base_model_name_or_path)
-    records, as written; None when it records none."""
-    return peft_recorded_base(directory) if is_peft_adapters(directory) else cio.read_base(directory)
-
-
 def _tokenizer_places(start: PathLike) -> Iterator[Path]:
     """Folders that may hold the tokenizer of the weights at `start`: a directory itself (HF
     and jaxlora directories may hold tokenizer.model), then the base it records; a file's
@@ -166,13 +155,9 @@ def load_for_generation(checkpoint_dir: PathLike | None = None, pretrained_path:
             desc += " (with its adapters)"
     else:
         config, params, desc = load_base_model(src.pretrained_path, None, param_dtype, scan_layers=scan_layers)
-    if src.adapters is not None and is_peft_adapters(src.adapters):
-        lora_config, tree = load_peft_adapters(src.adapters, config)
-        lora = jax.tree.map(jax.device_put, tree)
-        desc += f" + PEFT adapters {src.adapters}"
-    elif src.adapters is not None:
-        lora_config, lora = load_adapters_dir(src.adapters, config, desc)
-        desc += f" + adapters {src.adapters}"
+    if src.adapters is not None:
+        lora_config, lora = load_adapters(src.adapters, config, desc)
+        desc += f" + {'PEFT ' if is_peft_adapters(src.adapters) else ''}adapters {src.adapters}"
     elif src.lora_path is not None:
         lora_config, lora = load_lit_lora(src.lora_path, config, lora_alpha,
                                           place=lambda leaf, _: jax.device_put(leaf))

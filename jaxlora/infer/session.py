@@ -19,10 +19,8 @@ from jaxlora.infer import demo
 from jaxlora.infer.decode import Sampling, generate, prepare
 from jaxlora.infer.load import (
     Sources,
-    adapters_base,
     check_sources,
     find_tokenizer,
-    is_peft_adapters,
     load_for_generation,
 )
 from jaxlora.infer.report import CompileClock, SampleClock, TextStream
@@ -30,6 +28,7 @@ from jaxlora.model.llama import LLaMA
 from jaxlora.text.prompts import PromptStyle, Rendered, encode_prompt, get_style
 from jaxlora.text.tokenizer import TextTokenizer, open_tokenizer, read_json
 from jaxlora.weights import jaxlora_dir as cio
+from jaxlora.weights.load import adapters_base, is_peft_adapters
 from jaxlora.weights.quantized import check_mode
 
 LIT_PROMPT = "What food do lamas eat?"  # lit-llama's generate/lora.py default

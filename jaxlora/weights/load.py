@@ -24,7 +24,7 @@ from jaxlora.errors import CheckpointError, StateDictError
 from jaxlora.model.layouts import abstract_variables, canonical, qkv_in_run_layout
 from jaxlora.model.llama import STACKED, LLaMA
 from jaxlora.parallel import sharding as shd
-from jaxlora.weights import hf_files, lit_llama, litgpt_files
+from jaxlora.weights import hf, hf_files, lit_llama, litgpt_files
 from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights.convert import check_same_model
 from jaxlora.weights.device import to_device
@@ -212,6 +212,36 @@ def load_adapters_dir(directory: PathLike, config: LLaMAConfig, base: str = "the
     cio.check_shapes({p: s for p, (s, _) in stored.items()}, cio.expected_variables(config, lora_config)["lora"],
                      str(directory / cio.LORA_DIR))
     return lora_config, traverse_util.unflatten_dict({p: jnp.asarray(reader.read(p), jnp.float32) for p in stored})
+
+
+def is_peft_adapters(directory: PathLike) -> bool:
+    """A PEFT LoRA folder (and not also a jaxlora adapters directory, whose own files then win)."""
+    return hf_files.is_peft_dir(directory) and not cio.is_adapters_dir(directory)
+
+
+def adapters_base(directory: PathLike) -> str | None:
+    """The base an adapters directory (config.json "base") or a PEFT folder (base_model_name_or_path)
+    records, as written; None when it records none."""
+    return hf_files.peft_recorded_base(directory) if is_peft_adapters(directory) else cio.read_base(directory)
+
+
+def adapters_config(directory: PathLike) -> LoRAConfig:
+    """The LoRA settings (rank, alpha, targets) an adapters directory or a PEFT LoRA folder holds."""
+    if is_peft_adapters(directory):
+        return hf.lora_from_peft(hf_files.read_peft_config(directory), str(Path(directory) / hf_files.PEFT_CONFIG))
+    lora_config = cio.read_config(directory)[1]
+    if not cio.has_adapters(lora_config):
+        raise CheckpointError(f"{directory}: no adapters ({cio.CONFIG_FILE} 'lora' is null or empty)")
+    return lora_config
+
+
+def load_adapters(directory: PathLike, config: LLaMAConfig, base: str = "the base") -> tuple[LoRAConfig, dict]:
+    """(lora_config, float32 adapters on the device) of an adapters-only directory or a PEFT LoRA
+    folder, for the model `config` describes (adapters of another shape are refused, named)."""
+    if is_peft_adapters(directory):
+        lora_config, tree = hf_files.load_peft_adapters(directory, config)
+        return lora_config, jax.tree.map(jnp.asarray, tree)
+    return load_adapters_dir(directory, config, base)
 
 
 def sharding_for(shardings: Any, item: str, path: tuple) -> Any:
