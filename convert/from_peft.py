@@ -8,8 +8,9 @@ model's shape; by default the adapter_config's base_model_name_or_path, when tha
 directory or .pth (train.py records the base it trained on). rsLoRA is kept (as the
 alpha giving the same scaling). Not supported, and refused by name: DoRA, bias other than none,
 rank_pattern / alpha_pattern, modules_to_save, fan_in_fan_out, layers_to_transform, targets
-outside the seven projections. Continue training with train.py or merge with
-convert/to_hf.py --merged / convert/to_lit_llama.py --merged. Exit code 2 on bad input.
+outside the seven projections. Continue training with train.py --init_adapters (which also takes
+the PEFT folder itself) or merge with convert/to_hf.py --merged / convert/to_lit_llama.py --merged.
+Exit code 2 on bad input.
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ from jaxlora.train.steps import (
 from jaxlora.weights.load import (
     base_quantization,
     describe_base,
+    load_adapters,
     load_params,
     read_base_config,
 )
@@ -94,6 +95,20 @@ def init_lora(model: LLaMA, seed: int) -> Any:
 
 
 # ----------------------------------------------------------------------------- shardings
+
+def initial_adapters(spec: RunSpec, config: LLaMAConfig, base: str, log: Callable[[str], None]) -> Any:
+    """`spec.init_adapters` read for this base, as host arrays; their settings must be the run's
+    (`settings.initial_adapter_settings` took them from the same files)."""
+    lora_config, lora = load_adapters(spec.init_adapters, config, base)
+    mine, theirs = spec.lora, lora_config
+    if (mine.r, mine.alpha, mine.targets) != (theirs.r, theirs.alpha, theirs.targets):
+        raise ValueError(f"--init_adapters {spec.init_adapters}: r={theirs.r}, alpha={theirs.alpha:g}, targets "
+                         f"{','.join(theirs.targets)}; this run has r={mine.r}, alpha={mine.alpha:g}, targets "
+                         f"{','.join(mine.targets)}")
+    log(f"adapters: starting from {spec.init_adapters} (r={theirs.r}, alpha={theirs.alpha:g}, "
+        f"{','.join(theirs.targets)})")
+    return jax.device_get(lora)
+
 
 def state_shardings(optimizer: optax.GradientTransformation, lora_shardings: Any, mesh: Mesh) -> Any:
     """TrainState shardings: adapters as the rules say, each optimizer moment like its adapter,
@@ -188,8 +203,14 @@ def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = N
                                       total_steps=max_steps if opt.schedule != "constant" else None)
     optimizer = make_optimizer(schedule, weight_decay=opt.weight_decay, grad_clip=opt.grad_clip or None)
     state_sh = state_shardings(optimizer, stored["lora"], mesh)
-    init_state = jax.jit(lambda: init_train_state(init_lora(model, spec.seed), optimizer, spec.seed, speed.rng_impl),
-                         out_shardings=state_sh)
+    base_desc = describe_base(kind, spec.base.path, spec.base.preset, spec.seed)
+    if spec.init_adapters:  # host arrays, the same in every process, placed in their shards
+        first = jax.device_put(initial_adapters(spec, model.config, base_desc, log), state_sh.lora)
+        state = jax.jit(lambda lora: init_train_state(lora, optimizer, spec.seed, speed.rng_impl),
+                        out_shardings=state_sh)(first)
+    else:
+        state = jax.jit(lambda: init_train_state(init_lora(model, spec.seed), optimizer, spec.seed, speed.rng_impl),
+                        out_shardings=state_sh)()
 
     rep = shd.replicated(mesh)
     shardings = RunShardings(params=params_sh, state=state_sh, batch=shd.batch_sharding(mesh),
@@ -200,8 +221,8 @@ def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = N
                                shardings=(state_sh.lora, shardings.params, shardings.eval_batch, rep))
     log(f"mesh: {shd.describe(mesh)}; micro-batch {micro} rows per batch shard "
         f"({micro_rows} over the mesh), {layout.batch_size // micro_rows} per optimizer step")
-    return Run(config=config, lora_config=spec.lora, model=model, mesh=mesh, params=params, state=init_state(),
+    return Run(config=config, lora_config=spec.lora, model=model, mesh=mesh, params=params, state=state,
                optimizer=optimizer, schedule=schedule, train_step=train_step, eval_step=eval_step,
-               shardings=shardings, base_desc=describe_base(kind, spec.base.path, spec.base.preset, spec.seed),
+               shardings=shardings, base_desc=base_desc,
                micro_rows=micro_rows,
                quantized=stored_quantized or (record(speed.quantize, storage_dtype) if quantized else None))

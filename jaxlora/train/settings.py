@@ -22,13 +22,14 @@ from typing import Any, Sequence
 
 import jax.numpy as jnp
 
-from jaxlora.config import parse_targets
+from jaxlora.config import LoRAConfig, parse_targets
 from jaxlora.demo import DEMO_BASE, DEMO_DATA, DEMO_INSTRUCTION, DEMO_OUT_DIR, DEMO_TOKENIZER
 from jaxlora.model.llama import ATTENTION_IMPLS, REMAT_POLICIES
 from jaxlora.model.quantize import QUANTIZE_MODES
 from jaxlora.text.prompts import PROMPT_STYLES
 from jaxlora.parallel.sharding import default_mesh_shape
 from jaxlora.train.optim import SCHEDULES
+from jaxlora.weights.load import adapters_config
 
 LIT_PRESETS = ("7b", "13b", "30b", "65b")
 SMALL_PRESETS = ("demo", "tiny")  # not real models: the demo profile
@@ -124,6 +125,11 @@ class TrainArgs:
     overwrite: bool = setting(
         "start a new run in an --out_dir that holds one, deleting its checkpoints and outputs", FILES,
         default=False)
+    init_adapters: str | None = setting(
+        "start from these adapters instead of fresh ones (B = 0): an adapters directory (train.py's "
+        "OUT_DIR/adapters, convert/*'s) or a PEFT LoRA folder, made for this base model. Their rank, alpha and "
+        "targets are the run's (--lora_r/--lora_alpha/--lora_targets, if given, must agree); the optimizer, "
+        "schedule and step start afresh", LORA)
     lora_r: int | None = setting("adapter rank", LORA)
     lora_alpha: float | None = setting("adapter scale numerator (scaling = alpha / r)", LORA)
     lora_dropout: float | None = setting("dropout on the adapter input", LORA)
@@ -265,6 +271,8 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
     """A copy of `args` with every None filled in from its profile, and checked."""
     prof = profile_for(args.preset, args.pretrained_path)
     values = dataclasses.asdict(args)
+    if args.init_adapters:
+        values.update(initial_adapter_settings(args))
     for name, default in prof.items():
         if values.get(name) is None:
             if name == "max_steps" and values.get("epochs") is not None:
@@ -308,6 +316,24 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
     return a
 
 
+def initial_adapter_settings(args: TrainArgs) -> dict[str, Any]:
+    """lora_r, lora_alpha and lora_targets of a run that starts from --init_adapters: theirs; a value
+    given that disagrees is refused, naming both."""
+    theirs = adapters_config(args.init_adapters)
+    wanted = {"lora_r": theirs.r, "lora_alpha": theirs.alpha, "lora_targets": theirs.targets}
+    for name, value in wanted.items():
+        given = getattr(args, name)
+        if isinstance(given, str):
+            given = LoRAConfig(targets=parse_targets(given)).targets
+        elif name == "lora_targets" and given is not None:
+            given = LoRAConfig(targets=tuple(given)).targets
+        if given is not None and given != value and not (name == "lora_alpha" and float(given) == value):
+            shown = ",".join(value) if name == "lora_targets" else value
+            raise ValueError(f"--{name} {getattr(args, name)} disagrees with --init_adapters {args.init_adapters}, "
+                             f"which has {shown}: leave --{name} out to take theirs")
+    return wanted
+
+
 def json_args(a: TrainArgs) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(a).items()}
 
@@ -316,6 +342,6 @@ def json_args(a: TrainArgs) -> dict[str, Any]:
 # run. The mesh and micro_batch_size are not among them: the loss is the mean over the whole
 # batch and the data order does not depend on how a batch is split, so a run may resume on
 # another mesh (the dropout masks of rng_impl 'rbg' do depend on the mesh).
-RESUME_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "max_seq_length", "seed",
-               "mask_inputs", "precision", "val_size", "learning_rate", "weight_decay", "warmup_steps", "schedule",
-               "grad_clip", "prompt_style", "quantize")
+RESUME_KEYS = ("init_adapters", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "max_seq_length",
+               "seed", "mask_inputs", "precision", "val_size", "learning_rate", "weight_decay", "warmup_steps",
+               "schedule", "grad_clip", "prompt_style", "quantize")

@@ -60,7 +60,8 @@ class SpeedKnobs:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run's make-up; `seed` draws the adapters, dropout masks and random bases."""
+    """One training run's make-up; `seed` draws the adapters (unless `init_adapters` gives them), dropout
+    masks and random bases."""
 
     base: BaseSource
     lora: LoRAConfig
@@ -68,6 +69,7 @@ class RunSpec:
     batch: BatchLayout
     speed: SpeedKnobs
     seed: int
+    init_adapters: str | None = None  # adapters to start from (a directory or PEFT folder); None: fresh ones
 
 
 def run_spec(a: TrainArgs) -> RunSpec:
@@ -79,4 +81,4 @@ def run_spec(a: TrainArgs) -> RunSpec:
         batch=BatchLayout(a.batch_size, a.micro_batch_size, a.max_seq_length, a.mesh),
         speed=SpeedKnobs(a.precision, a.attention, a.remat, a.scan_layers, a.scan_unroll, a.loss_chunk, a.rng_impl,
                          a.quantize, bool(a.fp8_both_layouts), a.fuse_mlp),
-        seed=a.seed)
+        seed=a.seed, init_adapters=a.init_adapters)
