@@ -50,10 +50,10 @@ def test_a_run_starts_from_the_given_adapters(sources, tmp_path, kind):
     assert read_config(result.adapters_dir)[1] == LoRAConfig(r=4, alpha=8.0, dropout=0.1, targets=LORA.targets)
     got, want = jax.tree.leaves(result.lora), jax.tree.leaves(lora)
     assert len(got) == len(want) and all(np.array_equal(np.asarray(a), b) for a, b in zip(got, want))
-    # ... and a real learning rate trains them from there, not from fresh ones
-    moved = trainer.run(tiny_args(tmp_path / f"{kind}-lr", init_adapters=paths[kind], max_steps=2, **FREE)).lora
-    change = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(jax.tree.leaves(moved), want))
-    assert 0 < change < 0.1
+    if kind == "ours":  # ... and a real learning rate trains them from there, not from fresh ones
+        moved = trainer.run(tiny_args(tmp_path / "lr", init_adapters=paths[kind], max_steps=2, **FREE)).lora
+        change = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(jax.tree.leaves(moved), want))
+        assert 0 < change < 0.1
 
 
 def test_settings_come_from_the_adapters_and_disagreements_are_named(sources):
