@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapters if it has them")
     g.add_argument("--pretrained_path", help="base weights: lit-llama's .pth, a Hugging Face LLaMA directory or a "
                    "jaxlora checkpoint directory")
-    g.add_argument("--adapters", help="adapters-only directory (train.py's OUT_DIR/adapters) or a PEFT LoRA "
-                   "folder; alone, the base it records (config.json, or PEFT's base_model_name_or_path when local)")
+    g.add_argument("--adapters", help="adapters-only directory (train.py's OUT_DIR/adapters), a PEFT LoRA folder "
+                   "or a litgpt LoRA directory (finetune/lora.py's); alone, the base it records, when local")
     g.add_argument("--lora_path", help="lit-llama LoRA file (lit-llama-lora-finetuned.pth)")
     g.add_argument("--lora_alpha", type=float, default=D.lora_alpha, help=f"alpha of --lora_path (not stored in "
                    f"the file; default {D.lora_alpha:g})")

@@ -178,6 +178,29 @@ def test_lora_checkpoint_in_and_back_bit_exact(base, tmp_path, switches):
     assert (hparams["checkpoint_dir"], hparams["precision"]) == (str(base[0]), "bf16-true")
 
 
+def test_a_litgpt_lora_directory_serves_as_adapters(base, converted, tmp_path):
+    """generate.py --adapters and train.py --init_adapters take litgpt's finetune/lora.py output as it
+    is (the loader they share, jaxlora.weights.load.load_adapters): the same adapters, bit for bit, as
+    convert/from_litgpt.py makes of it, its settings, and its base from hyperparameters.yaml."""
+    from jaxlora.infer.load import check_sources
+    from jaxlora.train.settings import TrainArgs, resolve_args
+    from jaxlora.weights.load import adapters_base, adapters_config, adapters_format, load_adapters, load_adapters_dir
+    lora_dir, _ = write_lora_dir(base[0], tmp_path / "final", SWITCHES["all"])
+    convert("from_litgpt", "--lora_dir", lora_dir, "--out_dir", tmp_path / "adapters")
+    config = converted[1]
+    assert adapters_format(lora_dir) == "litgpt" and adapters_format(tmp_path / "adapters") == "jaxlora"
+    direct, via = load_adapters(lora_dir, config), load_adapters_dir(tmp_path / "adapters", config)
+    assert direct[0] == via[0] == adapters_config(lora_dir) == LoRAConfig(4, 8.0, 0.0, ALL_TARGETS)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(direct[1]), jax.device_get(via[1]))
+    assert adapters_base(lora_dir) == str(base[0])
+    assert check_sources(adapters=lora_dir).pretrained_path == str(base[0])  # generate.py --adapters alone
+    a = resolve_args(TrainArgs(pretrained_path=str(base[0]), init_adapters=str(lora_dir)))
+    assert (a.lora_r, a.lora_alpha, a.lora_targets) == (4, 8.0, ALL_TARGETS)
+    other = LLaMAConfig.from_name("tiny")
+    with pytest.raises(CheckpointError, match="final"):
+        load_adapters(lora_dir, other)
+
+
 def test_litgpt_merges_our_lora_checkpoint(base, converted, tmp_path):
     """Our adapters (float32, all of litgpt's switches) as a litgpt LoRA checkpoint: litgpt's own
     merge_lora (what `litgpt chat` runs) folds them into a model with our logits."""

@@ -6,10 +6,10 @@ Base weights (one of):
   pretrained_path  lit-llama's base .pth, a Hugging Face LLaMA directory, or a jaxlora checkpoint
                    directory (its lora/ unused)
 Adapters (at most one; they replace a checkpoint's own):
-  adapters         an adapters-only directory (train.py's OUT_DIR/adapters), or a PEFT LoRA folder
-                   (adapter_config.json + adapter_model.*: trained with PEFT, or exported by
-                   train.py); alone, it names its base (config.json "base", or PEFT's
-                   base_model_name_or_path when that is a local path), which is then loaded
+  adapters         an adapters-only directory (train.py's OUT_DIR/adapters), a PEFT LoRA folder
+                   (adapter_config.json + adapter_model.*) or a litgpt LoRA directory (finetune/lora.py's
+                   lit_model.pth.lora + hyperparameters.yaml); alone, the base it records (config.json
+                   "base", PEFT's base_model_name_or_path, litgpt's checkpoint_dir) is loaded when local
   lora_path        lit-llama's LoRA file (lit-llama-lora-finetuned.pth; alpha is not stored
                    in it: pass lora_alpha)
 
@@ -31,13 +31,13 @@ import jax
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.text.tokenizer import TOKENIZER_FILES
 from jaxlora.weights import jaxlora_dir as cio
-from jaxlora.weights.hf_files import is_peft_dir
 from jaxlora.weights.lit_files import load_lit_lora
-from jaxlora.weights.load import adapters_base, is_peft_adapters, load_adapters, load_adapters_dir, load_base_model
+from jaxlora.weights.load import adapters_base, adapters_format, load_adapters, load_adapters_dir, load_base_model
 
 PathLike = str | os.PathLike
 TOKENIZER_FILE = "tokenizer.model"
 LIT_TOKENIZER = Path("checkpoints/lit-llama") / TOKENIZER_FILE  # where lit-llama keeps LLaMA's tokenizer
+ADAPTER_NAMES = {"jaxlora": "adapters", "peft": "PEFT adapters", "litgpt": "litgpt LoRA"}
 MAX_BASE_HOPS = 4  # adapters -> their base -> its recorded base ...: a bound, in case the records loop
 
 
@@ -84,18 +84,20 @@ def check_sources(checkpoint_dir: PathLike | None = None, pretrained_path: PathL
         raise FileNotFoundError(f"--checkpoint_dir {checkpoint_dir}: not a jaxlora checkpoint directory "
                                 f"({cio.CONFIG_FILE} and {cio.PARAMS_DIR}/); a lit-llama .pth goes to "
                                 "--pretrained_path")
-    if adapters is not None and not (cio.is_adapters_dir(adapters) or is_peft_dir(adapters)):
+    if adapters is not None and adapters_format(adapters) is None:
         raise FileNotFoundError(f"--adapters {adapters}: not an adapters directory ({cio.CONFIG_FILE} and "
-                                f"{cio.LORA_DIR}/, no {cio.PARAMS_DIR}/) nor a PEFT LoRA folder "
-                                "(adapter_config.json and adapter_model.safetensors or .bin)")
+                                f"{cio.LORA_DIR}/, no {cio.PARAMS_DIR}/), a PEFT LoRA folder (adapter_config.json and "
+                                "adapter_model.safetensors or .bin) or a litgpt LoRA directory (lit_model.pth.lora "
+                                "and hyperparameters.yaml)")
     if checkpoint_dir is None and pretrained_path is None:
         if adapters is None:
             raise ValueError("no model given: pass --checkpoint_dir or --pretrained_path (or --adapters "
                              "that record their base)")
         pretrained_path = adapters_base(adapters)
         if not pretrained_path or not Path(pretrained_path).exists():
-            record = ("adapter_config.json 'base_model_name_or_path'" if is_peft_adapters(adapters)
-                      else "config.json 'base'")
+            record = {"peft": "adapter_config.json 'base_model_name_or_path'",
+                      "litgpt": "hyperparameters.yaml 'checkpoint_dir'"}.get(adapters_format(adapters),
+                                                                          "config.json 'base'")
             raise FileNotFoundError(f"--adapters {adapters}: its base {pretrained_path!r} ({record}) is "
                                     "not found; pass --checkpoint_dir or --pretrained_path")
     paths = (checkpoint_dir, pretrained_path, adapters, lora_path)
@@ -157,7 +159,7 @@ def load_for_generation(checkpoint_dir: PathLike | None = None, pretrained_path:
         config, params, desc = load_base_model(src.pretrained_path, None, param_dtype, scan_layers=scan_layers)
     if src.adapters is not None:
         lora_config, lora = load_adapters(src.adapters, config, desc)
-        desc += f" + {'PEFT ' if is_peft_adapters(src.adapters) else ''}adapters {src.adapters}"
+        desc += f" + {ADAPTER_NAMES[adapters_format(src.adapters)]} {src.adapters}"
     elif src.lora_path is not None:
         lora_config, lora = load_lit_lora(src.lora_path, config, lora_alpha,
                                           place=lambda leaf, _: jax.device_put(leaf))

@@ -28,7 +28,7 @@ from jaxlora.model.llama import LLaMA
 from jaxlora.text.prompts import PromptStyle, Rendered, encode_prompt, get_style
 from jaxlora.text.tokenizer import TextTokenizer, open_tokenizer, read_json
 from jaxlora.weights import jaxlora_dir as cio
-from jaxlora.weights.load import adapters_base, is_peft_adapters
+from jaxlora.weights.load import adapters_base, adapters_format
 from jaxlora.weights.quantized import check_mode
 
 LIT_PROMPT = "What food do lamas eat?"  # lit-llama's generate/lora.py default
@@ -178,12 +178,12 @@ def choose_style(opts: GenerateOptions, is_demo: bool, has_adapters: bool, token
         recorded, path = recorded_style(opts)
         if recorded:
             return recorded, f"the adapters were trained with it ({path})"
-        if opts.adapters and is_peft_adapters(opts.adapters):
+        if opts.adapters and adapters_format(opts.adapters) == "peft":
             if files.chat_template is not None:
                 return "chat-template", (f"PEFT adapters record no prompt format and the model ships a chat template "
                                          f"({files.chat_template_source}); --prompt_style names another")
             return "alpaca", "PEFT adapters record no prompt format: lit-llama's Alpaca; --prompt_style names another"
-        return "alpaca", "adapters from train.py and lit-llama are trained with lit-llama's Alpaca template"
+        return "alpaca", "adapters from train.py, lit-llama and litgpt are trained with the Alpaca template by default"
     if files.chat_template is not None:
         return "chat-template", f"the model ships a chat template ({files.chat_template_source}) and no adapters"
     return "plain", "a model without adapters or a chat template continues the prompt as is"

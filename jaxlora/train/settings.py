@@ -127,9 +127,9 @@ class TrainArgs:
         default=False)
     init_adapters: str | None = setting(
         "start from these adapters instead of fresh ones (B = 0): an adapters directory (train.py's "
-        "OUT_DIR/adapters, convert/*'s) or a PEFT LoRA folder, made for this base model. Their rank, alpha and "
-        "targets are the run's (--lora_r/--lora_alpha/--lora_targets, if given, must agree); the optimizer, "
-        "schedule and step start afresh", LORA)
+        "OUT_DIR/adapters, convert/*'s), a PEFT LoRA folder or a litgpt LoRA directory, made for this base model. "
+        "Their rank, alpha and targets are the run's (--lora_r/--lora_alpha/--lora_targets, if given, must "
+        "agree); the optimizer, schedule and step start afresh", LORA)
     lora_r: int | None = setting("adapter rank", LORA)
     lora_alpha: float | None = setting("adapter scale numerator (scaling = alpha / r)", LORA)
     lora_dropout: float | None = setting("dropout on the adapter input", LORA)

@@ -29,6 +29,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import yaml
+from flax import traverse_util
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.errors import CheckpointError, LitgptConfigError, StateDictError
@@ -49,7 +50,7 @@ from jaxlora.weights.convert import (
     open_checked,
     parse_dtype,
 )
-from jaxlora.weights.engine import MappedReader, MergedView, Progress, import_tree
+from jaxlora.weights.engine import MappedReader, MergedView, Progress, import_tree, read_leaves
 from jaxlora.weights.torch_zip import TorchZipReader
 
 # What travels with the weights both ways (never HF's config.json: a jaxlora directory has its own).
@@ -85,6 +86,28 @@ def is_litgpt_dir(path: str | os.PathLike) -> bool:
         (path / n).is_file() for n in (litgpt.MODEL_CONFIG, litgpt.LEGACY_CONFIG))
 
 
+def is_litgpt_lora_dir(path: str | os.PathLike) -> bool:
+    """True for what litgpt's finetune/lora.py leaves: lit_model.pth.lora and hyperparameters.yaml."""
+    path = Path(path)
+    return path.is_dir() and (path / litgpt.LORA_FILE).is_file() and (path / litgpt.HYPERPARAMETERS).is_file()
+
+
+def litgpt_lora_config(lora_dir: str | os.PathLike) -> LoRAConfig:
+    """The LoRA settings in a litgpt LoRA directory's hyperparameters.yaml."""
+    hparams = Path(lora_dir) / litgpt.HYPERPARAMETERS
+    return litgpt.lora_from_litgpt(read_yaml(hparams), str(hparams))
+
+
+def load_litgpt_lora(lora_dir: str | os.PathLike, config: LLaMAConfig, base: str = "the base"
+                     ) -> tuple[LoRAConfig, dict[str, Any]]:
+    """A litgpt LoRA directory's adapters for the model `config` describes: (LoRAConfig, our
+    `lora` tree, float32 numpy); a LoRA made for another model is refused, named."""
+    check_same_model(config, read_litgpt_config(lora_dir), Path(lora_dir), base)
+    lora_config, reader = open_litgpt_lora(lora_dir, config)
+    with reader:
+        return lora_config, traverse_util.unflatten_dict(read_leaves(reader, np.float32))
+
+
 def read_litgpt_config(directory: str | os.PathLike) -> LLaMAConfig:
     """Our LLaMAConfig for a litgpt directory (LitgptConfigError names anything not LLaMA-style)."""
     path = config_file(directory)
@@ -116,7 +139,7 @@ def open_litgpt_lora(lora_dir: str | os.PathLike, config: LLaMAConfig) -> tuple[
     if not hparams.is_file():
         raise FileNotFoundError(f"{lora_dir}: no {litgpt.HYPERPARAMETERS}; litgpt's finetune/lora.py writes it beside "
                                 f"{litgpt.LORA_FILE} (it says which of q, k, v, proj, mlp carry adapters, and alpha)")
-    lora_config = litgpt.lora_from_litgpt(read_yaml(hparams), str(hparams))
+    lora_config = litgpt_lora_config(lora_dir)
     path = lora_dir / litgpt.LORA_FILE
     file = TorchZipReader(path)
     try:

@@ -214,21 +214,40 @@ def load_adapters_dir(directory: PathLike, config: LLaMAConfig, base: str = "the
     return lora_config, traverse_util.unflatten_dict({p: jnp.asarray(reader.read(p), jnp.float32) for p in stored})
 
 
-def is_peft_adapters(directory: PathLike) -> bool:
-    """A PEFT LoRA folder (and not also a jaxlora adapters directory, whose own files then win)."""
-    return hf_files.is_peft_dir(directory) and not cio.is_adapters_dir(directory)
+ADAPTER_FORMATS = ("jaxlora", "peft", "litgpt")  # what `adapters_format` tells apart
+
+
+def adapters_format(directory: PathLike) -> str | None:
+    """Which adapters a directory holds: "jaxlora" (an adapters-only directory: config.json and
+    lora/), "peft" (adapter_config.json and adapter_model.*), "litgpt" (finetune/lora.py's
+    lit_model.pth.lora and hyperparameters.yaml); None: none of these."""
+    if cio.is_adapters_dir(directory):
+        return "jaxlora"
+    if hf_files.is_peft_dir(directory):
+        return "peft"
+    if litgpt_files.is_litgpt_lora_dir(directory):
+        return "litgpt"
+    return None
 
 
 def adapters_base(directory: PathLike) -> str | None:
-    """The base an adapters directory (config.json "base") or a PEFT folder (base_model_name_or_path)
-    records, as written; None when it records none."""
-    return hf_files.peft_recorded_base(directory) if is_peft_adapters(directory) else cio.read_base(directory)
+    """The base an adapters directory records, as written (config.json "base", PEFT's
+    base_model_name_or_path, litgpt's hyperparameters.yaml checkpoint_dir); None when none."""
+    kind = adapters_format(directory)
+    if kind == "peft":
+        return hf_files.peft_recorded_base(directory)
+    if kind == "litgpt":
+        return litgpt_files.lora_base(Path(directory))
+    return cio.read_base(directory)
 
 
 def adapters_config(directory: PathLike) -> LoRAConfig:
-    """The LoRA settings (rank, alpha, targets) an adapters directory or a PEFT LoRA folder holds."""
-    if is_peft_adapters(directory):
+    """The LoRA settings (rank, alpha, targets) of an adapters directory of any `adapters_format`."""
+    kind = adapters_format(directory)
+    if kind == "peft":
         return hf.lora_from_peft(hf_files.read_peft_config(directory), str(Path(directory) / hf_files.PEFT_CONFIG))
+    if kind == "litgpt":
+        return litgpt_files.litgpt_lora_config(directory)
     lora_config = cio.read_config(directory)[1]
     if not cio.has_adapters(lora_config):
         raise CheckpointError(f"{directory}: no adapters ({cio.CONFIG_FILE} 'lora' is null or empty)")
@@ -236,12 +255,16 @@ def adapters_config(directory: PathLike) -> LoRAConfig:
 
 
 def load_adapters(directory: PathLike, config: LLaMAConfig, base: str = "the base") -> tuple[LoRAConfig, dict]:
-    """(lora_config, float32 adapters on the device) of an adapters-only directory or a PEFT LoRA
-    folder, for the model `config` describes (adapters of another shape are refused, named)."""
-    if is_peft_adapters(directory):
+    """(lora_config, float32 adapters on the device) of an adapters directory of any
+    `adapters_format`, for the model `config` describes (adapters of another model are refused, named)."""
+    kind = adapters_format(directory)
+    if kind == "peft":
         lora_config, tree = hf_files.load_peft_adapters(directory, config)
-        return lora_config, jax.tree.map(jnp.asarray, tree)
-    return load_adapters_dir(directory, config, base)
+    elif kind == "litgpt":
+        lora_config, tree = litgpt_files.load_litgpt_lora(directory, config, base)
+    else:
+        return load_adapters_dir(directory, config, base)
+    return lora_config, jax.tree.map(jnp.asarray, tree)
 
 
 def sharding_for(shardings: Any, item: str, path: tuple) -> Any:
