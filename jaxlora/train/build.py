@@ -96,18 +96,23 @@ def init_lora(model: LLaMA, seed: int) -> Any:
 
 # ----------------------------------------------------------------------------- shardings
 
-def initial_adapters(spec: RunSpec, config: LLaMAConfig, base: str, log: Callable[[str], None]) -> Any:
-    """`spec.init_adapters` read for this base, as host arrays; their settings must be the run's
-    (`settings.initial_adapter_settings` took them from the same files)."""
-    lora_config, lora = load_adapters(spec.init_adapters, config, base)
+def initial_state(spec: RunSpec, model: LLaMA, optimizer: optax.GradientTransformation, shardings: Any,
+                  base: str, log: Callable[[str], None]) -> TrainState:
+    """The run's first state, in its shards: adapters from `spec.init_adapters` (read for this base,
+    the same host arrays in every process) or fresh ones drawn from the seed; optimizer at zero."""
+    def start(lora: Any) -> TrainState:
+        return init_train_state(lora, optimizer, spec.seed, spec.speed.rng_impl)
+    if not spec.init_adapters:
+        return jax.jit(lambda: start(init_lora(model, spec.seed)), out_shardings=shardings)()
+    lora_config, lora = load_adapters(spec.init_adapters, model.config, base)
     mine, theirs = spec.lora, lora_config
-    if (mine.r, mine.alpha, mine.targets) != (theirs.r, theirs.alpha, theirs.targets):
+    if (mine.r, mine.alpha, mine.targets) != (theirs.r, theirs.alpha, theirs.targets):  # settings took theirs
         raise ValueError(f"--init_adapters {spec.init_adapters}: r={theirs.r}, alpha={theirs.alpha:g}, targets "
                          f"{','.join(theirs.targets)}; this run has r={mine.r}, alpha={mine.alpha:g}, targets "
                          f"{','.join(mine.targets)}")
     log(f"adapters: starting from {spec.init_adapters} (r={theirs.r}, alpha={theirs.alpha:g}, "
         f"{','.join(theirs.targets)})")
-    return jax.device_get(lora)
+    return jax.jit(start, out_shardings=shardings)(jax.device_put(jax.device_get(lora), shardings.lora))
 
 
 def state_shardings(optimizer: optax.GradientTransformation, lora_shardings: Any, mesh: Mesh) -> Any:
@@ -204,13 +209,7 @@ def build_run(spec: RunSpec, mesh: Mesh | None = None, max_steps: int | None = N
     optimizer = make_optimizer(schedule, weight_decay=opt.weight_decay, grad_clip=opt.grad_clip or None)
     state_sh = state_shardings(optimizer, stored["lora"], mesh)
     base_desc = describe_base(kind, spec.base.path, spec.base.preset, spec.seed)
-    if spec.init_adapters:  # host arrays, the same in every process, placed in their shards
-        first = jax.device_put(initial_adapters(spec, model.config, base_desc, log), state_sh.lora)
-        state = jax.jit(lambda lora: init_train_state(lora, optimizer, spec.seed, speed.rng_impl),
-                        out_shardings=state_sh)(first)
-    else:
-        state = jax.jit(lambda: init_train_state(init_lora(model, spec.seed), optimizer, spec.seed, speed.rng_impl),
-                        out_shardings=state_sh)()
+    state = initial_state(spec, model, optimizer, state_sh, base_desc, log)
 
     rep = shd.replicated(mesh)
     shardings = RunShardings(params=params_sh, state=state_sh, batch=shd.batch_sharding(mesh),
