@@ -32,12 +32,18 @@ from jaxlora.config import LLaMAConfig, LoRAConfig
 from jaxlora.text.tokenizer import TOKENIZER_FILES
 from jaxlora.weights import jaxlora_dir as cio
 from jaxlora.weights.lit_files import load_lit_lora
-from jaxlora.weights.load import adapters_base, adapters_format, load_adapters, load_adapters_dir, load_base_model
+from jaxlora.weights.load import (
+    ADAPTER_FORMATS,
+    adapters_base,
+    adapters_format,
+    load_adapters,
+    load_adapters_dir,
+    load_base_model,
+)
 
 PathLike = str | os.PathLike
 TOKENIZER_FILE = "tokenizer.model"
 LIT_TOKENIZER = Path("checkpoints/lit-llama") / TOKENIZER_FILE  # where lit-llama keeps LLaMA's tokenizer
-ADAPTER_NAMES = {"jaxlora": "adapters", "peft": "PEFT adapters", "litgpt": "litgpt LoRA"}
 MAX_BASE_HOPS = 4  # adapters -> their base -> its recorded base ...: a bound, in case the records loop
 
 
@@ -95,9 +101,7 @@ def check_sources(checkpoint_dir: PathLike | None = None, pretrained_path: PathL
                              "that record their base)")
         pretrained_path = adapters_base(adapters)
         if not pretrained_path or not Path(pretrained_path).exists():
-            record = {"peft": "adapter_config.json 'base_model_name_or_path'",
-                      "litgpt": "hyperparameters.yaml 'checkpoint_dir'"}.get(adapters_format(adapters),
-                                                                          "config.json 'base'")
+            record = ADAPTER_FORMATS[adapters_format(adapters)][1]
             raise FileNotFoundError(f"--adapters {adapters}: its base {pretrained_path!r} ({record}) is "
                                     "not found; pass --checkpoint_dir or --pretrained_path")
     paths = (checkpoint_dir, pretrained_path, adapters, lora_path)
@@ -159,7 +163,7 @@ def load_for_generation(checkpoint_dir: PathLike | None = None, pretrained_path:
         config, params, desc = load_base_model(src.pretrained_path, None, param_dtype, scan_layers=scan_layers)
     if src.adapters is not None:
         lora_config, lora = load_adapters(src.adapters, config, desc)
-        desc += f" + {ADAPTER_NAMES[adapters_format(src.adapters)]} {src.adapters}"
+        desc += f" + {ADAPTER_FORMATS[adapters_format(src.adapters)][0]} {src.adapters}"
     elif src.lora_path is not None:
         lora_config, lora = load_lit_lora(src.lora_path, config, lora_alpha,
                                           place=lambda leaf, _: jax.device_put(leaf))

@@ -323,11 +323,9 @@ def initial_adapter_settings(args: TrainArgs) -> dict[str, Any]:
     wanted = {"lora_r": theirs.r, "lora_alpha": theirs.alpha, "lora_targets": theirs.targets}
     for name, value in wanted.items():
         given = getattr(args, name)
-        if isinstance(given, str):
-            given = LoRAConfig(targets=parse_targets(given)).targets
-        elif name == "lora_targets" and given is not None:
-            given = LoRAConfig(targets=tuple(given)).targets
-        if given is not None and given != value and not (name == "lora_alpha" and float(given) == value):
+        if name == "lora_targets" and given is not None:  # canonical order, as LoRAConfig keeps them
+            given = LoRAConfig(targets=parse_targets(given) if isinstance(given, str) else tuple(given)).targets
+        if given is not None and given != value:
             shown = ",".join(value) if name == "lora_targets" else value
             raise ValueError(f"--{name} {getattr(args, name)} disagrees with --init_adapters {args.init_adapters}, "
                              f"which has {shown}: leave --{name} out to take theirs")

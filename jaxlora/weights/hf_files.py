@@ -234,11 +234,7 @@ def is_peft_dir(path: str | os.PathLike) -> bool:
 def peft_recorded_base(peft_dir: str | os.PathLike) -> str | None:
     """The base a PEFT folder records (base_model_name_or_path), as written: a local path, or a hub
     name ("meta-llama/Llama-3.1-8B") that cannot be read here; None when it records none."""
-    try:
-        base = json.loads((Path(peft_dir) / PEFT_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(base) if base else None
+    return read_peft_config(peft_dir).get("base_model_name_or_path") or None
 
 
 def load_peft_adapters(peft_dir: str | os.PathLike, config: LLaMAConfig) -> tuple[LoRAConfig, dict[str, Any]]:
@@ -286,7 +282,7 @@ def peft_to_adapters(peft_dir: str | os.PathLike, out_dir: str | os.PathLike,
     base: the model the adapters belong to (an HF directory or a jaxlora checkpoint; default the
     adapter_config's base_model_name_or_path when that is a local directory); it gives the shape.
     """
-    base = base or read_peft_config(peft_dir).get("base_model_name_or_path")
+    base = base or peft_recorded_base(peft_dir)
     if not base:
         raise HFConfigError(f"{Path(peft_dir) / PEFT_CONFIG}: no base_model_name_or_path; pass the base model "
                             "directory (--base)")

@@ -214,7 +214,10 @@ def load_adapters_dir(directory: PathLike, config: LLaMAConfig, base: str = "the
     return lora_config, traverse_util.unflatten_dict({p: jnp.asarray(reader.read(p), jnp.float32) for p in stored})
 
 
-ADAPTER_FORMATS = ("jaxlora", "peft", "litgpt")  # what `adapters_format` tells apart
+# The adapters `adapters_format` tells apart: format -> (what to call them, where their base is recorded)
+ADAPTER_FORMATS = {"jaxlora": ("adapters", "config.json 'base'"),
+                   "peft": ("PEFT adapters", "adapter_config.json 'base_model_name_or_path'"),
+                   "litgpt": ("litgpt LoRA", "hyperparameters.yaml 'checkpoint_dir'")}
 
 
 def adapters_format(directory: PathLike) -> str | None:
