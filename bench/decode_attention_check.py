@@ -6,17 +6,20 @@ kernels a layer of ~1.4 µs each; 230 tok/s needs about one of them fewer. Six o
 cache writes and the softmax. A way is `current` or a '+'-joined set of changes to it:
 
   current      what jaxlora runs (`jaxlora.model.attention.cached_attention`): k and v caches apart,
-               one in-place write each; softmax as max, sum of exponentials, probabilities to bf16
-  online       the softmax's max and sum in one variadic reduction (an online softmax: a running
-               max and a sum rescaled to it), then the probabilities
+               one in-place write each; softmax's max and sum in one variadic reduction
+               (`softmax_one_pass`), probabilities to bf16
+  twopass      jax.nn.softmax instead (max, then sum of exponentials: what ran until 2026-12-02;
+               measured there 391 µs a step against one-pass's 359 at 8B, batch 1, 64 kernels more)
   f32pv        the probabilities stay float32 into the product with v (v converted in the product):
                no separate kernel that rounds them to bf16, if XLA fuses them into the GEMM's operand
+               (it did not: +19 µs)
   kv_one       one (B, 2, K, S, hs) buffer for k and v: one in-place write a layer; the products
-               read its two halves
-  @while       (suffix) the loop's trip count known only at run time, as decode's is (min(limit,
-               chunk), and every row done): XLA then reads the loop predicate back to the host after
-               every step before it launches the next; `current@while` against `current` is what
-               that costs a step
+               read its two halves (+55 µs: XLA copies the halves)
+  @while       (suffix) the loop's trip count known only at run time: XLA then reads the loop
+               predicate back to the host after every step before it launches the next (+16 µs a
+               step, 2026-12-02)
+  @blocks      (suffix) decode's loop (`jaxlora.infer.decode`): run-time loops of STEP_BLOCK steps
+               of known count, then single steps; the read-back once a block
 
 Each way runs `--layers` layers in a loop of `--steps` steps (each step's q, k and v come from the
 previous step's output, as in decoding), the caches donated. Prints µs per step, the
@@ -38,27 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config import LLaMAConfig
-from jaxlora.model.attention import cached_attention
+from jaxlora.infer.decode import STEP_BLOCK
+from jaxlora.model.attention import cached_attention, softmax_one_pass
 
 Array = jax.Array
-WAYS = ("current", "online", "f32pv", "online+f32pv", "kv_one", "kv_one+online+f32pv", "current@while")
+WAYS = ("current", "twopass", "f32pv", "kv_one", "current@while", "current@blocks")
 
 
-def softmax_online(scores: Array) -> Array:
-    """softmax over the last axis with its max and normaliser from one variadic reduction."""
-    def combine(a: tuple, b: tuple) -> tuple:
-        (m1, l1), (m2, l2) = a, b
-        m = jnp.maximum(m1, m2)
-        safe = jnp.where(m == -jnp.inf, 0.0, m)  # all masked so far: both sums are 0
-        return m, l1 * jnp.exp(m1 - safe) + l2 * jnp.exp(m2 - safe)
-    axis = scores.ndim - 1
-    m, total = jax.lax.reduce((scores, jnp.ones_like(scores)), (jnp.array(-jnp.inf, scores.dtype),
-                              jnp.array(0.0, scores.dtype)), combine, (axis,))
-    return jnp.exp(scores - jnp.expand_dims(m, axis)) / jnp.expand_dims(total, axis)
-
-
-def attention_variant(online: bool, f32pv: bool) -> Callable:
-    """`cached_attention` with `softmax_online` (online) and/or float32 probabilities into the
+def attention_variant(two_pass: bool, f32pv: bool) -> Callable:
+    """`cached_attention` with jax.nn.softmax (two_pass) and/or float32 probabilities into the
     product with v (f32pv)."""
     def attend(q: Array, k: Array, v: Array, kv_mask: Array) -> Array:
         B, T, H, hs = q.shape
@@ -66,24 +57,21 @@ def attention_variant(online: bool, f32pv: bool) -> Callable:
         q = q.reshape(B, T, K, H // K, hs)
         scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hs)
         scores = jnp.where(kv_mask[:, None, None, None, :], scores, -jnp.inf)
-        probs = softmax_online(scores) if online else jax.nn.softmax(scores, axis=-1)
+        probs = jax.nn.softmax(scores, axis=-1) if two_pass else softmax_one_pass(scores)
         probs = probs if f32pv else probs.astype(v.dtype)
         y = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(probs.dtype), preferred_element_type=jnp.float32)
         return y.reshape(B, T, H, hs).astype(q.dtype)
     return attend
 
 
-attention_online = attention_variant(online=True, f32pv=False)
-
-
 def layer_fn(way: str) -> Callable:
     """(cache, q (B,1,H,hs), k and v (B,1,K,hs), slot, kv_mask) -> (cache, y (B,1,H,hs))."""
-    changes = set(way.removesuffix("@while").split("+")) - {"current"}
-    unknown = changes - {"online", "f32pv", "kv_one"}
+    changes = set(way.split("@")[0].split("+")) - {"current"}
+    unknown = changes - {"twopass", "f32pv", "kv_one"}
     if unknown:
         raise ValueError(f"unknown change(s) {sorted(unknown)} in way {way!r}")
-    plain = not changes & {"online", "f32pv"}
-    attend = cached_attention if plain else attention_variant("online" in changes, "f32pv" in changes)
+    plain = not changes & {"twopass", "f32pv"}
+    attend = cached_attention if plain else attention_variant("twopass" in changes, "f32pv" in changes)
 
     def layer(cache: Array | dict, q: Array, k: Array, v: Array, slot: Array, kv_mask: Array) -> tuple:
         if "kv_one" in changes:  # (B, 2, K, S, hs)
@@ -119,9 +107,14 @@ def program(way: str, steps: int, K: int) -> Callable:
                 x = (y.astype(jnp.float32) * 0.9 + x.astype(jnp.float32) * 0.1).astype(x.dtype)
                 new.append(cache)
             return tuple(new), x, valid
+        counted = lambda c: (c[0] + 1, *step(c[0], c[1:]))  # noqa: E731
         if way.endswith("@while"):  # trip count from a run-time argument
-            _, *carry = jax.lax.while_loop(lambda c: c[0] < limit, lambda c: (c[0] + 1, *step(c[0], c[1:])),
-                                           (jnp.int32(0), caches, x, valid))
+            _, *carry = jax.lax.while_loop(lambda c: c[0] < limit, counted, (jnp.int32(0), caches, x, valid))
+            return tuple(carry)
+        if way.endswith("@blocks"):  # as decode_program: blocks of known count, then single steps
+            block = lambda c: jax.lax.fori_loop(0, STEP_BLOCK, lambda _, cc: counted(cc), c)  # noqa: E731
+            carry = jax.lax.while_loop(lambda c: c[0] + STEP_BLOCK <= limit, block, (jnp.int32(0), caches, x, valid))
+            _, *carry = jax.lax.while_loop(lambda c: c[0] < limit, counted, carry)
             return tuple(carry)
         return jax.lax.fori_loop(0, steps, step, (caches, x, valid))
     return jax.jit(run, donate_argnums=0)

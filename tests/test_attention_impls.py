@@ -17,6 +17,7 @@ from jaxlora.model.attention import (
     masked_attention,
     pick_attention,
     segment_runs,
+    softmax_one_pass,
 )
 
 # float32 on CPU, one softmax each: measured differences ~1e-7 (stand-in) and ~5e-6 (splash,
@@ -208,3 +209,10 @@ def test_auto_picks_splash_on_tpu_and_cudnn_on_gpu(monkeypatch):
     assert pick_attention("splash", jnp.float32) == "splash"
     with pytest.raises(ValueError, match="attention must be one of"):
         pick_attention("flash", jnp.float32)
+
+
+def test_one_pass_softmax_equals_softmax_with_masked_slots():
+    """Decoding's softmax: max and sum in one reduction, equal to jax.nn.softmax (f32, 1e-6)."""
+    x = jax.random.normal(jax.random.key(0), (3, 5, 40), jnp.float32) * 4
+    x = x.at[0, :, 7:].set(-jnp.inf).at[1, 2, :39].set(-jnp.inf)  # masked tails; a row of one slot
+    np.testing.assert_allclose(softmax_one_pass(x), jax.nn.softmax(x, axis=-1), rtol=1e-6, atol=1e-7)

@@ -1,6 +1,6 @@
 """The bench's experiment scripts compute what they claim before their timings mean anything:
 bench/decode_attention_check.py's other ways of a decode step's attention against jaxlora's (the
-online softmax against `cached_attention` in float32, whole decode loops of each way against the
+two-pass softmax against `cached_attention` in float32, whole decode loops of each way against the
 current one: grouped-query heads, masked slots), and bench/dropout_check.py's 16-bit dropout (its
 drop rate and mean, and the adapter gradients of every way without dropout)."""
 from __future__ import annotations
@@ -14,28 +14,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from decode_attention_check import WAYS, attention_online, check, softmax_online  # noqa: E402
+from decode_attention_check import WAYS, attention_variant, check  # noqa: E402
 from dropout_check import adapter_loss, dropout_bits16, time_way  # noqa: E402
 
 from jaxlora.config import LLaMAConfig  # noqa: E402
 from jaxlora.model.attention import cached_attention  # noqa: E402
 
 
-def test_online_softmax_equals_softmax_with_masked_slots():
-    x = jax.random.normal(jax.random.key(0), (3, 5, 40), jnp.float32) * 4
-    x = x.at[0, :, 7:].set(-jnp.inf).at[1, 2, :39].set(-jnp.inf)
-    np.testing.assert_allclose(softmax_online(x), jax.nn.softmax(x, axis=-1), rtol=1e-6, atol=1e-7)
-
-
-def test_online_attention_equals_cached_attention():
+def test_two_pass_softmax_attention_equals_cached_attention():
     kq, kk, kv = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(kq, (2, 1, 8, 16), jnp.float32)
     k = jax.random.normal(kk, (2, 2, 24, 16), jnp.float32)  # 2 k/v heads for 8 query heads
     v = jax.random.normal(kv, (2, 2, 24, 16), jnp.float32)
     mask = (jnp.arange(24)[None, :] < jnp.array([[5], [24]])) | (jnp.arange(24)[None, :] == 20)
     expected = cached_attention(q, k, v, mask)
-    np.testing.assert_allclose(attention_online(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(attention_online(q, k, v, ~mask | (jnp.arange(24) == 0)), expected, atol=1e-3)
+    twopass = attention_variant(two_pass=True, f32pv=False)
+    np.testing.assert_allclose(twopass(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(twopass(q, k, v, ~mask | (jnp.arange(24) == 0)), expected, atol=1e-3)
 
 
 def test_every_way_decodes_like_the_current_one():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxlora.config import LLaMAConfig, LoRAConfig
-from jaxlora.infer.decode import GREEDY, Sampling, generate, greedy_generate, prepare, sample_logits
+from jaxlora.infer.decode import GREEDY, STEP_BLOCK, Sampling, generate, greedy_generate, prepare, sample_logits
 from jaxlora.model.layouts import init_variables, layered
 from jaxlora.model.llama import LLaMA, init_cache
 from jaxlora.model.nf4 import NF4Kernel
@@ -145,6 +145,17 @@ def test_eos_stops_each_row_and_is_not_returned(model_and_vars):
     streamed = []
     generate(model, variables, [[5, 6, 7]], 8, eos_id=eos, chunk=2, on_tokens=lambda rows: streamed.extend(rows[0]))
     np.testing.assert_array_equal(streamed, free[0][:k])  # streaming in chunks gives the same tokens
+
+
+def test_blocks_of_steps_then_single_steps_give_the_naive_tokens(model_and_vars):
+    """Decode runs STEP_BLOCK steps at a time, then the tail one by one; all done rows end it."""
+    model, variables = model_and_vars
+    n = 2 * STEP_BLOCK + 4  # 1 from the prefill, two blocks, three single steps
+    free = greedy_generate(model, variables, [3, 8, 2], n, eos_id=None)
+    np.testing.assert_array_equal(free, naive_greedy(model, variables, [3, 8, 2], n))
+    k = next((i for i in range(STEP_BLOCK + 1, n) if free[i] not in free[:i]), None)
+    if k is not None:  # an EOS in the second block: the tokens before it, nothing after
+        np.testing.assert_array_equal(greedy_generate(model, variables, [3, 8, 2], n, eos_id=int(free[k])), free[:k])
 
 
 def test_top_k_and_top_p_never_sample_outside(model_and_vars):
