@@ -9,17 +9,19 @@ cache writes and the softmax. A way is `current` or a '+'-joined set of changes 
                one in-place write each; softmax's max and sum in one variadic reduction
                (`softmax_one_pass`), probabilities to bf16
   twopass      jax.nn.softmax instead (max, then sum of exponentials: what ran until 2026-12-02;
-               measured there 391 µs a step against one-pass's 359 at 8B, batch 1, 64 kernels more)
+               at 8B, batch 1, one H200: 391 / 381 µs a step against one-pass's 359 / 360 in two
+               calls, 64 kernels more)
   f32pv        the probabilities stay float32 into the product with v (v converted in the product):
                no separate kernel that rounds them to bf16, if XLA fuses them into the GEMM's operand
                (it did not: +19 µs)
   kv_one       one (B, 2, K, S, hs) buffer for k and v: one in-place write a layer; the products
                read its two halves (+55 µs: XLA copies the halves)
   @while       (suffix) the loop's trip count known only at run time: XLA then reads the loop
-               predicate back to the host after every step before it launches the next (+16 µs a
-               step, 2026-12-02)
-  @blocks      (suffix) decode's loop (`jaxlora.infer.decode`): run-time loops of STEP_BLOCK steps
-               of known count, then single steps; the read-back once a block
+               predicate back to the host after every step before it launches the next (+16 and
+               +9 µs a step in two calls, 2026-12-02: decode's loop pays it, ~0.3% of a step)
+  (A decode loop in blocks of 8 steps of known count, the predicate read once a block, measured
+  2026-12-02 (seventh session) 13 µs a step slower than `current`, 4 µs slower than @while: not
+  adopted.)
 
 Each way runs `--layers` layers in a loop of `--steps` steps (each step's q, k and v come from the
 previous step's output, as in decoding), the caches donated. Prints µs per step, the
@@ -41,11 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config import LLaMAConfig
-from jaxlora.infer.decode import STEP_BLOCK
 from jaxlora.model.attention import cached_attention, softmax_one_pass
 
 Array = jax.Array
-WAYS = ("current", "twopass", "f32pv", "kv_one", "current@while", "current@blocks")
+WAYS = ("current", "twopass", "f32pv", "kv_one", "current@while")
 
 
 def attention_variant(two_pass: bool, f32pv: bool) -> Callable:
@@ -107,14 +108,9 @@ def program(way: str, steps: int, K: int) -> Callable:
                 x = (y.astype(jnp.float32) * 0.9 + x.astype(jnp.float32) * 0.1).astype(x.dtype)
                 new.append(cache)
             return tuple(new), x, valid
-        counted = lambda c: (c[0] + 1, *step(c[0], c[1:]))  # noqa: E731
         if way.endswith("@while"):  # trip count from a run-time argument
-            _, *carry = jax.lax.while_loop(lambda c: c[0] < limit, counted, (jnp.int32(0), caches, x, valid))
-            return tuple(carry)
-        if way.endswith("@blocks"):  # as decode_program: blocks of known count, then single steps
-            block = lambda c: jax.lax.fori_loop(0, STEP_BLOCK, lambda _, cc: counted(cc), c)  # noqa: E731
-            carry = jax.lax.while_loop(lambda c: c[0] + STEP_BLOCK <= limit, block, (jnp.int32(0), caches, x, valid))
-            _, *carry = jax.lax.while_loop(lambda c: c[0] < limit, counted, carry)
+            _, *carry = jax.lax.while_loop(lambda c: c[0] < limit, lambda c: (c[0] + 1, *step(c[0], c[1:])),
+                                           (jnp.int32(0), caches, x, valid))
             return tuple(carry)
         return jax.lax.fori_loop(0, steps, step, (caches, x, valid))
     return jax.jit(run, donate_argnums=0)

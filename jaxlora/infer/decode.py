@@ -6,13 +6,13 @@ How `generate` runs:
    them through the model, fills slots 0..P-1 of a preallocated KV cache of S slots and
    samples each row's first token from the logits at that row's own last prompt position
    (causal attention makes the padding after a position invisible to it).
-2. One jitted *decode* program runs `lax.while_loop`s of one-token steps: each reads the
+2. One jitted *decode* program runs a `lax.while_loop` of one-token steps: each reads the
    weights once, writes every row's new k/v at one shared slot (P, P+1, ...: one in-place
    `dynamic_update_slice` per layer; the state, cache included, is donated), attends over
    the slots each row may see (its prompt, not its padding, and its generated tokens; RoPE
    has already placed every key at its row's true position, so slots need not be
    positions), samples, and stops after the requested tokens or when every row has
-   produced EOS (looked at every STEP_BLOCK steps). No host round trip per token.
+   produced EOS. No host round trip per token.
 
 P and S are rounded up to multiples of LENGTH_MULTIPLE (P at most block_size), so a session
 compiles a few programs: one prefill per (batch, P, S) and one decode per (batch, S); the
@@ -64,10 +64,6 @@ Array = jax.Array
 LENGTH_MULTIPLE = 64  # prompt and cache lengths are rounded up to this, so few programs are compiled
 NO_EOS: tuple[int, ...] = ()  # no stop ids: rows run to max_new_tokens
 STREAM_CHUNK = 16  # decode steps per device call when streaming
-# Decode steps between two checks of "all rows done" (a host read-back each): once every row is
-# done, up to STEP_BLOCK - 1 more steps run, writing pad. The read-back cost 16 µs of a ~4.4 ms
-# Llama 3.1 8B step on one H200 (2026-12-02, bench/decode_attention_check.py current@while).
-STEP_BLOCK = 8
 
 
 @dataclass(frozen=True)
@@ -234,8 +230,8 @@ def prefill_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_ids:
 def decode_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_ids: tuple[int, ...],
                    chunk: int) -> Callable:
     """jit(decode)(variables, state, limit) -> (state, tokens (B, chunk), n): up to
-    min(chunk, limit) one-token steps in while loops, fewer once every row is done (checked
-    every STEP_BLOCK steps); tokens of finished rows (and past n) are pad (EOS). The state is donated, and each step writes
+    min(chunk, limit) one-token steps in a while loop, fewer once every row is done; tokens
+    of finished rows (and past n) are pad (EOS). The state is donated, and each step writes
     its k/v at one slot shared by all rows (one in-place update per layer, whatever the
     rows' positions)."""
     pad = eos_ids[0] if eos_ids else 0
@@ -246,9 +242,9 @@ def decode_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_ids: 
         B = state["token"].shape[0]
         steps = jnp.minimum(limit, chunk)
 
-        def more(carry: tuple, n: int) -> Array:  # n more steps fit, and some row is not done
+        def cond(carry: tuple) -> Array:
             i, st, _ = carry
-            return (i + n <= steps) & ~jnp.all(st["done"])
+            return (i < steps) & ~jnp.all(st["done"])
 
         def body(carry: tuple) -> tuple:
             i, st, out = carry
@@ -265,11 +261,7 @@ def decode_program(model: LLaMA, sampling: Sampling, vocab_limit: int, eos_ids: 
             return i + 1, st, out
 
         init = (jnp.zeros((), jnp.int32), state, jnp.full((B, chunk), pad, jnp.int32))
-        # Blocks of STEP_BLOCK steps (a loop of known trip count inside: its predicate is not read
-        # back to the host after every step, as a run-time condition's is), then single steps.
-        block = lambda carry: jax.lax.fori_loop(0, STEP_BLOCK, lambda _, c: body(c), carry)  # noqa: E731
-        carry = jax.lax.while_loop(lambda c: more(c, STEP_BLOCK), block, init)
-        n, state, out = jax.lax.while_loop(lambda c: more(c, 1), body, carry)
+        n, state, out = jax.lax.while_loop(cond, body, init)
         return state, *_replicated(mesh, out, n)
     return jax.jit(decode, donate_argnums=1)
 
