@@ -1,6 +1,7 @@
 """Bar chart of training throughput per shape: jaxlora vs the PyTorch peer, from bench logs.
 
   python bench/plot_throughput.py OURS_LOG PEER_LOG [MORE_LOGS ...] --out docs/throughput_h100.png
+  python bench/plot_throughput.py LOGS ... --where remat=dots_no_batch --where fuse_mlp=False   # defaults only
 
 Each log holds JSON lines as printed by bench/train_throughput.py ({"bench": "jaxlora", ...})
 or by the peer ({"peer": "peft", ...}); other lines are ignored. Ours are labelled by
@@ -13,13 +14,15 @@ import json
 from pathlib import Path
 
 
-def read_rows(paths: list[str]) -> list[dict]:
+def read_rows(paths: list[str], where: dict[str, str] | None = None) -> list[dict]:
+    """The rows with a throughput; `where` {key: value} keeps only rows whose key, where they
+    have it, prints as value (e.g. {"fuse_mlp": "False"} leaves out a log's fused variant)."""
     rows = []
     for path in paths:
         for line in Path(path).read_text().splitlines():
             if line.startswith("{"):
                 row = json.loads(line)
-                if "tokens_per_s" in row:
+                if "tokens_per_s" in row and all(str(row[k]) == v for k, v in (where or {}).items() if k in row):
                     rows.append(row)
     return rows
 
@@ -73,8 +76,11 @@ def main() -> None:
     ap.add_argument("--out", default="throughput.png")
     ap.add_argument("--title", default="LoRA fine-tuning throughput, LLaMA-7B shape, r=8 on q,v, bf16")
     ap.add_argument("--note", default="", help="a footnote (e.g. which runs shared a device call)")
+    ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                    help="keep only rows whose KEY (where they have one) is VALUE; repeatable")
     args = ap.parse_args()
-    plot(read_rows(args.logs), args.out, args.title, args.note)
+    where = dict(item.split("=", 1) for item in args.where)
+    plot(read_rows(args.logs, where), args.out, args.title, args.note)
     print(args.out)
 
 

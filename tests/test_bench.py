@@ -43,3 +43,6 @@ def test_throughput_plot_from_logs(tmp_path):
     from plot_throughput import read_rows, series_name
     assert [series_name(r) for r in read_rows([str(log)])] == [
         "jaxlora bf16, per-layer weights", "jaxlora fp8, per-layer weights", "PyTorch PEFT", "PyTorch PEFT + torch.compile"]
+    kept = read_rows([str(log)], {"quantize": "fp8"})  # rows without the key stay: the peers, and bf16 (no key)
+    assert [r["tokens_per_s"] for r in kept] == [100.5, 150.0, 60.0, 80.0]
+    assert [r["tokens_per_s"] for r in read_rows([str(log)], {"quantize": "none"})] == [100.5, 60.0, 80.0]
