@@ -19,13 +19,20 @@ cache writes and the softmax. A way is `current` or a '+'-joined set of changes 
   @while       (suffix) the loop's trip count known only at run time: XLA then reads the loop
                predicate back to the host after every step before it launches the next (+16 and
                +9 µs a step in two calls, 2026-12-02: decode's loop pays it, ~0.3% of a step)
+  +oproj       adds each layer's output product (C x C weights, bf16), its rows padded to 8 as
+               the model pads every frozen product on a GPU (`rows_padded_dot`): on 2026-12-02
+               (sixth session's HLO) the attention output's pad was a kernel of its own, the only
+               pad not fused into a neighbour (the norms and SwiGLU fuse theirs)
+  +oproj_unpadded  the same product with its one row as it is (cuBLAS picks a GEMV): no pad
+               kernel; is the GEMV as fast on the weights? `current+oproj` against this says
   (A decode loop in blocks of 8 steps of known count, the predicate read once a block, measured
   2026-12-02 (seventh session) 13 µs a step slower than `current`, 4 µs slower than @while: not
   adopted.)
 
 Each way runs `--layers` layers in a loop of `--steps` steps (each step's q, k and v come from the
 previous step's output, as in decoding), the caches donated. Prints µs per step, the
-kernels XLA compiled in the loop body, and each way's largest difference from `current`.
+kernels XLA compiled in the loop body, and each way's largest difference from the first way of
+its kind (with or without the output product).
 
     PYTHONPATH=. python bench/decode_attention_check.py --preset llama3.1-8b --batches 1,8
     PYTHONPATH=. python bench/decode_attention_check.py --preset tiny --layers 2 --steps 4   # CPU smoke test
@@ -44,9 +51,10 @@ import numpy as np
 
 from jaxlora.config import LLaMAConfig
 from jaxlora.model.attention import cached_attention, softmax_one_pass
+from jaxlora.model.quantize import rows_padded_dot
 
 Array = jax.Array
-WAYS = ("current", "twopass", "f32pv", "kv_one", "current@while")
+WAYS = ("current", "twopass", "f32pv", "kv_one", "current@while", "current+oproj", "current+oproj_unpadded")
 
 
 def attention_variant(two_pass: bool, f32pv: bool) -> Callable:
@@ -68,13 +76,13 @@ def attention_variant(two_pass: bool, f32pv: bool) -> Callable:
 def layer_fn(way: str) -> Callable:
     """(cache, q (B,1,H,hs), k and v (B,1,K,hs), slot, kv_mask) -> (cache, y (B,1,H,hs))."""
     changes = set(way.split("@")[0].split("+")) - {"current"}
-    unknown = changes - {"twopass", "f32pv", "kv_one"}
+    unknown = changes - {"twopass", "f32pv", "kv_one", "oproj", "oproj_unpadded"}
     if unknown:
         raise ValueError(f"unknown change(s) {sorted(unknown)} in way {way!r}")
     plain = not changes & {"twopass", "f32pv"}
     attend = cached_attention if plain else attention_variant("twopass" in changes, "f32pv" in changes)
 
-    def layer(cache: Array | dict, q: Array, k: Array, v: Array, slot: Array, kv_mask: Array) -> tuple:
+    def attention(cache: Array | dict, q: Array, k: Array, v: Array, slot: Array, kv_mask: Array) -> tuple:
         if "kv_one" in changes:  # (B, 2, K, S, hs)
             new = jnp.stack([k, v], axis=1).swapaxes(2, 3).astype(cache.dtype)  # (B, 2, K, 1, hs)
             cache = jax.lax.dynamic_update_slice(cache, new, (0, 0, 0, slot, 0))
@@ -82,7 +90,24 @@ def layer_fn(way: str) -> Callable:
         cache = {name: jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2).astype(cache[name].dtype),
                                                     (0, 0, slot, 0)) for name, new in (("k", k), ("v", v))}
         return cache, attend(q, cache["k"], cache["v"], kv_mask)
+
+    def layer(cache: Array | dict, weight: Array | None, q: Array, k: Array, v: Array, slot: Array,
+              kv_mask: Array) -> tuple:
+        cache, y = attention(cache, q, k, v, slot, kv_mask)
+        if weight is None:
+            return cache, y
+        B, T, H, hs = y.shape
+        out = rows_padded_dot(y.reshape(B, T, H * hs), weight, None, 1 if "oproj_unpadded" in changes else None)
+        return cache, out.reshape(B, T, H, hs)
     return layer
+
+
+def o_weights(way: str, layers: int, C: int, dtype: jnp.dtype) -> tuple:
+    """Each layer's (C, C) output kernel for the +oproj ways (scaled so activations stay O(1)); else Nones."""
+    if "oproj" not in way:
+        return (None,) * layers
+    keys = jax.random.split(jax.random.key(7), layers)
+    return tuple((jax.random.normal(k, (C, C), jnp.float32) / np.sqrt(C)).astype(dtype) for k in keys)
 
 
 def empty_caches(way: str, layers: int, B: int, K: int, S: int, hs: int, dtype: jnp.dtype) -> tuple:
@@ -94,17 +119,17 @@ def empty_caches(way: str, layers: int, B: int, K: int, S: int, hs: int, dtype: 
 def program(way: str, steps: int, K: int) -> Callable:
     layer = layer_fn(way)
 
-    def run(caches: tuple, x: Array, start: Array, valid: Array, limit: Array) -> tuple:
+    def run(caches: tuple, weights: tuple, x: Array, start: Array, valid: Array, limit: Array) -> tuple:
         def step(i: Array, carry: tuple) -> tuple:
             caches, x, valid = carry
             slot = start + i
             valid = jax.lax.dynamic_update_slice(valid, jnp.ones((valid.shape[0], 1), bool), (0, slot))
             new = []
-            for cache in caches:  # per-layer buffers, as decoding's scan_layers=False program
+            for cache, weight in zip(caches, weights):  # per-layer buffers, as decoding's scan_layers=False program
                 B, _, H, hs = x.shape
                 k = x[:, :, :K] * 0.5
                 v = x[:, :, H - K:] * 0.25
-                cache, y = layer(cache, x, k, v, slot, valid)
+                cache, y = layer(cache, weight, x, k, v, slot, valid)
                 x = (y.astype(jnp.float32) * 0.9 + x.astype(jnp.float32) * 0.1).astype(x.dtype)
                 new.append(cache)
             return tuple(new), x, valid
@@ -132,15 +157,16 @@ def check(way: str, cfg: LLaMAConfig, B: int, prompt: int, steps: int, layers: i
     valid = jnp.arange(S)[None, :].repeat(B, 0) < prompt
     fn = program(way, steps, K)
     fresh = lambda: empty_caches(way, layers, B, K, S, hs, dtype)  # noqa: E731
+    weights = o_weights(way, layers, H * hs, dtype)
     t0 = time.perf_counter()
-    compiled = fn.lower(fresh(), x, jnp.int32(prompt), valid, jnp.int32(steps)).compile()
+    compiled = fn.lower(fresh(), weights, x, jnp.int32(prompt), valid, jnp.int32(steps)).compile()
     compile_s = time.perf_counter() - t0
-    out = jax.block_until_ready(compiled(fresh(), x, jnp.int32(prompt), valid, jnp.int32(steps)))  # warm-up
+    out = jax.block_until_ready(compiled(fresh(), weights, x, jnp.int32(prompt), valid, jnp.int32(steps)))  # warm-up
     times = []
     for _ in range(repeats):
         caches = jax.block_until_ready(fresh())
         t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(caches, x, jnp.int32(prompt), valid, jnp.int32(steps)))
+        out = jax.block_until_ready(compiled(caches, weights, x, jnp.int32(prompt), valid, jnp.int32(steps)))
         times.append(time.perf_counter() - t0)
     row = {"way": way, "batch": B, "layers": layers, "cache_len": S, "us_per_step": 1e6 * min(times) / steps,
            "kernels_per_step": kernels_in_loop(compiled.as_text()), "compile_s": round(compile_s, 2),
@@ -162,10 +188,10 @@ def main() -> None:
     layers = args.layers or cfg.n_layer
     rows = []
     for B in (int(b) for b in args.batches.split(",")):
-        reference = None
+        references: dict[bool, np.ndarray] = {}  # the first way without / with the output product
         for way in args.ways.split(","):
             row, out = check(way, cfg, B, args.prompt_len, args.steps, layers, args.repeats, jnp.bfloat16)
-            reference = out if reference is None else reference
+            reference = references.setdefault("oproj" in way, out)
             row["max_diff_vs_first"] = float(np.max(np.abs(out - reference)))
             print(json.dumps(row), flush=True)
             rows.append(row)

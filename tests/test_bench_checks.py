@@ -38,7 +38,9 @@ def test_every_way_decodes_like_the_current_one():
     outs = {way: check(way, cfg, B=2, prompt=8, steps=6, layers=2, repeats=1, dtype=jnp.float32) for way in WAYS}
     for way, (row, out) in outs.items():
         assert row["us_per_step"] > 0 and row["kernels_per_step"] > 0
-        np.testing.assert_allclose(out, outs["current"][1], rtol=1e-5, atol=1e-5, err_msg=way)
+        reference = outs["current+oproj" if "oproj" in way else "current"][1]
+        np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5, err_msg=way)
+    assert not np.allclose(outs["current+oproj"][1], outs["current"][1], atol=1e-3)  # the product ran
 
 
 def test_bits16_dropout_drops_the_rate_and_keeps_the_mean():
