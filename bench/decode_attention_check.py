@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config import LLaMAConfig
-from jaxlora.model.attention import cached_attention, softmax_one_pass
+from jaxlora.model.attention import cached_attention, softmax_one_pass, write_kv
 from jaxlora.model.quantize import rows_padded_dot
 
 Array = jax.Array
@@ -87,8 +87,7 @@ def layer_fn(way: str) -> Callable:
             new = jnp.stack([k, v], axis=1).swapaxes(2, 3).astype(cache.dtype)  # (B, 2, K, 1, hs)
             cache = jax.lax.dynamic_update_slice(cache, new, (0, 0, 0, slot, 0))
             return cache, attend(q, cache[:, 0], cache[:, 1], kv_mask)
-        cache = {name: jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2).astype(cache[name].dtype),
-                                                    (0, 0, slot, 0)) for name, new in (("k", k), ("v", v))}
+        cache = write_kv(cache, k, v, slot)
         return cache, attend(q, cache["k"], cache["v"], kv_mask)
 
     def layer(cache: Array | dict, weight: Array | None, q: Array, k: Array, v: Array, slot: Array,

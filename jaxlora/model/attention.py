@@ -203,6 +203,13 @@ def _splash_kernel(heads: int, length: int, interpret: bool) -> Any:
 # --------------------------------------------------------------------------- decoding
 
 
+def write_kv(cache: dict, k: Array, v: Array, slot: Array | int) -> dict:
+    """The cache {"k", "v"} (B, K, S, hs) with k and v (B, T, K, hs) written at slots
+    slot..slot+T-1 of every row: one in-place update each (the cache is donated)."""
+    return {name: jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2).astype(cache[name].dtype),
+                                               (0, 0, slot, 0)) for name, new in (("k", k), ("v", v))}
+
+
 def cached_attention(q: Array, k: Array, v: Array, kv_mask: Array) -> Array:
     """softmax(q k^T / sqrt(hs)) v over the cached slots kv_mask (B, S) marks; q (B, T, H, hs),
     k and v (B, K, S, hs), K dividing H (query head h reads k/v head h // (H / K), as HF's

@@ -34,6 +34,7 @@ from jaxlora.model.attention import (  # ATTENTION_IMPLS: re-exported, the CLI's
     cached_attention,
     causal_attention,
     pick_attention,
+    write_kv,
 )
 from jaxlora.model.layouts import STACKED, QKVLayout, model_qkv_layout
 from jaxlora.model.lora import LoRAUpdate, MergedLoRADense
@@ -196,9 +197,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (opts.constrain(t, ACT_HEADS) for t in parts)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            slot = 0 if cache_index is None else cache_index
-            cache = {name: jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2).astype(cache[name].dtype),
-                                                        (0, 0, slot, 0)) for name, new in (("k", k), ("v", v))}
+            cache = write_kv(cache, k, v, 0 if cache_index is None else cache_index)
         if cache is None or cache_index is None:
             y = causal_attention(q, k, v, pick_attention(opts.attention, opts.dtype), segments)
         else:
