@@ -108,11 +108,13 @@ def _train(args: settings.TrainArgs, hosts: dict) -> None:
                                         lambda msg: print(msg, flush=True) if primary else None)
     if plan is not None and plan.fp8_both_layouts is not None:  # --quantize fp8's second layout, decided there
         args = dataclasses.replace(args, fp8_both_layouts=plan.fp8_both_layouts)
-    # Likewise XLA_FLAGS: FP8 products are fast through cuBLASLt, not XLA's Triton GEMMs (jaxlora.model.fp8).
-    if fp8.set_xla_flags(args.quantize, os.environ):
+    # Likewise XLA_FLAGS: FP8 products of kernels in one layout are fast through cuBLASLt, not XLA's
+    # Triton GEMMs (jaxlora.model.fp8).
+    if fp8.set_xla_flags(args.quantize, os.environ, bool(args.fp8_both_layouts)):
         if primary and memory.visible_gpus(os.environ):
-            print(f"fp8: added {fp8.CUBLAS_GEMMS} to XLA_FLAGS (FP8 GEMMs through cuBLASLt; XLA's Triton "
-                  "ones are slower than bf16; name the flag in XLA_FLAGS yourself to choose)", flush=True)
+            print(f"fp8: added {fp8.CUBLAS_GEMMS} to XLA_FLAGS (kernels in one layout: their FP8 GEMMs through "
+                  "cuBLASLt; XLA's Triton ones are slower than bf16; name the flag in XLA_FLAGS yourself to "
+                  "choose)", flush=True)
     distributed.initialize(**hosts)  # before anything else touches JAX
     enable_compilation_cache()
     loop.run(args)

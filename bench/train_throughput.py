@@ -319,10 +319,11 @@ def main() -> None:
     if args.prevent_cse is not None:
         force_prevent_cse(bool(args.prevent_cse))
     variants = [parse_variant(v) for v in args.variants.split(";")] if args.variants else [{}]
-    # As train.py, before JAX starts: with FP8 products anywhere in this process, every GEMM of it
-    # goes to cuBLAS(Lt) (jaxlora.model.fp8.xla_flags_for; bf16's GEMMs were measured as fast there).
-    modes = {v.get("quantize", args.quantize) for v in variants}
-    fp8.set_xla_flags("fp8" if "fp8" in modes else None, os.environ)
+    # As train.py, before JAX starts: with FP8 kernels in one layout anywhere in this process, every
+    # GEMM of it goes to cuBLAS(Lt) (jaxlora.model.fp8.xla_flags_for; bf16's GEMMs were measured as fast there).
+    fp8_runs = [v for v in variants if v.get("quantize", args.quantize) == "fp8"]
+    fp8.set_xla_flags("fp8" if fp8_runs else None, os.environ,
+                      both_layouts=all(v.get("fp8_both_layouts", "1") != "0" for v in fp8_runs))
     if args.alpaca:
         alpaca_main(args)
         return

@@ -81,8 +81,9 @@ def test_train_notes_fp8_only_where_it_was_not_measured_faster():
     assert "compute capability 8.0" in a100 and "no FP8 tensor cores" in a100
 
 
-def test_fp8_processes_send_gemms_to_cublas_unless_the_user_chose():
+def test_fp8_processes_with_one_layout_send_gemms_to_cublas_unless_the_user_chose():
     assert xla_flags_for("fp8", "") == CUBLAS_GEMMS
+    assert xla_flags_for("fp8", "", both_layouts=True) == ""  # XLA's defaults were faster there
     assert xla_flags_for("fp8", "--xla_dump_to=/tmp/d") == f"--xla_dump_to=/tmp/d {CUBLAS_GEMMS}"
     chosen = "--xla_gpu_enable_triton_gemm=true"
     assert xla_flags_for("fp8", chosen) == chosen

@@ -181,6 +181,7 @@ def test_train_py_decides_before_jax_starts_and_before_loading_anything():
         train.main(argv + ["--quantize", "fp8"])  # FP8's GEMMs through cuBLASLt: a flag added
         os.environ["XLA_FLAGS"] = "--xla_gpu_enable_triton_gemm=true"
         train.main(argv + ["--quantize", "fp8"])  # the user's own choice stays
+        os.environ["XLA_FLAGS"] = ""
         train.main(["--preset", "7b", "--pretrained_path", "none", "--quantize", "fp8"])  # 7B: both layouts
         os.environ["JAXLORA_GPU_MEMORY_MIB"] = "81559"
         train.main(argv + ["--quantize", "fp8", "--remat", "full"])  # 65B fp8 on 80 GB: one kernel layout
@@ -199,9 +200,10 @@ def test_train_py_decides_before_jax_starts_and_before_loading_anything():
     # 65B fp8 on the H200: the second layout would fit only within the estimate's error
     assert probes[1].endswith("flags '--xla_dump_to=/nowhere --xla_gpu_enable_triton_gemm=false' both layouts False")
     assert probes[2].endswith("flags '--xla_gpu_enable_triton_gemm=true' both layouts False"), probes
-    assert probes[3].endswith("both layouts True"), probes  # 7B fp8 on the H200
-    assert probes[4].endswith("both layouts False"), probes  # 65B fp8 on 80 GB: it would not fit at all
-    assert sum(line.startswith("fp8: added --xla_gpu_enable_triton_gemm=false") for line in out.stdout.splitlines()) == 1
+    assert probes[3].endswith("flags '' both layouts True"), probes  # 7B fp8 on the H200: XLA's own GEMMs
+    # 65B fp8 on 80 GB: the second layout would not fit at all, so cuBLAS for the one
+    assert probes[4].endswith("flags '--xla_gpu_enable_triton_gemm=false' both layouts False"), probes
+    assert sum(line.startswith("fp8: added --xla_gpu_enable_triton_gemm=false") for line in out.stdout.splitlines()) == 2
 
 
 def test_mfu_is_the_benchs_formula():

@@ -30,11 +30,13 @@ import jax.numpy as jnp
 Array = jax.Array
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0  # its largest finite value
-# XLA's GPU compiler gives many GEMMs to Triton, whose e4m3 products ran at 250-680 TFLOP/s on an
-# H200 (jax 0.11.2, 7B's products; bench/fp8_gemm_check.py), below bf16's ~770; cuBLASLt's FP8
-# GEMM ran the same products at 920-1,330 (PyTorch's torch._scaled_mm: 1,250-1,510). A process
-# that trains with FP8 products sends every GEMM to cuBLAS(Lt) (`xla_flags_for`): the 7B step ran
-# 1.26-1.37x bf16's, and bf16's own GEMMs are as fast there (within 3%).
+# XLA's GPU compiler gives many GEMMs to Triton. With the kernels in one layout, its e4m3 products
+# (a transpose fused into the GEMM) ran at 250-680 TFLOP/s on an H200 (jax 0.11.2, 7B's products;
+# bench/fp8_gemm_check.py), below bf16's ~770; cuBLASLt's FP8 GEMM ran them at 920-1,330. Such a
+# process sends every GEMM to cuBLAS(Lt) (`xla_flags_for`): the 7B step ran 1.26-1.37x bf16's.
+# With the kernels in both layouts (`forward_layout`) XLA's defaults are faster still: Llama 3.1 8B
+# on an H200 (2026-12-02, eighth session) ran 2.5-2.9% faster with q,v and 4.3-16% with all seven
+# targets (at 4 x 256 the cuBLAS-only step was launch-bound: 78% of it busy), so those keep them.
 CUBLAS_GEMMS = "--xla_gpu_enable_triton_gemm=false"
 # Tokens a device's micro-batch needs for FP8 to pay, as measured (H200, 2026-12-02, cuBLASLt):
 # 1,024 (7B at 4 x 256) ran 1.26x bf16; smaller micro-batches were not measured.
@@ -50,20 +52,21 @@ def forward_layout(q: Array, out_ndim: int) -> Array:
     return jnp.moveaxis(q, q.ndim - 1 - out_ndim, -1)
 
 
-def xla_flags_for(quantize: str | None, xla_flags: str) -> str:
-    """XLA_FLAGS for a process whose frozen products are `quantize`: with fp8, Triton GEMMs off
-    (`CUBLAS_GEMMS`) unless the flags already choose; else unchanged. Takes effect only if set
-    before JAX starts its backend; ignored off GPUs."""
-    if quantize != "fp8" or "xla_gpu_enable_triton_gemm" in xla_flags:
+def xla_flags_for(quantize: str | None, xla_flags: str, both_layouts: bool = False) -> str:
+    """XLA_FLAGS for a process whose frozen products are `quantize`: with fp8 kernels in one layout,
+    Triton GEMMs off (`CUBLAS_GEMMS`) unless the flags already choose; else unchanged (fp8 kernels
+    in both layouts run faster with XLA's defaults). Takes effect only if set before JAX starts its
+    backend; ignored off GPUs."""
+    if quantize != "fp8" or both_layouts or "xla_gpu_enable_triton_gemm" in xla_flags:
         return xla_flags
     return f"{xla_flags} {CUBLAS_GEMMS}".strip()
 
 
-def set_xla_flags(quantize: str | None, env: MutableMapping[str, str]) -> bool:
+def set_xla_flags(quantize: str | None, env: MutableMapping[str, str], both_layouts: bool = False) -> bool:
     """Put `xla_flags_for`'s XLA_FLAGS in `env` (the process environment, before JAX starts);
     whether they changed."""
     flags = env.get("XLA_FLAGS", "")
-    wanted = xla_flags_for(quantize, flags)
+    wanted = xla_flags_for(quantize, flags, both_layouts)
     if wanted != flags:
         env["XLA_FLAGS"] = wanted
     return wanted != flags
