@@ -35,7 +35,7 @@ E4M3_MAX = 448.0  # its largest finite value
 # bench/fp8_gemm_check.py), below bf16's ~770; cuBLASLt's FP8 GEMM ran them at 920-1,330. Such a
 # process sends every GEMM to cuBLAS(Lt) (`xla_flags_for`): the 7B step ran 1.26-1.37x bf16's.
 # With the kernels in both layouts (`forward_layout`) XLA's defaults are faster still: Llama 3.1 8B
-# on an H200 (2026-12-02, eighth session) ran 2.5-2.9% faster with q,v and 4.3-16% with all seven
+# on an H200 (2026-12-02, eighth session) ran 2.5-2.9% faster with q,v and 4.3-15.5% with all seven
 # targets (at 4 x 256 the cuBLAS-only step was launch-bound: 78% of it busy), so those keep them.
 CUBLAS_GEMMS = "--xla_gpu_enable_triton_gemm=false"
 # Tokens a device's micro-batch needs for FP8 to pay, as measured (H200, 2026-12-02, cuBLASLt):
